@@ -1,0 +1,33 @@
+# troupe: two commands on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv test test-fast demo lint bench clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): requirements/cpu.txt requirements/cpu-lock.txt pyproject.toml
+	bash scripts/install_cpu.sh $(PY) $(VENV)
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests -m "not integration and not slow"
+
+demo: $(STAMP)
+	$(BIN)/troupe --config-name demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.rollout_throughput
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Rollout generation: the `Generator` actor and its inference backends (vLLM, transformers)."""

@@ -1,0 +1,1 @@
+"""The learner role: policy-gradient math, batching, and the DeepSpeed `Learner` actor."""

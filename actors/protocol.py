@@ -1,0 +1,77 @@
+"""Typed records that travel between roles through the Ray object store.
+
+Plain frozen dataclasses of tensors and primitives; no Ray, vLLM or DeepSpeed imports here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: chat-templated token ids plus what the reward side needs to check it."""
+
+    uid: str
+    token_ids: tuple[int, ...]
+    text: str
+    reference: str = ""  # the checkable answer (task correctness); empty when the task has none
+    meta: tuple[tuple[str, str], ...] = ()  # small, hashable task facts (e.g. ("level", "2"))
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    prompts: tuple[Prompt, ...]
+    iteration: int
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One sampled completion of one prompt, tagged with the policy weight version that produced it."""
+
+    prompt: Prompt
+    sample_index: int
+    response_ids: tuple[int, ...]
+    response_text: str
+    logprobs: torch.Tensor  # float32 [len(response_ids)]: behaviour-policy logprob of each sampled token
+    weight_version: int
+    finish_reason: str  # "stop" (EOS / stop string) or "length" (hit max_new_tokens)
+
+    def __post_init__(self) -> None:
+        if self.logprobs.shape != (len(self.response_ids),):
+            raise ValueError(
+                f"rollout {self.prompt.uid}#{self.sample_index}: logprobs shape {tuple(self.logprobs.shape)} "
+                f"!= ({len(self.response_ids)},)"
+            )
+
+
+@dataclass(frozen=True)
+class RewardBreakdown:
+    """The reward of one rollout and why: scalar, per-objective values, aggregation weights, branch taken."""
+
+    scalar: float
+    objectives: dict[str, float]
+    weights: dict[str, float] = field(default_factory=dict)
+    branch: str = ""
+
+
+@dataclass(frozen=True)
+class ScoredRollout:
+    rollout: Rollout
+    reward: RewardBreakdown
+
+
+@dataclass(frozen=True)
+class WeightBundle:
+    """A full or partial state dict with HF parameter names, versioned for the generators."""
+
+    version: int
+    tensors: dict[str, torch.Tensor]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())

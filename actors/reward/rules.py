@@ -1,0 +1,70 @@
+"""Rule objectives: task correctness, answer format, brevity. Each maps rollouts to values in [0, 1].
+
+Pure functions of the rollout text and its prompt's reference; no model, no Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from actors.protocol import Rollout
+from actors.tasks.arithmetic import extract_answer, has_answer_line
+
+
+@dataclass(frozen=True)
+class Correctness:
+    """1 when the extracted integer answer equals the prompt's reference, else 0."""
+
+    name: str = "correctness"
+
+    def score(self, rollouts: Sequence[Rollout]) -> torch.Tensor:
+        values = []
+        for r in rollouts:
+            if not r.prompt.reference:
+                raise ValueError(f"objective 'correctness': prompt {r.prompt.uid} has no reference answer to check")
+            got = extract_answer(r.response_text)
+            values.append(1.0 if got is not None and str(got) == r.prompt.reference.strip() else 0.0)
+        return torch.tensor(values, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """1 when the reply states its result on an 'Answer: <number>' line and was not cut off, else 0."""
+
+    name: str = "format"
+
+    def score(self, rollouts: Sequence[Rollout]) -> torch.Tensor:
+        return torch.tensor(
+            [1.0 if r.finish_reason == "stop" and has_answer_line(r.response_text) else 0.0 for r in rollouts],
+            dtype=torch.float32,
+        )
+
+
+@dataclass(frozen=True)
+class Brevity:
+    """1 up to `target_tokens`, falling linearly to 0 at `max_tokens`; 0 for a reply cut off at the limit."""
+
+    target_tokens: int = 64
+    max_tokens: int = 256
+    name: str = "length"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_tokens < self.max_tokens:
+            raise ValueError(f"objective 'length': need 0 < target_tokens < max_tokens, got {self.target_tokens}, {self.max_tokens}")
+
+    def score(self, rollouts: Sequence[Rollout]) -> torch.Tensor:
+        values = []
+        for r in rollouts:
+            n = len(r.response_ids)
+            if r.finish_reason == "length":
+                values.append(0.0)
+                continue
+            over = max(0, n - self.target_tokens) / (self.max_tokens - self.target_tokens)
+            values.append(max(0.0, 1.0 - over))
+        return torch.tensor(values, dtype=torch.float32)
+
+
+RULES = {"correctness": Correctness, "format": AnswerFormat, "length": Brevity}

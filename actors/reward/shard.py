@@ -1,0 +1,71 @@
+"""The `RewardShard` actor: hosts a set of objectives (experts) and scores rollout batches on them.
+
+One shard may hold a backbone and the heads placed on it (later issue) or rule objectives; a reward model is a
+set of shards plus one aggregation, applied by the caller. Plain class; cluster wraps it with `ray.remote`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from actors.protocol import Rollout
+from actors.reward.rules import RULES
+
+log = logging.getLogger("troupe.reward")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Which objectives this shard hosts and their settings ({objective: {param: value}})."""
+
+    objectives: dict[str, dict] = field(default_factory=dict)
+    batch_size: int = 64
+
+
+def build_objectives(objectives: dict[str, dict]) -> list:
+    built = []
+    for name, params in objectives.items():
+        if name not in RULES:
+            raise ValueError(f"reward objective {name!r} is unknown; known: {sorted(RULES)}")
+        try:
+            built.append(RULES[name](**dict(params)))
+        except TypeError as e:
+            raise ValueError(f"reward objective {name!r}: bad parameters {dict(params)}: {e}") from e
+    return built
+
+
+class RewardShard:
+    def __init__(self, spec: ShardSpec, replica: int = 0) -> None:
+        self.spec = spec
+        self.replica = replica
+        self.objectives = build_objectives(spec.objectives)
+        self.stats = {"rollouts": 0, "batches": 0, "score_s": 0.0}
+
+    def ready(self) -> dict:
+        return {"replica": self.replica, "pid": os.getpid(), "objectives": self.objective_names()}
+
+    def objective_names(self) -> list[str]:
+        return [o.name for o in self.objectives]
+
+    def score(self, rollouts: Sequence[Rollout]) -> dict[str, torch.Tensor]:
+        """Per-objective values for each rollout, computed in batches of `spec.batch_size`."""
+        start = time.perf_counter()
+        out: dict[str, list[torch.Tensor]] = {o.name: [] for o in self.objectives}
+        for lo in range(0, len(rollouts), self.spec.batch_size):
+            batch = rollouts[lo : lo + self.spec.batch_size]
+            for o in self.objectives:
+                out[o.name].append(o.score(batch))
+            self.stats["batches"] += 1
+        self.stats["rollouts"] += len(rollouts)
+        self.stats["score_s"] += time.perf_counter() - start
+        empty = torch.zeros(0, dtype=torch.float32)
+        return {k: torch.cat(v) if v else empty for k, v in out.items()}
+
+    def get_stats(self) -> dict:
+        return dict(self.stats, replica=self.replica)

@@ -1,0 +1,138 @@
+"""Pools of actors per role: spawn, health, replace on failure, resize while running, and fan-out calls.
+
+A pool knows nothing about what its actors do; the loop asks it to split work across healthy members.
+A chunk whose actor dies is retried on a replacement, so accepted work is not lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+log = logging.getLogger("troupe.fleet")
+
+
+class Health(Enum):
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    STALE = "stale"  # alive but holds old weights until the next sync
+    DEAD = "dead"
+
+
+@dataclass
+class Member:
+    index: int
+    handle: Any
+    health: Health = Health.STARTING
+    info: dict = field(default_factory=dict)
+
+
+class Pool:
+    """Actors of one role, created by `factory(index) -> actor handle`."""
+
+    def __init__(self, role: str, factory: Callable[[int], Any], timeout_s: float) -> None:
+        self.role = role
+        self.factory = factory
+        self.timeout_s = timeout_s
+        self.members: list[Member] = []
+        self._next_index = 0
+        self.replacements = 0
+
+    def spawn(self, count: int) -> list[Member]:
+        new = []
+        for _ in range(count):
+            new.append(Member(self._next_index, self.factory(self._next_index)))
+            self._next_index += 1
+        infos = ray.get([m.handle.ready.remote() for m in new], timeout=self.timeout_s)
+        for m, info in zip(new, infos, strict=True):
+            m.health, m.info = Health.HEALTHY, info
+        self.members.extend(new)
+        log.info("%s: %d member(s) ready", self.role, len(new))
+        return new
+
+    def healthy(self) -> list[Member]:
+        return [m for m in self.members if m.health in (Health.HEALTHY, Health.STALE)]
+
+    def resize(self, count: int) -> None:
+        """Grow by spawning, shrink by retiring the newest members."""
+        live = self.healthy()
+        if count > len(live):
+            self.spawn(count - len(live))
+        for m in live[count:][::-1]:
+            self.retire(m)
+
+    def retire(self, member: Member) -> None:
+        ray.kill(member.handle)
+        member.health = Health.DEAD
+        self.members.remove(member)
+
+    def replace(self, member: Member) -> Member:
+        member.health = Health.DEAD
+        try:
+            ray.kill(member.handle)
+        except Exception:  # already gone
+            pass
+        self.members.remove(member)
+        self.replacements += 1
+        log.warning("%s: member %d died; starting a replacement", self.role, member.index)
+        return self.spawn(1)[0]
+
+    def map_chunks(self, method: str, items: Sequence, *args, on_replace: Callable[[Member], None] | None = None) -> list:
+        """Split `items` into one contiguous chunk per healthy member, call `method(chunk, *args)`, concatenate.
+
+        Order is preserved. A chunk whose actor dies is retried once on a replacement member.
+        """
+        members = self.healthy()
+        if not members:
+            raise RuntimeError(f"{self.role}: no healthy members")
+        chunks = split_evenly(items, len(members))
+        refs = [getattr(m.handle, method).remote(c, *args) for m, c in zip(members, chunks, strict=True)]
+        results = []
+        for m, chunk, ref in zip(members, chunks, refs, strict=True):
+            try:
+                results.append(ray.get(ref, timeout=self.timeout_s))
+            except RayActorError:
+                fresh = self.replace(m)
+                if on_replace is not None:
+                    on_replace(fresh)
+                results.append(ray.get(getattr(fresh.handle, method).remote(chunk, *args), timeout=self.timeout_s))
+        return results
+
+    def call_all(self, method: str, *args) -> list:
+        members = self.healthy()
+        return ray.get([getattr(m.handle, method).remote(*args) for m in members], timeout=self.timeout_s)
+
+    def shutdown(self) -> None:
+        for m in list(self.members):
+            try:
+                ray.kill(m.handle)
+            except Exception:
+                pass
+        self.members.clear()
+
+
+def split_evenly(items: Sequence, parts: int) -> list[list]:
+    """Contiguous, order-preserving split into `parts` chunks whose sizes differ by at most one."""
+    base, extra = divmod(len(items), parts)
+    out, lo = [], 0
+    for i in range(parts):
+        hi = lo + base + (1 if i < extra else 0)
+        out.append(list(items[lo:hi]))
+        lo = hi
+    return out
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return False

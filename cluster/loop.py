@@ -1,0 +1,123 @@
+"""One readable RLHF iteration: generate -> score -> learn -> sync, each phase timed.
+
+Read top to bottom to see the whole algorithm. The fleets and groups hide Ray; this file holds the order.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import ray
+import torch
+
+from actors.generator.sampling import Sampling
+from actors.learner.batch import TrainSample
+from actors.learner.grpo import group_advantages
+from actors.protocol import ScoredRollout
+from actors.reward.aggregation import Aggregation, score_rollouts
+from cluster.fleet import Pool
+from cluster.learner_group import LearnerGroup
+from cluster.prompts import PromptSource
+from cluster.sync import push_weights
+
+
+@dataclass
+class Fleet:
+    generators: Pool
+    rewards: Pool
+    learners: LearnerGroup
+    aggregation: Aggregation
+    prompts: PromptSource
+    sampling: Sampling
+    scale_by_std: bool = True
+    version: int = 0
+    last_bundle: ray.ObjectRef | None = None
+    timings: dict = field(default_factory=dict)
+
+
+@contextmanager
+def timed(timings: dict, phase: str):
+    start = time.perf_counter()
+    yield
+    timings[f"time/{phase}"] = time.perf_counter() - start
+
+
+def run_iteration(fleet: Fleet, iteration: int) -> dict:
+    timings: dict[str, float] = {}
+
+    # 1. Generate: each generator samples n completions for its contiguous share of the prompts.
+    with timed(timings, "generate"):
+        batch = fleet.prompts.batch(iteration)
+        chunks = fleet.generators.map_chunks("generate", batch.prompts, fleet.sampling, on_replace=_catch_up(fleet))
+        rollouts = [r for chunk in chunks for r in chunk]
+    _check_groups(rollouts, len(batch), fleet.sampling.n)
+
+    # 2. Score: reward shards return per-objective values; the aggregation makes the scalar.
+    with timed(timings, "score"):
+        parts = fleet.rewards.map_chunks("score", rollouts)
+        values = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+        scored = score_rollouts(rollouts, values, fleet.aggregation)
+
+    # 3. Learn: group-normalised advantages, then one GRPO update across the DeepSpeed ranks.
+    with timed(timings, "learn"):
+        rewards = torch.tensor([s.reward.scalar for s in scored])
+        advantages = group_advantages(rewards, fleet.sampling.n, scale_by_std=fleet.scale_by_std)
+        samples = [
+            TrainSample(s.rollout.prompt.token_ids, s.rollout.response_ids, float(a), s.rollout.logprobs)
+            for s, a in zip(scored, advantages, strict=True)
+        ]
+        train_stats = fleet.learners.train(samples)
+
+    # 4. Sync: the new weights go to every generator, tagged with the next version.
+    with timed(timings, "sync"):
+        fleet.version += 1
+        fleet.last_bundle = fleet.learners.export_weights(fleet.version)
+        sync_stats = push_weights(fleet.generators, fleet.last_bundle, fleet.version)
+
+    return _metrics(iteration, fleet.version, scored, advantages, train_stats, sync_stats, timings)
+
+
+def _catch_up(fleet: Fleet):
+    """A replacement generator starts from the initial weights: give it the latest bundle before it works."""
+
+    def load_latest(member) -> None:
+        if fleet.last_bundle is not None:
+            ray.get(member.handle.update_weights.remote(fleet.last_bundle), timeout=fleet.generators.timeout_s)
+
+    return load_latest
+
+
+def _check_groups(rollouts, num_prompts: int, n: int) -> None:
+    if len(rollouts) != num_prompts * n:
+        raise RuntimeError(f"expected {num_prompts} x {n} rollouts, got {len(rollouts)}")
+    for i in range(0, len(rollouts), n):
+        uids = {r.prompt.uid for r in rollouts[i : i + n]}
+        if len(uids) != 1:
+            raise RuntimeError(f"rollouts {i}..{i + n - 1} mix prompts {sorted(uids)}: groups must be contiguous")
+
+
+def _metrics(iteration, version, scored: list[ScoredRollout], advantages, train_stats, sync_stats, timings) -> dict:
+    n = len(scored)
+    lengths = [len(s.rollout.response_ids) for s in scored]
+    record = {
+        "iteration": iteration,
+        "weight_version": version,
+        "samples": n,
+        "reward/mean": sum(s.reward.scalar for s in scored) / n,
+        "reward/std": float(torch.tensor([s.reward.scalar for s in scored]).std()),
+        "response_tokens/mean": sum(lengths) / n,
+        "truncated/frac": sum(s.rollout.finish_reason == "length" for s in scored) / n,
+        "advantage/abs_mean": float(advantages.abs().mean()),
+        "behaviour_version/min": min(s.rollout.weight_version for s in scored),
+    }
+    for name in scored[0].reward.objectives:
+        record[f"objective/{name}"] = sum(s.reward.objectives[name] for s in scored) / n
+    record.update({f"train/{k}": v for k, v in train_stats.items()})
+    record.update({f"sync/{k}": v for k, v in sync_stats.items()})
+    record.update(timings)
+    record["time/iteration"] = sum(timings.values())
+    record["example"] = {"prompt": scored[0].rollout.prompt.text, "response": scored[0].rollout.response_text[:400],
+                         "reward": scored[0].reward.scalar}
+    return record

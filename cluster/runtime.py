@@ -1,0 +1,74 @@
+"""Starts or joins Ray, and builds the per-role environment variables actors run with.
+
+Only this module and the fleets talk to `ray.init`; the dashboard stays on loopback unless configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from cluster.config import ConfigError, GeneratorConfig, LearnerConfig, RayConfig, TroupeConfig
+
+log = logging.getLogger("troupe.cluster")
+
+# Environment every actor inherits: never reach for the hub at run time unless the user set otherwise.
+_PASSTHROUGH = ("HF_HUB_OFFLINE", "HF_HOME", "TROUPE_CACHE", "TORCH_EXTENSIONS_DIR", "TRANSFORMERS_OFFLINE")
+
+
+def start_ray(cfg: RayConfig) -> None:
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in _PASSTHROUGH if k in os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=True)
+    if cfg.address is None:
+        # "local" always starts a fresh instance: a stale local Ray would otherwise reject num_cpus.
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus,
+            include_dashboard=cfg.include_dashboard,
+            dashboard_host=cfg.dashboard_host,
+            object_store_memory=cfg.object_store_memory,
+            **kwargs,
+        )
+    else:
+        ray.init(address=cfg.address, **kwargs)
+    log.info("ray resources: %s", ray.cluster_resources())
+
+
+def generator_env(cfg: GeneratorConfig) -> dict[str, str]:
+    return {
+        "OMP_NUM_THREADS": str(cfg.omp_threads),
+        # In-process engine: 2.5x faster start-up, and weights load with a direct call.
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib),
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def learner_env(cfg: LearnerConfig) -> dict[str, str]:
+    env = {"OMP_NUM_THREADS": str(cfg.omp_threads), "TOKENIZERS_PARALLELISM": "false"}
+    if cfg.num_gpus == 0:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def check_capacity(cfg: TroupeConfig) -> None:
+    """Fail fast, naming the keys, when the embedded Ray cannot place every actor (they would wait forever)."""
+    if cfg.ray.address is not None:
+        return  # a real cluster may autoscale to fit
+    have = ray.cluster_resources()
+    for resource, parts in (
+        ("CPU", (("generator", cfg.generator.replicas, cfg.generator.num_cpus), ("reward", cfg.reward.shards, cfg.reward.num_cpus),
+                 ("learner", cfg.learner.world_size, cfg.learner.num_cpus))),
+        ("GPU", (("generator", cfg.generator.replicas, cfg.generator.num_gpus),
+                 ("learner", cfg.learner.world_size, cfg.learner.num_gpus))),
+    ):
+        need = sum(count * each for _, count, each in parts)
+        if need > have.get(resource, 0.0) + 1e-6:
+            detail = " + ".join(f"{role}: {count} x {role}.num_{resource.lower()}s={each}" for role, count, each in parts)
+            raise ConfigError(f"actors need {need:g} {resource} but local Ray has {have.get(resource, 0.0):g} ({detail})")

@@ -1,0 +1,57 @@
+"""The Hydra config: typed schema, misspelled keys and wrong types fail naming the key, cross-field checks."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from cluster.config import ConfigError, TroupeConfig, register, validate
+from cluster.driver import CONF_DIR
+
+register()
+
+
+def _compose(name: str = "config", overrides=()):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def test_defaults_and_demo_compose_and_validate():
+    for name in ("config", "demo"):
+        cfg = OmegaConf.to_object(_compose(name))
+        assert isinstance(cfg, TroupeConfig)
+        validate(cfg)
+    assert _compose("demo").run.name == "demo"
+
+
+def test_misspelled_key_fails_naming_it():
+    with pytest.raises(Exception, match="samples_per_promt"):
+        _compose(overrides=["generator.samples_per_promt=4"])
+
+
+def test_wrong_type_fails_naming_the_key():
+    with pytest.raises(Exception, match="iterations"):
+        _compose(overrides=["run.iterations=many"])
+
+
+def test_misspelled_key_in_a_yaml_file_fails_naming_it(tmp_path):
+    (tmp_path / "bad.yaml").write_text("defaults:\n  - troupe_schema\n  - _self_\nlearner:\n  zero_stag: 3\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base=None):
+        with pytest.raises(Exception, match="zero_stag"):
+            compose(config_name="bad")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["learner.world_size=3"], "learner.world_size"),
+        (["generator.samples_per_prompt=1"], "generator.samples_per_prompt"),
+        (["learner.zero_stage=4"], "learner.zero_stage"),
+        (["generator.backend=sglang"], "generator.backend"),
+        (["+reward.weights.quality=1.0"], "reward.weights"),
+        (["learner.micro_batch_size=3"], "learner.micro_batch_size"),
+    ],
+)
+def test_cross_field_checks_name_the_keys(overrides, key):
+    cfg = OmegaConf.to_object(_compose(overrides=overrides))
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
