@@ -161,9 +161,9 @@ class Learner:
                     norm = self.engine.get_global_grad_norm()
                     if norm is not None:
                         grad_norms.append(float(norm))
-                sums["loss"] += float(loss)
+                sums["loss"] += float(loss.detach())
                 sums["pg_loss"] += float(aggregate(pg.detach(), mask, spec.loss_agg))
-                sums["kl"] += float(kl)
+                sums["kl"] += float(kl.detach())
                 sums["clip_frac"] += float(aggregate(clipped, mask, "token_mean"))
                 sums["entropy"] += float(aggregate(entropy, mask, "token_mean"))
         metrics = {k: v / micro_count for k, v in sums.items()}

@@ -67,4 +67,20 @@ class Brevity:
         return torch.tensor(values, dtype=torch.float32)
 
 
-RULES = {"correctness": Correctness, "format": AnswerFormat, "length": Brevity}
+@dataclass(frozen=True)
+class NonRepetition:
+    """Share of distinct token n-grams in the reply (1 = no repeated n-gram); catches degenerate loops."""
+
+    n: int = 1
+    name: str = "repetition"
+
+    def score(self, rollouts: Sequence[Rollout]) -> torch.Tensor:
+        values = []
+        for r in rollouts:
+            ids = r.response_ids
+            grams = [ids[i : i + self.n] for i in range(len(ids) - self.n + 1)]
+            values.append(len(set(grams)) / len(grams) if grams else 0.0)
+        return torch.tensor(values, dtype=torch.float32)
+
+
+RULES = {"correctness": Correctness, "format": AnswerFormat, "length": Brevity, "repetition": NonRepetition}

@@ -5,7 +5,7 @@ import torch
 
 from actors.protocol import Prompt, Rollout
 from actors.reward.aggregation import WeightedSum, score_rollouts
-from actors.reward.rules import AnswerFormat, Brevity, Correctness
+from actors.reward.rules import AnswerFormat, Brevity, Correctness, NonRepetition
 from actors.reward.shard import RewardShard, ShardSpec
 
 
@@ -20,6 +20,13 @@ def test_rules_score_hand_cases():
     assert AnswerFormat().score(rs).tolist() == [1.0, 1.0, 0.0]
     b = Brevity(target_tokens=10, max_tokens=30)
     assert b.score([_rollout("x", 10), _rollout("x", 20), _rollout("x", 40), _rollout("x", 5, "length")]).tolist() == [1.0, 0.5, 0.0, 0.0]
+
+
+def test_non_repetition_counts_distinct_ngrams():
+    prompt = Prompt("p0", (1,), "q", "1")
+    r = Rollout(prompt, 0, (5, 5, 6, 5), "", torch.zeros(4), 0, "stop")
+    assert NonRepetition(n=1).score([r]).tolist() == [0.5]
+    assert NonRepetition(n=2).score([r]).tolist() == [1.0]  # (5,5) (5,6) (6,5)
 
 
 def test_correctness_without_reference_names_the_prompt():

@@ -1,0 +1,65 @@
+"""Session fixtures for the integration suite: one local Ray and one tiny-model fleet (real vLLM, real DeepSpeed)."""
+
+import pytest
+import ray
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from actors.models import resolve_model
+from cluster.config import register, validate
+from cluster.driver import CONF_DIR, build_fleet
+from cluster.runtime import check_capacity, start_ray
+
+register()
+
+TINY_OVERRIDES = [
+    "model.policy=builtin:tiny-llama",
+    "task.prompts_per_iteration=4",
+    "generator.samples_per_prompt=2",
+    "generator.max_new_tokens=16",
+    "generator.max_model_len=512",
+    "generator.num_cpus=0.5",
+    "learner.micro_batch_size=2",
+    "learner.lr=1e-3",
+    "learner.zero_stage=2",
+    "algo.kl_coef=0.05",
+    # A random model never answers: the repetition objective varies on its text, so advantages are non-zero.
+    "+reward.objectives.repetition={}",
+    "+reward.weights.repetition=1.0",
+    "ray.num_cpus=2",
+    "ray.actor_timeout_s=300",
+]
+
+
+def tiny_config(*extra: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose(config_name="config", overrides=TINY_OVERRIDES + list(extra)))
+    validate(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tiny_cfg):
+    return resolve_model(tiny_cfg.model.policy)
+
+
+@pytest.fixture(scope="session")
+def ray_session(tiny_cfg):
+    start_ray(tiny_cfg.ray)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def fleet(ray_session, tiny_cfg, tiny_model_path):
+    check_capacity(tiny_cfg)
+    f = build_fleet(tiny_cfg, tiny_model_path)
+    yield f
+    f.learners.shutdown()
+    f.generators.shutdown()
+    f.rewards.shutdown()
