@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.rollout_throughput
+	$(BIN)/python -m bench.generator_dtype
 
 clean-venv:
 	rm -rf $(VENV)

@@ -22,19 +22,24 @@ class RunConfig:
     print_table: bool = True
     save_checkpoint: bool = True
 
+
 @dataclass
 class RayConfig:
-    address: str | None = None  # None: start an embedded local Ray; "auto" or "ray://host:port": join a cluster
+    address: str | None = (
+        None  # None: start an embedded local Ray; "auto" or "ray://host:port": join a cluster
+    )
     num_cpus: int | None = None  # for the embedded local Ray only
     include_dashboard: bool = False
     dashboard_host: str = "127.0.0.1"  # loopback unless the user opts in
     object_store_memory: int | None = None
     actor_timeout_s: float = 600.0
 
+
 @dataclass
 class ModelConfig:
     policy: str = "builtin:smollm2-135m-instruct"  # hub id, local folder, or builtin:*
     trust_remote_code: bool = False
+
 
 @dataclass
 class TaskConfig:
@@ -44,6 +49,7 @@ class TaskConfig:
     max_operand: int = 9
     operations: str = "+-"
     seed: int = 0
+
 
 @dataclass
 class GeneratorConfig:
@@ -63,6 +69,7 @@ class GeneratorConfig:
     top_p: float = 1.0
     max_new_tokens: int = 128
 
+
 @dataclass
 class RewardConfig:
     shards: int = 1  # replicas of the rule shard; a batch is split across them
@@ -70,9 +77,16 @@ class RewardConfig:
     batch_size: int = 64
     # {objective: {param: value}} hosted by the shards; see actors/reward/rules.py
     objectives: dict[str, Any] = field(
-        default_factory=lambda: {"correctness": {}, "format": {}, "length": {"target_tokens": 64, "max_tokens": 256}}
+        default_factory=lambda: {
+            "correctness": {},
+            "format": {},
+            "length": {"target_tokens": 64, "max_tokens": 256},
+        }
     )
-    weights: dict[str, float] = field(default_factory=lambda: {"correctness": 1.0, "format": 0.2, "length": 0.1})
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"correctness": 1.0, "format": 0.2, "length": 0.1}
+    )
+
 
 @dataclass
 class LearnerConfig:
@@ -90,6 +104,7 @@ class LearnerConfig:
     epochs: int = 1
     gradient_checkpointing: bool = False
 
+
 @dataclass
 class AlgoConfig:
     name: str = "grpo"
@@ -98,6 +113,7 @@ class AlgoConfig:
     kl_estimator: str = "k3"
     loss_agg: str = "seq_mean_token_mean"
     scale_by_std: bool = True
+
 
 @dataclass
 class TroupeConfig:
@@ -110,11 +126,14 @@ class TroupeConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
 
+
 def register() -> None:
     ConfigStore.instance().store(name="troupe_schema", node=TroupeConfig)
 
+
 class ConfigError(ValueError):
     pass
+
 
 def validate(cfg: TroupeConfig) -> None:
     """Cross-field checks, each naming the keys involved."""
@@ -128,15 +147,23 @@ def validate(cfg: TroupeConfig) -> None:
     _one_of("task.name", t.name, ("arithmetic",))
     if lr.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"learner.zero_stage must be 0-3, got {lr.zero_stage}")
-    for key, value in (("run.iterations", cfg.run.iterations), ("task.prompts_per_iteration", t.prompts_per_iteration),
-                       ("generator.replicas", g.replicas), ("generator.samples_per_prompt", g.samples_per_prompt),
-                       ("reward.shards", cfg.reward.shards), ("learner.world_size", lr.world_size),
-                       ("learner.micro_batch_size", lr.micro_batch_size), ("learner.mini_batches", lr.mini_batches),
-                       ("learner.epochs", lr.epochs)):
+    for key, value in (
+        ("run.iterations", cfg.run.iterations),
+        ("task.prompts_per_iteration", t.prompts_per_iteration),
+        ("generator.replicas", g.replicas),
+        ("generator.samples_per_prompt", g.samples_per_prompt),
+        ("reward.shards", cfg.reward.shards),
+        ("learner.world_size", lr.world_size),
+        ("learner.micro_batch_size", lr.micro_batch_size),
+        ("learner.mini_batches", lr.mini_batches),
+        ("learner.epochs", lr.epochs),
+    ):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if cfg.algo.name == "grpo" and g.samples_per_prompt < 2:
-        raise ConfigError("generator.samples_per_prompt must be >= 2 for GRPO (advantages are relative within a group)")
+        raise ConfigError(
+            "generator.samples_per_prompt must be >= 2 for GRPO (advantages are relative within a group)"
+        )
     samples = t.prompts_per_iteration * g.samples_per_prompt
     if samples % lr.world_size:
         raise ConfigError(
@@ -152,9 +179,11 @@ def validate(cfg: TroupeConfig) -> None:
     if unknown:
         raise ConfigError(f"reward.weights names objectives not in reward.objectives: {unknown}")
     if g.max_new_tokens >= g.max_model_len:
-        raise ConfigError(f"generator.max_new_tokens ({g.max_new_tokens}) must be < generator.max_model_len ({g.max_model_len})")
+        raise ConfigError(
+            f"generator.max_new_tokens ({g.max_new_tokens}) must be < generator.max_model_len ({g.max_model_len})"
+        )
+
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
-

@@ -39,9 +39,15 @@ def build_fleet(cfg: TroupeConfig, model_path: str) -> Fleet:
     timeout = cfg.ray.actor_timeout_s
     g = cfg.generator
     gen_spec = GeneratorSpec(
-        model_path=model_path, backend=g.backend, dtype=g.dtype, max_model_len=g.max_model_len, seed=cfg.run.seed,
-        enforce_eager=g.enforce_eager, gpu_memory_utilization=g.gpu_memory_utilization,
-        tensor_parallel_size=g.tensor_parallel_size, trust_remote_code=cfg.model.trust_remote_code,
+        model_path=model_path,
+        backend=g.backend,
+        dtype=g.dtype,
+        max_model_len=g.max_model_len,
+        seed=cfg.run.seed,
+        enforce_eager=g.enforce_eager,
+        gpu_memory_utilization=g.gpu_memory_utilization,
+        tensor_parallel_size=g.tensor_parallel_size,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
     gen_remote = ray.remote(Generator).options(
         num_cpus=g.num_cpus, num_gpus=g.num_gpus, runtime_env={"env_vars": generator_env(g)}, max_restarts=0
@@ -49,28 +55,52 @@ def build_fleet(cfg: TroupeConfig, model_path: str) -> Fleet:
     generators = Pool("generator", lambda i: gen_remote.remote(gen_spec, i), timeout)
 
     r = cfg.reward
-    shard_spec = ShardSpec(objectives={k: dict(v or {}) for k, v in r.objectives.items()}, batch_size=r.batch_size)
+    shard_spec = ShardSpec(
+        objectives={k: dict(v or {}) for k, v in r.objectives.items()}, batch_size=r.batch_size
+    )
     shard_remote = ray.remote(RewardShard).options(num_cpus=r.num_cpus, max_restarts=0)
     rewards = Pool("reward", lambda i: shard_remote.remote(shard_spec, i), timeout)
 
     lc, a = cfg.learner, cfg.algo
     samples = cfg.task.prompts_per_iteration * g.samples_per_prompt
     learner_spec = LearnerSpec(
-        model_path=model_path, world_size=lc.world_size, zero_stage=lc.zero_stage, dtype=lc.dtype, lr=lc.lr,
-        weight_decay=lc.weight_decay, grad_clip=lc.grad_clip, micro_batch_size=lc.micro_batch_size,
-        samples_per_rank=samples // lc.world_size, mini_batches=lc.mini_batches, epochs=lc.epochs,
-        gradient_checkpointing=lc.gradient_checkpointing, clip_eps=a.clip_eps, kl_coef=a.kl_coef,
-        kl_estimator=a.kl_estimator, loss_agg=a.loss_agg, export_dtype=g.dtype,
-        trust_remote_code=cfg.model.trust_remote_code, seed=cfg.run.seed,
+        model_path=model_path,
+        world_size=lc.world_size,
+        zero_stage=lc.zero_stage,
+        dtype=lc.dtype,
+        lr=lc.lr,
+        weight_decay=lc.weight_decay,
+        grad_clip=lc.grad_clip,
+        micro_batch_size=lc.micro_batch_size,
+        samples_per_rank=samples // lc.world_size,
+        mini_batches=lc.mini_batches,
+        epochs=lc.epochs,
+        gradient_checkpointing=lc.gradient_checkpointing,
+        clip_eps=a.clip_eps,
+        kl_coef=a.kl_coef,
+        kl_estimator=a.kl_estimator,
+        loss_agg=a.loss_agg,
+        export_dtype=g.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        seed=cfg.run.seed,
     )
     # Start the learners first: their DeepSpeed setup overlaps with the generators' engine start.
     rewards.spawn(r.shards)
     generators.spawn(g.replicas)
     learners = LearnerGroup(learner_spec, lc.num_cpus, lc.num_gpus, learner_env(lc), timeout)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    sampling = Sampling(n=g.samples_per_prompt, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens)
-    return Fleet(generators, rewards, learners, WeightedSum(dict(r.weights)), PromptSource(cfg.task, tokenizer),
-                 sampling, scale_by_std=a.scale_by_std)
+    sampling = Sampling(
+        n=g.samples_per_prompt, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens
+    )
+    return Fleet(
+        generators,
+        rewards,
+        learners,
+        WeightedSum(dict(r.weights)),
+        PromptSource(cfg.task, tokenizer),
+        sampling,
+        scale_by_std=a.scale_by_std,
+    )
 
 
 def run(cfg: TroupeConfig) -> dict:
@@ -87,8 +117,11 @@ def run(cfg: TroupeConfig) -> dict:
     metrics = MetricsWriter(out_dir / "metrics.jsonl")
     show = cfg.run.print_table
     if show:
-        print(f"troupe: fleet ready in {startup_s:.0f}s ({cfg.generator.replicas} generator, {cfg.reward.shards} reward shard, "
-              f"{cfg.learner.world_size} learner ranks); policy {cfg.model.policy}", flush=True)
+        print(
+            f"troupe: fleet ready in {startup_s:.0f}s ({cfg.generator.replicas} generator, {cfg.reward.shards} reward shard, "
+            f"{cfg.learner.world_size} learner ranks); policy {cfg.model.policy}",
+            flush=True,
+        )
         print(table_header(), flush=True)
     bar = _progress(cfg)
     last: dict = {}
@@ -103,8 +136,12 @@ def run(cfg: TroupeConfig) -> dict:
                 bar.set_postfix(reward=f"{last['reward/mean']:.3f}")
         checkpoint = None
         if cfg.run.save_checkpoint:
-            state = {"iteration": cfg.run.iterations, "weight_version": fleet.version, "policy": cfg.model.policy,
-                     "config": OmegaConf.to_container(OmegaConf.structured(cfg))}
+            state = {
+                "iteration": cfg.run.iterations,
+                "weight_version": fleet.version,
+                "policy": cfg.model.policy,
+                "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+            }
             checkpoint = save_hf_checkpoint(fleet.learners, out_dir / "checkpoint-final", model_path, state)
     finally:
         if bar is not None:
@@ -127,7 +164,9 @@ def _progress(cfg: TroupeConfig):
     return tqdm(total=cfg.run.iterations, desc="troupe", unit="iter", file=sys.stderr, leave=False)
 
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # absolute: hydra would read "../conf" as a module
+CONF_DIR = str(
+    Path(__file__).resolve().parent.parent / "conf"
+)  # absolute: hydra would read "../conf" as a module
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)

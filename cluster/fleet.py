@@ -84,7 +84,9 @@ class Pool:
         log.warning("%s: member %d died; starting a replacement", self.role, member.index)
         return self.spawn(1)[0]
 
-    def map_chunks(self, method: str, items: Sequence, *args, on_replace: Callable[[Member], None] | None = None) -> list:
+    def map_chunks(
+        self, method: str, items: Sequence, *args, on_replace: Callable[[Member], None] | None = None
+    ) -> list:
         """Split `items` into one contiguous chunk per healthy member, call `method(chunk, *args)`, concatenate.
 
         Order is preserved. A chunk whose actor dies is retried once on a replacement member.
@@ -102,7 +104,9 @@ class Pool:
                 fresh = self.replace(m)
                 if on_replace is not None:
                     on_replace(fresh)
-                results.append(ray.get(getattr(fresh.handle, method).remote(chunk, *args), timeout=self.timeout_s))
+                results.append(
+                    ray.get(getattr(fresh.handle, method).remote(chunk, *args), timeout=self.timeout_s)
+                )
         return results
 
     def call_all(self, method: str, *args) -> list:

@@ -20,14 +20,19 @@ log = logging.getLogger("troupe.learner_group")
 
 
 class LearnerGroup:
-    def __init__(self, spec: LearnerSpec, num_cpus: float, num_gpus: float, env: dict[str, str], timeout_s: float) -> None:
+    def __init__(
+        self, spec: LearnerSpec, num_cpus: float, num_gpus: float, env: dict[str, str], timeout_s: float
+    ) -> None:
         self.spec = spec
         self.timeout_s = timeout_s
         self.placement = RankPlacement(spec.world_size, num_cpus, num_gpus, timeout_s)
         remote = ray.remote(Learner)
         self.ranks = [
             remote.options(
-                num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env}, name=None,
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                runtime_env={"env_vars": env},
+                name=None,
                 **self.placement.options_for(rank),
             ).remote(spec, rank)
             for rank in range(spec.world_size)
@@ -38,7 +43,9 @@ class LearnerGroup:
 
     def train(self, samples: Sequence[TrainSample]) -> dict:
         shares = split_evenly(samples, len(self.ranks))
-        per_rank = ray.get([r.train.remote(s) for r, s in zip(self.ranks, shares, strict=True)], timeout=self.timeout_s)
+        per_rank = ray.get(
+            [r.train.remote(s) for r, s in zip(self.ranks, shares, strict=True)], timeout=self.timeout_s
+        )
         # Metrics are means over equally sized shares; counters come from rank 0.
         merged = {k: sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
         merged["optimizer_steps"] = per_rank[0]["optimizer_steps"]

@@ -50,7 +50,9 @@ def run_iteration(fleet: Fleet, iteration: int) -> dict:
     # 1. Generate: each generator samples n completions for its contiguous share of the prompts.
     with timed(timings, "generate"):
         batch = fleet.prompts.batch(iteration)
-        chunks = fleet.generators.map_chunks("generate", batch.prompts, fleet.sampling, on_replace=_catch_up(fleet))
+        chunks = fleet.generators.map_chunks(
+            "generate", batch.prompts, fleet.sampling, on_replace=_catch_up(fleet)
+        )
         rollouts = [r for chunk in chunks for r in chunk]
     _check_groups(rollouts, len(batch), fleet.sampling.n)
 
@@ -84,7 +86,9 @@ def _catch_up(fleet: Fleet):
 
     def load_latest(member) -> None:
         if fleet.last_bundle is not None:
-            ray.get(member.handle.update_weights.remote(fleet.last_bundle), timeout=fleet.generators.timeout_s)
+            ray.get(
+                member.handle.update_weights.remote(fleet.last_bundle), timeout=fleet.generators.timeout_s
+            )
 
     return load_latest
 
@@ -95,10 +99,14 @@ def _check_groups(rollouts, num_prompts: int, n: int) -> None:
     for i in range(0, len(rollouts), n):
         uids = {r.prompt.uid for r in rollouts[i : i + n]}
         if len(uids) != 1:
-            raise RuntimeError(f"rollouts {i}..{i + n - 1} mix prompts {sorted(uids)}: groups must be contiguous")
+            raise RuntimeError(
+                f"rollouts {i}..{i + n - 1} mix prompts {sorted(uids)}: groups must be contiguous"
+            )
 
 
-def _metrics(iteration, version, scored: list[ScoredRollout], advantages, train_stats, sync_stats, timings) -> dict:
+def _metrics(
+    iteration, version, scored: list[ScoredRollout], advantages, train_stats, sync_stats, timings
+) -> dict:
     n = len(scored)
     lengths = [len(s.rollout.response_ids) for s in scored]
     record = {
@@ -118,6 +126,9 @@ def _metrics(iteration, version, scored: list[ScoredRollout], advantages, train_
     record.update({f"sync/{k}": v for k, v in sync_stats.items()})
     record.update(timings)
     record["time/iteration"] = sum(timings.values())
-    record["example"] = {"prompt": scored[0].rollout.prompt.text, "response": scored[0].rollout.response_text[:400],
-                         "reward": scored[0].reward.scalar}
+    record["example"] = {
+        "prompt": scored[0].rollout.prompt.text,
+        "response": scored[0].rollout.response_text[:400],
+        "reward": scored[0].reward.scalar,
+    }
     return record

@@ -22,7 +22,11 @@ class RankPlacement:
     def options_for(self, rank: int) -> dict:
         if self.group is None:
             return {}
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank)}
+        return {
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                self.group, placement_group_bundle_index=rank
+            )
+        }
 
     def release(self) -> None:
         if self.group is not None:

@@ -16,7 +16,11 @@ class PromptSource:
     def batch(self, iteration: int) -> PromptBatch:
         prompts = []
         for p in self.task.sample(self.cfg.prompts_per_iteration, iteration):
-            text = self.tokenizer.apply_chat_template(chat_messages(p.question), add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(
+                chat_messages(p.question), add_generation_prompt=True, tokenize=False
+            )
             ids = self.tokenizer(text, add_special_tokens=False).input_ids
-            prompts.append(Prompt(p.uid, tuple(ids), p.question, str(p.answer), (("operation", p.operation),)))
+            prompts.append(
+                Prompt(p.uid, tuple(ids), p.question, str(p.answer), (("operation", p.operation),))
+            )
         return PromptBatch(tuple(prompts), iteration)

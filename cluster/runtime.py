@@ -63,12 +63,27 @@ def check_capacity(cfg: TroupeConfig) -> None:
         return  # a real cluster may autoscale to fit
     have = ray.cluster_resources()
     for resource, parts in (
-        ("CPU", (("generator", cfg.generator.replicas, cfg.generator.num_cpus), ("reward", cfg.reward.shards, cfg.reward.num_cpus),
-                 ("learner", cfg.learner.world_size, cfg.learner.num_cpus))),
-        ("GPU", (("generator", cfg.generator.replicas, cfg.generator.num_gpus),
-                 ("learner", cfg.learner.world_size, cfg.learner.num_gpus))),
+        (
+            "CPU",
+            (
+                ("generator", cfg.generator.replicas, cfg.generator.num_cpus),
+                ("reward", cfg.reward.shards, cfg.reward.num_cpus),
+                ("learner", cfg.learner.world_size, cfg.learner.num_cpus),
+            ),
+        ),
+        (
+            "GPU",
+            (
+                ("generator", cfg.generator.replicas, cfg.generator.num_gpus),
+                ("learner", cfg.learner.world_size, cfg.learner.num_gpus),
+            ),
+        ),
     ):
         need = sum(count * each for _, count, each in parts)
         if need > have.get(resource, 0.0) + 1e-6:
-            detail = " + ".join(f"{role}: {count} x {role}.num_{resource.lower()}s={each}" for role, count, each in parts)
-            raise ConfigError(f"actors need {need:g} {resource} but local Ray has {have.get(resource, 0.0):g} ({detail})")
+            detail = " + ".join(
+                f"{role}: {count} x {role}.num_{resource.lower()}s={each}" for role, count, each in parts
+            )
+            raise ConfigError(
+                f"actors need {need:g} {resource} but local Ray has {have.get(resource, 0.0):g} ({detail})"
+            )

@@ -66,7 +66,13 @@ class Generator:
         log.info("generator %d ready (%s, %s)", replica, spec.backend, spec.model_path)
 
     def ready(self) -> dict:
-        return {"replica": self.replica, "pid": os.getpid(), "version": self.version, "backend": self.spec.backend, "dtype": self.dtype}
+        return {
+            "replica": self.replica,
+            "pid": os.getpid(),
+            "version": self.version,
+            "backend": self.spec.backend,
+            "dtype": self.dtype,
+        }
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
         start = time.perf_counter()
@@ -84,7 +90,9 @@ class Generator:
 
     def update_weights(self, bundle: WeightBundle) -> int:
         if bundle.version <= self.version:
-            raise ValueError(f"generator {self.replica}: weight version {bundle.version} is not newer than {self.version}")
+            raise ValueError(
+                f"generator {self.replica}: weight version {bundle.version} is not newer than {self.version}"
+            )
         self.backend.load_weights(bundle.tensors)
         self.version = bundle.version
         self.stats["weight_loads"] += 1

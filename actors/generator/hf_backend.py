@@ -13,7 +13,9 @@ from actors.generator.sampling import Completion, Sampling
 
 
 class HFBackend:
-    def __init__(self, model_path: str, dtype: str, seed: int, trust_remote_code: bool, batch_size: int = 16) -> None:
+    def __init__(
+        self, model_path: str, dtype: str, seed: int, trust_remote_code: bool, batch_size: int = 16
+    ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -92,5 +94,9 @@ class HFBackend:
 
 
 def _eos_ids(generation_config, tokenizer) -> tuple[int, ...]:
-    eos = generation_config.eos_token_id if generation_config.eos_token_id is not None else tokenizer.eos_token_id
+    eos = (
+        generation_config.eos_token_id
+        if generation_config.eos_token_id is not None
+        else tokenizer.eos_token_id
+    )
     return tuple(eos) if isinstance(eos, list | tuple) else (eos,)

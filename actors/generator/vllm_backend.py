@@ -65,12 +65,16 @@ class VLLMBackend:
             max_tokens=sampling.max_new_tokens,
             logprobs=0,  # 0 = only the sampled token's logprob
         )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False
+        )
         result = []
         for out in outputs:
             group = []
             for c in out.outputs:
-                lps = tuple(float(step[tok].logprob) for tok, step in zip(c.token_ids, c.logprobs, strict=True))
+                lps = tuple(
+                    float(step[tok].logprob) for tok, step in zip(c.token_ids, c.logprobs, strict=True)
+                )
                 reason = "length" if c.finish_reason == "length" else "stop"
                 group.append(Completion(tuple(c.token_ids), c.text, lps, reason))
             result.append(group)

@@ -80,8 +80,11 @@ class Learner:
         spec = self.spec
         on_gpu = torch.cuda.is_available()
         os.environ.update(
-            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-            WORLD_SIZE=str(spec.world_size), LOCAL_RANK="0",
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(spec.world_size),
+            LOCAL_RANK="0",
         )
         threads = os.environ.get("OMP_NUM_THREADS")
         if threads and not on_gpu:
@@ -109,7 +112,12 @@ class Learner:
             self.reference.eval().requires_grad_(False)
         tok_pad = self.engine.module.config.pad_token_id
         self.pad_id = tok_pad if tok_pad is not None else 0
-        return {"rank": self.rank, "pid": os.getpid(), "dtype": self.dtype, "setup_s": time.perf_counter() - start}
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "dtype": self.dtype,
+            "setup_s": time.perf_counter() - start,
+        }
 
     def _ds_config(self) -> dict:
         spec = self.spec
@@ -129,12 +137,16 @@ class Learner:
         """One GRPO update over this rank's share: `epochs` x `mini_batches` optimizer steps."""
         spec = self.spec
         if len(samples) != spec.samples_per_rank:
-            raise ValueError(f"learner rank {self.rank}: got {len(samples)} samples, configured for {spec.samples_per_rank}")
+            raise ValueError(
+                f"learner rank {self.rank}: got {len(samples)} samples, configured for {spec.samples_per_rank}"
+            )
         start = time.perf_counter()
         device = self.engine.device
         batch = collate(samples, self.pad_id)
         old_logp, ref_logp = self._frozen_logprobs(batch)
-        mismatch = ((old_logp - batch.behaviour_logprobs).abs() * batch.action_mask).sum() / batch.action_mask.sum()
+        mismatch = (
+            (old_logp - batch.behaviour_logprobs).abs() * batch.action_mask
+        ).sum() / batch.action_mask.sum()
         sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
         micro_count = 0
         grad_norms = []
@@ -146,12 +158,18 @@ class Learner:
                 rows = order[lo : lo + spec.micro_batch_size]
                 mb = batch.select(rows)
                 mask = mb.action_mask.to(device)
-                logp, entropy = token_logprobs(self.engine, mb.input_ids.to(device), mb.attention_mask.to(device), True)
-                pg, clipped = clipped_policy_loss(logp, old_logp[rows].to(device), mb.advantages.to(device), spec.clip_eps)
+                logp, entropy = token_logprobs(
+                    self.engine, mb.input_ids.to(device), mb.attention_mask.to(device), True
+                )
+                pg, clipped = clipped_policy_loss(
+                    logp, old_logp[rows].to(device), mb.advantages.to(device), spec.clip_eps
+                )
                 loss = aggregate(pg, mask, spec.loss_agg)
                 kl = torch.zeros((), device=device)
                 if self.reference is not None:
-                    kl = aggregate(kl_penalty(logp, ref_logp[rows].to(device), spec.kl_estimator), mask, spec.loss_agg)
+                    kl = aggregate(
+                        kl_penalty(logp, ref_logp[rows].to(device), spec.kl_estimator), mask, spec.loss_agg
+                    )
                     loss = loss + spec.kl_coef * kl
                 self.engine.backward(loss)
                 self.engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
@@ -191,12 +209,16 @@ class Learner:
 
     def export_weights(self, version: int) -> WeightBundle | None:
         """Full HF-named state dict on rank 0 (every rank must call this: ZeRO-3 gathers collectively)."""
-        tensors = full_state_dict(self.engine, self.spec.zero_stage, getattr(torch, self.export_dtype), self.rank == 0)
+        tensors = full_state_dict(
+            self.engine, self.spec.zero_stage, getattr(torch, self.export_dtype), self.rank == 0
+        )
         return WeightBundle(version, tensors) if self.rank == 0 else None
 
     def save_hf(self, path: str, tokenizer_path: str) -> str | None:
         """Write an HF-format checkpoint (safetensors + tokenizer) from rank 0; all ranks must call it."""
-        tensors = full_state_dict(self.engine, self.spec.zero_stage, getattr(torch, self.dtype), self.rank == 0)
+        tensors = full_state_dict(
+            self.engine, self.spec.zero_stage, getattr(torch, self.dtype), self.rank == 0
+        )
         if self.rank != 0:
             return None
         from transformers import AutoTokenizer

@@ -33,7 +33,18 @@ class TrainTensors:
         return self.input_ids.shape[0]
 
     def select(self, rows: slice) -> TrainTensors:
-        return TrainTensors(*(t[rows] for t in (self.input_ids, self.attention_mask, self.action_mask, self.advantages, self.behaviour_logprobs)))
+        return TrainTensors(
+            *(
+                t[rows]
+                for t in (
+                    self.input_ids,
+                    self.attention_mask,
+                    self.action_mask,
+                    self.advantages,
+                    self.behaviour_logprobs,
+                )
+            )
+        )
 
 
 def collate(samples: Sequence[TrainSample], pad_id: int) -> TrainTensors:

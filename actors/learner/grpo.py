@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
     """A_i = (r_i - mean(group)) / (std(group) + eps), groups being consecutive runs of `group_size`.
 
     std is the unbiased sample std (as in the GRPO paper's reference implementations); a group whose rewards are

@@ -31,7 +31,9 @@ class WeightedSum:
     def combine(self, values, rollouts):
         missing = sorted(set(self.weights) - set(values))
         if missing:
-            raise KeyError(f"aggregation weights name objectives no shard produced: {missing}; produced: {sorted(values)}")
+            raise KeyError(
+                f"aggregation weights name objectives no shard produced: {missing}; produced: {sorted(values)}"
+            )
         n = len(rollouts)
         scalar = torch.zeros(n, dtype=torch.float32)
         weights = {}
@@ -47,7 +49,9 @@ def score_rollouts(
     """Attach the aggregated scalar and the full per-objective breakdown to each rollout."""
     for name, v in values.items():
         if v.shape != (len(rollouts),):
-            raise ValueError(f"objective {name!r} returned shape {tuple(v.shape)} for {len(rollouts)} rollouts")
+            raise ValueError(
+                f"objective {name!r} returned shape {tuple(v.shape)} for {len(rollouts)} rollouts"
+            )
     scalar, weights, branches = aggregation.combine(values, rollouts)
     scored = []
     for i, r in enumerate(rollouts):

@@ -24,7 +24,9 @@ class Correctness:
         values = []
         for r in rollouts:
             if not r.prompt.reference:
-                raise ValueError(f"objective 'correctness': prompt {r.prompt.uid} has no reference answer to check")
+                raise ValueError(
+                    f"objective 'correctness': prompt {r.prompt.uid} has no reference answer to check"
+                )
             got = extract_answer(r.response_text)
             values.append(1.0 if got is not None and str(got) == r.prompt.reference.strip() else 0.0)
         return torch.tensor(values, dtype=torch.float32)
@@ -38,7 +40,10 @@ class AnswerFormat:
 
     def score(self, rollouts: Sequence[Rollout]) -> torch.Tensor:
         return torch.tensor(
-            [1.0 if r.finish_reason == "stop" and has_answer_line(r.response_text) else 0.0 for r in rollouts],
+            [
+                1.0 if r.finish_reason == "stop" and has_answer_line(r.response_text) else 0.0
+                for r in rollouts
+            ],
             dtype=torch.float32,
         )
 
@@ -53,7 +58,9 @@ class Brevity:
 
     def __post_init__(self) -> None:
         if not 0 < self.target_tokens < self.max_tokens:
-            raise ValueError(f"objective 'length': need 0 < target_tokens < max_tokens, got {self.target_tokens}, {self.max_tokens}")
+            raise ValueError(
+                f"objective 'length': need 0 < target_tokens < max_tokens, got {self.target_tokens}, {self.max_tokens}"
+            )
 
     def score(self, rollouts: Sequence[Rollout]) -> torch.Tensor:
         values = []

@@ -51,10 +51,14 @@ class ArithmeticTask:
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_operand <= self.max_operand:
-            raise ValueError(f"task operands: need 0 <= min_operand <= max_operand, got {self.min_operand}, {self.max_operand}")
+            raise ValueError(
+                f"task operands: need 0 <= min_operand <= max_operand, got {self.min_operand}, {self.max_operand}"
+            )
         unknown = set(self.operations) - {"+", "-", "*"}
         if unknown or not self.operations:
-            raise ValueError(f"task.operations must be a non-empty string over '+-*', got {self.operations!r}")
+            raise ValueError(
+                f"task.operations must be a non-empty string over '+-*', got {self.operations!r}"
+            )
 
     def sample(self, count: int, iteration: int) -> list[Problem]:
         """Deterministic in (seed, iteration): a resumed run sees the same prompts."""
@@ -69,12 +73,19 @@ class ArithmeticTask:
                 a, b = b, a
             answer = {"+": a + b, "-": a - b, "*": a * b}[op]
             question = text.format(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b)
-            problems.append(Problem(uid=f"arith-{self.seed}-{iteration}-{i}", question=question, answer=answer, operation=op))
+            problems.append(
+                Problem(
+                    uid=f"arith-{self.seed}-{iteration}-{i}", question=question, answer=answer, operation=op
+                )
+            )
         return problems
 
 
 def chat_messages(question: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": f"Question: {question}"}]
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": f"Question: {question}"},
+    ]
 
 
 def extract_answer(text: str) -> int | None:

