@@ -27,17 +27,12 @@ class MetricsWriter:
         self._file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record, sort_keys=True, default=_jsonable) + "\n")
+        clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}
+        self._file.write(json.dumps(clean, sort_keys=True, default=str) + "\n")
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
-
-
-def _jsonable(x):
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    return str(x)
 
 
 def table_header() -> str:
@@ -50,5 +45,6 @@ def table_row(record: dict) -> str:
     for _name, key, fmt in TABLE_COLUMNS:
         value = record.get(key)
         width = len(fmt.format(0)) if "d" in fmt else len(fmt.format(0.0))
-        cells.append(fmt.format(value) if value is not None else "-".rjust(width))
+        missing = value is None or (isinstance(value, float) and math.isnan(value))
+        cells.append("-".rjust(width) if missing else fmt.format(value))
     return " ".join(cells)

@@ -185,6 +185,8 @@ class Learner:
                 sums["clip_frac"] += float(aggregate(clipped, mask, "token_mean"))
                 sums["entropy"] += float(aggregate(entropy, mask, "token_mean"))
         metrics = {k: v / micro_count for k, v in sums.items()}
+        if self.reference is None:
+            metrics["kl"] = float("nan")  # not measured without a reference model (algo.kl_coef=0)
         metrics.update(
             grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
             logprob_mismatch=float(mismatch),

@@ -1,0 +1,24 @@
+"""Work split across fleet members keeps order and balances sizes."""
+
+from cluster.fleet import split_evenly
+
+
+def test_split_evenly_preserves_order_and_balances():
+    parts = split_evenly(list(range(10)), 3)
+    assert parts == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert split_evenly([1], 3) == [[1], [], []]
+
+
+def test_metrics_jsonl_and_table_show_unmeasured_values_as_missing(tmp_path):
+    import json
+
+    from cluster.metrics import MetricsWriter, table_header, table_row
+
+    w = MetricsWriter(tmp_path / "m.jsonl")
+    w.write({"iteration": 0, "train/kl": float("nan"), "reward/mean": 0.5})
+    w.close()
+    line = json.loads((tmp_path / "m.jsonl").read_text())
+    assert line["train/kl"] is None and line["reward/mean"] == 0.5
+    row = table_row({"iteration": 0, "train/kl": float("nan"), "reward/mean": 0.5})
+    assert len(row.split()) == len(table_header().split())
+    assert "0.500" in row
