@@ -12,7 +12,7 @@ def test_split_evenly_preserves_order_and_balances():
 def test_metrics_jsonl_and_table_show_unmeasured_values_as_missing(tmp_path):
     import json
 
-    from cluster.metrics import MetricsWriter, table_header, table_row
+    from cluster.metrics import TABLE_COLUMNS, MetricsWriter, table_header, table_row
 
     w = MetricsWriter(tmp_path / "m.jsonl")
     w.write({"iteration": 0, "train/kl": float("nan"), "reward/mean": 0.5})
@@ -20,5 +20,6 @@ def test_metrics_jsonl_and_table_show_unmeasured_values_as_missing(tmp_path):
     line = json.loads((tmp_path / "m.jsonl").read_text())
     assert line["train/kl"] is None and line["reward/mean"] == 0.5
     row = table_row({"iteration": 0, "train/kl": float("nan"), "reward/mean": 0.5})
-    assert len(row.split()) == len(table_header().split())
+    assert len(row.split()) == len(TABLE_COLUMNS)
+    assert len(row) == len(table_header())  # columns line up under the header
     assert "0.500" in row
