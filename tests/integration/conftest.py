@@ -15,7 +15,7 @@ register()
 TINY_OVERRIDES = [
     "model.policy=builtin:tiny-llama",
     "task.prompts_per_iteration=4",
-    "generator.samples_per_prompt=2",
+    "generator.samples_per_prompt=4",  # groups of 4: some group almost surely has unequal rewards
     "generator.max_new_tokens=16",
     "generator.max_model_len=512",
     "generator.num_cpus=0.5",

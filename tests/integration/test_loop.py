@@ -21,7 +21,7 @@ def test_iteration_generates_scores_learns_and_syncs(fleet):
 
     record = run_iteration(fleet, iteration=0)
 
-    assert record["samples"] == 4 * 2
+    assert record["samples"] == 4 * 4
     assert {"objective/correctness", "objective/format", "objective/length"} <= set(record)
     assert (
         record["behaviour_version/min"] == version_before
@@ -58,5 +58,5 @@ def test_a_killed_reward_shard_is_replaced_and_its_chunk_rescored(fleet):
     ray.kill(victim.handle)
     record = run_iteration(fleet, iteration=2)
     assert fleet.rewards.replacements == before + 1
-    assert record["samples"] == 8  # nothing lost: every rollout scored
+    assert record["samples"] == 16  # nothing lost: every rollout scored
     assert len(fleet.rewards.healthy()) == 1
