@@ -107,7 +107,7 @@ class LearnerConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = "grpo"
+    name: str = "grpo"  # grpo | rloo | reinforce_pp | reinforce_pp_baseline (conf/algo/*.yaml)
     clip_eps: float = 0.2
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
@@ -141,7 +141,7 @@ def validate(cfg: TroupeConfig) -> None:
     _one_of("generator.backend", g.backend, ("vllm", "hf"))
     _one_of("learner.dtype", lr.dtype, ("auto", "bfloat16", "float32"))
     _one_of("generator.dtype", g.dtype, ("auto", "bfloat16", "float32", "float16"))
-    _one_of("algo.name", cfg.algo.name, ("grpo",))
+    _one_of("algo.name", cfg.algo.name, ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"))
     _one_of("algo.kl_estimator", cfg.algo.kl_estimator, ("k1", "k2", "k3"))
     _one_of("algo.loss_agg", cfg.algo.loss_agg, ("token_mean", "seq_mean_token_mean"))
     _one_of("task.name", t.name, ("arithmetic",))

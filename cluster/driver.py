@@ -99,6 +99,7 @@ def build_fleet(cfg: TroupeConfig, model_path: str) -> Fleet:
         WeightedSum(dict(r.weights)),
         PromptSource(cfg.task, tokenizer),
         sampling,
+        estimator=a.name,
         scale_by_std=a.scale_by_std,
     )
 

@@ -13,8 +13,8 @@ import ray
 import torch
 
 from actors.generator.sampling import Sampling
+from actors.learner.advantages import estimate_advantages
 from actors.learner.batch import TrainSample
-from actors.learner.grpo import group_advantages
 from actors.protocol import ScoredRollout
 from actors.reward.aggregation import Aggregation, score_rollouts
 from cluster.fleet import Pool
@@ -31,6 +31,7 @@ class Fleet:
     aggregation: Aggregation
     prompts: PromptSource
     sampling: Sampling
+    estimator: str = "grpo"
     scale_by_std: bool = True
     version: int = 0
     last_bundle: ray.ObjectRef | None = None
@@ -62,10 +63,10 @@ def run_iteration(fleet: Fleet, iteration: int) -> dict:
         values = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
         scored = score_rollouts(rollouts, values, fleet.aggregation)
 
-    # 3. Learn: group-normalised advantages, then one GRPO update across the DeepSpeed ranks.
+    # 3. Learn: critic-free advantages (GRPO / RLOO / REINFORCE++), then one clipped policy-gradient update.
     with timed(timings, "learn"):
         rewards = torch.tensor([s.reward.scalar for s in scored])
-        advantages = group_advantages(rewards, fleet.sampling.n, scale_by_std=fleet.scale_by_std)
+        advantages = estimate_advantages(fleet.estimator, rewards, fleet.sampling.n, fleet.scale_by_std)
         samples = [
             TrainSample(s.rollout.prompt.token_ids, s.rollout.response_ids, float(a), s.rollout.logprobs)
             for s, a in zip(scored, advantages, strict=True)
@@ -78,7 +79,9 @@ def run_iteration(fleet: Fleet, iteration: int) -> dict:
         fleet.last_bundle = fleet.learners.export_weights(fleet.version)
         sync_stats = push_weights(fleet.generators, fleet.last_bundle, fleet.version)
 
-    return _metrics(iteration, fleet.version, scored, advantages, train_stats, sync_stats, timings)
+    record = _metrics(iteration, fleet.version, scored, advantages, train_stats, sync_stats, timings)
+    record["algo"] = fleet.estimator
+    return record
 
 
 def _catch_up(fleet: Fleet):

@@ -22,6 +22,7 @@ def cli_run(tmp_path_factory):
         str(troupe),
         *TINY_OVERRIDES,
         "run.iterations=2",
+        "algo=rloo",
         f"run.output_dir={out}",
         "run.progress_bar=false",
     ]
@@ -35,6 +36,7 @@ def test_cli_runs_two_iterations_and_writes_metrics(cli_run):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in lines] == [0, 1]
     assert [x["weight_version"] for x in lines] == [1, 2]
+    assert all(x["algo"] == "rloo" for x in lines)  # the algorithm is one Hydra override
     for x in lines:
         assert {
             "reward/mean",

@@ -55,3 +55,10 @@ def test_cross_field_checks_name_the_keys(overrides, key):
     cfg = OmegaConf.to_object(_compose(overrides=overrides))
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
+def test_each_algorithm_is_one_override(algo):
+    cfg = OmegaConf.to_object(_compose(overrides=[f"algo={algo}"]))
+    validate(cfg)
+    assert cfg.algo.name == algo.replace("dr_", "")
