@@ -84,10 +84,11 @@ def build_fleet(cfg: TroupeConfig, model_path: str) -> Fleet:
         trust_remote_code=cfg.model.trust_remote_code,
         seed=cfg.run.seed,
     )
-    # Start the learners first: their DeepSpeed setup overlaps with the generators' engine start.
+    # Learners first and not awaited: their DeepSpeed setup overlaps with the generators' engine start.
+    learners = LearnerGroup(learner_spec, lc.num_cpus, lc.num_gpus, learner_env(lc), timeout)
     rewards.spawn(r.shards)
     generators.spawn(g.replicas)
-    learners = LearnerGroup(learner_spec, lc.num_cpus, lc.num_gpus, learner_env(lc), timeout)
+    learners.wait_ready()
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     sampling = Sampling(
         n=g.samples_per_prompt, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens

@@ -38,8 +38,16 @@ class LearnerGroup:
             for rank in range(spec.world_size)
         ]
         addr, port = ray.get(self.ranks[0].address.remote(), timeout=timeout_s)
-        self.info = ray.get([r.setup.remote(addr, port) for r in self.ranks], timeout=timeout_s)
-        log.info("learner group ready: %s", self.info)
+        # Not awaited here: the DeepSpeed setup runs while the caller starts other actors (see wait_ready).
+        self._setup_refs = [r.setup.remote(addr, port) for r in self.ranks]
+        self.info: list[dict] = []
+
+    def wait_ready(self) -> list[dict]:
+        if self._setup_refs:
+            self.info = ray.get(self._setup_refs, timeout=self.timeout_s)
+            self._setup_refs = []
+            log.info("learner group ready: %s", self.info)
+        return self.info
 
     def train(self, samples: Sequence[TrainSample]) -> dict:
         shares = split_evenly(samples, len(self.ranks))
