@@ -58,6 +58,9 @@ class RewardBreakdown:
     objectives: dict[str, float]
     weights: dict[str, float] = field(default_factory=dict)
     branch: str = ""
+    # Optional per-response-token rewards (e.g. ALaRM aspects placed on tokens); PPO adds them to the
+    # sequence reward on the last token. None: a sequence-level reward only.
+    token_rewards: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

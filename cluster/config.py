@@ -89,6 +89,15 @@ class RewardConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = False  # only adapter weights train; generators receive merged full weights
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
 class LearnerConfig:
     world_size: int = 2
     num_cpus: float = 0.5
@@ -103,16 +112,65 @@ class LearnerConfig:
     mini_batches: int = 1
     epochs: int = 1
     gradient_checkpointing: bool = False
+    lr_schedule: str = "constant"  # constant | linear | cosine (after warmup_steps of linear warm-up)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    offload_optimizer: bool = False  # ZeRO-Offload (DeepSpeedCPUAdam; JIT-built once, ~40 s)
+    offload_params: bool = False  # ZeRO-3 only
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class CriticConfig:
+    """PPO's value model: its own DeepSpeed group, initialised from the policy's body plus a value head."""
+
+    world_size: int = 1
+    num_cpus: float = 0.0  # phases run one after another on CPU; give it real CPUs/GPUs on a cluster
+    num_gpus: float = 0.0
+    colocate: bool = False  # GPU: share the learner ranks' placement bundles (fractional GPUs each)
+    zero_stage: int = 2
+    lr: float = 1e-5
+    micro_batch_size: int | None = None  # None: learner.micro_batch_size
+    value_clip: float = 0.2
+
+
+@dataclass
+class DatasetConfig:
+    """A preference file (JSONL, JSONL.gz, JSON or parquet) for offline DPO and reward-model jobs."""
+
+    path: str | None = None
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    max_length: int = 512  # prompt + response tokens; longer pairs are skipped and counted
+    max_pairs: int | None = None
+    pairs_per_iteration: int = 64  # offline DPO: pairs per learner call (one row of the metrics table)
 
 
 @dataclass
 class AlgoConfig:
-    name: str = "grpo"  # grpo | rloo | reinforce_pp | reinforce_pp_baseline (conf/algo/*.yaml)
+    # grpo | rloo | reinforce_pp | reinforce_pp_baseline | ppo | dpo_online | dpo_offline (conf/algo/*.yaml)
+    name: str = "grpo"
     clip_eps: float = 0.2
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
+    kl_in_reward: bool = (
+        False  # per-token reward penalty -beta*KL_t (PPO, REINFORCE++) instead of a loss term
+    )
+    kl_target: float | None = None  # adaptive KL (Ziegler et al.): None keeps kl_coef fixed
+    kl_horizon: int = 10000
     loss_agg: str = "seq_mean_token_mean"
     scale_by_std: bool = True
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    dpo_beta: float = 0.1
+    dpo_loss: str = "sigmoid"  # sigmoid | ipo
+    label_smoothing: float = 0.0  # conservative DPO (RLHFlow run_loop2 uses 0.1)
+    pair_strategy: str = "max_min"  # max_min | max_random | max_min_length
+    length_penalty: float = 0.0  # max_min_length: reward - length_penalty * response characters
+    # previous: the policy at the start of each iteration (RLHFlow's code); initial: the frozen start model
+    dpo_reference: str = "previous"
 
 
 @dataclass
@@ -125,6 +183,11 @@ class TroupeConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+
+
+ALGOS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "ppo", "dpo_online", "dpo_offline")
 
 
 def register() -> None:
@@ -141,7 +204,26 @@ def validate(cfg: TroupeConfig) -> None:
     _one_of("generator.backend", g.backend, ("vllm", "hf"))
     _one_of("learner.dtype", lr.dtype, ("auto", "bfloat16", "float32"))
     _one_of("generator.dtype", g.dtype, ("auto", "bfloat16", "float32", "float16"))
-    _one_of("algo.name", cfg.algo.name, ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"))
+    a = cfg.algo
+    _one_of("algo.name", a.name, ALGOS)
+    _one_of("algo.dpo_loss", a.dpo_loss, ("sigmoid", "ipo"))
+    _one_of("algo.pair_strategy", a.pair_strategy, ("max_min", "max_random", "max_min_length"))
+    _one_of("algo.dpo_reference", a.dpo_reference, ("initial", "previous"))
+    _one_of("learner.lr_schedule", lr.lr_schedule, ("constant", "linear", "cosine"))
+    if lr.offload_params and lr.zero_stage != 3:
+        raise ConfigError("learner.offload_params needs learner.zero_stage=3")
+    if lr.lora.enabled and lr.zero_stage == 3:
+        raise ConfigError(
+            "learner.lora.enabled supports learner.zero_stage 0-2 (adapters are merged on rank 0)"
+        )
+    if not 0.0 <= a.label_smoothing < 0.5:
+        raise ConfigError(f"algo.label_smoothing must be in [0, 0.5), got {a.label_smoothing}")
+    if a.name == "dpo_offline" and not cfg.dataset.path:
+        raise ConfigError("algo=dpo_offline needs dataset.path (a JSONL/parquet preference file)")
+    if a.name == "dpo_offline" and a.dpo_reference != "initial":
+        raise ConfigError("algo=dpo_offline needs algo.dpo_reference=initial (there is no previous iteration)")
+    if a.name == "ppo" and cfg.critic.colocate and cfg.critic.world_size != lr.world_size:
+        raise ConfigError("critic.colocate needs critic.world_size == learner.world_size")
     _one_of("algo.kl_estimator", cfg.algo.kl_estimator, ("k1", "k2", "k3"))
     _one_of("algo.loss_agg", cfg.algo.loss_agg, ("token_mean", "seq_mean_token_mean"))
     _one_of("task.name", t.name, ("arithmetic",))
@@ -160,10 +242,19 @@ def validate(cfg: TroupeConfig) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    if cfg.algo.name == "grpo" and g.samples_per_prompt < 2:
+    if a.name in ("grpo", "rloo", "reinforce_pp_baseline", "dpo_online") and g.samples_per_prompt < 2:
         raise ConfigError(
-            "generator.samples_per_prompt must be >= 2 for GRPO (advantages are relative within a group)"
+            f"generator.samples_per_prompt must be >= 2 for algo={a.name} (it compares samples of one prompt)"
         )
+    unknown = sorted(set(cfg.reward.weights) - set(cfg.reward.objectives))
+    if unknown:
+        raise ConfigError(f"reward.weights names objectives not in reward.objectives: {unknown}")
+    if g.max_new_tokens >= g.max_model_len:
+        raise ConfigError(
+            f"generator.max_new_tokens ({g.max_new_tokens}) must be < generator.max_model_len ({g.max_model_len})"
+        )
+    if a.name in ("dpo_online", "dpo_offline"):
+        return  # pair counts vary per iteration: the sample-count divisibility below does not apply
     samples = t.prompts_per_iteration * g.samples_per_prompt
     if samples % lr.world_size:
         raise ConfigError(
@@ -174,13 +265,6 @@ def validate(cfg: TroupeConfig) -> None:
         raise ConfigError(
             f"samples per learner rank ({per_rank}) must divide by learner.mini_batches x learner.micro_batch_size "
             f"= {lr.mini_batches} x {lr.micro_batch_size}"
-        )
-    unknown = sorted(set(cfg.reward.weights) - set(cfg.reward.objectives))
-    if unknown:
-        raise ConfigError(f"reward.weights names objectives not in reward.objectives: {unknown}")
-    if g.max_new_tokens >= g.max_model_len:
-        raise ConfigError(
-            f"generator.max_new_tokens ({g.max_new_tokens}) must be < generator.max_model_len ({g.max_model_len})"
         )
 
 

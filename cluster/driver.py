@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -14,20 +15,23 @@ import hydra
 import ray
 from omegaconf import DictConfig, OmegaConf
 
-from actors.generator.actor import Generator, GeneratorSpec
+from actors.generator.actor import Generator
 from actors.generator.sampling import Sampling
-from actors.learner.actor import LearnerSpec
+from actors.learner.ppo import AdaptiveKL
 from actors.models import resolve_model
 from actors.reward.aggregation import WeightedSum
 from actors.reward.shard import RewardShard, ShardSpec
 from cluster.checkpoint import save_hf_checkpoint
 from cluster.config import TroupeConfig, register, validate
 from cluster.fleet import Pool
-from cluster.learner_group import LearnerGroup
+from cluster.learner_group import LearnerGroup, critic_group
 from cluster.loop import Fleet, run_iteration
 from cluster.metrics import MetricsWriter, table_header, table_row
+from cluster.offline_dpo import run_offline_dpo
+from cluster.placement import RankPlacement
 from cluster.prompts import PromptSource
 from cluster.runtime import check_capacity, generator_env, learner_env, start_ray
+from cluster.specs import critic_spec, generator_spec, learner_spec, needs_reference
 
 log = logging.getLogger("troupe.driver")
 register()
@@ -37,62 +41,48 @@ def build_fleet(cfg: TroupeConfig, model_path: str) -> Fleet:
     from transformers import AutoTokenizer
 
     timeout = cfg.ray.actor_timeout_s
-    g = cfg.generator
-    gen_spec = GeneratorSpec(
-        model_path=model_path,
-        backend=g.backend,
-        dtype=g.dtype,
-        max_model_len=g.max_model_len,
-        seed=cfg.run.seed,
-        enforce_eager=g.enforce_eager,
-        gpu_memory_utilization=g.gpu_memory_utilization,
-        tensor_parallel_size=g.tensor_parallel_size,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    g, r, lc = cfg.generator, cfg.reward, cfg.learner
+    gen_spec = generator_spec(cfg, model_path)
     gen_remote = ray.remote(Generator).options(
         num_cpus=g.num_cpus, num_gpus=g.num_gpus, runtime_env={"env_vars": generator_env(g)}, max_restarts=0
     )
     generators = Pool("generator", lambda i: gen_remote.remote(gen_spec, i), timeout)
 
-    r = cfg.reward
     shard_spec = ShardSpec(
         objectives={k: dict(v or {}) for k, v in r.objectives.items()}, batch_size=r.batch_size
     )
     shard_remote = ray.remote(RewardShard).options(num_cpus=r.num_cpus, max_restarts=0)
     rewards = Pool("reward", lambda i: shard_remote.remote(shard_spec, i), timeout)
 
-    lc, a = cfg.learner, cfg.algo
-    samples = cfg.task.prompts_per_iteration * g.samples_per_prompt
-    learner_spec = LearnerSpec(
-        model_path=model_path,
-        world_size=lc.world_size,
-        zero_stage=lc.zero_stage,
-        dtype=lc.dtype,
-        lr=lc.lr,
-        weight_decay=lc.weight_decay,
-        grad_clip=lc.grad_clip,
-        micro_batch_size=lc.micro_batch_size,
-        samples_per_rank=samples // lc.world_size,
-        mini_batches=lc.mini_batches,
-        epochs=lc.epochs,
-        gradient_checkpointing=lc.gradient_checkpointing,
-        clip_eps=a.clip_eps,
-        kl_coef=a.kl_coef,
-        kl_estimator=a.kl_estimator,
-        loss_agg=a.loss_agg,
-        export_dtype=g.dtype,
-        trust_remote_code=cfg.model.trust_remote_code,
-        seed=cfg.run.seed,
-    )
+    policy = learner_spec(cfg, model_path)
     # Learners first and not awaited: their DeepSpeed setup overlaps with the generators' engine start.
-    learners = LearnerGroup(learner_spec, lc.num_cpus, lc.num_gpus, learner_env(lc), timeout)
+    placement = _shared_placement(cfg) if cfg.algo.name == "ppo" and cfg.critic.colocate else None
+    learners = LearnerGroup(
+        policy,
+        lc.num_cpus,
+        lc.num_gpus,
+        learner_env(lc),
+        timeout,
+        placement=placement,
+        use_reference=needs_reference(cfg),
+    )
+    critic = None
+    if cfg.algo.name == "ppo":
+        c = cfg.critic
+        critic_env = learner_env(lc) | ({"DS_ACCELERATOR": "cpu"} if c.num_gpus == 0 else {})
+        critic = critic_group(
+            critic_spec(cfg, policy), c.num_cpus, c.num_gpus, critic_env, timeout, placement
+        )
     rewards.spawn(r.shards)
     generators.spawn(g.replicas)
     learners.wait_ready()
+    if critic is not None:
+        critic.wait_ready()
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     sampling = Sampling(
         n=g.samples_per_prompt, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens
     )
+    a = cfg.algo
     return Fleet(
         generators,
         rewards,
@@ -100,14 +90,26 @@ def build_fleet(cfg: TroupeConfig, model_path: str) -> Fleet:
         WeightedSum(dict(r.weights)),
         PromptSource(cfg.task, tokenizer),
         sampling,
-        estimator=a.name,
-        scale_by_std=a.scale_by_std,
+        algo=a,
+        critic=critic,
+        kl=AdaptiveKL(a.kl_coef, a.kl_target, a.kl_horizon),
+        rng=random.Random(cfg.run.seed),
+    )
+
+
+def _shared_placement(cfg: TroupeConfig) -> RankPlacement:
+    """One bundle per rank holding both the policy rank and the critic rank (fractional GPUs each)."""
+    lc, c = cfg.learner, cfg.critic
+    return RankPlacement(
+        lc.world_size, lc.num_cpus + c.num_cpus, lc.num_gpus + c.num_gpus, cfg.ray.actor_timeout_s
     )
 
 
 def run(cfg: TroupeConfig) -> dict:
     """Run a whole job; returns paths and the last iteration's metrics."""
     validate(cfg)
+    if cfg.algo.name == "dpo_offline":
+        return run_offline_dpo(cfg)
     out_dir = Path(cfg.run.output_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -150,6 +152,8 @@ def run(cfg: TroupeConfig) -> dict:
             bar.close()
         metrics.close()
         fleet.learners.shutdown()
+        if fleet.critic is not None:
+            fleet.critic.shutdown()
         fleet.generators.shutdown()
         fleet.rewards.shutdown()
     total = time.perf_counter() - started

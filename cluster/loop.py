@@ -5,6 +5,7 @@ Read top to bottom to see the whole algorithm. The fleets and groups hide Ray; t
 
 from __future__ import annotations
 
+import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -13,10 +14,11 @@ import ray
 import torch
 
 from actors.generator.sampling import Sampling
-from actors.learner.advantages import estimate_advantages
-from actors.learner.batch import TrainSample
+from actors.learner.ppo import AdaptiveKL
 from actors.protocol import ScoredRollout
 from actors.reward.aggregation import Aggregation, score_rollouts
+from cluster.algorithms import learn_dpo, learn_policy_gradient
+from cluster.config import AlgoConfig
 from cluster.fleet import Pool
 from cluster.learner_group import LearnerGroup
 from cluster.prompts import PromptSource
@@ -31,8 +33,10 @@ class Fleet:
     aggregation: Aggregation
     prompts: PromptSource
     sampling: Sampling
-    estimator: str = "grpo"
-    scale_by_std: bool = True
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    critic: LearnerGroup | None = None  # PPO only
+    kl: AdaptiveKL = field(default_factory=lambda: AdaptiveKL(0.0))
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
     version: int = 0
     last_bundle: ray.ObjectRef | None = None
     timings: dict = field(default_factory=dict)
@@ -63,24 +67,21 @@ def run_iteration(fleet: Fleet, iteration: int) -> dict:
         values = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
         scored = score_rollouts(rollouts, values, fleet.aggregation)
 
-    # 3. Learn: critic-free advantages (GRPO / RLOO / REINFORCE++), then one clipped policy-gradient update.
+    # 3. Learn: policy gradient (advantages, [critic values], clipped update, [critic update]) or DPO on pairs.
     with timed(timings, "learn"):
-        rewards = torch.tensor([s.reward.scalar for s in scored])
-        advantages = estimate_advantages(fleet.estimator, rewards, fleet.sampling.n, fleet.scale_by_std)
-        samples = [
-            TrainSample(s.rollout.prompt.token_ids, s.rollout.response_ids, float(a), s.rollout.logprobs)
-            for s, a in zip(scored, advantages, strict=True)
-        ]
-        train_stats = fleet.learners.train(samples)
+        learn = learn_dpo if fleet.algo.name == "dpo_online" else learn_policy_gradient
+        learn_stats, advantages = learn(fleet, scored)
 
-    # 4. Sync: the new weights go to every generator, tagged with the next version.
+    # 4. Sync: the new weights go to every generator, tagged with the next version (skipped if nothing trained).
+    sync_stats: dict = {}
     with timed(timings, "sync"):
-        fleet.version += 1
-        fleet.last_bundle = fleet.learners.export_weights(fleet.version)
-        sync_stats = push_weights(fleet.generators, fleet.last_bundle, fleet.version)
+        if learn_stats.get("pairs/built", 1):
+            fleet.version += 1
+            fleet.last_bundle = fleet.learners.export_weights(fleet.version)
+            sync_stats = push_weights(fleet.generators, fleet.last_bundle, fleet.version)
 
-    record = _metrics(iteration, fleet.version, scored, advantages, train_stats, sync_stats, timings)
-    record["algo"] = fleet.estimator
+    record = _metrics(iteration, fleet.version, scored, advantages, learn_stats, sync_stats, timings)
+    record["algo"] = fleet.algo.name
     return record
 
 
@@ -108,7 +109,7 @@ def _check_groups(rollouts, num_prompts: int, n: int) -> None:
 
 
 def _metrics(
-    iteration, version, scored: list[ScoredRollout], advantages, train_stats, sync_stats, timings
+    iteration, version, scored: list[ScoredRollout], advantages, learn_stats, sync_stats, timings
 ) -> dict:
     n = len(scored)
     lengths = [len(s.rollout.response_ids) for s in scored]
@@ -120,12 +121,13 @@ def _metrics(
         "reward/std": float(torch.tensor([s.reward.scalar for s in scored]).std()),
         "response_tokens/mean": sum(lengths) / n,
         "truncated/frac": sum(s.rollout.finish_reason == "length" for s in scored) / n,
-        "advantage/abs_mean": float(advantages.abs().mean()),
         "behaviour_version/min": min(s.rollout.weight_version for s in scored),
     }
     for name in scored[0].reward.objectives:
         record[f"objective/{name}"] = sum(s.reward.objectives[name] for s in scored) / n
-    record.update({f"train/{k}": v for k, v in train_stats.items()})
+    if advantages is not None:
+        record["advantage/abs_mean"] = float(advantages.abs().mean())
+    record.update(learn_stats)
     record.update({f"sync/{k}": v for k, v in sync_stats.items()})
     record.update(timings)
     record["time/iteration"] = sum(timings.values())

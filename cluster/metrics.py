@@ -19,6 +19,17 @@ TABLE_COLUMNS = (
     ("sync s", "time/sync", "{:>6.2f}"),
 )
 
+# Offline DPO: no generation or scoring; the learner's own pair statistics.
+OFFLINE_DPO_COLUMNS = (
+    ("step", "iteration", "{:>4d}"),
+    ("pairs", "train/pairs", "{:>5.0f}"),
+    ("loss", "train/loss", "{:>7.4f}"),
+    ("margin", "train/margin", "{:>7.4f}"),
+    ("pref acc", "train/accuracy", "{:>8.2f}"),
+    ("lr", "train/lr", "{:>9.2e}"),
+    ("learn s", "time/learn", "{:>7.1f}"),
+)
+
 
 class MetricsWriter:
     def __init__(self, path: Path) -> None:
@@ -35,14 +46,14 @@ class MetricsWriter:
         self._file.close()
 
 
-def table_header() -> str:
-    widths = [len(fmt.format(0)) if "d" in fmt else len(fmt.format(0.0)) for _, _, fmt in TABLE_COLUMNS]
-    return " ".join(name.rjust(w) for (name, _, _), w in zip(TABLE_COLUMNS, widths, strict=True))
+def table_header(columns=TABLE_COLUMNS) -> str:
+    widths = [len(fmt.format(0)) if "d" in fmt else len(fmt.format(0.0)) for _, _, fmt in columns]
+    return " ".join(name.rjust(w) for (name, _, _), w in zip(columns, widths, strict=True))
 
 
-def table_row(record: dict) -> str:
+def table_row(record: dict, columns=TABLE_COLUMNS) -> str:
     cells = []
-    for _name, key, fmt in TABLE_COLUMNS:
+    for _name, key, fmt in columns:
         value = record.get(key)
         width = len(fmt.format(0)) if "d" in fmt else len(fmt.format(0.0))
         missing = value is None or (isinstance(value, float) and math.isnan(value))

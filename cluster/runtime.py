@@ -62,6 +62,7 @@ def check_capacity(cfg: TroupeConfig) -> None:
     if cfg.ray.address is not None:
         return  # a real cluster may autoscale to fit
     have = ray.cluster_resources()
+    critics = cfg.critic.world_size if cfg.algo.name == "ppo" else 0
     for resource, parts in (
         (
             "CPU",
@@ -69,6 +70,7 @@ def check_capacity(cfg: TroupeConfig) -> None:
                 ("generator", cfg.generator.replicas, cfg.generator.num_cpus),
                 ("reward", cfg.reward.shards, cfg.reward.num_cpus),
                 ("learner", cfg.learner.world_size, cfg.learner.num_cpus),
+                ("critic", critics, cfg.critic.num_cpus),
             ),
         ),
         (
@@ -76,6 +78,7 @@ def check_capacity(cfg: TroupeConfig) -> None:
             (
                 ("generator", cfg.generator.replicas, cfg.generator.num_gpus),
                 ("learner", cfg.learner.world_size, cfg.learner.num_gpus),
+                ("critic", critics, cfg.critic.num_gpus),
             ),
         ),
     ):

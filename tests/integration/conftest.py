@@ -1,5 +1,7 @@
 """Session fixtures for the integration suite: one local Ray and one tiny-model fleet (real vLLM, real DeepSpeed)."""
 
+from contextlib import contextmanager
+
 import pytest
 import ray
 from hydra import compose, initialize_config_dir
@@ -49,17 +51,38 @@ def tiny_model_path(tiny_cfg):
 
 
 @pytest.fixture(scope="session")
+def tiny_prompts(tiny_cfg, tiny_model_path):
+    """Chat-templated task prompts, without starting any actor."""
+    from transformers import AutoTokenizer
+
+    from cluster.prompts import PromptSource
+
+    return PromptSource(tiny_cfg.task, AutoTokenizer.from_pretrained(tiny_model_path))
+
+
+@pytest.fixture(scope="session")
 def ray_session(tiny_cfg):
     start_ray(tiny_cfg.ray)
     yield
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@contextmanager
+def running_fleet(cfg, model_path):
+    """A fleet for one test module: local Ray has 2 CPUs, so fleets live one at a time."""
+    check_capacity(cfg)
+    f = build_fleet(cfg, model_path)
+    try:
+        yield f
+    finally:
+        f.learners.shutdown()
+        if f.critic is not None:
+            f.critic.shutdown()
+        f.generators.shutdown()
+        f.rewards.shutdown()
+
+
+@pytest.fixture(scope="module")
 def fleet(ray_session, tiny_cfg, tiny_model_path):
-    check_capacity(tiny_cfg)
-    f = build_fleet(tiny_cfg, tiny_model_path)
-    yield f
-    f.learners.shutdown()
-    f.generators.shutdown()
-    f.rewards.shutdown()
+    with running_fleet(tiny_cfg, tiny_model_path) as f:
+        yield f

@@ -63,7 +63,7 @@ def test_checkpoint_loads_with_transformers(cli_run):
     assert torch.isfinite(model(ids).logits).all()
 
 
-def test_checkpoint_loads_with_vllm_in_a_generator(cli_run, fleet):
+def test_checkpoint_loads_with_vllm_in_a_generator(cli_run, ray_session, tiny_prompts):
     """The trained checkpoint serves from a real vLLM Generator actor."""
     from actors.generator.actor import Generator, GeneratorSpec
     from actors.generator.sampling import Sampling
@@ -75,7 +75,7 @@ def test_checkpoint_loads_with_vllm_in_a_generator(cli_run, fleet):
     )
     gen = remote.remote(GeneratorSpec(model_path=ckpt, max_model_len=512), 7)
     try:
-        prompt = fleet.prompts.batch(0).prompts[0]
+        prompt = tiny_prompts.batch(0).prompts[0]
         rollouts = ray.get(gen.generate.remote([prompt], Sampling(n=2, max_new_tokens=8)), timeout=300)
         assert len(rollouts) == 2 and all(len(r.response_ids) > 0 for r in rollouts)
     finally:

@@ -11,11 +11,11 @@ from actors.protocol import WeightBundle
 pytestmark = pytest.mark.integration
 
 
-def test_hf_generator_samples_with_logprobs_and_takes_weights(ray_session, tiny_model_path, fleet):
+def test_hf_generator_samples_with_logprobs_and_takes_weights(ray_session, tiny_model_path, tiny_prompts):
     remote = ray.remote(Generator).options(num_cpus=0)
     gen = remote.remote(GeneratorSpec(model_path=tiny_model_path, backend="hf", dtype="float32"), 0)
     try:
-        prompts = fleet.prompts.batch(5).prompts[:2]
+        prompts = tiny_prompts.batch(5).prompts[:2]
         rollouts = ray.get(gen.generate.remote(prompts, Sampling(n=3, max_new_tokens=8)), timeout=120)
         assert len(rollouts) == 6
         assert [r.prompt.uid for r in rollouts] == [prompts[0].uid] * 3 + [prompts[1].uid] * 3

@@ -41,3 +41,28 @@ def test_token_logprobs_match_softmax():
     assert torch.allclose(logp, torch.tensor([[2 - math.log(z), -math.log(z)]]))
     p = torch.tensor([1, math.e**2, 1, 1]) / z
     assert torch.allclose(entropy, -(p * p.log()).sum().expand(1, 2), atol=1e-6)
+
+
+def test_per_token_fields_are_placed_on_response_positions_and_read_back():
+    from actors.learner.batch import place, response_slices
+
+    s1 = TrainSample(
+        (1, 2, 3),
+        (4, 5),
+        0.5,
+        torch.tensor([-1.0, -2.0]),
+        reward=1.0,
+        token_rewards=torch.tensor([0.1, 0.2]),
+        values=torch.tensor([0.3, 0.4]),
+    )
+    s2 = TrainSample((1,), (6, 7, 8), -0.5, torch.tensor([-3.0, -4.0, -5.0]))
+    t = collate([s1, s2], pad_id=0)
+    assert torch.allclose(t.values, torch.tensor([[0.0, 0.0, 0.3, 0.4], [0.0, 0.0, 0.0, 0.0]]))
+    assert t.token_rewards[0, 2:].tolist() == [0.1, 0.2] or torch.allclose(
+        t.token_rewards[0, 2:], torch.tensor([0.1, 0.2])
+    )
+    assert t.rewards.tolist() == [1.0, 0.0]
+    back = response_slices(t, t.behaviour_logprobs)
+    assert [b.tolist() for b in back] == [[-1.0, -2.0], [-3.0, -4.0, -5.0]]
+    assert torch.equal(place(t.action_mask, back), t.behaviour_logprobs)
+    assert len(t.select(torch.tensor([1]))) == 1

@@ -62,3 +62,33 @@ def test_each_algorithm_is_one_override(algo):
     cfg = OmegaConf.to_object(_compose(overrides=[f"algo={algo}"]))
     validate(cfg)
     assert cfg.algo.name == algo.replace("dr_", "")
+
+
+def test_every_algorithm_is_one_override():
+    from cluster.specs import ADVANTAGE_MODE, learner_spec
+
+    for algo in ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "ppo", "dpo_online"):
+        cfg = OmegaConf.to_object(_compose(overrides=[f"algo={algo}"]))
+        validate(cfg)
+        spec = learner_spec(cfg, "model")
+        assert spec.advantage_mode == ADVANTAGE_MODE.get(cfg.algo.name, "sequence")
+    ppo = OmegaConf.to_object(_compose(overrides=["algo=ppo"]))
+    assert ppo.algo.kl_in_reward and learner_spec(ppo, "m").advantage_mode == "gae"
+    offline = OmegaConf.to_object(_compose(overrides=["algo=dpo_offline", "dataset.path=x.jsonl"]))
+    validate(offline)
+    assert offline.algo.dpo_reference == "initial"
+
+
+def test_algorithm_and_deepspeed_cross_checks_name_keys():
+    cases = [
+        (["algo=dpo_offline"], "dataset.path"),
+        (["algo=dpo_offline", "dataset.path=x", "algo.dpo_reference=previous"], "algo.dpo_reference"),
+        (["learner.lora.enabled=true", "learner.zero_stage=3"], "learner.lora.enabled"),
+        (["learner.offload_params=true", "learner.zero_stage=2"], "learner.offload_params"),
+        (["algo=dpo_online", "algo.label_smoothing=0.7"], "algo.label_smoothing"),
+        (["algo=dpo_online", "algo.pair_strategy=best"], "algo.pair_strategy"),
+        (["learner.lr_schedule=step"], "learner.lr_schedule"),
+    ]
+    for overrides, key in cases:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            validate(OmegaConf.to_object(_compose(overrides=overrides)))

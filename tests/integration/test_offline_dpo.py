@@ -1,0 +1,63 @@
+"""`troupe algo=dpo_offline` end to end on a small preference file: learner group only, frozen reference."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import TINY_OVERRIDES
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dpo_offline")
+    rows = [
+        {"prompt": f"What is {a} + {b}?", "chosen": f"Answer: {a + b}", "rejected": "I do not like numbers."}
+        for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (6, 2), (4, 4), (7, 1), (3, 3)]
+    ]
+    rows.append({"prompt": "What is 1 + 1?", "chosen": "", "rejected": "no"})  # skipped and counted
+    data = tmp / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp / "run"
+    cmd = [
+        str(Path(sys.executable).with_name("troupe")),
+        *TINY_OVERRIDES,
+        "algo=dpo_offline",
+        f"dataset.path={data}",
+        "dataset.pairs_per_iteration=8",
+        "run.iterations=3",
+        "learner.lr=2e-3",
+        "learner.lr_schedule=cosine",
+        "learner.warmup_steps=1",
+        f"run.output_dir={out}",
+        "run.progress_bar=false",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_offline_dpo_trains_on_the_file(offline_run):
+    out, stdout = offline_run
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [0, 1, 2]  # 8 pairs per call, 3 passes
+    assert all(x["train/pairs"] == 8 for x in lines)
+    assert lines[-1]["train/margin"] > lines[0]["train/margin"]
+    assert lines[-1]["train/loss"] < lines[0]["train/loss"]
+    lrs = [x["train/lr"] for x in lines]
+    assert lrs[0] != lrs[-1]  # the cosine schedule moved the learning rate
+    assert "'empty_response': 1" in stdout
+    state = json.loads((out / "checkpoint-final" / "troupe_state.json").read_text())
+    assert state["skipped"] == {"empty_response": 1} and state["pairs"] == 8
+
+
+def test_offline_dpo_checkpoint_loads(offline_run):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(offline_run[0] / "checkpoint-final", dtype=torch.float32)
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

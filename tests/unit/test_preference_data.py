@@ -1,0 +1,84 @@
+"""Preference files: plain, chat and hh-rlhf shapes; bad rows give an error naming file and line, or a count."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cluster.preference_data import SkipRecord, load_preferences, parse_transcript, to_preference
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_plain_chat_and_transcript_records(tmp_path):
+    rows = [
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+        {
+            "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+            "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}],
+        },
+        {
+            "chosen": "\n\nHuman: a?\n\nAssistant: b\n\nHuman: c?\n\nAssistant: yes",
+            "rejected": "\n\nHuman: a?\n\nAssistant: b\n\nHuman: c?\n\nAssistant: no",
+        },
+        {"prompt": "x", "chosen": "  ", "rejected": "y"},  # empty response: skipped, counted
+    ]
+    prefs, skipped = load_preferences(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert [p.chosen for p in prefs] == ["4", "hello", "yes"]
+    assert prefs[0].prompt == [{"role": "user", "content": "2+2?"}]
+    assert prefs[1].prompt == [{"role": "user", "content": "hi"}]
+    assert [m["role"] for m in prefs[2].prompt] == ["user", "assistant", "user"]
+    assert prefs[2].rejected == "no"
+    assert skipped == {"empty_response": 1}
+    pq = tmp_path / "p.parquet"
+    pd.DataFrame([rows[0]]).to_parquet(pq)
+    assert load_preferences(pq)[0][0].chosen == "4"
+
+
+def test_bad_records_name_file_and_line(tmp_path):
+    path = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}],
+    )
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing key 'rejected'"):
+        load_preferences(path)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl:2: not valid JSON"):
+        load_preferences(broken)
+    chat = {
+        "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        "rejected": [{"role": "user", "content": "DIFFERENT"}, {"role": "assistant", "content": "c"}],
+    }
+    with pytest.raises(SkipRecord, match="conversations_differ"):
+        to_preference(chat, "f:1", "prompt", "chosen", "rejected")
+    with pytest.raises(FileNotFoundError):
+        load_preferences(tmp_path / "missing.jsonl")
+
+
+def test_transcript_parser():
+    msgs = parse_transcript("\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: bye")
+    assert msgs == [
+        {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+    ]
+
+
+def test_real_hh_rlhf_file_loads():
+    path = DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+    if not path.exists():
+        pytest.skip(f"{path} absent: ../shared/data is not beside the checkout")
+    prefs, skipped = load_preferences(path)
+    with gzip.open(path, "rt") as f:
+        total = sum(1 for line in f if line.strip())
+    assert len(prefs) + sum(skipped.values()) == total  # every record is either loaded or counted
+    assert len(prefs) > 2000
+    assert all(p.prompt and p.prompt[-1]["role"] == "user" for p in prefs)
