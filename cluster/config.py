@@ -71,6 +71,18 @@ class GeneratorConfig:
 
 
 @dataclass
+class HierarchyConfig:
+    """ALaRM: holistic objective first; aspects (weights) added where its z-score >= threshold."""
+
+    holistic: str = "armo"  # an objective produced by a shard (an expert's scalar, or a rule)
+    threshold: float = 0.0  # in z-units of the holistic reward
+    holistic_weight: float = 1.0
+    aspects: dict[str, float] = field(default_factory=dict)
+    mean: float | None = None  # None: fitted on the first iteration's samples (the initial policy)
+    std: float | None = None
+
+
+@dataclass
 class RewardConfig:
     shards: int = 1  # replicas of the rule shard; a batch is split across them
     num_cpus: float = 0.0  # rule objectives are cheap; shards that host a backbone need real CPUs/GPUs
@@ -86,6 +98,10 @@ class RewardConfig:
     weights: dict[str, float] = field(
         default_factory=lambda: {"correctness": 1.0, "format": 0.2, "length": 0.1}
     )
+    # Backbone experts: {name: {bundle: folder, replicas: 1, num_cpus: 0.0, num_gpus: 0.0}}, one pool each.
+    experts: dict[str, Any] = field(default_factory=dict)
+    aggregation: str = "weighted_sum"  # weighted_sum (reward.weights) | hierarchy (reward.hierarchy)
+    hierarchy: HierarchyConfig = field(default_factory=lambda: HierarchyConfig())
 
 
 @dataclass
@@ -148,6 +164,42 @@ class DatasetConfig:
 
 
 @dataclass
+class RmConfig:
+    """Reward-model jobs: `troupe job=rm_train rm.stage=regression|gating|bt|haf` and `troupe job=rm_eval`."""
+
+    stage: str = "regression"
+    name: str = "armo"  # the bundle's name = the objective key its scalar is served under
+    backbone: str = "builtin:smollm2-135m-instruct"
+    output: str = "${run.output_dir}/rm-${rm.name}"
+    cache: str = "${run.output_dir}/feature-cache"
+    max_length: int = 512
+    # regression: a ratings file with one rating field per objective and its scale
+    ratings_path: str | None = None
+    response_key: str = "response"
+    scales: dict[str, Any] = field(default_factory=dict)  # {objective: [lo, hi]}
+    # gating: the stage-1 bundle and the debiasing settings (pairs come from `dataset`)
+    stage1: str | None = None
+    verbosity: str | None = None
+    verbosity_threshold: float = 0.03
+    gating_steps: int = 2000
+    gating_lr: float = 1e-3
+    gating_batch: int = 1024
+    gating_hidden: int = 1024
+    gating_layers: int = 3
+    gating_temperature: float = 10.0
+    gating_dropout: float = 0.2
+    # bt / haf: trained on the learner group (learner.* sets DeepSpeed, lr, micro-batches)
+    haf_alpha: float = 0.2  # HaF's policy-loss weight; rm.stage=bt forces 0
+    haf_beta: float = 0.1
+    epochs: int = 1
+    # rm_eval: which bundle and which of its outputs to compare; optional subset field and sections
+    bundle: str | None = None
+    eval_key: str | None = None  # default: the bundle's name
+    subset_key: str | None = None
+    sections: dict[str, Any] = field(default_factory=dict)  # {section: [subsets]}
+
+
+@dataclass
 class AlgoConfig:
     # grpo | rloo | reinforce_pp | reinforce_pp_baseline | ppo | dpo_online | dpo_offline (conf/algo/*.yaml)
     name: str = "grpo"
@@ -185,6 +237,8 @@ class TroupeConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    rm: RmConfig = field(default_factory=RmConfig)
+    job: str = "rl"  # rl (the RLHF loop) | rm_train | rm_eval
 
 
 ALGOS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "ppo", "dpo_online", "dpo_offline")
@@ -205,6 +259,18 @@ def validate(cfg: TroupeConfig) -> None:
     _one_of("learner.dtype", lr.dtype, ("auto", "bfloat16", "float32"))
     _one_of("generator.dtype", g.dtype, ("auto", "bfloat16", "float32", "float16"))
     a = cfg.algo
+    _one_of("job", cfg.job, ("rl", "rm_train", "rm_eval"))
+    _one_of("rm.stage", cfg.rm.stage, ("regression", "gating", "bt", "haf"))
+    if cfg.job == "rm_train" and cfg.rm.stage == "regression" and not (cfg.rm.ratings_path and cfg.rm.scales):
+        raise ConfigError("job=rm_train rm.stage=regression needs rm.ratings_path and rm.scales")
+    if cfg.job == "rm_train" and cfg.rm.stage == "gating" and not (cfg.rm.stage1 and cfg.dataset.path):
+        raise ConfigError("job=rm_train rm.stage=gating needs rm.stage1 (a stage-1 bundle) and dataset.path")
+    if cfg.job == "rm_train" and cfg.rm.stage in ("bt", "haf") and not cfg.dataset.path:
+        raise ConfigError(f"job=rm_train rm.stage={cfg.rm.stage} needs dataset.path (a preference file)")
+    if cfg.job == "rm_eval" and not (cfg.rm.bundle and cfg.dataset.path):
+        raise ConfigError("job=rm_eval needs rm.bundle and dataset.path")
+    if cfg.job != "rl":
+        return
     _one_of("algo.name", a.name, ALGOS)
     _one_of("algo.dpo_loss", a.dpo_loss, ("sigmoid", "ipo"))
     _one_of("algo.pair_strategy", a.pair_strategy, ("max_min", "max_random", "max_min_length"))
@@ -221,7 +287,9 @@ def validate(cfg: TroupeConfig) -> None:
     if a.name == "dpo_offline" and not cfg.dataset.path:
         raise ConfigError("algo=dpo_offline needs dataset.path (a JSONL/parquet preference file)")
     if a.name == "dpo_offline" and a.dpo_reference != "initial":
-        raise ConfigError("algo=dpo_offline needs algo.dpo_reference=initial (there is no previous iteration)")
+        raise ConfigError(
+            "algo=dpo_offline needs algo.dpo_reference=initial (there is no previous iteration)"
+        )
     if a.name == "ppo" and cfg.critic.colocate and cfg.critic.world_size != lr.world_size:
         raise ConfigError("critic.colocate needs critic.world_size == learner.world_size")
     _one_of("algo.kl_estimator", cfg.algo.kl_estimator, ("k1", "k2", "k3"))
@@ -246,8 +314,17 @@ def validate(cfg: TroupeConfig) -> None:
         raise ConfigError(
             f"generator.samples_per_prompt must be >= 2 for algo={a.name} (it compares samples of one prompt)"
         )
+    _one_of("reward.aggregation", cfg.reward.aggregation, ("weighted_sum", "hierarchy"))
+    for name, expert in cfg.reward.experts.items():
+        if not isinstance(expert, dict) or not expert.get("bundle"):
+            raise ConfigError(
+                f"reward.experts.{name} needs a bundle folder (reward.experts.{name}.bundle=...)"
+            )
+        extra = sorted(set(expert) - {"bundle", "replicas", "num_cpus", "num_gpus"})
+        if extra:
+            raise ConfigError(f"reward.experts.{name}: unknown keys {extra}")
     unknown = sorted(set(cfg.reward.weights) - set(cfg.reward.objectives))
-    if unknown:
+    if cfg.reward.aggregation == "weighted_sum" and unknown and not cfg.reward.experts:
         raise ConfigError(f"reward.weights names objectives not in reward.objectives: {unknown}")
     if g.max_new_tokens >= g.max_model_len:
         raise ConfigError(

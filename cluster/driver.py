@@ -19,8 +19,6 @@ from actors.generator.actor import Generator
 from actors.generator.sampling import Sampling
 from actors.learner.ppo import AdaptiveKL
 from actors.models import resolve_model
-from actors.reward.aggregation import WeightedSum
-from actors.reward.shard import RewardShard, ShardSpec
 from cluster.checkpoint import save_hf_checkpoint
 from cluster.config import TroupeConfig, register, validate
 from cluster.fleet import Pool
@@ -30,6 +28,7 @@ from cluster.metrics import MetricsWriter, table_header, table_row
 from cluster.offline_dpo import run_offline_dpo
 from cluster.placement import RankPlacement
 from cluster.prompts import PromptSource
+from cluster.reward_model import build_aggregation, build_reward_fleet, reward_replicas
 from cluster.runtime import check_capacity, generator_env, learner_env, start_ray
 from cluster.specs import critic_spec, generator_spec, learner_spec, needs_reference
 
@@ -48,11 +47,7 @@ def build_fleet(cfg: TroupeConfig, model_path: str) -> Fleet:
     )
     generators = Pool("generator", lambda i: gen_remote.remote(gen_spec, i), timeout)
 
-    shard_spec = ShardSpec(
-        objectives={k: dict(v or {}) for k, v in r.objectives.items()}, batch_size=r.batch_size
-    )
-    shard_remote = ray.remote(RewardShard).options(num_cpus=r.num_cpus, max_restarts=0)
-    rewards = Pool("reward", lambda i: shard_remote.remote(shard_spec, i), timeout)
+    rewards = build_reward_fleet(cfg)
 
     policy = learner_spec(cfg, model_path)
     # Learners first and not awaited: their DeepSpeed setup overlaps with the generators' engine start.
@@ -73,7 +68,7 @@ def build_fleet(cfg: TroupeConfig, model_path: str) -> Fleet:
         critic = critic_group(
             critic_spec(cfg, policy), c.num_cpus, c.num_gpus, critic_env, timeout, placement
         )
-    rewards.spawn(r.shards)
+    rewards.spawn(reward_replicas(cfg))
     generators.spawn(g.replicas)
     learners.wait_ready()
     if critic is not None:
@@ -87,7 +82,7 @@ def build_fleet(cfg: TroupeConfig, model_path: str) -> Fleet:
         generators,
         rewards,
         learners,
-        WeightedSum(dict(r.weights)),
+        build_aggregation(r),
         PromptSource(cfg.task, tokenizer),
         sampling,
         algo=a,
@@ -108,6 +103,10 @@ def _shared_placement(cfg: TroupeConfig) -> RankPlacement:
 def run(cfg: TroupeConfig) -> dict:
     """Run a whole job; returns paths and the last iteration's metrics."""
     validate(cfg)
+    if cfg.job != "rl":
+        from cluster.rm_jobs import run_rm_job
+
+        return run_rm_job(cfg)
     if cfg.algo.name == "dpo_offline":
         return run_offline_dpo(cfg)
     out_dir = Path(cfg.run.output_dir).resolve()

@@ -77,6 +77,18 @@ class LearnerGroup:
         merged["pairs"] = len(pairs)
         return merged
 
+    def train_pairs(self, pairs: Sequence[PreferencePair]) -> dict:
+        """Reward-model training step (RewardTrainer ranks)."""
+        if len(pairs) % len(self.ranks):
+            raise ValueError(f"{len(pairs)} pairs do not split evenly over {len(self.ranks)} ranks")
+        return _merge(self._all("train", split_evenly(pairs, len(self.ranks))))
+
+    def pair_rewards(self, pairs: Sequence[PreferencePair]) -> list[tuple[float, float]]:
+        return [r for part in self._all("rewards", split_evenly(pairs, len(self.ranks))) for r in part]
+
+    def save_reward_model(self, folder: str, tokenizer_path: str) -> str:
+        return ray.get([r.save.remote(folder, tokenizer_path) for r in self.ranks], timeout=self.timeout_s)[0]
+
     def pair_margins(self, pairs: Sequence[PreferencePair]) -> list[float]:
         return [m for part in self._all("pair_margins", split_evenly(pairs, len(self.ranks))) for m in part]
 

@@ -22,13 +22,14 @@ from cluster.config import AlgoConfig
 from cluster.fleet import Pool
 from cluster.learner_group import LearnerGroup
 from cluster.prompts import PromptSource
+from cluster.reward_fleet import RewardFleet
 from cluster.sync import push_weights
 
 
 @dataclass
 class Fleet:
     generators: Pool
-    rewards: Pool
+    rewards: RewardFleet
     learners: LearnerGroup
     aggregation: Aggregation
     prompts: PromptSource
@@ -63,8 +64,7 @@ def run_iteration(fleet: Fleet, iteration: int) -> dict:
 
     # 2. Score: reward shards return per-objective values; the aggregation makes the scalar.
     with timed(timings, "score"):
-        parts = fleet.rewards.map_chunks("score", rollouts)
-        values = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+        values = fleet.rewards.score(rollouts)
         scored = score_rollouts(rollouts, values, fleet.aggregation)
 
     # 3. Learn: policy gradient (advantages, [critic values], clipped update, [critic update]) or DPO on pairs.

@@ -15,7 +15,7 @@ import gzip
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from actors.learner.dpo import PreferencePair
@@ -29,6 +29,7 @@ class Preference:
     chosen: str
     rejected: str
     source: str  # "file:line"
+    subset: str = ""  # for per-subset evaluation (RewardBench-style)
 
 
 class SkipRecord(ValueError):
@@ -98,7 +99,9 @@ def to_preference(
     if prompt is None:
         prompt = chosen[:-1]
         if rejected[:-1] != prompt:
-            raise SkipRecord(where, "conversations_differ")  # 5 of hh-rlhf harmless-base test: broken turn marks
+            raise SkipRecord(
+                where, "conversations_differ"
+            )  # 5 of hh-rlhf harmless-base test: broken turn marks
     elif isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     return Preference(list(prompt), chosen[-1]["content"], rejected[-1]["content"], where)
@@ -110,6 +113,7 @@ def load_preferences(
     chosen_key: str = "chosen",
     rejected_key: str = "rejected",
     max_pairs: int | None = None,
+    subset_key: str | None = None,
 ) -> tuple[list[Preference], Counter]:
     skipped: Counter = Counter()
     out = []
@@ -125,6 +129,8 @@ def load_preferences(
         if pref.chosen == pref.rejected:
             skipped["identical_responses"] += 1
             continue
+        if subset_key is not None:
+            pref = replace(pref, subset=str(record.get(subset_key, "")))
         out.append(pref)
         if max_pairs is not None and len(out) >= max_pairs:
             break

@@ -63,6 +63,7 @@ def check_capacity(cfg: TroupeConfig) -> None:
         return  # a real cluster may autoscale to fit
     have = ray.cluster_resources()
     critics = cfg.critic.world_size if cfg.algo.name == "ppo" else 0
+    experts = list(cfg.reward.experts.items())
     for resource, parts in (
         (
             "CPU",
@@ -71,6 +72,10 @@ def check_capacity(cfg: TroupeConfig) -> None:
                 ("reward", cfg.reward.shards, cfg.reward.num_cpus),
                 ("learner", cfg.learner.world_size, cfg.learner.num_cpus),
                 ("critic", critics, cfg.critic.num_cpus),
+                *(
+                    (f"reward.experts.{n}", int(e.get("replicas", 1)), e.get("num_cpus", 0.0))
+                    for n, e in experts
+                ),
             ),
         ),
         (
@@ -79,6 +84,10 @@ def check_capacity(cfg: TroupeConfig) -> None:
                 ("generator", cfg.generator.replicas, cfg.generator.num_gpus),
                 ("learner", cfg.learner.world_size, cfg.learner.num_gpus),
                 ("critic", critics, cfg.critic.num_gpus),
+                *(
+                    (f"reward.experts.{n}", int(e.get("replicas", 1)), e.get("num_gpus", 0.0))
+                    for n, e in experts
+                ),
             ),
         ),
     ):

@@ -1,7 +1,8 @@
-"""The `RewardShard` actor: hosts a set of objectives (experts) and scores rollout batches on them.
+"""The `RewardShard` actor: hosts a set of experts and scores rollout batches on them.
 
-One shard may hold a backbone and the heads placed on it (later issue) or rule objectives; a reward model is a
-set of shards plus one aggregation, applied by the caller. Plain class; cluster wraps it with `ray.remote`.
+Experts are rule objectives and/or reward bundles (a backbone with its heads: ArmoRM objectives and gate,
+Bradley-Terry / HaF head); one backbone forward serves all heads of a bundle. A reward model is a set of shards
+(each replicable) plus one aggregation, applied by the caller. Plain class; cluster wraps it with `ray.remote`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class ShardSpec:
     """Which objectives this shard hosts and their settings ({objective: {param: value}})."""
 
     objectives: dict[str, dict] = field(default_factory=dict)
+    bundles: tuple[str, ...] = ()  # reward bundle folders (actors/reward/bundle.py) hosted here
     batch_size: int = 64
 
 
@@ -45,13 +47,16 @@ class RewardShard:
         self.spec = spec
         self.replica = replica
         self.objectives = build_objectives(spec.objectives)
+        from actors.reward.bundle import BundleScorer
+
+        self.bundles = [BundleScorer(b) for b in spec.bundles]
         self.stats = {"rollouts": 0, "batches": 0, "score_s": 0.0}
 
     def ready(self) -> dict:
         return {"replica": self.replica, "pid": os.getpid(), "objectives": self.objective_names()}
 
     def objective_names(self) -> list[str]:
-        return [o.name for o in self.objectives]
+        return [o.name for o in self.objectives] + [b.heads.info.name for b in self.bundles]
 
     def score(self, rollouts: Sequence[Rollout]) -> dict[str, torch.Tensor]:
         """Per-objective values for each rollout, computed in batches of `spec.batch_size`."""
@@ -61,6 +66,10 @@ class RewardShard:
             batch = rollouts[lo : lo + self.spec.batch_size]
             for o in self.objectives:
                 out[o.name].append(o.score(batch))
+            for bundle in self.bundles:
+                prompts = [[{"role": "user", "content": r.prompt.text}] for r in batch]
+                for name, values in bundle.score(prompts, [r.response_text for r in batch]).items():
+                    out.setdefault(name, []).append(values.float())
             self.stats["batches"] += 1
         self.stats["rollouts"] += len(rollouts)
         self.stats["score_s"] += time.perf_counter() - start

@@ -3,7 +3,6 @@ merged LoRA weights synced into vLLM."""
 
 import pytest
 import ray
-import torch
 
 from actors.reward.aggregation import score_rollouts
 from cluster.algorithms import build_pairs
@@ -67,7 +66,6 @@ def _pairs(fleet, seed):
     batch = fleet.prompts.batch(seed)
     chunks = fleet.generators.map_chunks("generate", batch.prompts, fleet.sampling)
     rollouts = [r for c in chunks for r in c]
-    parts = fleet.rewards.map_chunks("score", rollouts)
-    values = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    values = fleet.rewards.score(rollouts)
     scored = score_rollouts(rollouts, values, fleet.aggregation)
     return build_pairs(scored, fleet.sampling.n, "max_min", fleet.rng, 0.0)[0]

@@ -53,10 +53,10 @@ def test_generator_rejects_a_stale_weight_version(fleet):
 
 
 def test_a_killed_reward_shard_is_replaced_and_its_chunk_rescored(fleet):
-    before = fleet.rewards.replacements
-    victim = fleet.rewards.healthy()[0]
+    before = fleet.rewards.pools["rules"].replacements
+    victim = fleet.rewards.pools["rules"].healthy()[0]
     ray.kill(victim.handle)
     record = run_iteration(fleet, iteration=2)
-    assert fleet.rewards.replacements == before + 1
+    assert fleet.rewards.pools["rules"].replacements == before + 1
     assert record["samples"] == 16  # nothing lost: every rollout scored
-    assert len(fleet.rewards.healthy()) == 1
+    assert len(fleet.rewards.pools["rules"].healthy()) == 1

@@ -1,0 +1,113 @@
+"""A saved reward model that reward shards load: backbone reference + heads in safetensors + a JSON description.
+
+Layout of a bundle folder:
+  bundle.json        name, backbone (path; relative paths are inside the bundle), max_length, objectives,
+                     verbosity objective, gating config, whether a scalar reward head exists, fit statistics
+  heads.safetensors  regression [K, d] (ArmoRM stage 1), transform [K, K] and lambda [K] (debiasing),
+                     gating.* (stage 2), reward_head.weight/bias (Bradley-Terry / HaF)
+One backbone forward serves every head: `BundleScorer.score` returns all of them from the same features.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from actors.reward.armo import GatingNetwork, armo_score
+
+
+@dataclass
+class BundleInfo:
+    name: str
+    backbone: str
+    max_length: int = 512
+    objectives: list[str] = field(default_factory=list)
+    verbosity: str | None = None
+    gating: dict | None = None  # {"hidden", "n_hidden", "temperature"}
+    reward_head: bool = False
+    stats: dict = field(default_factory=dict)  # how it was fitted (alphas, MSE, lambdas, correlations, ...)
+
+
+def save_bundle(folder: str | Path, info: BundleInfo, tensors: dict[str, torch.Tensor]) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.detach().float().contiguous() for k, v in tensors.items()}, str(folder / "heads.safetensors")
+    )
+    (folder / "bundle.json").write_text(json.dumps(asdict(info), indent=2, default=float))
+    return folder
+
+
+def load_bundle(folder: str | Path) -> tuple[BundleInfo, dict[str, torch.Tensor]]:
+    folder = Path(folder)
+    meta = folder / "bundle.json"
+    if not meta.exists():
+        raise FileNotFoundError(f"{folder} is not a reward bundle (no bundle.json)")
+    info = BundleInfo(**json.loads(meta.read_text()))
+    if not Path(info.backbone).is_absolute() and (folder / info.backbone).exists():
+        info.backbone = str((folder / info.backbone).resolve())
+    return info, load_file(str(folder / "heads.safetensors"))
+
+
+class BundleHeads:
+    """The heads of a bundle applied to backbone features (no backbone here: testable, and shared by shards)."""
+
+    def __init__(self, info: BundleInfo, tensors: dict[str, torch.Tensor]) -> None:
+        self.info = info
+        self.regression = tensors.get("regression")
+        if self.regression is not None and self.regression.shape[0] != len(info.objectives):
+            raise ValueError(
+                f"bundle {info.name}: regression has {self.regression.shape[0]} rows for {len(info.objectives)} objectives"
+            )
+        k = len(info.objectives)
+        self.transform = tensors.get("transform", torch.eye(k) if k else None)
+        self.gate = None
+        if info.gating is not None:
+            g = info.gating
+            self.gate = GatingNetwork(
+                self.regression.shape[1], k, g["hidden"], g["n_hidden"], g["temperature"], 0.0
+            )
+            self.gate.load_state_dict(
+                {n.removeprefix("gating."): t for n, t in tensors.items() if n.startswith("gating.")}
+            )
+            self.gate.eval()
+        self.head_w = tensors.get("reward_head.weight")
+        self.head_b = tensors.get("reward_head.bias")
+
+    @torch.no_grad()
+    def apply(self, response: torch.Tensor, prompt: torch.Tensor) -> dict[str, torch.Tensor]:
+        name, out = self.info.name, {}
+        if self.regression is not None:
+            debiased = (response @ self.regression.T) @ self.transform
+            for i, obj in enumerate(self.info.objectives):
+                out[f"{name}/{obj}"] = debiased[:, i]
+            if self.gate is not None:
+                gate = self.gate(prompt)
+                out[name] = armo_score(response @ self.regression.T, self.transform, gate)
+                for i, obj in enumerate(self.info.objectives):
+                    out[f"gate/{obj}"] = gate[:, i]
+        if self.head_w is not None:
+            key = name if name not in out else f"{name}/reward_head"
+            out[key] = (response @ self.head_w.T).squeeze(-1) + self.head_b
+        return out
+
+
+class BundleScorer:
+    """Backbone + heads: scores (prompt messages, response) pairs with one forward pass for all heads."""
+
+    def __init__(self, folder: str | Path, batch_size: int = 8) -> None:
+        from actors.reward.backbone import RewardBackbone
+
+        info, tensors = load_bundle(folder)
+        self.heads = BundleHeads(info, tensors)
+        self.backbone = RewardBackbone(info.backbone, max_length=info.max_length)
+        self.batch_size = batch_size
+
+    def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> dict[str, torch.Tensor]:
+        response, prompt = self.backbone.features(prompts, responses, self.batch_size)
+        return self.heads.apply(response, prompt)

@@ -1,0 +1,42 @@
+"""The reward model as a set of shard pools (rules, and one pool per backbone expert), scored concurrently and
+merged into one {objective: values} map for the aggregation. Each pool is replicable and self-healing (Pool)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from actors.protocol import Rollout
+from cluster.fleet import Pool
+
+
+class RewardFleet:
+    def __init__(self, pools: dict[str, Pool]) -> None:
+        self.pools = pools
+
+    def spawn(self, replicas: dict[str, int]) -> None:
+        for name, pool in self.pools.items():
+            pool.spawn(replicas[name])
+
+    def score(self, rollouts: Sequence[Rollout]) -> dict[str, torch.Tensor]:
+        """Every pool scores every rollout (split across its replicas); objective names must not collide."""
+        with ThreadPoolExecutor(max_workers=len(self.pools)) as ex:
+            futures = {
+                name: ex.submit(pool.map_chunks, "score", list(rollouts)) for name, pool in self.pools.items()
+            }
+            results = {name: f.result() for name, f in futures.items()}
+        merged: dict[str, torch.Tensor] = {}
+        for pool_name, parts in results.items():
+            for key in parts[0]:
+                if key in merged:
+                    raise ValueError(
+                        f"objective {key!r} is produced by two reward pools (second: {pool_name})"
+                    )
+                merged[key] = torch.cat([p[key] for p in parts])
+        return merged
+
+    def shutdown(self) -> None:
+        for pool in self.pools.values():
+            pool.shutdown()

@@ -1,0 +1,153 @@
+"""`troupe job=rm_train ...` and `troupe job=rm_eval ...`: reward-model training stages and pairwise evaluation.
+
+troupe job=rm_train rm.stage=regression rm.ratings_path=r.jsonl '+rm.scales={helpfulness:[1,5]}'
+troupe job=rm_train rm.stage=gating rm.stage1=<bundle> dataset.path=pairs.jsonl rm.verbosity=length
+troupe job=rm_train rm.stage=bt|haf dataset.path=pairs.jsonl      (DeepSpeed learner group)
+troupe job=rm_eval rm.bundle=<bundle> dataset.path=test.jsonl [rm.subset_key=subset]
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+from actors.learner.engine import LoraSpec
+from actors.models import resolve_model
+from cluster.config import TroupeConfig
+from cluster.preference_data import load_preferences
+from cluster.rating_data import load_ratings
+
+
+def run_rm_job(cfg: TroupeConfig) -> dict:
+    rm = cfg.rm
+    if cfg.job == "rm_eval":
+        return evaluate_bundle(cfg)
+    if rm.stage == "regression":
+        from cluster.rm_training import train_regression
+
+        ratings = load_ratings(
+            rm.ratings_path,
+            {k: tuple(v) for k, v in rm.scales.items()},
+            cfg.dataset.prompt_key,
+            rm.response_key,
+        )
+        folder, stats = train_regression(
+            resolve_model(rm.backbone),
+            ratings,
+            rm.name,
+            rm.output,
+            rm.cache,
+            rm.max_length,
+            seed=cfg.run.seed,
+        )
+    elif rm.stage == "gating":
+        from cluster.rm_training import train_gating_stage
+
+        prefs, skipped = _prefs(cfg)
+        folder, stats = train_gating_stage(
+            rm.stage1,
+            prefs,
+            rm.output,
+            rm.cache,
+            rm.verbosity,
+            rm.verbosity_threshold,
+            rm.gating_steps,
+            rm.gating_lr,
+            rm.gating_batch,
+            rm.gating_hidden,
+            rm.gating_layers,
+            rm.gating_temperature,
+            rm.gating_dropout,
+            cfg.run.seed,
+        )
+        stats["skipped"] = skipped
+    else:
+        folder, stats = train_bt_or_haf(cfg)
+    print(f"reward bundle: {folder}\n{json.dumps(stats, indent=2, default=str)}", flush=True)
+    return {"bundle": folder, "stats": stats}
+
+
+def _prefs(cfg: TroupeConfig):
+    d = cfg.dataset
+    prefs, skipped = load_preferences(
+        d.path, d.prompt_key, d.chosen_key, d.rejected_key, d.max_pairs, cfg.rm.subset_key
+    )
+    if not prefs:
+        raise ValueError(f"{d.path}: no usable preference pairs (skipped: {dict(skipped)})")
+    return prefs, dict(skipped)
+
+
+def train_bt_or_haf(cfg: TroupeConfig, prefs=None) -> tuple[Path, dict]:
+    """BT (alpha = 0) or HaF on the learner group; the bundle holds the trained body and the reward head."""
+    from transformers import AutoTokenizer
+
+    from actors.reward.trainer import RewardTrainer
+    from cluster.learner_group import LearnerGroup
+    from cluster.rm_training import save_reward_head_bundle, tokenize_for_rm, train_reward_head
+    from cluster.runtime import learner_env, start_ray
+    from cluster.specs import learner_spec
+
+    rm, lc = cfg.rm, cfg.learner
+    backbone = resolve_model(rm.backbone)
+    skipped = {}
+    if prefs is None:
+        prefs, skipped = _prefs(cfg)
+    pairs = tokenize_for_rm(prefs, AutoTokenizer.from_pretrained(backbone), rm.max_length)
+    per_call = max(cfg.dataset.pairs_per_iteration, lc.world_size)
+    steps = rm.epochs * -(-len(pairs) // per_call) * lc.mini_batches
+    alpha = rm.haf_alpha if rm.stage == "haf" else 0.0
+    spec = replace(
+        learner_spec(cfg, backbone, total_steps=steps),
+        haf_alpha=alpha,
+        dpo_beta=rm.haf_beta,
+        lora=replace(learner_spec(cfg, backbone).lora, enabled=False),
+    )
+    start_ray(cfg.ray)
+    group = LearnerGroup(
+        spec, lc.num_cpus, lc.num_gpus, learner_env(lc), cfg.ray.actor_timeout_s, role=RewardTrainer
+    )
+    try:
+        group.wait_ready()
+        history = train_reward_head(group, pairs, rm.epochs, per_call, random.Random(cfg.run.seed))
+        stats = {
+            "stage": rm.stage,
+            "alpha": alpha,
+            "pairs": len(pairs),
+            "skipped": skipped,
+            "first": history[0],
+            "last": history[-1],
+        }
+        folder = save_reward_head_bundle(
+            group, rm.output, rm.name, backbone, rm.max_length, {rm.stage: stats}
+        )
+    finally:
+        group.shutdown()
+    return folder, stats
+
+
+def evaluate_bundle(cfg: TroupeConfig) -> dict:
+    from actors.reward.bundle import BundleScorer
+    from cluster.rm_eval import pairwise_report, score_pairs
+
+    rm = cfg.rm
+    prefs, skipped = _prefs(cfg)
+    scorer = BundleScorer(rm.bundle)
+    key = rm.eval_key or scorer.heads.info.name
+    chosen, rejected = score_pairs(scorer, prefs, key)
+    sections = {k: list(v) for k, v in rm.sections.items()} or None
+    report = pairwise_report(chosen, rejected, [p.subset or "all" for p in prefs], sections)
+    report["skipped"] = skipped
+    out = Path(cfg.run.output_dir) / f"rm_eval-{Path(rm.bundle).name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(
+        f"pairwise accuracy ({key}): {report['accuracy']:.4f} on {report['pairs']} pairs (ties {report['ties']})"
+    )
+    for name, s in report["subsets"].items():
+        print(f"  {name:<24} {s['accuracy']:.4f}  n={s['n']}")
+    for name, v in report["sections"].items():
+        print(f"  section {name:<16} {v:.4f}")
+    print(f"report: {out}", flush=True)
+    return report

@@ -1,0 +1,177 @@
+"""Reward-model training stages, as functions (the `troupe job=rm_train` CLI and the bench call them):
+
+  regression: ArmoRM stage 1 - ridge heads on frozen backbone features of rated responses
+  gating:     ArmoRM stage 2 - verbosity debiasing + prompt-conditioned gate trained with Bradley-Terry
+  bt / haf:   Bradley-Terry or HaF-RM on the DeepSpeed learner group (body + reward head [+ LM head])
+Each writes a reward bundle (actors/reward/bundle.py) that reward shards load.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from actors.learner.dpo import PreferencePair
+from actors.reward import armo
+from actors.reward.backbone import RewardBackbone, encode
+from actors.reward.bundle import BundleInfo, load_bundle, save_bundle
+from actors.reward.feature_cache import cached_features
+from cluster.preference_data import Preference
+from cluster.rating_data import Ratings
+
+
+def train_regression(
+    backbone_path: str,
+    ratings: Ratings,
+    name: str,
+    out: str | Path,
+    cache: str | Path,
+    max_length: int = 512,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> tuple[Path, dict]:
+    backbone = RewardBackbone(backbone_path, max_length=max_length)
+    feats, _, cache_stats = cached_features(backbone, ratings.prompts, ratings.responses, cache)
+    w, alphas, mses, rows = armo.fit_objectives(feats, ratings.labels, val_fraction=val_fraction, seed=seed)
+    stats = {
+        "alpha": dict(zip(ratings.objectives, alphas.tolist(), strict=True)),
+        "val_mse": dict(zip(ratings.objectives, mses.tolist(), strict=True)),
+        "rows": dict(zip(ratings.objectives, rows.tolist(), strict=True)),
+        "cache": cache_stats,
+    }
+    info = BundleInfo(name, backbone_path, max_length, list(ratings.objectives), stats={"regression": stats})
+    k = len(ratings.objectives)
+    return save_bundle(out, info, {"regression": w, "transform": torch.eye(k)}), stats
+
+
+def pair_features(backbone: RewardBackbone, prefs: list[Preference], cache: str | Path):
+    """(prompt [P, d], chosen [P, d], rejected [P, d]) from one forward per response, cached."""
+    prompts = [p.prompt for p in prefs] * 2
+    responses = [p.chosen for p in prefs] + [p.rejected for p in prefs]
+    resp, prom, _ = cached_features(backbone, prompts, responses, cache)
+    n = len(prefs)
+    return prom[:n], resp[:n], resp[n:]
+
+
+def train_gating_stage(
+    stage1: str | Path,
+    prefs: list[Preference],
+    out: str | Path,
+    cache: str | Path,
+    verbosity: str | None = None,
+    threshold: float = 0.03,
+    steps: int = 2000,
+    lr: float = 1e-3,
+    batch_size: int = 1024,
+    hidden: int = 1024,
+    n_hidden: int = 3,
+    temperature: float = 10.0,
+    dropout: float = 0.2,
+    seed: int = 0,
+) -> tuple[Path, dict]:
+    info, tensors = load_bundle(stage1)
+    w = tensors["regression"]
+    backbone = RewardBackbone(info.backbone, max_length=info.max_length)
+    prompt, chosen, rejected = pair_features(backbone, prefs, cache)
+    stats: dict = {}
+    transform = torch.eye(len(info.objectives))
+    lam = torch.zeros(len(info.objectives))
+    if verbosity is not None:
+        if verbosity not in info.objectives:
+            raise ValueError(f"verbosity objective {verbosity!r} is not among {info.objectives}")
+        v = info.objectives.index(verbosity)
+        pooled = (
+            torch.cat([chosen, rejected]) @ w.T
+        )  # the reference set: both sides of the pairs (code fallback)
+        lam, before, after = armo.verbosity_penalties(pooled, v, threshold)
+        transform = armo.transform_matrix(lam, v)
+        stats["debias"] = {
+            obj: {"lambda": float(lam[i]), "corr_before": float(before[i]), "corr_after": float(after[i])}
+            for i, obj in enumerate(info.objectives)
+        }
+    gate, losses = armo.train_gating(
+        prompt,
+        chosen,
+        rejected,
+        w,
+        transform,
+        steps,
+        lr,
+        batch_size,
+        hidden,
+        n_hidden,
+        temperature,
+        dropout,
+        seed,
+    )
+    stats["bt_loss_first_last"] = (losses[0], losses[-1])
+    stats["logit_scale"] = float(gate.logit_scale.detach())
+    new = BundleInfo(
+        info.name,
+        info.backbone,
+        info.max_length,
+        info.objectives,
+        verbosity,
+        {"hidden": hidden, "n_hidden": n_hidden, "temperature": temperature},
+        stats=info.stats | {"gating": stats},
+    )
+    heads = {
+        "regression": w,
+        "transform": transform,
+        "lambda": torch.diag(torch.eye(len(info.objectives)) - transform),
+    }
+    heads |= {f"gating.{k}": t for k, t in gate.state_dict().items()}
+    return save_bundle(out, new, heads), stats
+
+
+def tokenize_for_rm(prefs: list[Preference], tokenizer, max_length: int) -> list[PreferencePair]:
+    """The same encoding reward shards score with (chat template + response + EOS, last token read)."""
+    pairs = []
+    for p in prefs:
+        c, r = (
+            encode(tokenizer, p.prompt, p.chosen, max_length),
+            encode(tokenizer, p.prompt, p.rejected, max_length),
+        )
+        head = c.input_ids[: c.response_start]
+        if (
+            r.input_ids[: r.response_start] != head
+        ):  # both sides cut the same prompt unless lengths differ a lot
+            r_body = r.input_ids[r.response_start :]
+            head = head[: max(1, max_length - len(r_body))]
+        pairs.append(
+            PreferencePair(
+                tuple(head), tuple(c.input_ids[c.response_start :]), tuple(r.input_ids[r.response_start :])
+            )
+        )
+    return pairs
+
+
+def train_reward_head(group, pairs: list[PreferencePair], epochs: int, per_call: int, rng) -> list[dict]:
+    """Bradley-Terry / HaF epochs over `pairs` on a LearnerGroup of RewardTrainer ranks."""
+    from cluster.algorithms import pad_to_multiple
+
+    history = []
+    world = len(group.ranks)
+    for _ in range(epochs):
+        order = pairs[:]
+        rng.shuffle(order)
+        for lo in range(0, len(order), per_call):
+            chunk = pad_to_multiple(order[lo : lo + per_call], world, rng)
+            history.append(group.train_pairs(chunk))
+    return history
+
+
+def save_reward_head_bundle(
+    group, out: str | Path, name: str, tokenizer_path: str, max_length: int, stats: dict
+) -> Path:
+    out = Path(out)
+    body = out / "model"
+    shutil.rmtree(body, ignore_errors=True)
+    group.save_reward_model(str(body), tokenizer_path)
+    from safetensors.torch import load_file
+
+    head = load_file(str(body / "reward_head.safetensors"))
+    info = BundleInfo(name, "model", max_length, [], reward_head=True, stats=stats)
+    return save_bundle(out, info, {"reward_head.weight": head["weight"], "reward_head.bias": head["bias"]})
