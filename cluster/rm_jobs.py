@@ -102,7 +102,7 @@ def train_bt_or_haf(cfg: TroupeConfig, prefs=None) -> tuple[Path, dict]:
         learner_spec(cfg, backbone, total_steps=steps),
         haf_alpha=alpha,
         dpo_beta=rm.haf_beta,
-        lora=replace(learner_spec(cfg, backbone).lora, enabled=False),
+        lora=LoraSpec(),  # the reward model trains its full body; LoRA applies to the policy learner only
     )
     start_ray(cfg.ray)
     group = LearnerGroup(
