@@ -61,9 +61,9 @@ class LearnerSpec:
     dpo_beta: float = 0.1
     dpo_loss: str = "sigmoid"  # sigmoid | ipo
     dpo_label_smoothing: float = 0.0
-    dpo_reference: str = (
-        "initial"  # initial (frozen start model) | previous (policy at the start of each call)
-    )
+    # initial (frozen start model) | previous (policy at the start of each call)
+    dpo_reference: str = "initial"
+    haf_alpha: float = 0.0  # reward-model training: weight of HaF's DPO-style policy loss (0: plain BT)
     lora: LoraSpec = field(default_factory=LoraSpec)
     export_dtype: str = "auto"  # dtype of the weights pushed to generators
     trust_remote_code: bool = False

@@ -1,0 +1,132 @@
+"""The hierarchical reward model with a real (tiny) backbone: stage-1 ridge heads with a resumable feature cache,
+stage-2 gate with verbosity debiasing, served by sharded reward actors (an expert pool with two replicas beside a
+rules pool) whose scores equal the single-process model's, and the RLHF loop running on the ALaRM hierarchy."""
+
+import json
+import random
+
+import pytest
+import ray
+import torch
+
+from actors.protocol import Prompt, Rollout
+from actors.reward.bundle import BundleScorer
+from actors.reward.shard import RewardShard, ShardSpec
+from cluster.fleet import Pool
+from cluster.loop import run_iteration
+from cluster.preference_data import Preference
+from cluster.rating_data import load_ratings
+from cluster.reward_fleet import RewardFleet
+from cluster.rm_training import train_gating_stage, train_regression
+from tests.integration.conftest import running_fleet, tiny_config
+
+pytestmark = pytest.mark.integration
+
+WORDS = ["please", "thanks", "the", "answer", "is", "seven", "maybe", "numbers", "kindly", "sure"]
+
+
+def _response(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, tiny_model_path):
+    tmp = tmp_path_factory.mktemp("rm")
+    rng = random.Random(0)
+    rows = []
+    for i in range(40):
+        n = rng.randint(1, 12)
+        text = _response(rng, n)
+        row = {"prompt": f"Question {i}?", "response": text, "verbosity": min(5, 1 + n // 3)}
+        if i % 4:  # politeness is unlabelled on a quarter of the rows: ignored for that objective only
+            row["polite"] = 1 + 4 * ("please" in text)
+        rows.append(row)
+    ratings_file = tmp / "ratings.jsonl"
+    ratings_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ratings = load_ratings(str(ratings_file), {"verbosity": (1, 5), "polite": (1, 5)})
+    cache = tmp / "cache"
+    stage1, stats = train_regression(tiny_model_path, ratings, "armo", tmp / "stage1", cache, max_length=64)
+    assert stats["rows"] == {"verbosity": 40, "polite": 30}
+    _, again = train_regression(tiny_model_path, ratings, "armo", tmp / "stage1b", cache, max_length=64)
+    assert again["cache"]["computed"] == 0 and again["cache"]["reused"] >= 1  # features came from disk
+    prefs = []
+    for i in range(24):
+        short, long = _response(rng, 2), _response(rng, 10)
+        prefs.append(Preference([{"role": "user", "content": f"Q{i}?"}], "please " + short, long, f"p:{i}"))
+    stage2, gate_stats = train_gating_stage(
+        stage1,
+        prefs,
+        tmp / "stage2",
+        tmp / "cache2",
+        verbosity="verbosity",
+        steps=30,
+        batch_size=16,
+        hidden=16,
+        n_hidden=1,
+        dropout=0.0,
+    )
+    debias = gate_stats["debias"]
+    assert debias["verbosity"]["lambda"] == 1.0
+    assert abs(debias["polite"]["corr_after"]) <= max(0.03, abs(debias["polite"]["corr_before"]))
+    return stage1, stage2
+
+
+def _rollouts(n=10):
+    rng = random.Random(3)
+    out = []
+    for i in range(n):
+        text = _response(rng, rng.randint(1, 8))
+        prompt = Prompt(f"u{i // 2}", (1, 2, 3), f"What is {i} + 1?", str(i + 1))
+        out.append(Rollout(prompt, i % 2, (5,) * 3, f"{text}\nAnswer: {i + 1}", torch.zeros(3), 0, "stop"))
+    return out
+
+
+def test_sharded_scores_equal_the_single_process_model(ray_session, bundles):
+    _, stage2 = bundles
+    rules = ray.remote(RewardShard).options(num_cpus=0)
+    expert = ray.remote(RewardShard).options(num_cpus=0)
+    rule_spec = ShardSpec(objectives={"format": {}, "repetition": {}})
+    expert_spec = ShardSpec(bundles=(str(stage2),), batch_size=3)
+    fleet = RewardFleet(
+        {
+            "rules": Pool("rules", lambda i: rules.remote(rule_spec, i), 120),
+            "armo": Pool("armo", lambda i: expert.remote(expert_spec, i), 120),
+        }
+    )
+    try:
+        fleet.spawn({"rules": 1, "armo": 2})  # the expert is replicated: the batch is split across both
+        rollouts = _rollouts()
+        sharded = fleet.score(rollouts)
+    finally:
+        fleet.shutdown()
+    local = BundleScorer(stage2).score(
+        [[{"role": "user", "content": r.prompt.text}] for r in rollouts], [r.response_text for r in rollouts]
+    )
+    assert {"format", "repetition", "armo", "armo/verbosity", "armo/polite", "gate/polite"} <= set(sharded)
+    for key, values in local.items():
+        torch.testing.assert_close(sharded[key], values, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(sharded["armo/verbosity"], torch.zeros(len(rollouts)), atol=1e-6)  # debiased away
+
+
+@pytest.fixture(scope="module")
+def hierarchy_fleet(ray_session, tiny_model_path, bundles):
+    _, stage2 = bundles
+    cfg = tiny_config(
+        f"+reward.experts.armo={{bundle: '{stage2}', replicas: 2}}",
+        "reward.aggregation=hierarchy",
+        "reward.hierarchy.holistic=armo",
+        "reward.hierarchy.threshold=0.0",
+        "+reward.hierarchy.aspects={format: 1.0, repetition: 0.5}",
+    )
+    with running_fleet(cfg, tiny_model_path) as f:
+        yield f
+
+
+def test_loop_runs_on_the_hierarchical_reward(hierarchy_fleet):
+    record = run_iteration(hierarchy_fleet, 0)
+    assert record["weight_version"] == 1
+    assert {"objective/armo", "objective/armo/polite", "objective/format"} <= set(record)
+    agg = hierarchy_fleet.aggregation
+    assert agg.normalizer.fitted  # z-statistics fitted on the initial policy's own samples
+    record = run_iteration(hierarchy_fleet, 1)
+    assert record["train/optimizer_steps"] == 2

@@ -1,0 +1,86 @@
+"""HaF-RM and Bradley-Terry training on the DeepSpeed learner group (RewardTrainer ranks), the bundle they write,
+and `troupe job=rm_eval` on it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.reward.bundle import BundleScorer
+from cluster.preference_data import load_preferences
+from cluster.rm_jobs import train_bt_or_haf
+from tests.integration.conftest import TINY_OVERRIDES, tiny_config
+
+pytestmark = pytest.mark.integration
+
+
+def _pairs_file(path: Path) -> Path:
+    rows = []
+    for i in range(16):
+        rows.append(
+            {
+                "prompt": f"What is {i} + 2?",
+                "chosen": f"Answer: {i + 2}",
+                "rejected": "no no no no no no no no",
+                "subset": "math" if i % 2 else "format",
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def haf_bundle(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("haf")
+    data = _pairs_file(tmp / "pairs.jsonl")
+    cfg = tiny_config(
+        "job=rm_train",
+        "rm.stage=haf",
+        "rm.backbone=builtin:tiny-llama",
+        "rm.name=haf",
+        f"rm.output={tmp / 'bundle'}",
+        "rm.max_length=64",
+        "rm.epochs=3",
+        f"dataset.path={data}",
+        "dataset.pairs_per_iteration=16",
+        "learner.lr=1e-3",
+    )
+    prefs, _ = load_preferences(data)
+    folder, stats = train_bt_or_haf(cfg, prefs)
+    return folder, stats, data, prefs
+
+
+def test_haf_trains_both_heads_on_the_learner_group(haf_bundle):
+    folder, stats, _, prefs = haf_bundle
+    assert stats["alpha"] == 0.2 and stats["pairs"] == 16
+    assert stats["first"]["policy_loss"] > 0  # the DPO-style term is in the loss
+    assert stats["last"]["reward_loss"] < stats["first"]["reward_loss"]
+    assert stats["last"]["accuracy"] >= stats["first"]["accuracy"]
+    scorer = BundleScorer(folder)  # trained body + reward head, read at the last token as in training
+    chosen = scorer.score([p.prompt for p in prefs], [p.chosen for p in prefs])["haf"]
+    rejected = scorer.score([p.prompt for p in prefs], [p.rejected for p in prefs])["haf"]
+    assert float((chosen > rejected).float().mean()) > 0.5
+    assert torch.isfinite(chosen).all()
+
+
+def test_rm_eval_job_reports_subsets_and_sections(haf_bundle, tmp_path):
+    folder, _, data, _ = haf_bundle
+    cmd = [
+        str(Path(sys.executable).with_name("troupe")),
+        *TINY_OVERRIDES,
+        "job=rm_eval",
+        f"rm.bundle={folder}",
+        f"dataset.path={data}",
+        "rm.subset_key=subset",
+        "+rm.sections={arith: [math], style: [format]}",
+        f"run.output_dir={tmp_path}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / f"rm_eval-{Path(folder).name}.json").read_text())
+    assert report["pairs"] == 16 and set(report["subsets"]) == {"math", "format"}
+    assert set(report["sections"]) == {"arith", "style"}
+    assert "pairwise accuracy (haf)" in proc.stdout
