@@ -92,3 +92,26 @@ def test_algorithm_and_deepspeed_cross_checks_name_keys():
     for overrides, key in cases:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate(OmegaConf.to_object(_compose(overrides=overrides)))
+
+
+def test_hierarchical_demo_needs_a_bundle_and_composes_with_one():
+    with pytest.raises(Exception, match="bundle"):
+        OmegaConf.to_object(_compose("demo_hierarchical"))
+    cfg = OmegaConf.to_object(_compose("demo_hierarchical", ["reward.experts.armo.bundle=/some/bundle"]))
+    validate(cfg)
+    assert cfg.reward.aggregation == "hierarchy" and cfg.reward.hierarchy.holistic == "armo"
+    with pytest.raises(ConfigError, match=r"reward\.experts\.x"):
+        validate(OmegaConf.to_object(_compose(overrides=["+reward.experts.x={replicas: 2}"])))
+
+
+def test_rm_jobs_name_missing_inputs():
+    cases = [
+        (["job=rm_train", "rm.stage=regression"], "rm.ratings_path"),
+        (["job=rm_train", "rm.stage=gating"], "rm.stage1"),
+        (["job=rm_train", "rm.stage=haf"], "dataset.path"),
+        (["job=rm_eval"], "rm.bundle"),
+        (["job=rm_train", "rm.stage=linear"], "rm.stage"),
+    ]
+    for overrides, key in cases:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            validate(OmegaConf.to_object(_compose(overrides=overrides)))

@@ -1,0 +1,203 @@
+"""Reward-model benchmark on real public data with the SmolLM2-135M backbone: pairwise accuracy on fixed held-out
+splits of hh-rlhf harmless-base and PandaLM for a Bradley-Terry baseline, ArmoRM (gating), ArmoRM + ALaRM
+hierarchy and HaF-RM, plus each debiased objective's Spearman correlation with verbosity before and after.
+
+Skips (exit 0, with the reason) when ../shared/data is absent. Features are cached under --out, so a rerun only
+retrains heads. Run: .venv/bin/python -m bench.reward_models [--hh-pairs 600] [--ft-pairs 192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.rm_data import DATA, hh_pairs, pandalm_pairs, ratings_rows, scales, split
+
+
+def bt_probe(
+    chosen: torch.Tensor, rejected: torch.Tensor, l2: float = 1e-3, steps: int = 500
+) -> torch.Tensor:
+    """Bradley-Terry linear head on frozen features: argmin -log s(w.(h_w - h_l)) + l2 |w|^2."""
+    diff = chosen - rejected
+    w = torch.zeros(diff.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = -torch.nn.functional.logsigmoid(diff @ w).mean() + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach()
+
+
+def fine_tune(stage: str, backbone: str, train, out: Path, args) -> Path:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from cluster.driver import CONF_DIR
+    from cluster.rm_jobs import train_bt_or_haf
+
+    overrides = [
+        "job=rm_train",
+        f"rm.stage={stage}",
+        f"rm.name={stage}",
+        f"rm.backbone={backbone}",
+        f"rm.output={out}",
+        f"rm.max_length={args.max_length}",
+        "rm.epochs=1",
+        "dataset.path=unused",
+        "dataset.pairs_per_iteration=32",
+        "learner.lr=1e-5",
+        "learner.micro_batch_size=4",
+        "learner.world_size=2",
+        "ray.num_cpus=2",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+    folder, stats = train_bt_or_haf(cfg, train)
+    print(f"  {stage}: loss {stats['first']['loss']:.3f} -> {stats['last']['loss']:.3f}", flush=True)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hh-pairs", type=int, default=600)
+    parser.add_argument("--ft-pairs", type=int, default=192, help="train pairs for the fine-tuned BT and HaF")
+    parser.add_argument("--max-length", type=int, default=320)
+    parser.add_argument("--gating-steps", type=int, default=1000)
+    parser.add_argument("--min-consistency", type=float, default=0.55)
+    parser.add_argument("--out", default="outputs/bench-rm")
+    args = parser.parse_args()
+    if not DATA.exists():
+        print(f"skipped: {DATA} is absent (the benchmark needs the shared public datasets)")
+        return
+    import ray
+
+    from actors.models import resolve_model
+    from actors.reward.alarm import Normalizer, consistency_rates, hierarchical_reward, select_aspects
+    from actors.reward.backbone import RewardBackbone
+    from actors.reward.bundle import BundleHeads, BundleScorer, load_bundle
+    from cluster.rating_data import load_ratings
+    from cluster.rm_eval import pairwise_report, score_pairs
+    from cluster.rm_training import pair_features, train_gating_stage, train_regression
+
+    started = time.perf_counter()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    backbone_path = resolve_model("builtin:smollm2-135m-instruct")
+
+    rows = ratings_rows()
+    ratings_file = out / "ratings.jsonl"
+    ratings_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ratings = load_ratings(str(ratings_file), scales(rows))
+    stage1, s1 = train_regression(
+        backbone_path, ratings, "armo", out / "stage1", out / "cache/ratings", args.max_length
+    )
+    print(
+        f"stage 1: {len(rows)} rated responses, {len(ratings.objectives)} objectives; val MSE "
+        + ", ".join(f"{k} {v:.3f}" for k, v in s1["val_mse"].items()),
+        flush=True,
+    )
+
+    hh_train, hh_test = split(hh_pairs(args.hh_pairs))
+    pd_train, pd_test = split(pandalm_pairs())
+    train, test = hh_train + pd_train, hh_test + pd_test
+    random.Random(0).shuffle(train)
+    stage2, s2 = train_gating_stage(
+        stage1,
+        train,
+        out / "stage2",
+        out / "cache/train",
+        verbosity="verbosity",
+        steps=args.gating_steps,
+        batch_size=512,
+    )
+    print(
+        f"stage 2: {len(train)} train pairs; BT loss {s2['bt_loss_first_last'][0]:.3f} -> "
+        f"{s2['bt_loss_first_last'][1]:.3f}",
+        flush=True,
+    )
+
+    info, tensors = load_bundle(stage2)
+    heads = BundleHeads(info, tensors)
+    backbone = RewardBackbone(backbone_path, max_length=args.max_length)
+    tp, tc, tr = pair_features(backbone, train, out / "cache/train")
+    ep, ec, er = pair_features(backbone, test, out / "cache/test")
+    subsets = [p.subset for p in test]
+    results = {}
+
+    w = bt_probe(tc, tr)
+    results["BT (linear probe, frozen)"] = pairwise_report(ec @ w, er @ w, subsets)
+    test_c, test_r = heads.apply(ec, ep), heads.apply(er, ep)
+    results["ArmoRM (gating)"] = pairwise_report(test_c["armo"], test_r["armo"], subsets)
+
+    # ALaRM: holistic = gated ArmoRM score, z-normalised on the train responses; aspects = debiased objectives
+    # whose pairwise ordering agrees with the holistic one on train pairs at least --min-consistency.
+    train_c, train_r = heads.apply(tc, tp), heads.apply(tr, tp)
+    holistic = torch.cat([train_c["armo"], train_r["armo"]])
+    objectives = [k for k in train_c if k.startswith("armo/") and not k.endswith("/verbosity")]
+    groups = list(range(len(train))) * 2
+    rates = consistency_rates(
+        holistic,
+        {k: torch.cat([train_c[k], train_r[k]]) for k in objectives},
+        n_pairs=len(train),
+        groups=groups,
+    )
+    chosen_aspects = select_aspects(rates, args.min_consistency)
+    norm = Normalizer().fit(holistic)
+    weights = {k: 1.0 / max(1, len(chosen_aspects)) for k in chosen_aspects}
+    zc, zr = norm(test_c["armo"]), norm(test_r["armo"])
+    hc, _ = hierarchical_reward(zc, {k: test_c[k] for k in chosen_aspects}, weights, threshold=0.0)
+    hr, _ = hierarchical_reward(zr, {k: test_r[k] for k in chosen_aspects}, weights, threshold=0.0)
+    results["ArmoRM + ALaRM hierarchy"] = pairwise_report(hc, hr, subsets)
+
+    ft_train = train[: args.ft_pairs]
+    ray.init(num_cpus=2, include_dashboard=False)
+    for stage, label in (
+        ("bt", f"BT (fine-tuned, {len(ft_train)} pairs)"),
+        ("haf", f"HaF-RM (fine-tuned, {len(ft_train)} pairs)"),
+    ):
+        folder = fine_tune(stage, backbone_path, ft_train, out / stage, args)
+        c, r = score_pairs(BundleScorer(folder), test, stage)
+        results[label] = pairwise_report(c, r, subsets)
+    ray.shutdown()
+
+    print(
+        f"\npairwise accuracy on held-out pairs (ties count as wrong): hh-harmless n={len(hh_test)}, "
+        f"PandaLM n={len(pd_test)}; train pairs {len(train)}"
+    )
+    print(f"{'model':<34} {'hh-harmless':>11} {'PandaLM':>8} {'all':>6}")
+    for name, rep in results.items():
+        s = rep["subsets"]
+        print(
+            f"{name:<34} {s['hh-harmless']['accuracy']:>11.3f} {s['pandalm']['accuracy']:>8.3f} {rep['accuracy']:>6.3f}"
+        )
+    print(
+        f"\nALaRM aspect consistency with the holistic ordering (kept >= {args.min_consistency}): "
+        + ", ".join(
+            f"{k.removeprefix('armo/')} {v:.2f}" for k, v in sorted(rates.items(), key=lambda x: -x[1])
+        )
+    )
+    print(f"kept: {[k.removeprefix('armo/') for k in chosen_aspects]}")
+    print("\nSpearman correlation with verbosity on the train pairs' responses (threshold 0.03):")
+    print(f"{'objective':<24} {'before':>7} {'after':>7} {'lambda':>7}")
+    for name, d in s2["debias"].items():
+        print(f"{name:<24} {d['corr_before']:>7.3f} {d['corr_after']:>7.3f} {d['lambda']:>7.3f}")
+    (out / "results.json").write_text(
+        json.dumps(
+            {"results": results, "consistency": rates, "stage1": s1, "stage2": s2}, indent=2, default=str
+        )
+    )
+    print(f"\ntotal {time.perf_counter() - started:.0f}s; results: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

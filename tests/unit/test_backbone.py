@@ -1,0 +1,54 @@
+"""Reward backbone encoding and the feature cache, on the tiny local model (no Ray)."""
+
+import pytest
+import torch
+
+from actors.models import resolve_model
+from actors.reward.backbone import RewardBackbone, encode, gather_rows
+from actors.reward.feature_cache import cached_features
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return RewardBackbone(resolve_model("builtin:tiny-llama"), max_length=48)
+
+
+def test_prompt_feature_sits_at_the_end_of_the_user_turn(backbone):
+    tok = backbone.tokenizer
+    prompt = [{"role": "user", "content": "What is 2 + 2?"}]
+    enc = encode(tok, prompt, "Answer: 4", 48)
+    turn = tok.apply_chat_template(prompt, add_generation_prompt=False, tokenize=True)
+    turn = turn["input_ids"] if not isinstance(turn, list) else turn
+    assert enc.input_ids[: len(turn)] == tuple(turn)
+    assert enc.prompt_end == len(turn) - 1 < enc.response_start
+    assert enc.input_ids[-1] == tok.eos_token_id
+    long = encode(tok, [{"role": "user", "content": "word " * 200}], "Answer: 4", 48)
+    assert len(long.input_ids) <= 48 and long.input_ids[-1] == tok.eos_token_id  # prompt cut from the left
+
+
+def test_features_are_independent_of_padding(backbone):
+    prompts = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "Hello there, how are you?"}],
+    ]
+    responses = ["Short.", "A much longer answer with several more words in it."]
+    batched, _ = backbone.features(prompts, responses, batch_size=2)
+    alone = torch.cat(
+        [backbone.features([p], [r], batch_size=1)[0] for p, r in zip(prompts, responses, strict=True)]
+    )
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)
+    h = torch.arange(24.0).view(2, 3, 4)
+    assert gather_rows(h, torch.tensor([2, 0])).tolist() == [h[0, 2].tolist(), h[1, 0].tolist()]
+
+
+def test_feature_cache_resumes_and_refuses_other_data(backbone, tmp_path):
+    prompts = [[{"role": "user", "content": f"Q{i}"}] for i in range(5)]
+    responses = [f"answer {i}" for i in range(5)]
+    r1, p1, s1 = cached_features(backbone, prompts, responses, tmp_path, shard_size=2)
+    assert s1 == {"shards": 3, "computed": 3, "reused": 0}
+    (tmp_path / "shard-00001.safetensors").unlink()  # an interrupted run: one shard missing
+    r2, p2, s2 = cached_features(backbone, prompts, responses, tmp_path, shard_size=2)
+    assert s2["computed"] == 1 and s2["reused"] == 2
+    torch.testing.assert_close(r1, r2)
+    with pytest.raises(ValueError, match="other data or backbone"):
+        cached_features(backbone, prompts, ["different"] * 5, tmp_path, shard_size=2)
