@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-fast demo lint bench clean-venv
+.PHONY: venv test test-fast demo lint bench bench-learning bench-rm clean-venv
 
 venv: $(STAMP)
 
@@ -28,6 +28,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.generator_dtype
+
+bench-learning: $(STAMP)
+	$(BIN)/python -m bench.learning_check
+
+bench-rm: $(STAMP)
+	$(BIN)/python -m bench.reward_models
 
 clean-venv:
 	rm -rf $(VENV)

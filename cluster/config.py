@@ -282,6 +282,10 @@ def validate(cfg: TroupeConfig) -> None:
         raise ConfigError(
             "learner.lora.enabled supports learner.zero_stage 0-2 (adapters are merged on rank 0)"
         )
+    if a.kl_in_reward and a.name in ("grpo", "rloo"):
+        raise ConfigError(
+            f"algo.kl_in_reward needs per-token advantages (algo=ppo or reinforce_pp*); algo={a.name} uses a KL loss term"
+        )
     if not 0.0 <= a.label_smoothing < 0.5:
         raise ConfigError(f"algo.label_smoothing must be in [0, 0.5), got {a.label_smoothing}")
     if a.name == "dpo_offline" and not cfg.dataset.path:

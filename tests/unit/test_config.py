@@ -88,6 +88,7 @@ def test_algorithm_and_deepspeed_cross_checks_name_keys():
         (["algo=dpo_online", "algo.label_smoothing=0.7"], "algo.label_smoothing"),
         (["algo=dpo_online", "algo.pair_strategy=best"], "algo.pair_strategy"),
         (["learner.lr_schedule=step"], "learner.lr_schedule"),
+        (["algo=rloo", "algo.kl_in_reward=true"], "algo.kl_in_reward"),
     ]
     for overrides, key in cases:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
