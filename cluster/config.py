@@ -144,6 +144,7 @@ class CriticConfig:
     num_cpus: float = 0.0  # phases run one after another on CPU; give it real CPUs/GPUs on a cluster
     num_gpus: float = 0.0
     colocate: bool = False  # GPU: share the learner ranks' placement bundles (fractional GPUs each)
+    omp_threads: int = 2  # CPU: the critic runs while the policy ranks wait, so it may use both cores
     zero_stage: int = 2
     lr: float = 1e-5
     micro_batch_size: int | None = None  # None: learner.micro_batch_size

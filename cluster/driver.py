@@ -64,7 +64,9 @@ def build_fleet(cfg: TroupeConfig, model_path: str) -> Fleet:
     critic = None
     if cfg.algo.name == "ppo":
         c = cfg.critic
-        critic_env = learner_env(lc) | ({"DS_ACCELERATOR": "cpu"} if c.num_gpus == 0 else {})
+        critic_env = learner_env(lc) | {"OMP_NUM_THREADS": str(c.omp_threads)}
+        if c.num_gpus == 0:
+            critic_env["DS_ACCELERATOR"] = "cpu"
         critic = critic_group(
             critic_spec(cfg, policy), c.num_cpus, c.num_gpus, critic_env, timeout, placement
         )
