@@ -69,9 +69,13 @@ def fine_tune(stage: str, backbone: str, train, out: Path, args) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hh-pairs", type=int, default=600)
-    parser.add_argument("--ft-pairs", type=int, default=192, help="train pairs for the fine-tuned BT and HaF")
-    parser.add_argument("--max-length", type=int, default=320)
+    parser.add_argument("--hh-pairs", type=int, default=400)
+    parser.add_argument("--panda-pairs", type=int, default=None)
+    parser.add_argument(
+        "--max-ratings", type=int, default=None, help="a random subset of the rated responses"
+    )
+    parser.add_argument("--ft-pairs", type=int, default=160, help="train pairs for the fine-tuned BT and HaF")
+    parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--gating-steps", type=int, default=1000)
     parser.add_argument("--min-consistency", type=float, default=0.55)
     parser.add_argument("--out", default="outputs/bench-rm")
@@ -95,6 +99,8 @@ def main() -> None:
     backbone_path = resolve_model("builtin:smollm2-135m-instruct")
 
     rows = ratings_rows()
+    if args.max_ratings is not None:
+        rows = random.Random(0).sample(rows, min(args.max_ratings, len(rows)))
     ratings_file = out / "ratings.jsonl"
     ratings_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ratings = load_ratings(str(ratings_file), scales(rows))
@@ -108,7 +114,7 @@ def main() -> None:
     )
 
     hh_train, hh_test = split(hh_pairs(args.hh_pairs))
-    pd_train, pd_test = split(pandalm_pairs())
+    pd_train, pd_test = split(pandalm_pairs()[: args.panda_pairs])
     train, test = hh_train + pd_train, hh_test + pd_test
     random.Random(0).shuffle(train)
     stage2, s2 = train_gating_stage(
@@ -139,25 +145,29 @@ def main() -> None:
     test_c, test_r = heads.apply(ec, ep), heads.apply(er, ep)
     results["ArmoRM (gating)"] = pairwise_report(test_c["armo"], test_r["armo"], subsets)
 
-    # ALaRM: holistic = gated ArmoRM score, z-normalised on the train responses; aspects = debiased objectives
-    # whose pairwise ordering agrees with the holistic one on train pairs at least --min-consistency.
+    # ALaRM: a holistic reward z-normalised on the train responses; aspects = debiased ArmoRM objectives whose
+    # pairwise ordering agrees with the holistic one on train pairs at least --min-consistency (the selection step).
     train_c, train_r = heads.apply(tc, tp), heads.apply(tr, tp)
-    holistic = torch.cat([train_c["armo"], train_r["armo"]])
     objectives = [k for k in train_c if k.startswith("armo/") and not k.endswith("/verbosity")]
     groups = list(range(len(train))) * 2
-    rates = consistency_rates(
-        holistic,
-        {k: torch.cat([train_c[k], train_r[k]]) for k in objectives},
-        n_pairs=len(train),
-        groups=groups,
-    )
-    chosen_aspects = select_aspects(rates, args.min_consistency)
-    norm = Normalizer().fit(holistic)
-    weights = {k: 1.0 / max(1, len(chosen_aspects)) for k in chosen_aspects}
-    zc, zr = norm(test_c["armo"]), norm(test_r["armo"])
-    hc, _ = hierarchical_reward(zc, {k: test_c[k] for k in chosen_aspects}, weights, threshold=0.0)
-    hr, _ = hierarchical_reward(zr, {k: test_r[k] for k in chosen_aspects}, weights, threshold=0.0)
-    results["ArmoRM + ALaRM hierarchy"] = pairwise_report(hc, hr, subsets)
+    kept = {}
+    for label, h_train, h_c, h_r in (
+        ("ArmoRM", torch.cat([train_c["armo"], train_r["armo"]]), test_c["armo"], test_r["armo"]),
+        ("BT probe", torch.cat([tc @ w, tr @ w]), ec @ w, er @ w),
+    ):
+        rates = consistency_rates(
+            h_train,
+            {k: torch.cat([train_c[k], train_r[k]]) for k in objectives},
+            n_pairs=len(train),
+            groups=groups,
+        )
+        chosen_aspects = select_aspects(rates, args.min_consistency)
+        kept[label] = (rates, chosen_aspects)
+        norm = Normalizer().fit(h_train)
+        weights = {k: 1.0 / max(1, len(chosen_aspects)) for k in chosen_aspects}
+        hc, _ = hierarchical_reward(norm(h_c), {k: test_c[k] for k in chosen_aspects}, weights, threshold=0.0)
+        hr, _ = hierarchical_reward(norm(h_r), {k: test_r[k] for k in chosen_aspects}, weights, threshold=0.0)
+        results[f"ALaRM (holistic {label} + aspects)"] = pairwise_report(hc, hr, subsets)
 
     ft_train = train[: args.ft_pairs]
     ray.init(num_cpus=2, include_dashboard=False)
@@ -174,26 +184,25 @@ def main() -> None:
         f"\npairwise accuracy on held-out pairs (ties count as wrong): hh-harmless n={len(hh_test)}, "
         f"PandaLM n={len(pd_test)}; train pairs {len(train)}"
     )
-    print(f"{'model':<34} {'hh-harmless':>11} {'PandaLM':>8} {'all':>6}")
+    print(f"{'model':<38} {'hh-harmless':>11} {'PandaLM':>8} {'all':>6}")
     for name, rep in results.items():
-        s = rep["subsets"]
+        sub = rep["subsets"]
+        hh, pd = sub["hh-harmless"]["accuracy"], sub["pandalm"]["accuracy"]
+        print(f"{name:<38} {hh:>11.3f} {pd:>8.3f} {rep['accuracy']:>6.3f}")
+    for label, (rates, chosen_aspects) in kept.items():
+        ordered = sorted(rates.items(), key=lambda x: -x[1])
         print(
-            f"{name:<34} {s['hh-harmless']['accuracy']:>11.3f} {s['pandalm']['accuracy']:>8.3f} {rep['accuracy']:>6.3f}"
+            f"\nALaRM aspects' agreement with the {label} ordering on train pairs (keep >= {args.min_consistency}):"
         )
-    print(
-        f"\nALaRM aspect consistency with the holistic ordering (kept >= {args.min_consistency}): "
-        + ", ".join(
-            f"{k.removeprefix('armo/')} {v:.2f}" for k, v in sorted(rates.items(), key=lambda x: -x[1])
-        )
-    )
-    print(f"kept: {[k.removeprefix('armo/') for k in chosen_aspects]}")
+        print("  " + ", ".join(f"{k.removeprefix('armo/')} {v:.2f}" for k, v in ordered))
+        print(f"  kept: {[k.removeprefix('armo/') for k in chosen_aspects]}")
     print("\nSpearman correlation with verbosity on the train pairs' responses (threshold 0.03):")
     print(f"{'objective':<24} {'before':>7} {'after':>7} {'lambda':>7}")
     for name, d in s2["debias"].items():
         print(f"{name:<24} {d['corr_before']:>7.3f} {d['corr_after']:>7.3f} {d['lambda']:>7.3f}")
     (out / "results.json").write_text(
         json.dumps(
-            {"results": results, "consistency": rates, "stage1": s1, "stage2": s2}, indent=2, default=str
+            {"results": results, "consistency": kept, "stage1": s1, "stage2": s2}, indent=2, default=str
         )
     )
     print(f"\ntotal {time.perf_counter() - started:.0f}s; results: {out / 'results.json'}")

@@ -25,7 +25,7 @@ def _scores(value) -> dict:
     return value if isinstance(value, dict) else ast.literal_eval(value)
 
 
-def ratings_rows(max_d2t: int = 500, seed: int = 0) -> list[dict]:
+def ratings_rows(max_d2t: int = 300, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows: list[dict] = []
     chat = json.loads((DATA / "UniEval/reproduce/data/dialogue/topical_chat.json").read_text())
@@ -56,7 +56,7 @@ def ratings_rows(max_d2t: int = 500, seed: int = 0) -> list[dict]:
                     "consistency": _scores(x["scores"])["consistency"],
                 }
             )
-    for model in ("gpt4", "llama2new", "mistralinstruct"):
+    for model in ("gpt4", "llama2new"):
         path = DATA / f"exaggerated-safety/model_completions/xstest_v2_completions_{model}.csv"
         with open(path, newline="", encoding="utf-8") as f:
             for x in csv.DictReader(f):
