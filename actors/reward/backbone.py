@@ -80,14 +80,17 @@ class RewardBackbone:
     def features(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str], batch_size: int = 8):
         """(response_features [N, d], prompt_features [N, d]) in float32."""
         enc = [encode(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses, strict=True)]
-        resp, prom = [], []
-        for lo in range(0, len(enc), batch_size):
-            chunk = enc[lo : lo + batch_size]
+        # Batch by length so padding is small; rows return in input order.
+        order = sorted(range(len(enc)), key=lambda i: len(enc[i].input_ids))
+        resp = torch.zeros(len(enc), self.hidden_size)
+        prom = torch.zeros(len(enc), self.hidden_size)
+        for lo in range(0, len(order), batch_size):
+            rows = order[lo : lo + batch_size]
+            chunk = [enc[i] for i in rows]
             ids, mask = pad_batch(chunk, self.pad_id)
             hidden = self.model(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
             ).last_hidden_state.float()
-            resp.append(gather_rows(hidden, torch.tensor([len(e.input_ids) - 1 for e in chunk])).cpu())
-            prom.append(gather_rows(hidden, torch.tensor([e.prompt_end for e in chunk])).cpu())
-        empty = torch.zeros(0, self.hidden_size)
-        return (torch.cat(resp) if resp else empty), (torch.cat(prom) if prom else empty)
+            resp[rows] = gather_rows(hidden, torch.tensor([len(e.input_ids) - 1 for e in chunk])).cpu()
+            prom[rows] = gather_rows(hidden, torch.tensor([e.prompt_end for e in chunk])).cpu()
+        return resp, prom
