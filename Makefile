@@ -32,9 +32,8 @@ bench: $(STAMP)
 bench-learning: $(STAMP)
 	$(BIN)/python -m bench.learning_check
 
-# the sizes of the run quoted in the README (the full data takes hours of feature extraction on 2 cores)
 bench-rm: $(STAMP)
-	$(BIN)/python -m bench.reward_models --hh-pairs 300 --panda-pairs 400 --max-ratings 1000 --max-length 192 --ft-pairs 128
+	$(BIN)/python -m bench.reward_models
 
 clean-venv:
 	rm -rf $(VENV)

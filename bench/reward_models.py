@@ -70,13 +70,13 @@ def fine_tune(stage: str, backbone: str, train, out: Path, args) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hh-pairs", type=int, default=400)
-    parser.add_argument("--panda-pairs", type=int, default=None)
+    parser.add_argument("--hh-pairs", type=int, default=300)
+    parser.add_argument("--panda-pairs", type=int, default=400)
     parser.add_argument(
-        "--max-ratings", type=int, default=None, help="a random subset of the rated responses"
+        "--max-ratings", type=int, default=1000, help="a random subset of the rated responses"
     )
-    parser.add_argument("--ft-pairs", type=int, default=160, help="train pairs for the fine-tuned BT and HaF")
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--ft-pairs", type=int, default=128, help="train pairs for the fine-tuned BT and HaF")
+    parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--gating-steps", type=int, default=1000)
     parser.add_argument("--min-consistency", type=float, default=0.55)
     parser.add_argument("--out", default="outputs/bench-rm")
