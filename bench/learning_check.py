@@ -59,7 +59,8 @@ def evaluate(models: dict[str, str], eval_prompts: int, samples: int) -> dict[st
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
-    from actors.generator.actor import Generator, GeneratorSpec
+    from actors.generator.actor import Generator
+    from actors.generator.config import GeneratorConfig
     from actors.generator.sampling import Sampling
     from actors.reward.aggregation import WeightedSum, score_rollouts
     from actors.reward.shard import RewardShard, ShardSpec
@@ -88,7 +89,7 @@ def evaluate(models: dict[str, str], eval_prompts: int, samples: int) -> dict[st
         gen = (
             ray.remote(Generator)
             .options(num_cpus=1, runtime_env={"env_vars": generator_env(cfg.generator)})
-            .remote(GeneratorSpec(model_path=path, max_model_len=1024, seed=0), 0)
+            .remote(GeneratorConfig(max_model_len=1024), path, 0)
         )
         rollouts = ray.get(gen.generate.remote(list(prompts), sampling))
         ray.kill(gen)

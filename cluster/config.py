@@ -11,6 +11,11 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from actors.generator.config import GeneratorConfig
+from actors.learner.advantages import ESTIMATORS
+from actors.learner.config import AlgoConfig, CriticConfig, LearnerConfig
+from actors.learner.step import LOSS_AGGREGATIONS
+
 
 @dataclass
 class RunConfig:
@@ -52,25 +57,6 @@ class TaskConfig:
 
 
 @dataclass
-class GeneratorConfig:
-    backend: str = "vllm"  # vllm | hf
-    replicas: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    omp_threads: int = 1
-    dtype: str = "auto"  # auto | bfloat16 | float32 (auto: bf16 on GPUs and AMX/AVX512-BF16 CPUs)
-    max_model_len: int = 1024
-    enforce_eager: bool = True
-    gpu_memory_utilization: float = 0.5
-    tensor_parallel_size: int = 1
-    kv_cache_gib: int = 1  # vLLM-CPU KV cache size
-    samples_per_prompt: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-
-
-@dataclass
 class HierarchyConfig:
     """ALaRM: holistic objective first; aspects (weights) added where its z-score >= threshold."""
 
@@ -78,8 +64,15 @@ class HierarchyConfig:
     threshold: float = 0.0  # in z-units of the holistic reward
     holistic_weight: float = 1.0
     aspects: dict[str, float] = field(default_factory=dict)
-    mean: float | None = None  # None: fitted on the first iteration's samples (the initial policy)
+    # Fixed z-statistics; None: carried by the holistic expert's bundle, else fitted on a warm-up of samples.
+    mean: float | None = None
     std: float | None = None
+    # Holistic values collected across the first batches before the statistics freeze (0: the first batch);
+    # until then each batch is normalised with the statistics of all samples seen so far.
+    warmup_samples: int = 0
+    # Place each reward on response tokens (ALaRM): w_h*h on the last token, aspects' per-token values on theirs;
+    # the scalar is their sum. False: one sequence-level reward.
+    token_level: bool = False
 
 
 @dataclass
@@ -98,57 +91,11 @@ class RewardConfig:
     weights: dict[str, float] = field(
         default_factory=lambda: {"correctness": 1.0, "format": 0.2, "length": 0.1}
     )
-    # Backbone experts: {name: {bundle: folder, replicas: 1, num_cpus: 0.0, num_gpus: 0.0}}, one pool each.
+    # Backbone experts: {name: {bundle: folder, replicas: 1, num_cpus: 0.0, num_gpus: 0.0, dtype: float32}}, one
+    # pool each; dtype (auto | bfloat16 | float32) is the backbone's compute dtype.
     experts: dict[str, Any] = field(default_factory=dict)
     aggregation: str = "weighted_sum"  # weighted_sum (reward.weights) | hierarchy (reward.hierarchy)
     hierarchy: HierarchyConfig = field(default_factory=lambda: HierarchyConfig())
-
-
-@dataclass
-class LoraConfig:
-    enabled: bool = False  # only adapter weights train; generators receive merged full weights
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-
-
-@dataclass
-class LearnerConfig:
-    world_size: int = 2
-    num_cpus: float = 0.5
-    num_gpus: float = 0.0
-    omp_threads: int = 1
-    zero_stage: int = 2
-    dtype: str = "auto"  # auto | bfloat16 | float32 (auto: bf16 on GPUs and AMX/AVX512-BF16 CPUs)
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    micro_batch_size: int = 4
-    mini_batches: int = 1
-    epochs: int = 1
-    gradient_checkpointing: bool = False
-    lr_schedule: str = "constant"  # constant | linear | cosine (after warmup_steps of linear warm-up)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    offload_optimizer: bool = False  # ZeRO-Offload (DeepSpeedCPUAdam; JIT-built once, ~40 s)
-    offload_params: bool = False  # ZeRO-3 only
-    lora: LoraConfig = field(default_factory=LoraConfig)
-
-
-@dataclass
-class CriticConfig:
-    """PPO's value model: its own DeepSpeed group, initialised from the policy's body plus a value head."""
-
-    world_size: int = 1
-    num_cpus: float = 0.0  # phases run one after another on CPU; give it real CPUs/GPUs on a cluster
-    num_gpus: float = 0.0
-    colocate: bool = False  # GPU: share the learner ranks' placement bundles (fractional GPUs each)
-    omp_threads: int = 2  # CPU: the critic runs while the policy ranks wait, so it may use both cores
-    zero_stage: int = 2
-    lr: float = 1e-5
-    micro_batch_size: int | None = None  # None: learner.micro_batch_size
-    value_clip: float = 0.2
 
 
 @dataclass
@@ -201,32 +148,6 @@ class RmConfig:
 
 
 @dataclass
-class AlgoConfig:
-    # grpo | rloo | reinforce_pp | reinforce_pp_baseline | ppo | dpo_online | dpo_offline (conf/algo/*.yaml)
-    name: str = "grpo"
-    clip_eps: float = 0.2
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    kl_in_reward: bool = (
-        False  # per-token reward penalty -beta*KL_t (PPO, REINFORCE++) instead of a loss term
-    )
-    kl_target: float | None = None  # adaptive KL (Ziegler et al.): None keeps kl_coef fixed
-    kl_horizon: int = 10000
-    loss_agg: str = "seq_mean_token_mean"
-    scale_by_std: bool = True
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    dpo_beta: float = 0.1
-    dpo_loss: str = "sigmoid"  # sigmoid | ipo
-    label_smoothing: float = 0.0  # conservative DPO (RLHFlow run_loop2 uses 0.1)
-    pair_strategy: str = "max_min"  # max_min | max_random | max_min_length
-    length_penalty: float = 0.0  # max_min_length: reward - length_penalty * response characters
-    # previous: the policy at the start of each iteration (RLHFlow's code); initial: the frozen start model
-    dpo_reference: str = "previous"
-
-
-@dataclass
 class TroupeConfig:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -240,9 +161,6 @@ class TroupeConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     rm: RmConfig = field(default_factory=RmConfig)
     job: str = "rl"  # rl (the RLHF loop) | rm_train | rm_eval
-
-
-ALGOS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "ppo", "dpo_online", "dpo_offline")
 
 
 def register() -> None:
@@ -272,10 +190,7 @@ def validate(cfg: TroupeConfig) -> None:
         raise ConfigError("job=rm_eval needs rm.bundle and dataset.path")
     if cfg.job != "rl":
         return
-    _one_of("algo.name", a.name, ALGOS)
-    _one_of("algo.dpo_loss", a.dpo_loss, ("sigmoid", "ipo"))
-    _one_of("algo.pair_strategy", a.pair_strategy, ("max_min", "max_random", "max_min_length"))
-    _one_of("algo.dpo_reference", a.dpo_reference, ("initial", "previous"))
+    _validate_algo(cfg)
     _one_of("learner.lr_schedule", lr.lr_schedule, ("constant", "linear", "cosine"))
     if lr.offload_params and lr.zero_stage != 3:
         raise ConfigError("learner.offload_params needs learner.zero_stage=3")
@@ -283,22 +198,6 @@ def validate(cfg: TroupeConfig) -> None:
         raise ConfigError(
             "learner.lora.enabled supports learner.zero_stage 0-2 (adapters are merged on rank 0)"
         )
-    if a.kl_in_reward and a.name in ("grpo", "rloo"):
-        raise ConfigError(
-            f"algo.kl_in_reward needs per-token advantages (algo=ppo or reinforce_pp*); algo={a.name} uses a KL loss term"
-        )
-    if not 0.0 <= a.label_smoothing < 0.5:
-        raise ConfigError(f"algo.label_smoothing must be in [0, 0.5), got {a.label_smoothing}")
-    if a.name == "dpo_offline" and not cfg.dataset.path:
-        raise ConfigError("algo=dpo_offline needs dataset.path (a JSONL/parquet preference file)")
-    if a.name == "dpo_offline" and a.dpo_reference != "initial":
-        raise ConfigError(
-            "algo=dpo_offline needs algo.dpo_reference=initial (there is no previous iteration)"
-        )
-    if a.name == "ppo" and cfg.critic.colocate and cfg.critic.world_size != lr.world_size:
-        raise ConfigError("critic.colocate needs critic.world_size == learner.world_size")
-    _one_of("algo.kl_estimator", cfg.algo.kl_estimator, ("k1", "k2", "k3"))
-    _one_of("algo.loss_agg", cfg.algo.loss_agg, ("token_mean", "seq_mean_token_mean"))
     _one_of("task.name", t.name, ("arithmetic",))
     if lr.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"learner.zero_stage must be 0-3, got {lr.zero_stage}")
@@ -315,19 +214,18 @@ def validate(cfg: TroupeConfig) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    if a.name in ("grpo", "rloo", "reinforce_pp_baseline", "dpo_online") and g.samples_per_prompt < 2:
-        raise ConfigError(
-            f"generator.samples_per_prompt must be >= 2 for algo={a.name} (it compares samples of one prompt)"
-        )
     _one_of("reward.aggregation", cfg.reward.aggregation, ("weighted_sum", "hierarchy"))
     for name, expert in cfg.reward.experts.items():
         if not isinstance(expert, dict) or not expert.get("bundle"):
             raise ConfigError(
                 f"reward.experts.{name} needs a bundle folder (reward.experts.{name}.bundle=...)"
             )
-        extra = sorted(set(expert) - {"bundle", "replicas", "num_cpus", "num_gpus"})
+        extra = sorted(set(expert) - {"bundle", "replicas", "num_cpus", "num_gpus", "dtype"})
         if extra:
             raise ConfigError(f"reward.experts.{name}: unknown keys {extra}")
+        _one_of(
+            f"reward.experts.{name}.dtype", expert.get("dtype", "float32"), ("auto", "bfloat16", "float32")
+        )
     unknown = sorted(set(cfg.reward.weights) - set(cfg.reward.objectives))
     if cfg.reward.aggregation == "weighted_sum" and unknown and not cfg.reward.experts:
         raise ConfigError(f"reward.weights names objectives not in reward.objectives: {unknown}")
@@ -335,18 +233,46 @@ def validate(cfg: TroupeConfig) -> None:
         raise ConfigError(
             f"generator.max_new_tokens ({g.max_new_tokens}) must be < generator.max_model_len ({g.max_model_len})"
         )
-    if a.name in ("dpo_online", "dpo_offline"):
-        return  # pair counts vary per iteration: the sample-count divisibility below does not apply
-    samples = t.prompts_per_iteration * g.samples_per_prompt
-    if samples % lr.world_size:
+    if a.update == "policy_gradient" and t.prompts_per_iteration % lr.world_size:
         raise ConfigError(
-            f"task.prompts_per_iteration x generator.samples_per_prompt = {samples} must divide by learner.world_size={lr.world_size}"
+            f"task.prompts_per_iteration ({t.prompts_per_iteration}) must divide by learner.world_size "
+            f"({lr.world_size}): each rank gets whole prompt groups"
         )
-    per_rank = samples // lr.world_size
-    if per_rank % (lr.mini_batches * lr.micro_batch_size):
+
+
+def _validate_algo(cfg: TroupeConfig) -> None:
+    """The algorithm's typed fields and how they fit together (conf/algo/*.yaml)."""
+    a, g = cfg.algo, cfg.generator
+    _one_of("algo.update", a.update, ("policy_gradient", "dpo"))
+    _one_of("algo.source", a.source, ("rollouts", "dataset"))
+    _one_of("algo.estimator", a.estimator, tuple(sorted(ESTIMATORS)))
+    _one_of("algo.kl_placement", a.kl_placement, ("loss", "reward"))
+    _one_of("algo.kl_estimator", a.kl_estimator, ("k1", "k2", "k3"))
+    _one_of("algo.loss_agg", a.loss_agg, LOSS_AGGREGATIONS)
+    _one_of("algo.dpo_loss", a.dpo_loss, ("sigmoid", "ipo"))
+    _one_of("algo.pair_strategy", a.pair_strategy, ("max_min", "max_random", "max_min_length"))
+    _one_of("algo.dpo_reference", a.dpo_reference, ("initial", "previous"))
+    if a.kl_placement == "reward" and a.update == "policy_gradient" and a.estimator not in ("returns", "gae"):
         raise ConfigError(
-            f"samples per learner rank ({per_rank}) must divide by learner.mini_batches x learner.micro_batch_size "
-            f"= {lr.mini_batches} x {lr.micro_batch_size}"
+            f"algo.kl_placement=reward needs a token-level estimator (returns or gae); algo.estimator={a.estimator} "
+            "gives one advantage per sequence, so KL goes in the loss (algo.kl_placement=loss)"
+        )
+    if a.estimator == "gae" and not a.critic:
+        raise ConfigError("algo.estimator=gae needs algo.critic=true (GAE reads the critic's values)")
+    if not 0.0 <= a.label_smoothing < 0.5:
+        raise ConfigError(f"algo.label_smoothing must be in [0, 0.5), got {a.label_smoothing}")
+    if a.source == "dataset" and a.update != "dpo":
+        raise ConfigError("algo.source=dataset trains on a preference file: it needs algo.update=dpo")
+    if a.source == "dataset" and not cfg.dataset.path:
+        raise ConfigError(f"algo={a.name} needs dataset.path (a JSONL/parquet preference file)")
+    if a.source == "dataset" and a.dpo_reference != "initial":
+        raise ConfigError(f"algo={a.name} needs algo.dpo_reference=initial (there is no previous iteration)")
+    if a.critic and cfg.critic.colocate and cfg.critic.world_size != cfg.learner.world_size:
+        raise ConfigError("critic.colocate needs critic.world_size == learner.world_size")
+    compares_group = a.update == "dpo" or a.estimator in ("group", "rloo") or a.group_baseline
+    if a.source == "rollouts" and compares_group and g.samples_per_prompt < 2:
+        raise ConfigError(
+            f"generator.samples_per_prompt must be >= 2 for algo={a.name} (it compares samples of one prompt)"
         )
 
 

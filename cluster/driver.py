@@ -22,54 +22,43 @@ from actors.models import resolve_model
 from cluster.checkpoint import save_hf_checkpoint
 from cluster.config import TroupeConfig, register, validate
 from cluster.fleet import Pool
-from cluster.learner_group import LearnerGroup, critic_group
-from cluster.loop import Fleet, run_iteration
+from cluster.learner_group import LearnerGroup, critic_group, critic_setup, policy_setup
+from cluster.loop import RunState, run_iteration
 from cluster.metrics import MetricsWriter, table_header, table_row
 from cluster.offline_dpo import run_offline_dpo
 from cluster.placement import RankPlacement
 from cluster.prompts import PromptSource
 from cluster.reward_model import build_aggregation, build_reward_fleet, reward_replicas
 from cluster.runtime import check_capacity, generator_env, learner_env, start_ray
-from cluster.specs import critic_spec, generator_spec, learner_spec, needs_reference
 
 log = logging.getLogger("troupe.driver")
 register()
 
 
-def build_fleet(cfg: TroupeConfig, model_path: str) -> Fleet:
+def build_fleet(cfg: TroupeConfig, model_path: str) -> RunState:
     from transformers import AutoTokenizer
 
     timeout = cfg.ray.actor_timeout_s
     g, r, lc = cfg.generator, cfg.reward, cfg.learner
-    gen_spec = generator_spec(cfg, model_path)
     gen_remote = ray.remote(Generator).options(
         num_cpus=g.num_cpus, num_gpus=g.num_gpus, runtime_env={"env_vars": generator_env(g)}, max_restarts=0
     )
-    generators = Pool("generator", lambda i: gen_remote.remote(gen_spec, i), timeout)
+    generators = Pool(
+        "generator",
+        lambda i: gen_remote.remote(g, model_path, i, cfg.run.seed, cfg.model.trust_remote_code),
+        timeout,
+    )
 
     rewards = build_reward_fleet(cfg)
 
-    policy = learner_spec(cfg, model_path)
+    policy = policy_setup(cfg, model_path)
     # Learners first and not awaited: their DeepSpeed setup overlaps with the generators' engine start.
-    placement = _shared_placement(cfg) if cfg.algo.name == "ppo" and cfg.critic.colocate else None
-    learners = LearnerGroup(
-        policy,
-        lc.num_cpus,
-        lc.num_gpus,
-        learner_env(lc),
-        timeout,
-        placement=placement,
-        use_reference=needs_reference(cfg),
-    )
+    placement = _shared_placement(cfg) if cfg.algo.critic and cfg.critic.colocate else None
+    learners = LearnerGroup(policy, learner_env(lc), timeout, placement=placement)
     critic = None
-    if cfg.algo.name == "ppo":
-        c = cfg.critic
-        critic_env = learner_env(lc) | {"OMP_NUM_THREADS": str(c.omp_threads)}
-        if c.num_gpus == 0:
-            critic_env["DS_ACCELERATOR"] = "cpu"
-        critic = critic_group(
-            critic_spec(cfg, policy), c.num_cpus, c.num_gpus, critic_env, timeout, placement
-        )
+    if cfg.algo.critic:
+        critic_cfg = critic_setup(cfg, policy)
+        critic = critic_group(critic_cfg, learner_env(critic_cfg.train), timeout, placement)
     rewards.spawn(reward_replicas(cfg))
     generators.spawn(g.replicas)
     learners.wait_ready()
@@ -80,13 +69,14 @@ def build_fleet(cfg: TroupeConfig, model_path: str) -> Fleet:
         n=g.samples_per_prompt, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens
     )
     a = cfg.algo
-    return Fleet(
+    return RunState(
         generators,
         rewards,
         learners,
         build_aggregation(r),
         PromptSource(cfg.task, tokenizer),
         sampling,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         algo=a,
         critic=critic,
         kl=AdaptiveKL(a.kl_coef, a.kl_target, a.kl_horizon),
@@ -109,7 +99,7 @@ def run(cfg: TroupeConfig) -> dict:
         from cluster.rm_jobs import run_rm_job
 
         return run_rm_job(cfg)
-    if cfg.algo.name == "dpo_offline":
+    if cfg.algo.source == "dataset":
         return run_offline_dpo(cfg)
     out_dir = Path(cfg.run.output_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

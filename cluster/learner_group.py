@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 import ray
 import torch
 
 from actors.learner.actor import Learner
-from actors.learner.batch import TrainSample
+from actors.learner.batch import RolloutBatch
+from actors.learner.config import RankSetup
 from actors.learner.critic import Critic
 from actors.learner.dpo import PreferencePair
-from actors.learner.engine import LearnerSpec
-from actors.protocol import WeightBundle
+from cluster.config import TroupeConfig
 from cluster.fleet import split_evenly
 from cluster.placement import RankPlacement
 
@@ -27,28 +28,26 @@ log = logging.getLogger("troupe.learner_group")
 class LearnerGroup:
     def __init__(
         self,
-        spec: LearnerSpec,
-        num_cpus: float,
-        num_gpus: float,
+        spec: RankSetup,
         env: dict[str, str],
         timeout_s: float,
         role: type = Learner,
         placement: RankPlacement | None = None,
-        **role_kwargs,
     ) -> None:
+        t = spec.train
         self.spec = spec
         self.timeout_s = timeout_s
         self.owns_placement = placement is None
-        self.placement = placement or RankPlacement(spec.world_size, num_cpus, num_gpus, timeout_s)
+        self.placement = placement or RankPlacement(t.world_size, t.num_cpus, t.num_gpus, timeout_s)
         remote = ray.remote(role)
         self.ranks = [
             remote.options(
-                num_cpus=num_cpus,
-                num_gpus=num_gpus,
+                num_cpus=t.num_cpus,
+                num_gpus=t.num_gpus,
                 runtime_env={"env_vars": env},
                 **self.placement.options_for(rank),
-            ).remote(spec, rank, **role_kwargs)
-            for rank in range(spec.world_size)
+            ).remote(spec, rank)
+            for rank in range(t.world_size)
         ]
         addr, port = ray.get(self.ranks[0].address.remote(), timeout=timeout_s)
         # Not awaited here: the DeepSpeed setup runs while the caller starts other actors (see wait_ready).
@@ -66,9 +65,15 @@ class LearnerGroup:
         refs = [getattr(r, method).remote(s, *args) for r, s in zip(self.ranks, shares, strict=True)]
         return ray.get(refs, timeout=self.timeout_s)
 
-    def train(self, samples: Sequence[TrainSample], kl_coef: float | None = None) -> dict:
-        per_rank = self._all("train", split_evenly(samples, len(self.ranks)), kl_coef)
-        return _merge(per_rank)
+    def train(self, batch: RolloutBatch, kl_coef: float) -> tuple[dict, list[torch.Tensor] | None]:
+        """Each rank updates on its whole prompt groups; returns merged metrics and per-row returns (PPO)."""
+        shares = batch.shares(len(self.ranks))
+        out = ray.get(
+            [r.train.remote(s, kl_coef) for r, s in zip(self.ranks, shares, strict=True)],
+            timeout=self.timeout_s,
+        )
+        returns = [row for _, rows in out for row in rows] if out[0][1] is not None else None
+        return _merge([m for m, _ in out]), returns
 
     def train_dpo(self, pairs: Sequence[PreferencePair]) -> dict:
         if len(pairs) % len(self.ranks):
@@ -83,34 +88,22 @@ class LearnerGroup:
             raise ValueError(f"{len(pairs)} pairs do not split evenly over {len(self.ranks)} ranks")
         return _merge(self._all("train", split_evenly(pairs, len(self.ranks))))
 
-    def pair_rewards(self, pairs: Sequence[PreferencePair]) -> list[tuple[float, float]]:
-        return [r for part in self._all("rewards", split_evenly(pairs, len(self.ranks))) for r in part]
-
     def save_reward_model(self, folder: str, tokenizer_path: str) -> str:
         return ray.get([r.save.remote(folder, tokenizer_path) for r in self.ranks], timeout=self.timeout_s)[0]
 
     def pair_margins(self, pairs: Sequence[PreferencePair]) -> list[float]:
         return [m for part in self._all("pair_margins", split_evenly(pairs, len(self.ranks))) for m in part]
 
-    def values(self, samples: Sequence[TrainSample]) -> list[torch.Tensor]:
-        """Critic values per sample, in order."""
-        return [v for part in self._all("values", split_evenly(samples, len(self.ranks))) for v in part]
+    def values(self, batch: RolloutBatch) -> list[torch.Tensor]:
+        """Critic values at each row's response tokens, in row order."""
+        shares = batch.shares(len(self.ranks), whole_groups=False)
+        return [v for part in self._all("values", shares) for v in part]
 
-    def train_critic(self, samples: Sequence[TrainSample], returns: Sequence[torch.Tensor]) -> dict:
-        shares = split_evenly(list(zip(samples, returns, strict=True)), len(self.ranks))
-        refs = [
-            r.train.remote([s for s, _ in share], [t for _, t in share])
-            for r, share in zip(self.ranks, shares, strict=True)
-        ]
-        return _merge(ray.get(refs, timeout=self.timeout_s))
+    def train_critic(self, batch: RolloutBatch) -> dict:
+        return _merge(self._all("train", batch.shares(len(self.ranks), whole_groups=False)))
 
-    def value_loss_on(self, samples: Sequence[TrainSample], returns: Sequence[torch.Tensor]) -> float:
-        shares = split_evenly(list(zip(samples, returns, strict=True)), len(self.ranks))
-        refs = [
-            r.value_loss_on.remote([s for s, _ in share], [t for _, t in share])
-            for r, share in zip(self.ranks, shares, strict=True)
-        ]
-        losses = ray.get(refs, timeout=self.timeout_s)
+    def value_loss_on(self, batch: RolloutBatch) -> float:
+        losses = self._all("value_loss_on", batch.shares(len(self.ranks), whole_groups=False))
         return sum(losses) / len(losses)
 
     def export_weights(self, version: int) -> ray.ObjectRef:
@@ -130,18 +123,15 @@ class LearnerGroup:
             self.placement.release()
 
 
-def critic_group(spec: LearnerSpec, num_cpus, num_gpus, env, timeout_s, placement=None) -> LearnerGroup:
-    return LearnerGroup(spec, num_cpus, num_gpus, env, timeout_s, role=Critic, placement=placement)
+def critic_group(spec: RankSetup, env, timeout_s, placement=None) -> LearnerGroup:
+    return LearnerGroup(spec, env, timeout_s, role=Critic, placement=placement)
 
 
 def _merge(per_rank: list[dict]) -> dict:
     """Means over equally sized shares; counters from rank 0; per-sample lists concatenated in rank order."""
     merged: dict = {}
     for key in per_rank[0]:
-        if key.startswith("_"):
-            merged[key] = [x for m in per_rank for x in m[key]]
-        else:
-            merged[key] = sum(m[key] for m in per_rank) / len(per_rank)
+        merged[key] = sum(m[key] for m in per_rank) / len(per_rank)
     for key in ("optimizer_steps", "lr"):
         if key in per_rank[0]:
             merged[key] = per_rank[0][key]
@@ -150,5 +140,20 @@ def _merge(per_rank: list[dict]) -> dict:
     return merged
 
 
-def fetch_bundle(ref: ray.ObjectRef, timeout_s: float) -> WeightBundle:
-    return ray.get(ref, timeout=timeout_s)
+def policy_setup(cfg: TroupeConfig, model_path: str, total_steps: int | None = None) -> RankSetup:
+    """The policy ranks' setup: the learner and algo configs as they are, plus what the driver resolved."""
+    lc = cfg.learner
+    return RankSetup(
+        model_path,
+        lc,
+        cfg.algo,
+        total_steps=cfg.run.iterations * lc.epochs * lc.mini_batches if total_steps is None else total_steps,
+        response_budget=cfg.generator.max_new_tokens,
+        export_dtype=cfg.generator.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        seed=cfg.run.seed,
+    )
+
+
+def critic_setup(cfg: TroupeConfig, policy: RankSetup) -> RankSetup:
+    return replace(policy, train=cfg.critic.train_config(cfg.learner), value_clip=cfg.critic.value_clip)

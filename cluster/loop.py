@@ -14,12 +14,12 @@ import ray
 import torch
 
 from actors.generator.sampling import Sampling
+from actors.learner.config import AlgoConfig
 from actors.learner.ppo import AdaptiveKL
 from actors.protocol import ScoredRollout
 from actors.reward.aggregation import Aggregation, score_rollouts
-from cluster.algorithms import learn_dpo, learn_policy_gradient
-from cluster.config import AlgoConfig
 from cluster.fleet import Pool
+from cluster.learn import learn_dpo, learn_policy_gradient
 from cluster.learner_group import LearnerGroup
 from cluster.prompts import PromptSource
 from cluster.reward_fleet import RewardFleet
@@ -27,13 +27,16 @@ from cluster.sync import push_weights
 
 
 @dataclass
-class Fleet:
+class RunState:
+    """Everything one run's iterations share: the actor pools and groups, and the state carried between them."""
+
     generators: Pool
     rewards: RewardFleet
     learners: LearnerGroup
     aggregation: Aggregation
     prompts: PromptSource
     sampling: Sampling
+    pad_id: int = 0
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     critic: LearnerGroup | None = None  # PPO only
     kl: AdaptiveKL = field(default_factory=lambda: AdaptiveKL(0.0))
@@ -50,49 +53,45 @@ def timed(timings: dict, phase: str):
     timings[f"time/{phase}"] = time.perf_counter() - start
 
 
-def run_iteration(fleet: Fleet, iteration: int) -> dict:
+def run_iteration(run: RunState, iteration: int) -> dict:
     timings: dict[str, float] = {}
 
     # 1. Generate: each generator samples n completions for its contiguous share of the prompts.
     with timed(timings, "generate"):
-        batch = fleet.prompts.batch(iteration)
-        chunks = fleet.generators.map_chunks(
-            "generate", batch.prompts, fleet.sampling, on_replace=_catch_up(fleet)
-        )
+        batch = run.prompts.batch(iteration)
+        chunks = run.generators.map_chunks("generate", batch.prompts, run.sampling, on_replace=_catch_up(run))
         rollouts = [r for chunk in chunks for r in chunk]
-    _check_groups(rollouts, len(batch), fleet.sampling.n)
+    _check_groups(rollouts, len(batch), run.sampling.n)
 
     # 2. Score: reward shards return per-objective values; the aggregation makes the scalar.
     with timed(timings, "score"):
-        values = fleet.rewards.score(rollouts)
-        scored = score_rollouts(rollouts, values, fleet.aggregation)
+        values = run.rewards.score(rollouts)
+        scored = score_rollouts(rollouts, values, run.aggregation)
 
     # 3. Learn: policy gradient (advantages, [critic values], clipped update, [critic update]) or DPO on pairs.
     with timed(timings, "learn"):
-        learn = learn_dpo if fleet.algo.name == "dpo_online" else learn_policy_gradient
-        learn_stats, advantages = learn(fleet, scored)
+        learn = learn_dpo if run.algo.update == "dpo" else learn_policy_gradient
+        learn_stats = learn(run, scored)
 
     # 4. Sync: the new weights go to every generator, tagged with the next version (skipped if nothing trained).
     sync_stats: dict = {}
     with timed(timings, "sync"):
         if learn_stats.get("pairs/built", 1):
-            fleet.version += 1
-            fleet.last_bundle = fleet.learners.export_weights(fleet.version)
-            sync_stats = push_weights(fleet.generators, fleet.last_bundle, fleet.version)
+            run.version += 1
+            run.last_bundle = run.learners.export_weights(run.version)
+            sync_stats = push_weights(run.generators, run.last_bundle, run.version)
 
-    record = _metrics(iteration, fleet.version, scored, advantages, learn_stats, sync_stats, timings)
-    record["algo"] = fleet.algo.name
+    record = _metrics(iteration, run.version, scored, learn_stats, sync_stats, timings)
+    record["algo"] = run.algo.name
     return record
 
 
-def _catch_up(fleet: Fleet):
+def _catch_up(run: RunState):
     """A replacement generator starts from the initial weights: give it the latest bundle before it works."""
 
     def load_latest(member) -> None:
-        if fleet.last_bundle is not None:
-            ray.get(
-                member.handle.update_weights.remote(fleet.last_bundle), timeout=fleet.generators.timeout_s
-            )
+        if run.last_bundle is not None:
+            ray.get(member.handle.update_weights.remote(run.last_bundle), timeout=run.generators.timeout_s)
 
     return load_latest
 
@@ -108,9 +107,7 @@ def _check_groups(rollouts, num_prompts: int, n: int) -> None:
             )
 
 
-def _metrics(
-    iteration, version, scored: list[ScoredRollout], advantages, learn_stats, sync_stats, timings
-) -> dict:
+def _metrics(iteration, version, scored: list[ScoredRollout], learn_stats, sync_stats, timings) -> dict:
     n = len(scored)
     lengths = [len(s.rollout.response_ids) for s in scored]
     record = {
@@ -125,8 +122,6 @@ def _metrics(
     }
     for name in scored[0].reward.objectives:
         record[f"objective/{name}"] = sum(s.reward.objectives[name] for s in scored) / n
-    if advantages is not None:
-        record["advantage/abs_mean"] = float(advantages.abs().mean())
     record.update(learn_stats)
     record.update({f"sync/{k}": v for k, v in sync_stats.items()})
     record.update(timings)

@@ -12,14 +12,13 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from actors.models import resolve_model
-from cluster.algorithms import pad_to_multiple
+from cluster.learn import pad_to_multiple
 from cluster.checkpoint import save_hf_checkpoint
 from cluster.config import TroupeConfig
-from cluster.learner_group import LearnerGroup
+from cluster.learner_group import LearnerGroup, policy_setup
 from cluster.metrics import OFFLINE_DPO_COLUMNS, MetricsWriter, table_header, table_row
 from cluster.preference_data import load_preferences, tokenize
 from cluster.runtime import learner_env, start_ray
-from cluster.specs import learner_spec
 
 
 def load_pairs(cfg: TroupeConfig, model_path: str):
@@ -44,13 +43,11 @@ def run_offline_dpo(cfg: TroupeConfig) -> dict:
     per_call = max(cfg.dataset.pairs_per_iteration, cfg.learner.world_size)
     calls_per_pass = -(-len(pairs) // per_call)
     lc = cfg.learner
-    spec = learner_spec(
+    spec = policy_setup(
         cfg, model_path, total_steps=cfg.run.iterations * calls_per_pass * lc.epochs * lc.mini_batches
     )
     start_ray(cfg.ray)
-    group = LearnerGroup(
-        spec, lc.num_cpus, lc.num_gpus, learner_env(lc), cfg.ray.actor_timeout_s, use_reference=True
-    )
+    group = LearnerGroup(spec, learner_env(lc), cfg.ray.actor_timeout_s)
     group.wait_ready()
     rng = random.Random(cfg.run.seed)
     metrics = MetricsWriter(out_dir / "metrics.jsonl")

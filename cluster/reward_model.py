@@ -1,4 +1,9 @@
-"""Builds the configured reward model: shard pools (rules; one per backbone expert) and the aggregation."""
+"""Builds the configured reward model: shard pools (rules; one per backbone expert) and the aggregation.
+
+The hierarchy's holistic normaliser takes, first to last: configured reward.hierarchy.mean/std; statistics that
+the expert bundle serving the holistic objective carries (bundle.json "normalizers"); a warm-up of
+reward.hierarchy.warmup_samples samples. A resumed run restores it with `aggregation.load_state_dict(...)`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import ray
 
 from actors.reward.aggregation import WeightedSum
 from actors.reward.alarm import HierarchyAggregation, Normalizer
+from actors.reward.bundle import read_info
 from actors.reward.shard import RewardShard, ShardSpec
 from cluster.config import RewardConfig, TroupeConfig
 from cluster.fleet import Pool
@@ -15,14 +21,21 @@ from cluster.reward_fleet import RewardFleet
 def build_reward_fleet(cfg: TroupeConfig) -> RewardFleet:
     r, timeout = cfg.reward, cfg.ray.actor_timeout_s
     pools = {}
+    token_values = r.aggregation == "hierarchy" and r.hierarchy.token_level
     if r.objectives:
         spec = ShardSpec(
-            objectives={k: dict(v or {}) for k, v in r.objectives.items()}, batch_size=r.batch_size
+            objectives={k: dict(v or {}) for k, v in r.objectives.items()},
+            batch_size=r.batch_size,
+            token_values=token_values,
         )
         remote = ray.remote(RewardShard).options(num_cpus=r.num_cpus, max_restarts=0)
         pools["rules"] = Pool("reward", lambda i, s=spec, rm=remote: rm.remote(s, i), timeout)
     for name, expert in r.experts.items():
-        spec = ShardSpec(bundles=(str(expert["bundle"]),), batch_size=r.batch_size)
+        spec = ShardSpec(
+            bundles=(str(expert["bundle"]),),
+            batch_size=r.batch_size,
+            dtype=str(expert.get("dtype", "float32")),
+        )
         remote = ray.remote(RewardShard).options(
             num_cpus=expert.get("num_cpus", 0.0),
             num_gpus=expert.get("num_gpus", 0.0),
@@ -47,5 +60,20 @@ def build_aggregation(r: RewardConfig):
     if r.aggregation == "weighted_sum":
         return WeightedSum(dict(r.weights))
     h = r.hierarchy
-    normalizer = Normalizer(h.mean, h.std) if h.mean is not None and h.std is not None else Normalizer()
-    return HierarchyAggregation(h.holistic, dict(h.aspects), h.threshold, h.holistic_weight, normalizer)
+    normalizer = Normalizer(h.mean, h.std, h.warmup_samples, h.holistic)
+    agg = HierarchyAggregation(
+        h.holistic, dict(h.aspects), h.threshold, h.holistic_weight, normalizer, h.token_level
+    )
+    carried = _bundle_normalizer(r, h.holistic)
+    if carried is not None and not normalizer.fixed:
+        agg.load_state_dict({"holistic": h.holistic, "normalizer": carried})
+    return agg
+
+
+def _bundle_normalizer(r: RewardConfig, holistic: str) -> dict | None:
+    """Normaliser statistics for `holistic` carried by an expert bundle's bundle.json, if any."""
+    for expert in r.experts.values():
+        stats = read_info(expert["bundle"]).normalizers.get(holistic)
+        if stats is not None:
+            return stats
+    return None

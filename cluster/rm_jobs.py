@@ -13,7 +13,7 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from actors.learner.engine import LoraSpec
+from actors.learner.config import LoraConfig
 from actors.models import resolve_model
 from cluster.config import TroupeConfig
 from cluster.preference_data import load_preferences
@@ -34,7 +34,7 @@ def run_rm_job(cfg: TroupeConfig) -> dict:
             rm.response_key,
         )
         folder, stats = train_regression(
-            resolve_model(rm.backbone),
+            resolve_model(rm.backbone, key="rm.backbone"),
             ratings,
             rm.name,
             rm.output,
@@ -84,13 +84,12 @@ def train_bt_or_haf(cfg: TroupeConfig, prefs=None) -> tuple[Path, dict]:
     from transformers import AutoTokenizer
 
     from actors.reward.trainer import RewardTrainer
-    from cluster.learner_group import LearnerGroup
+    from cluster.learner_group import LearnerGroup, policy_setup
     from cluster.rm_training import save_reward_head_bundle, tokenize_for_rm, train_reward_head
     from cluster.runtime import learner_env, start_ray
-    from cluster.specs import learner_spec
 
     rm, lc = cfg.rm, cfg.learner
-    backbone = resolve_model(rm.backbone)
+    backbone = resolve_model(rm.backbone, key="rm.backbone")
     skipped = {}
     if prefs is None:
         prefs, skipped = _prefs(cfg)
@@ -98,16 +97,11 @@ def train_bt_or_haf(cfg: TroupeConfig, prefs=None) -> tuple[Path, dict]:
     per_call = max(cfg.dataset.pairs_per_iteration, lc.world_size)
     steps = rm.epochs * -(-len(pairs) // per_call) * lc.mini_batches
     alpha = rm.haf_alpha if rm.stage == "haf" else 0.0
-    spec = replace(
-        learner_spec(cfg, backbone, total_steps=steps),
-        haf_alpha=alpha,
-        dpo_beta=rm.haf_beta,
-        lora=LoraSpec(),  # the reward model trains its full body; LoRA applies to the policy learner only
-    )
+    policy = policy_setup(cfg, backbone, total_steps=steps)
+    # The reward model trains its full body; LoRA applies to the policy learner only.
+    spec = replace(policy, train=replace(lc, lora=LoraConfig()), haf_alpha=alpha, haf_beta=rm.haf_beta)
     start_ray(cfg.ray)
-    group = LearnerGroup(
-        spec, lc.num_cpus, lc.num_gpus, learner_env(lc), cfg.ray.actor_timeout_s, role=RewardTrainer
-    )
+    group = LearnerGroup(spec, learner_env(lc), cfg.ray.actor_timeout_s, role=RewardTrainer)
     try:
         group.wait_ready()
         history = train_reward_head(group, pairs, rm.epochs, per_call, random.Random(cfg.run.seed))

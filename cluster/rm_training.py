@@ -1,9 +1,11 @@
 """Reward-model training stages, as functions (the `troupe job=rm_train` CLI and the bench call them):
 
   regression: ArmoRM stage 1 - ridge heads on frozen backbone features of rated responses
-  gating:     ArmoRM stage 2 - verbosity debiasing + prompt-conditioned gate trained with Bradley-Terry
+  gating:     ArmoRM stage 2 - verbosity debiasing + prompt-conditioned gate trained with Bradley-Terry; the
+              bundle stores the transform M and lambda itself ((r M)_i = r_i - lambda_i r_v)
   bt / haf:   Bradley-Terry or HaF-RM on the DeepSpeed learner group (body + reward head [+ LM head])
-Each writes a reward bundle (actors/reward/bundle.py) that reward shards load.
+Each writes a reward bundle (actors/reward/bundle.py) that reward shards load. The backbone stages take a compute
+`dtype` (bfloat16 or float32); BT / HaF train in learner.dtype. `tokenize_for_rm` encodes exactly as serving does.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ def train_regression(
     max_length: int = 512,
     val_fraction: float = 0.2,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> tuple[Path, dict]:
-    backbone = RewardBackbone(backbone_path, max_length=max_length)
+    backbone = RewardBackbone(backbone_path, dtype=dtype, max_length=max_length)
     feats, _, cache_stats = cached_features(backbone, ratings.prompts, ratings.responses, cache)
     w, alphas, mses, rows = armo.fit_objectives(feats, ratings.labels, val_fraction=val_fraction, seed=seed)
     stats = {
@@ -70,10 +73,12 @@ def train_gating_stage(
     temperature: float = 10.0,
     dropout: float = 0.2,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> tuple[Path, dict]:
+    """`dtype` (auto | bfloat16 | float32): the backbone's and the gate's compute dtype (features are float32)."""
     info, tensors = load_bundle(stage1)
     w = tensors["regression"]
-    backbone = RewardBackbone(info.backbone, max_length=info.max_length)
+    backbone = RewardBackbone(info.backbone, dtype=dtype, max_length=info.max_length)
     prompt, chosen, rejected = pair_features(backbone, prefs, cache)
     stats: dict = {}
     transform = torch.eye(len(info.objectives))
@@ -105,6 +110,7 @@ def train_gating_stage(
         temperature,
         dropout,
         seed,
+        getattr(torch, backbone.dtype),
     )
     stats["bt_loss_first_last"] = (losses[0], losses[-1])
     stats["logit_scale"] = float(gate.logit_scale.detach())
@@ -117,40 +123,31 @@ def train_gating_stage(
         {"hidden": hidden, "n_hidden": n_hidden, "temperature": temperature},
         stats=info.stats | {"gating": stats},
     )
-    heads = {
-        "regression": w,
-        "transform": transform,
-        "lambda": torch.diag(torch.eye(len(info.objectives)) - transform),
-    }
+    # lambda itself ((r M)_i = r_i - lambda_i r_v); zeros when there is no verbosity objective
+    heads = {"regression": w, "transform": transform, "lambda": lam}
     heads |= {f"gating.{k}": t for k, t in gate.state_dict().items()}
     return save_bundle(out, new, heads), stats
 
 
 def tokenize_for_rm(prefs: list[Preference], tokenizer, max_length: int) -> list[PreferencePair]:
-    """The same encoding reward shards score with (chat template + response + EOS, last token read)."""
+    """The encoding reward shards score with (`actors.reward.backbone.encode`: chat template, read at the assistant
+    turn's end-of-turn token, one truncation rule), so training sees exactly the ids serving scores."""
     pairs = []
     for p in prefs:
-        c, r = (
-            encode(tokenizer, p.prompt, p.chosen, max_length),
-            encode(tokenizer, p.prompt, p.rejected, max_length),
-        )
+        c = encode(tokenizer, p.prompt, p.chosen, max_length)
+        r = encode(tokenizer, p.prompt, p.rejected, max_length)
         head = c.input_ids[: c.response_start]
-        if (
-            r.input_ids[: r.response_start] != head
-        ):  # both sides cut the same prompt unless lengths differ a lot
-            r_body = r.input_ids[r.response_start :]
-            head = head[: max(1, max_length - len(r_body))]
-        pairs.append(
-            PreferencePair(
-                tuple(head), tuple(c.input_ids[c.response_start :]), tuple(r.input_ids[r.response_start :])
+        if r.input_ids[: r.response_start] != head:
+            raise ValueError(
+                f"{p.source}: the chat template renders this prompt differently for the two responses"
             )
-        )
+        pairs.append(PreferencePair(head, c.input_ids[c.response_start :], r.input_ids[r.response_start :]))
     return pairs
 
 
 def train_reward_head(group, pairs: list[PreferencePair], epochs: int, per_call: int, rng) -> list[dict]:
     """Bradley-Terry / HaF epochs over `pairs` on a LearnerGroup of RewardTrainer ranks."""
-    from cluster.algorithms import pad_to_multiple
+    from cluster.learn import pad_to_multiple
 
     history = []
     world = len(group.ranks)

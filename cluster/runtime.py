@@ -10,7 +10,9 @@ import os
 
 import ray
 
-from cluster.config import ConfigError, GeneratorConfig, LearnerConfig, RayConfig, TroupeConfig
+from actors.generator.config import GeneratorConfig
+from actors.learner.config import LearnerConfig
+from cluster.config import ConfigError, RayConfig, TroupeConfig
 
 log = logging.getLogger("troupe.cluster")
 
@@ -62,7 +64,7 @@ def check_capacity(cfg: TroupeConfig) -> None:
     if cfg.ray.address is not None:
         return  # a real cluster may autoscale to fit
     have = ray.cluster_resources()
-    critics = cfg.critic.world_size if cfg.algo.name == "ppo" else 0
+    critics = cfg.critic.world_size if cfg.algo.critic else 0
     experts = list(cfg.reward.experts.items())
     for resource, parts in (
         (

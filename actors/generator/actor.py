@@ -9,10 +9,10 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
+from actors.generator.config import GeneratorConfig
 from actors.generator.sampling import Sampling
 from actors.hardware import resolve_dtype
 from actors.protocol import Prompt, Rollout, WeightBundle
@@ -20,50 +20,47 @@ from actors.protocol import Prompt, Rollout, WeightBundle
 log = logging.getLogger("troupe.generator")
 
 
-@dataclass(frozen=True)
-class GeneratorSpec:
-    model_path: str
-    backend: str = "vllm"  # "vllm" or "hf"
-    dtype: str = "auto"  # auto: bfloat16 where the hardware has it natively, else float32
-    max_model_len: int = 1024
-    seed: int = 0
-    enforce_eager: bool = True
-    gpu_memory_utilization: float = 0.5
-    tensor_parallel_size: int = 1
-    trust_remote_code: bool = False
-
-
 class Generator:
-    def __init__(self, spec: GeneratorSpec, replica: int = 0) -> None:
-        self.spec = spec
+    """`config` is the run's generator config; `seed` the run seed (each replica draws from its own offset)."""
+
+    def __init__(
+        self,
+        config: GeneratorConfig,
+        model_path: str,
+        replica: int = 0,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.spec = config
+        self.model_path = model_path
         self.replica = replica
         self.version = 0
         self.stats = {"prompts": 0, "samples": 0, "tokens": 0, "generate_s": 0.0, "weight_loads": 0}
         threads = os.environ.get("OMP_NUM_THREADS")
         if threads and not torch.cuda.is_available():
             torch.set_num_threads(int(threads))
-        self.dtype = resolve_dtype(spec.dtype)
-        seed = spec.seed + 1000 * replica  # replicas must not draw identical samples
-        if spec.backend == "vllm":
+        self.dtype = resolve_dtype(config.dtype)
+        seed = seed + 1000 * replica  # replicas must not draw identical samples
+        if config.backend == "vllm":
             from actors.generator.vllm_backend import VLLMBackend
 
             self.backend = VLLMBackend(
-                spec.model_path,
+                model_path,
                 self.dtype,
-                spec.max_model_len,
+                config.max_model_len,
                 seed,
-                spec.enforce_eager,
-                spec.gpu_memory_utilization,
-                spec.tensor_parallel_size,
-                spec.trust_remote_code,
+                config.enforce_eager,
+                config.gpu_memory_utilization,
+                config.tensor_parallel_size,
+                trust_remote_code,
             )
-        elif spec.backend == "hf":
+        elif config.backend == "hf":
             from actors.generator.hf_backend import HFBackend
 
-            self.backend = HFBackend(spec.model_path, self.dtype, seed, spec.trust_remote_code)
+            self.backend = HFBackend(model_path, self.dtype, seed, trust_remote_code)
         else:
-            raise ValueError(f"generator.backend must be 'vllm' or 'hf', got {spec.backend!r}")
-        log.info("generator %d ready (%s, %s)", replica, spec.backend, spec.model_path)
+            raise ValueError(f"generator.backend must be 'vllm' or 'hf', got {config.backend!r}")
+        log.info("generator %d ready (%s, %s)", replica, config.backend, model_path)
 
     def ready(self) -> dict:
         return {
@@ -81,7 +78,18 @@ class Generator:
         for prompt, group in zip(prompts, groups, strict=True):
             for k, c in enumerate(group):
                 lp = torch.tensor(c.logprobs, dtype=torch.float32)
-                rollouts.append(Rollout(prompt, k, c.token_ids, c.text, lp, self.version, c.finish_reason))
+                rollouts.append(
+                    Rollout(
+                        prompt,
+                        k,
+                        c.token_ids,
+                        c.text,
+                        lp,
+                        self.version,
+                        c.finish_reason,
+                        sampling.temperature,
+                    )
+                )
         self.stats["prompts"] += len(prompts)
         self.stats["samples"] += len(rollouts)
         self.stats["tokens"] += sum(len(r.response_ids) for r in rollouts)

@@ -59,10 +59,10 @@ class HFBackend:
             pad_token_id=self.pad_id,
             eos_token_id=list(self.eos_ids),
             return_dict_in_generate=True,
-            output_logits=True,  # raw logits: the same "raw logprobs" vLLM reports
+            output_scores=True,  # processed (after temperature / top-p): what vLLM reports as processed_logprobs
         )
         new_tokens = out.sequences[:, width:].cpu()
-        logps = torch.stack(out.logits, dim=1).float().log_softmax(-1).cpu()
+        logps = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu()
         groups: list[list[Completion]] = []
         for row in range(new_tokens.shape[0]):
             toks = new_tokens[row].tolist()

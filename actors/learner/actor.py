@@ -1,6 +1,6 @@
 """The `Learner` actor: one rank of the policy's DeepSpeed engine (ZeRO 0-3; gloo on CPU, NCCL on GPU).
 
-It runs policy-gradient updates (GRPO, RLOO, REINFORCE++, PPO; see pg_update.py) and DPO (dpo_update.py).
+It runs policy-gradient updates (pg_update.py) and DPO (dpo_update.py) on its share of the batch.
 The cluster side creates the ranks and drives them in lock-step.
 """
 
@@ -13,24 +13,24 @@ from collections.abc import Sequence
 import torch
 
 from actors.learner import lora
-from actors.learner.batch import TrainSample, pad_sequences, token_logprobs
+from actors.learner.batch import RolloutBatch, pair_batch
+from actors.learner.config import RankSetup
 from actors.learner.dpo import PreferencePair
 from actors.learner.dpo_update import dpo_update
-from actors.learner.engine import LearnerSpec, build_engine, current_lr, init_process_group
+from actors.learner.engine import build_engine, current_lr, init_process_group
+from actors.learner.logprobs import response_logprobs
 from actors.learner.pg_update import policy_gradient_update
 from actors.learner.rank import DeepSpeedRank
+from actors.learner.step import micro_batches
 from actors.learner.weights import full_state_dict
 from actors.protocol import WeightBundle
 
 log = logging.getLogger("troupe.learner")
 
-__all__ = ["Learner", "LearnerSpec"]
-
 
 class Learner(DeepSpeedRank):
-    def __init__(self, spec: LearnerSpec, rank: int, use_reference: bool = False) -> None:
+    def __init__(self, spec: RankSetup, rank: int) -> None:
         super().__init__(spec, rank)
-        self.use_reference = use_reference  # KL to the reference, or a DPO reference fixed at the start
         self.reference = None
 
     def setup(self, master_addr: str, master_port: int) -> dict:
@@ -43,12 +43,12 @@ class Learner(DeepSpeedRank):
             spec.model_path, dtype=torch.float32, trust_remote_code=spec.trust_remote_code
         )
         model.config.use_cache = False
-        if spec.lora.enabled:
-            model = lora.wrap(model, spec.lora)
-            if spec.gradient_checkpointing:
+        if spec.train.lora.enabled:
+            model = lora.wrap(model, spec.train.lora)
+            if spec.train.gradient_checkpointing:
                 model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
         self.engine = build_engine(model, spec, self.dtype, on_gpu)
-        if self.use_reference and not spec.lora.enabled:  # LoRA's reference is the base with adapters off
+        if spec.algo.needs_reference() and not spec.train.lora.enabled:  # LoRA: the base, adapters off
             self.reference = AutoModelForCausalLM.from_pretrained(
                 spec.model_path, dtype=getattr(torch, self.dtype), trust_remote_code=spec.trust_remote_code
             ).to(self.engine.device)
@@ -58,33 +58,44 @@ class Learner(DeepSpeedRank):
         return self._info(time.perf_counter() - start, trainable=lora.trainable_fraction(self.engine.module))
 
     def has_reference(self) -> bool:
-        return self.reference is not None or (self.use_reference and self.spec.lora.enabled)
+        return self.reference is not None or (
+            self.spec.algo.needs_reference() and self.spec.train.lora.enabled
+        )
 
     @torch.no_grad()
-    def logprobs(self, input_ids, attention_mask, reference: bool) -> torch.Tensor:
-        """Per-token logprobs of the current policy, or of the frozen reference (no grad, eval mode)."""
+    def frozen_logprobs(self, batch: RolloutBatch, reference: bool) -> torch.Tensor:
+        """[B, L-1] log-probs of the current policy or of the reference, no grad, in length-grouped micro-batches."""
         device = self.engine.device
-        ids, att = input_ids.to(device), attention_mask.to(device)
         self.engine.eval()
-        if not reference:
-            return token_logprobs(self.engine, ids, att)[0].cpu()
-        if self.reference is not None:
-            return token_logprobs(self.reference, ids, att)[0].cpu()
-        with lora.base_model(self.engine.module):
-            return token_logprobs(self.engine.module, ids, att)[0].cpu()
-
-    def train(self, samples: Sequence[TrainSample], kl_coef: float | None = None) -> dict:
-        """One policy-gradient update over this rank's share; `kl_coef` overrides the spec (adaptive KL)."""
-        if len(samples) != self.spec.samples_per_rank:
-            raise ValueError(
-                f"learner rank {self.rank}: got {len(samples)} samples, configured for {self.spec.samples_per_rank}"
+        out = torch.zeros(batch.action_mask.shape)
+        rows = torch.arange(len(batch))
+        for mb_rows in micro_batches(rows, batch.lengths, self.spec.train.micro_batch_size):
+            mb = batch.select(mb_rows)
+            args = (
+                mb.input_ids.to(device),
+                mb.attention_mask.to(device),
+                mb.action_mask.to(device),
+                mb.temperature,
             )
+            chunk = self.spec.train.logprob_chunk
+            if not reference:
+                logp = response_logprobs(self.engine, *args, chunk=chunk)[0]
+            elif self.reference is not None:
+                logp = response_logprobs(self.reference, *args, chunk=chunk)[0]
+            else:
+                with lora.base_model(self.engine.module):
+                    logp = response_logprobs(self.engine.module, *args, chunk=chunk)[0]
+            out[mb_rows, : logp.shape[1]] = logp.cpu()
+        return out
+
+    def train(self, batch: RolloutBatch, kl_coef: float) -> tuple[dict, list[torch.Tensor] | None]:
+        """One policy-gradient update over this rank's share; `kl_coef` is the (adaptive) KL coefficient."""
         start = time.perf_counter()
-        metrics = policy_gradient_update(self, samples, self.spec.kl_coef if kl_coef is None else kl_coef)
+        metrics, returns = policy_gradient_update(self, batch, kl_coef)
         metrics.update(
             optimizer_steps=self.steps, lr=current_lr(self.engine), train_s=time.perf_counter() - start
         )
-        return metrics
+        return metrics, returns
 
     def train_dpo(self, pairs: Sequence[PreferencePair]) -> dict:
         """DPO epochs over this rank's pairs (all ranks must get the same count)."""
@@ -98,17 +109,14 @@ class Learner(DeepSpeedRank):
     @torch.no_grad()
     def pair_margins(self, pairs: Sequence[PreferencePair]) -> list[float]:
         """log pi(chosen) - log pi(rejected) per pair under the current policy (evaluation, no update)."""
-        prompts = [p.prompt_ids for p in pairs] * 2
-        input_ids, attention, action = pad_sequences(
-            prompts, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], self.pad_id
-        )
-        sums = (self.logprobs(input_ids, attention, reference=False) * action).sum(-1)
+        batch = pair_batch(pairs, self.pad_id)
+        sums = self.frozen_logprobs(batch, reference=False).sum(-1)
         return (sums[: len(pairs)] - sums[len(pairs) :]).tolist()
 
     def export_weights(self, version: int) -> WeightBundle | None:
         """Full HF-named state dict on rank 0 (every rank must call this: ZeRO-3 gathers collectively)."""
         tensors = full_state_dict(
-            self.engine, self.spec.zero_stage, getattr(torch, self.export_dtype), self.rank == 0
+            self.engine, self.spec.train.zero_stage, getattr(torch, self.export_dtype), self.rank == 0
         )
         return WeightBundle(version, tensors) if self.rank == 0 else None
 
@@ -118,7 +126,7 @@ class Learner(DeepSpeedRank):
         LoRA runs save the merged model, loadable without peft.
         """
         tensors = full_state_dict(
-            self.engine, self.spec.zero_stage, getattr(torch, self.dtype), self.rank == 0
+            self.engine, self.spec.train.zero_stage, getattr(torch, self.dtype), self.rank == 0
         )
         if self.rank != 0:
             return None

@@ -1,21 +1,71 @@
-"""Critic-free sequence-level advantage estimators beside GRPO: RLOO and REINFORCE++ (with/without baseline).
+"""Advantage estimators, by name: `algo.estimator` picks one; adding one is a function registered here.
 
-Pure tensor functions; rewards come as consecutive groups of `group_size` samples of one prompt.
-KL to the reference enters the loss as a k1/k2/k3 term (as in GRPO), not as a per-token reward penalty:
-OpenRLHF's REINFORCE++ folds it into the reward; troupe does that only once token-level rewards land (PPO).
+Each estimator maps `AdvantageInputs` (one learner rank's rows, whole prompt groups) to per-token advantages
+[B, T] and, where a critic learns from them, returns [B, T]. Sequence-level estimators put one number on every
+response token. Whitening over the global batch (`algo.whiten_advantages`) is applied after, by the caller.
+Pure tensor functions (no DeepSpeed, no Ray).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
+from actors.learner.config import AlgoConfig
 from actors.learner.grpo import group_advantages
+from actors.learner.ppo import gae, last_token_index
 
-ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+
+@dataclass(frozen=True)
+class AdvantageInputs:
+    rewards: torch.Tensor  # [B] sequence rewards
+    token_rewards: (
+        torch.Tensor
+    )  # [B, T] the reward on each response token (minus beta*KL_t when kl_placement=reward)
+    mask: torch.Tensor  # [B, T] response tokens
+    group_size: int
+    values: torch.Tensor | None = None  # [B, T] critic values (gae)
+
+
+Estimator = Callable[[AdvantageInputs, AlgoConfig], tuple[torch.Tensor, torch.Tensor | None]]
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def estimator(name: str):
+    def register(fn: Estimator) -> Estimator:
+        ESTIMATORS[name] = fn
+        return fn
+
+    return register
+
+
+def estimate(algo: AlgoConfig, inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if algo.estimator not in ESTIMATORS:
+        raise ValueError(f"algo.estimator must be one of {sorted(ESTIMATORS)}, got {algo.estimator!r}")
+    return ESTIMATORS[algo.estimator](inputs, algo)
+
+
+def _per_token(sequence_advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return sequence_advantages[:, None].float() * mask
+
+
+def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
+    return rewards.float().view(-1, group_size)
+
+
+@estimator("group")
+def group(inputs: AdvantageInputs, algo: AlgoConfig):
+    """GRPO: (r - group mean) / group std; Dr. GRPO without the std (algo.scale_by_std=false)."""
+    adv = group_advantages(inputs.rewards, inputs.group_size, scale_by_std=algo.scale_by_std)
+    return _per_token(adv, inputs.mask), None
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """A_i = r_i - mean_{j != i} r_j = n/(n-1) * (r_i - mean(group)) (Ahmadian et al., 2024)."""
+    """A_i = r_i - mean_{j != i} r_j (Ahmadian et al., 2024)."""
     if group_size < 2:
         raise ValueError("RLOO needs at least 2 samples per prompt")
     groups = _groups(rewards, group_size)
@@ -23,37 +73,39 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (groups - loo_mean).view(-1)
 
 
-def whiten(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(x - mean) / (std + eps) over the whole batch (unbiased std)."""
-    if x.numel() < 2:
-        return x - x.mean()
-    return (x - x.mean()) / (x.std() + eps)
+@estimator("rloo")
+def rloo(inputs: AdvantageInputs, algo: AlgoConfig):
+    return _per_token(rloo_advantages(inputs.rewards, inputs.group_size), inputs.mask), None
 
 
-def reinforce_pp_advantages(rewards: torch.Tensor, group_size: int, baseline: bool) -> torch.Tensor:
-    """REINFORCE++: rewards whitened over the global batch; with `baseline`, the group mean is removed first."""
-    r = rewards.float()
-    if baseline:
-        groups = _groups(r, group_size)
-        r = (groups - groups.mean(dim=1, keepdim=True)).view(-1)
-    return whiten(r)
+def _centred_within_groups(inputs: AdvantageInputs) -> torch.Tensor:
+    """token rewards with each group's mean sequence reward removed from each row's last token."""
+    groups = _groups(inputs.rewards, inputs.group_size)
+    shift = groups.mean(dim=1, keepdim=True).expand_as(groups).reshape(-1)
+    last = last_token_index(inputs.mask)
+    out = inputs.token_rewards.clone()
+    out[torch.arange(len(out)), last] -= shift
+    return out
 
 
-def estimate_advantages(
-    name: str, rewards: torch.Tensor, group_size: int, scale_by_std: bool = True
-) -> torch.Tensor:
-    if name == "grpo":
-        return group_advantages(rewards, group_size, scale_by_std=scale_by_std)
-    if name == "rloo":
-        return rloo_advantages(rewards, group_size)
-    if name == "reinforce_pp":
-        return reinforce_pp_advantages(rewards, group_size, baseline=False)
-    if name == "reinforce_pp_baseline":
-        return reinforce_pp_advantages(rewards, group_size, baseline=True)
-    raise ValueError(f"advantage estimator must be one of {ESTIMATORS}, got {name!r}")
+@estimator("returns")
+def returns(inputs: AdvantageInputs, algo: AlgoConfig):
+    """REINFORCE++: the discounted reward-to-go of the token rewards (group mean removed with group_baseline)."""
+    rewards = _centred_within_groups(inputs) if algo.group_baseline else inputs.token_rewards
+    adv, ret = gae(rewards, torch.zeros_like(rewards), inputs.mask, algo.gamma, 1.0)
+    return adv, ret
 
 
-def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    if rewards.ndim != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
-    return rewards.float().view(-1, group_size)
+@estimator("gae")
+def generalised_advantages(inputs: AdvantageInputs, algo: AlgoConfig):
+    """PPO: GAE over the token rewards with the critic's values."""
+    if inputs.values is None:
+        raise ValueError("algo.estimator=gae needs critic values (algo.critic=true)")
+    return gae(inputs.token_rewards, inputs.values, inputs.mask, algo.gamma, algo.lam)
+
+
+@estimator("constant_baseline")
+def constant_baseline(inputs: AdvantageInputs, algo: AlgoConfig):
+    """REINFORCE with a constant baseline b (algo.estimator_args.baseline): A = r - b on every token."""
+    baseline = float(algo.estimator_args.get("baseline", 0.0))
+    return _per_token(inputs.rewards - baseline, inputs.mask), None

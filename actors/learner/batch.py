@@ -1,46 +1,90 @@
-"""Turns scored rollouts (or preference pairs) into padded training tensors, and computes per-token logprobs.
+"""The columnar batch that travels through score and learn: rollouts, rewards, advantages, values and returns
+are its columns. Row i is one sampled response; rows come in prompt groups of `group_size` consecutive samples.
 
-No DeepSpeed or Ray here; shapes follow the convention position t predicts token t+1, so per-token tensors are
-[B, L-1] and the response tokens of row i sit under `action_mask[i] == 1`.
+Shapes follow the convention "position t predicts token t+1": per-token columns are [B, L-1] and the response
+tokens of row i sit under `action_mask[i] == 1`. No DeepSpeed or Ray here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
+from actors.learner.dpo import PreferencePair
+from actors.protocol import ScoredRollout
 
-@dataclass(frozen=True)
-class TrainSample:
-    """One sequence for a policy-gradient update (sent from the driver to a learner rank)."""
-
-    prompt_ids: tuple[int, ...]
-    response_ids: tuple[int, ...]
-    advantage: float  # sequence-level advantage (advantage_mode "sequence")
-    behaviour_logprobs: torch.Tensor  # the generator's logprobs, kept to measure the train/inference mismatch
-    reward: float = 0.0  # sequence reward placed on the last token (token-level modes)
-    token_rewards: torch.Tensor | None = None  # [len(response_ids)] dense rewards from the reward side
-    values: torch.Tensor | None = None  # [len(response_ids)] critic values V(s_t) (PPO)
+_PER_ROW = ("rewards", "temperature", "weight_version")
 
 
 @dataclass(frozen=True)
-class TrainTensors:
-    input_ids: torch.Tensor  # [B, L] right-padded
+class RolloutBatch:
+    input_ids: torch.Tensor  # [B, L] prompt + response, right-padded
     attention_mask: torch.Tensor  # [B, L]
-    action_mask: torch.Tensor  # [B, L-1]: 1 where position t predicts a response token
-    advantages: torch.Tensor  # [B]
-    behaviour_logprobs: torch.Tensor  # [B, L-1], zero outside the action mask
-    rewards: torch.Tensor  # [B]
-    token_rewards: torch.Tensor  # [B, L-1]
-    values: torch.Tensor  # [B, L-1]
+    action_mask: torch.Tensor  # [B, L-1] float: 1 where position t predicts a response token
+    behaviour_logprobs: torch.Tensor  # [B, L-1] the generator's log-probs (at its sampling temperature)
+    rewards: torch.Tensor  # [B] the sequence reward (sum of token_rewards)
+    token_rewards: torch.Tensor  # [B, L-1] the complete reward placed on response tokens
+    temperature: torch.Tensor  # [B] the temperature each response was sampled at
+    weight_version: torch.Tensor  # [B] long: the policy version that generated each response
+    group_size: int = 1
+    values: torch.Tensor | None = None  # [B, L-1] critic V(s_t) (PPO)
+    advantages: torch.Tensor | None = None  # [B, L-1]
+    returns: torch.Tensor | None = None  # [B, L-1] the critic's regression targets (PPO)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, rows) -> TrainTensors:
-        return TrainTensors(*(getattr(self, f.name)[rows] for f in fields(self)))
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Prompt + response tokens of each row."""
+        return self.attention_mask.sum(-1)
+
+    def select(self, rows: torch.Tensor | slice | Sequence[int]) -> RolloutBatch:
+        """A row subset, trimmed to its own longest row (no padding beyond what these rows need)."""
+        if not isinstance(rows, slice):
+            rows = torch.as_tensor(rows, dtype=torch.long)
+        width = int(self.attention_mask[rows].sum(-1).max()) if len(self.input_ids[rows]) else 1
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, torch.Tensor):
+                out[f.name] = value
+            elif f.name in _PER_ROW:
+                out[f.name] = value[rows]
+            elif f.name in ("input_ids", "attention_mask"):
+                out[f.name] = value[rows][:, :width]
+            else:
+                out[f.name] = value[rows][:, : width - 1]
+        return RolloutBatch(**out)
+
+    def with_columns(self, **columns: torch.Tensor) -> RolloutBatch:
+        return replace(self, **columns)
+
+    def shares(self, parts: int, whole_groups: bool = True) -> list[RolloutBatch]:
+        """Contiguous shares for `parts` ranks: equal sizes of whole prompt groups, or near-equal row counts."""
+        if whole_groups and (len(self) // self.group_size) % parts:
+            raise ValueError(
+                f"{len(self) // self.group_size} prompt groups do not split evenly over {parts} ranks"
+            )
+        bounds = [round(len(self) * k / parts) for k in range(parts + 1)]
+        return [self.select(slice(bounds[k], bounds[k + 1])) for k in range(parts)]
+
+    def response_rows(self, per_token: torch.Tensor) -> list[torch.Tensor]:
+        """Row-wise response-token entries of a [B, L-1] tensor, as variable-length 1-D tensors."""
+        return [per_token[i][self.action_mask[i].bool()].clone() for i in range(len(self))]
+
+    def place(self, per_row: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Inverse of `response_rows`: scatter per-response 1-D tensors into a [B, L-1] tensor."""
+        return place(self.action_mask, per_row)
+
+
+def place(action_mask: torch.Tensor, per_row: Sequence[torch.Tensor]) -> torch.Tensor:
+    out = torch.zeros(action_mask.shape, dtype=torch.float32)
+    for i, values in enumerate(per_row):
+        out[i][action_mask[i].bool()] = values.float()
+    return out
 
 
 def pad_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int):
@@ -57,53 +101,53 @@ def pad_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
     return input_ids, attention, action
 
 
-def collate(samples: Sequence[TrainSample], pad_id: int) -> TrainTensors:
+def from_scored(scored: Sequence[ScoredRollout], pad_id: int, group_size: int) -> RolloutBatch:
+    """Collate scored rollouts into columns. A rollout whose reward has no per-token placement gets its scalar
+    on its last response token."""
+    rollouts = [s.rollout for s in scored]
     input_ids, attention, action = pad_sequences(
-        [s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id
+        [r.prompt.token_ids for r in rollouts], [r.response_ids for r in rollouts], pad_id
     )
-    per_token = {
-        name: torch.zeros(action.shape, dtype=torch.float32)
-        for name in ("behaviour_logprobs", "token_rewards", "values")
-    }
-    for i, s in enumerate(samples):
-        span = slice(len(s.prompt_ids) - 1, len(s.prompt_ids) + len(s.response_ids) - 1)
-        for name, tensor in per_token.items():
-            value = getattr(s, name)
-            if value is not None:
-                tensor[i, span] = value.float()
-    return TrainTensors(
+    behaviour = torch.zeros(action.shape)
+    token_rewards = torch.zeros(action.shape)
+    for i, s in enumerate(scored):
+        r = s.rollout
+        n = len(r.response_ids)
+        if n == 0:
+            continue
+        span = slice(len(r.prompt.token_ids) - 1, len(r.prompt.token_ids) - 1 + n)
+        behaviour[i, span] = r.logprobs.float()
+        dense = s.reward.token_rewards
+        if dense is not None:
+            if len(dense) != n:
+                raise ValueError(
+                    f"rollout {r.prompt.uid}#{r.sample_index}: {len(dense)} token rewards for {n} response tokens"
+                )
+            token_rewards[i, span] = torch.as_tensor(dense, dtype=torch.float32)
+        else:
+            token_rewards[i, span.stop - 1] = s.reward.scalar
+    return RolloutBatch(
         input_ids,
         attention,
         action,
-        torch.tensor([s.advantage for s in samples], dtype=torch.float32),
-        per_token["behaviour_logprobs"],
-        torch.tensor([s.reward for s in samples], dtype=torch.float32),
-        per_token["token_rewards"],
-        per_token["values"],
+        behaviour,
+        torch.tensor([s.reward.scalar for s in scored], dtype=torch.float32),
+        token_rewards,
+        torch.tensor([r.temperature for r in rollouts], dtype=torch.float32),
+        torch.tensor([r.weight_version for r in rollouts], dtype=torch.long),
+        group_size,
     )
 
 
-def response_slices(batch: TrainTensors, per_token: torch.Tensor) -> list[torch.Tensor]:
-    """Row-wise response-token entries of a [B, L-1] tensor, as variable-length 1-D tensors."""
-    return [per_token[i][batch.action_mask[i].bool()].clone() for i in range(len(batch))]
-
-
-def place(action_mask: torch.Tensor, per_sample: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Inverse of `response_slices`: scatter variable-length per-response tensors into a [B, L-1] tensor."""
-    out = torch.zeros(action_mask.shape, dtype=torch.float32)
-    for i, values in enumerate(per_sample):
-        out[i][action_mask[i].bool()] = values.float()
-    return out
-
-
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False):
-    """log pi(x_{t+1} | x_{<=t}) for t in [0, L-1), in float32; optionally the per-position entropy."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
-    # gather - logsumexp avoids materialising a second [B, L, V] log_softmax tensor for backward
-    logp = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    if not with_entropy:
-        return logp, None
-    with torch.no_grad():
-        probs = logits.softmax(-1)
-        entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
-    return logp, entropy
+def pair_batch(pairs: Sequence[PreferencePair], pad_id: int) -> RolloutBatch:
+    """Preference pairs as a batch: rows 0..P-1 the chosen responses, rows P..2P-1 the rejected ones (T = 1)."""
+    ids, att, action = pad_sequences(
+        [p.prompt_ids for p in pairs] * 2,
+        [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
+        pad_id,
+    )
+    n = ids.shape[0]
+    zeros = torch.zeros(action.shape)
+    return RolloutBatch(
+        ids, att, action, zeros, torch.zeros(n), zeros, torch.ones(n), torch.zeros(n, dtype=torch.long)
+    )

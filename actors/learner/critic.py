@@ -7,16 +7,15 @@ V(s_t) is read at every position t (the state after token t), aligned with the p
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from actors.learner.batch import TrainSample, collate, place, response_slices
+from actors.learner.batch import RolloutBatch
 from actors.learner.engine import build_engine, current_lr, init_process_group
-from actors.learner.grpo import aggregate
 from actors.learner.ppo import explained_variance, value_loss
 from actors.learner.rank import DeepSpeedRank
+from actors.learner.step import micro_batches
 
 
 class ValueModel(nn.Module):
@@ -58,63 +57,50 @@ class Critic(DeepSpeedRank):
         self.pad_id = pad if pad is not None else 0
         return self._info(time.perf_counter() - start)
 
-    @torch.no_grad()
-    def values(self, samples: Sequence[TrainSample]) -> list[torch.Tensor]:
-        """V(s_t) at each response token of each sample, in order."""
-        batch = collate(samples, self.pad_id)
-        self.engine.eval()
-        out = []
-        step = self.spec.micro_batch_size
-        for lo in range(0, len(batch), step):
-            mb = batch.select(slice(lo, lo + step))
-            out.append(self._forward(mb).cpu())
-        return response_slices(batch, torch.cat(out))
-
-    def _forward(self, mb) -> torch.Tensor:
+    def _forward(self, mb: RolloutBatch) -> torch.Tensor:
         device = self.engine.device
         return self.engine(mb.input_ids.to(device), mb.attention_mask.to(device))[:, :-1]
 
-    def train(self, samples: Sequence[TrainSample], returns: Sequence[torch.Tensor]) -> dict:
-        """Clipped value regression onto `returns`; `samples[i].values` are the values the advantages used."""
+    @torch.no_grad()
+    def _predict(self, batch: RolloutBatch) -> torch.Tensor:
+        self.engine.eval()
+        out = torch.zeros(batch.action_mask.shape)
+        for rows in micro_batches(torch.arange(len(batch)), batch.lengths, self.spec.train.micro_batch_size):
+            values = self._forward(batch.select(rows)).float().cpu()
+            out[rows, : values.shape[1]] = values
+        return out * batch.action_mask
+
+    def values(self, batch: RolloutBatch) -> list[torch.Tensor]:
+        """V(s_t) at each response token of each row, in order."""
+        return batch.response_rows(self._predict(batch))
+
+    def train(self, batch: RolloutBatch) -> dict:
+        """Clipped value regression onto `batch.returns`; `batch.values` are the values the advantages used."""
         start = time.perf_counter()
-        spec, device = self.spec, self.engine.device
-        batch = collate(samples, self.pad_id)
-        targets, old_values = place(batch.action_mask, returns), batch.values
-        sums = {"value_loss": 0.0, "value_clip_frac": 0.0}
-        grad_norms: list[float] = []
-        micro = 0
-        self.engine.train()
-        for rows, boundary, scale in self.micro_batches(len(batch)):
+        device, clip = self.engine.device, self.spec.value_clip
+
+        def micro_loss(rows, norm):
             mb = batch.select(rows)
             m = mb.action_mask.to(device)
             per_token, clipped = value_loss(
-                self._forward(mb), old_values[rows].to(device), targets[rows].to(device), spec.value_clip
+                self._forward(mb).float(), mb.values.to(device), mb.returns.to(device), clip
             )
-            loss = aggregate(per_token, m, "token_mean")
-            self._step(loss, boundary, scale, grad_norms)
-            micro += 1
-            sums["value_loss"] += float(loss.detach())
-            sums["value_clip_frac"] += float(aggregate(clipped, m, "token_mean"))
-        metrics = {k: v / micro for k, v in sums.items()}
+            loss = norm.per_token((per_token * m).sum())
+            return loss, {"value_loss": loss.detach(), "value_clip_frac": norm.per_token((clipped * m).sum())}
+
+        metrics = self.optimize(batch.lengths, batch.action_mask.sum(-1), micro_loss)
+        mask = batch.action_mask
         metrics.update(
-            explained_variance=explained_variance(old_values, targets, batch.action_mask),
-            values_mean=float((old_values * batch.action_mask).sum() / batch.action_mask.sum()),
-            grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+            explained_variance=explained_variance(batch.values, batch.returns, mask),
+            values_mean=float((batch.values * mask).sum() / mask.sum().clamp(min=1.0)),
             lr=current_lr(self.engine),
             train_s=time.perf_counter() - start,
         )
         return metrics
 
-    @torch.no_grad()
-    def value_loss_on(self, samples: Sequence[TrainSample], returns: Sequence[torch.Tensor]) -> float:
-        """Unclipped value loss of the current critic on a fixed batch (to check that training lowers it)."""
-        batch = collate(samples, self.pad_id)
-        self.engine.eval()
-        pred = torch.cat(
-            [
-                self._forward(batch.select(slice(lo, lo + self.spec.micro_batch_size))).cpu()
-                for lo in range(0, len(batch), self.spec.micro_batch_size)
-            ]
-        )
-        per_token, _ = value_loss(pred, pred, place(batch.action_mask, returns), None)
-        return float(aggregate(per_token, batch.action_mask, "token_mean"))
+    def value_loss_on(self, batch: RolloutBatch) -> float:
+        """Unclipped token-mean value loss of the current critic against `batch.returns` (no update)."""
+        pred = self._predict(batch)
+        per_token, _ = value_loss(pred, pred, batch.returns, None)
+        mask = batch.action_mask
+        return float((per_token * mask).sum() / mask.sum().clamp(min=1.0))

@@ -1,4 +1,4 @@
-"""GRPO math: group-normalised advantages, the clipped token-level policy loss, and KL estimators.
+"""Policy-gradient math: group-normalised advantages, the clipped token-level policy loss, and KL estimators.
 
 Pure tensor functions (no DeepSpeed, no Ray) so they can be checked against hand-computed values.
 """
@@ -50,18 +50,3 @@ def clipped_policy_loss(
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
     loss = -torch.minimum(unclipped, clipped)
     return loss, (clipped < unclipped).float()
-
-
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Reduce a [B, T] per-token quantity over the response tokens in `mask`.
-
-    token_mean: mean over all tokens of the batch (long answers weigh more; DAPO).
-    seq_mean_token_mean: mean over each sequence's tokens, then over sequences (the GRPO paper).
-    """
-    mask = mask.to(per_token.dtype)
-    if mode == "token_mean":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
-    if mode == "seq_mean_token_mean":
-        per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-        return per_seq.mean()
-    raise ValueError(f"loss aggregation must be token_mean or seq_mean_token_mean, got {mode!r}")

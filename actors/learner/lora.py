@@ -9,12 +9,12 @@ from contextlib import nullcontext
 
 import torch
 
-from actors.learner.engine import LoraSpec
+from actors.learner.config import LoraConfig
 
 _PREFIX = "base_model.model."
 
 
-def wrap(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, spec: LoraConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(

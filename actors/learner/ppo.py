@@ -1,36 +1,10 @@
-"""PPO math: per-token rewards with a KL penalty, GAE, masked (global) whitening, the clipped value loss, and the
-adaptive KL controller. Pure tensor functions on [B, T] tensors whose `mask` marks response tokens.
-"""
+"""PPO math: GAE, masked (global) whitening, the clipped value loss, and the adaptive KL controller. Pure tensor functions on [B, T] tensors whose `mask` marks response tokens."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-
-
-def token_rewards(
-    scalar: torch.Tensor,
-    mask: torch.Tensor,
-    kl: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    dense: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """r_t = dense_t - kl_coef * KL_t, plus the sequence reward on each sequence's last response token.
-
-    `scalar` [B]; `mask`, `kl`, `dense` [B, T]. `dense` carries token-level rewards from the reward side
-    (e.g. ALaRM aspects placed on tokens); it is zero where the reward model gives a sequence score only.
-    """
-    mask = mask.float()
-    rewards = torch.zeros_like(mask)
-    if dense is not None:
-        rewards = rewards + dense * mask
-    if kl is not None and kl_coef:
-        rewards = rewards - kl_coef * kl * mask
-    last = last_token_index(mask)
-    rows = torch.arange(mask.shape[0])
-    rewards[rows, last] += scalar.float()
-    return rewards
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:

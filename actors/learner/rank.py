@@ -1,25 +1,37 @@
-"""What every DeepSpeed-trained role's rank shares: rendezvous address, setup timing, and micro-batch order."""
+"""What every DeepSpeed-trained role's rank shares: rendezvous address, setup timing, and the one optimizer-step
+loop (micro-batches, loss scaling, accumulation boundaries, clipping) that policy, critic, DPO and reward-model
+training all run.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import torch
 
 from actors.hardware import resolve_dtype
-from actors.learner.engine import LearnerSpec, free_port
+from actors.learner.config import RankSetup
+from actors.learner.engine import free_port
+from actors.learner.step import StepNorm, global_counts, micro_batches, step_rows
+
+# micro_loss(rows, norm) -> (loss to backpropagate, {metric: this micro-batch's share of the step's value})
+MicroLoss = Callable[[torch.Tensor, StepNorm], tuple[torch.Tensor, dict[str, torch.Tensor | float]]]
 
 
 class DeepSpeedRank:
-    def __init__(self, spec: LearnerSpec, rank: int) -> None:
+    def __init__(self, spec: RankSetup, rank: int) -> None:
         self.spec = spec
         self.rank = rank
         self.engine = None
         self.steps = 0
-        self.dtype = resolve_dtype(spec.dtype)
+        self.version = (
+            0  # policy updates applied: equals the weight version generators get after the next sync
+        )
+        self.dtype = resolve_dtype(spec.train.dtype)
         self.export_dtype = resolve_dtype(spec.export_dtype)
         self.pad_id = 0
+        self._shuffle = torch.Generator().manual_seed(spec.seed + rank)
 
     def address(self) -> tuple[str, int]:
         """Rank 0's reachable IP and a free port for the process-group rendezvous."""
@@ -30,31 +42,38 @@ class DeepSpeedRank:
     def _info(self, setup_s: float, **extra) -> dict:
         return {"rank": self.rank, "pid": os.getpid(), "dtype": self.dtype, "setup_s": setup_s, **extra}
 
-    def micro_batches(self, n: int) -> Iterator[tuple[torch.Tensor, bool, float]]:
-        """(rows, steps_after, loss_scale) of each micro-batch over `epochs` shuffled passes of n rows.
+    def optimize(
+        self, lengths: torch.Tensor, token_counts: torch.Tensor, micro_loss: MicroLoss, shuffle: bool = True
+    ) -> dict:
+        """`epochs` passes of `mini_batches` optimizer steps over this rank's rows; returns per-step means.
 
-        Each pass is cut into `mini_batches` optimizer steps; a micro-batch's loss is scaled by 1/(micro-batches
-        in its step) so that a step averages over its micro-batches whatever their count (DPO pair counts vary).
+        Every rank must call it with the same number of rows (ZeRO-3 gathers parameters collectively).
         """
-        spec = self.spec
-        chunks = max(1, -(-n // spec.micro_batch_size))
-        steps = min(spec.mini_batches, chunks)
-        bounds = [round(chunks * (k + 1) / steps) for k in range(steps)]
-        for _ in range(spec.epochs):
-            order = torch.randperm(n)
-            first = 0
-            for end in bounds:
-                for c in range(first, end):
-                    rows = order[c * spec.micro_batch_size : (c + 1) * spec.micro_batch_size]
-                    yield rows, c == end - 1, 1.0 / (end - first)
-                first = end
-
-    def _step(self, loss: torch.Tensor, boundary: bool, scale: float, grad_norms: list[float]) -> None:
-        # The caller owns the accumulation boundary (managed_gradient_accumulation=false in ds_config).
-        self.engine.backward(loss * scale, scale_wrt_gas=False)
-        if boundary:
-            self.engine.step()
-            self.steps += 1
-            norm = self.engine.get_global_grad_norm()
-            if norm is not None:
-                grad_norms.append(float(norm))
+        t = self.spec.train
+        self.engine.train()
+        sums: dict[str, float] = {}
+        grad_norms: list[float] = []
+        steps = 0
+        for _ in range(t.epochs):
+            for rows in step_rows(len(lengths), t.mini_batches, shuffle, self._shuffle):
+                tokens, sequences = global_counts(
+                    float(token_counts[rows].sum()), float(len(rows)), t.world_size > 1
+                )
+                norm = StepNorm(tokens, sequences, t.world_size, self.spec.response_budget)
+                for mb in micro_batches(rows, lengths, t.micro_batch_size):
+                    loss, stats = micro_loss(mb, norm)
+                    # The caller owns the accumulation boundary (managed_gradient_accumulation=false).
+                    self.engine.backward(loss, scale_wrt_gas=False)
+                    for key, value in stats.items():
+                        sums[key] = sums.get(key, 0.0) + float(value)
+                self.engine.step()
+                self.steps += 1
+                steps += 1
+                norm_value = self.engine.get_global_grad_norm()
+                if norm_value is not None:
+                    grad_norms.append(float(norm_value))
+        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+        if steps:
+            self.version += 1
+        return metrics

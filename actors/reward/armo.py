@@ -189,21 +189,32 @@ def train_gating(
     temperature: float = 10.0,
     dropout: float = 0.2,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[GatingNetwork, list[float]]:
     """Bradley-Terry on frozen features: only the gate trains (W and M fixed). The gate runs once per pair
-    from the prompt feature, so chosen and rejected get the same weights."""
+    from the prompt feature, so chosen and rejected get the same weights.
+
+    dtype bfloat16: features in bf16 and the gate's forward under CPU/CUDA autocast, with float32 master weights
+    and a float32 loss (mixed precision); the returned gate is float32 either way."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"gating training runs in float32 or bfloat16, got {dtype}")
     torch.manual_seed(seed)
     gate = GatingNetwork(prompt.shape[1], weights.shape[0], hidden, n_hidden, temperature, dropout)
     opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    device = "cuda" if prompt.is_cuda else "cpu"
+    prompt, chosen, rejected = prompt.to(dtype), chosen.to(dtype), rejected.to(dtype)
+    weights, transform = weights.to(dtype), transform.to(dtype)
     r_chosen, r_rejected = chosen @ weights.T, rejected @ weights.T  # frozen stage-1 objectives
     gen = torch.Generator().manual_seed(seed)
     losses = []
     gate.train()
     for _ in range(steps):
         idx = torch.randint(0, len(prompt), (min(batch_size, len(prompt)),), generator=gen)
-        g = gate(prompt[idx])
-        margin = armo_score(r_chosen[idx], transform, g) - armo_score(r_rejected[idx], transform, g)
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            g = gate(prompt[idx])
+            margin = armo_score(r_chosen[idx], transform, g) - armo_score(r_rejected[idx], transform, g)
+        margin = margin.float()
         loss = F.binary_cross_entropy_with_logits(margin, torch.ones_like(margin))
         opt.zero_grad()
         loss.backward()

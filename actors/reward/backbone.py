@@ -1,5 +1,18 @@
-"""A frozen reward backbone: one forward pass gives, per (prompt, response), the last-token feature of the
-response (ArmoRM stage 1) and the prompt feature at the end of the final user turn (ArmoRM stage 2's gate input).
+"""A frozen reward backbone: one forward pass gives, per (prompt, response), the response feature (ArmoRM stage 1)
+and the prompt feature at the end of the final user turn (ArmoRM stage 2's gate input).
+
+Encoding (`encode`, shared by serving and by RM training's `tokenize_for_rm`): the chat template renders the
+prompt plus the response as an assistant message (`add_generation_prompt=False`), and the sequence ends at the
+template's end-of-turn token of that assistant turn (`<|im_end|>`, Llama-3's `<|eot_id|>`, Gemma's
+`<end_of_turn>`, ...), where the response feature is read. The end-of-turn token is found by rendering a sentinel
+assistant message and taking the first special token the template writes after it (`turn_suffix`); a template
+that writes nothing after an assistant message gets `eos_token` appended. The prompt feature is read at the last
+end-of-turn token of the prompt (the one closing the final user turn).
+
+Truncation, one rule: the prompt (everything up to the assistant header, included) keeps its last
+max_length // 2 tokens, cut from the left, whatever the response; the response keeps its first tokens that fit
+in the rest, and the end-of-turn token is always kept. Both sides of a preference pair therefore share one
+prompt, and training sees exactly the ids serving scores.
 
 Sequences are right-padded and features gathered at explicit indices, never at "first pad - 1" (ArmoRM pitfall 5:
 with pad == end-of-turn that reads the user turn), nor at position -1 (HaF pitfall: a pad in the shorter side).
@@ -12,28 +25,89 @@ from dataclasses import dataclass
 
 import torch
 
+ENCODING_VERSION = 2  # part of the feature-cache fingerprint: bump when `encode` changes
+_SENTINEL = "Zq7xWv3Kp"
+
 
 @dataclass(frozen=True)
 class Encoded:
-    input_ids: tuple[int, ...]
-    prompt_end: int  # index of the last token of the final user turn (before the assistant header)
+    input_ids: tuple[int, ...]  # ends with the assistant turn's end-of-turn token (read there)
+    prompt_end: int  # index of the end-of-turn token closing the final user turn
     response_start: int  # index of the first response token
-
-
-def encode(tokenizer, prompt: Sequence[dict], response: str, max_length: int) -> Encoded:
-    """Chat-templated prompt + response tokens + EOS; the prompt is cut from the left when too long."""
-    head = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-    turn = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=False, tokenize=True)
-    head, turn = _ids(head), _ids(turn)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    body = tokenizer(response, add_special_tokens=False)["input_ids"][: max(1, max_length // 2)] + eos
-    cut = max(0, len(head) + len(body) - max_length)
-    ids = head[cut:] + body
-    return Encoded(tuple(ids), max(0, min(len(turn), len(head)) - 1 - cut), len(head) - cut)
 
 
 def _ids(out):
     return list(out["input_ids"] if not isinstance(out, list) else out)
+
+
+def _render(tokenizer, messages, generation_prompt: bool) -> list[int]:
+    return _ids(
+        tokenizer.apply_chat_template(list(messages), add_generation_prompt=generation_prompt, tokenize=True)
+    )
+
+
+def special_ids(tokenizer) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids |= {
+        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)
+    }
+    return ids
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token the chat template closes an assistant turn with (eos_token when it writes nothing after it)."""
+    key = (tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template)
+    if key not in _EOT:
+        _EOT[key] = _find_end_of_turn(tokenizer)
+    return _EOT[key]
+
+
+_EOT: dict[tuple, int] = {}
+
+
+def _find_end_of_turn(tokenizer) -> int:
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=False, tokenize=False)
+    at = text.rfind(_SENTINEL)
+    if at < 0:
+        raise ValueError("the chat template does not render the assistant message's content")
+    suffix = tokenizer(text[at + len(_SENTINEL) :], add_special_tokens=False)["input_ids"]
+    special = special_ids(tokenizer)
+    for token in suffix:
+        if token in special:
+            return token
+    if suffix:
+        return suffix[0]
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the chat template writes nothing after an assistant turn and there is no eos_token")
+    return tokenizer.eos_token_id
+
+
+def encode(tokenizer, prompt: Sequence[dict], response: str, max_length: int) -> Encoded:
+    """Chat-templated prompt + response up to the assistant turn's end-of-turn token, truncated by the rule above."""
+    eot = end_of_turn_id(tokenizer)
+    messages = [*prompt, {"role": "assistant", "content": response}]
+    head_text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    if full_text.startswith(head_text):
+        # The prompt ids are the generation prompt's, as the policy saw them; the rest is tokenized after it.
+        prompt_ids = _render(tokenizer, prompt, True)
+        rest = tokenizer(full_text[len(head_text) :], add_special_tokens=False)["input_ids"]
+    else:  # a template that renders the history differently once answered: split at the common prefix
+        head, full = _render(tokenizer, prompt, True), _render(tokenizer, messages, False)
+        start = 0
+        while start < min(len(head), len(full)) and head[start] == full[start]:
+            start += 1
+        prompt_ids, rest = full[:start], full[start:]
+    ends = [i for i, t in enumerate(rest) if t == eot]
+    body = rest[: ends[-1]] if ends else rest
+    keep = min(len(prompt_ids), max_length // 2)
+    cut = len(prompt_ids) - keep
+    prompt_ids = prompt_ids[cut:]
+    body = body[: max(0, max_length - len(prompt_ids) - 1)] + [eot]
+    user_ends = [i for i, t in enumerate(prompt_ids) if t == eot]
+    prompt_end = user_ends[-1] if user_ends else max(0, len(prompt_ids) - 1)
+    return Encoded(tuple(prompt_ids + body), prompt_end, len(prompt_ids))
 
 
 def pad_batch(encoded: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +126,8 @@ def gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class RewardBackbone:
-    """A causal LM body (no LM head) run frozen in eval mode; features in float32 on the CPU."""
+    """A causal LM body (no LM head) run frozen in eval mode in `dtype` (auto | bfloat16 | float32); features are
+    float32 on the CPU whatever the compute dtype."""
 
     def __init__(
         self,
@@ -64,7 +139,13 @@ class RewardBackbone:
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
+        from actors.hardware import resolve_dtype
+
+        dtype = resolve_dtype(dtype)
+        if dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"reward backbone dtype must be auto, bfloat16 or float32, got {dtype!r}")
         self.path = path
+        self.dtype = dtype
         self.max_length = max_length
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

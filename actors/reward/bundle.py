@@ -2,10 +2,13 @@
 
 Layout of a bundle folder:
   bundle.json        name, backbone (path; relative paths are inside the bundle), max_length, objectives,
-                     verbosity objective, gating config, whether a scalar reward head exists, fit statistics
-  heads.safetensors  regression [K, d] (ArmoRM stage 1), transform [K, K] and lambda [K] (debiasing),
-                     gating.* (stage 2), reward_head.weight/bias (Bradley-Terry / HaF)
-One backbone forward serves every head: `BundleScorer.score` returns all of them from the same features.
+                     verbosity objective, gating config, whether a scalar reward head exists, fit statistics,
+                     normalizers {output key: holistic Normalizer.state_dict()} (`store_normalizer`), so an ALaRM
+                     hierarchy serving this bundle z-normalises with the statistics it was used with
+  heads.safetensors  regression [K, d] (ArmoRM stage 1), transform [K, K] M and lambda [K] (debiasing:
+                     (r M)_i = r_i - lambda_i r_v), gating.* (stage 2), reward_head.weight/bias (BT / HaF)
+One backbone forward serves every head: `BundleScorer.score` returns all of them from the same features. The
+backbone runs in bfloat16 or float32 (`dtype`); features and heads are float32.
 """
 
 from __future__ import annotations
@@ -31,6 +34,26 @@ class BundleInfo:
     gating: dict | None = None  # {"hidden", "n_hidden", "temperature"}
     reward_head: bool = False
     stats: dict = field(default_factory=dict)  # how it was fitted (alphas, MSE, lambdas, correlations, ...)
+    normalizers: dict = field(default_factory=dict)  # {output key: Normalizer.state_dict()} for ALaRM
+
+
+def read_info(folder: str | Path) -> BundleInfo:
+    """bundle.json only (no tensors)."""
+    meta = Path(folder) / "bundle.json"
+    if not meta.exists():
+        raise FileNotFoundError(f"{folder} is not a reward bundle (no bundle.json)")
+    return BundleInfo(**json.loads(meta.read_text()))
+
+
+def store_normalizer(folder: str | Path, key: str, state: dict) -> Path:
+    """Record holistic-normaliser statistics (`Normalizer.state_dict()`) for output `key` in bundle.json."""
+    meta = Path(folder) / "bundle.json"
+    info = read_info(folder)
+    info.normalizers[key] = dict(state)
+    tmp = meta.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(info), indent=2, default=float))
+    tmp.replace(meta)
+    return meta
 
 
 def save_bundle(folder: str | Path, info: BundleInfo, tensors: dict[str, torch.Tensor]) -> Path:
@@ -45,10 +68,7 @@ def save_bundle(folder: str | Path, info: BundleInfo, tensors: dict[str, torch.T
 
 def load_bundle(folder: str | Path) -> tuple[BundleInfo, dict[str, torch.Tensor]]:
     folder = Path(folder)
-    meta = folder / "bundle.json"
-    if not meta.exists():
-        raise FileNotFoundError(f"{folder} is not a reward bundle (no bundle.json)")
-    info = BundleInfo(**json.loads(meta.read_text()))
+    info = read_info(folder)
     if not Path(info.backbone).is_absolute() and (folder / info.backbone).exists():
         info.backbone = str((folder / info.backbone).resolve())
     return info, load_file(str(folder / "heads.safetensors"))
@@ -81,7 +101,9 @@ class BundleHeads:
 
     @torch.no_grad()
     def apply(self, response: torch.Tensor, prompt: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every head's outputs, float32, from features [N, d] in any dtype."""
         name, out = self.info.name, {}
+        response, prompt = response.float(), prompt.float()
         if self.regression is not None:
             debiased = (response @ self.regression.T) @ self.transform
             for i, obj in enumerate(self.info.objectives):
@@ -100,12 +122,12 @@ class BundleHeads:
 class BundleScorer:
     """Backbone + heads: scores (prompt messages, response) pairs with one forward pass for all heads."""
 
-    def __init__(self, folder: str | Path, batch_size: int = 8) -> None:
+    def __init__(self, folder: str | Path, batch_size: int = 8, dtype: str = "float32") -> None:
         from actors.reward.backbone import RewardBackbone
 
         info, tensors = load_bundle(folder)
         self.heads = BundleHeads(info, tensors)
-        self.backbone = RewardBackbone(info.backbone, max_length=info.max_length)
+        self.backbone = RewardBackbone(info.backbone, dtype=dtype, max_length=info.max_length)
         self.batch_size = batch_size
 
     def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Backbone features cached on disk in safetensors shards, so stage 1/2 fits rerun without a forward pass and
 an interrupted extraction resumes from the last finished shard.
 
-A cache folder belongs to one (backbone, max_length, texts) fingerprint; a mismatch is an error, not a reuse.
+A cache folder belongs to one (backbone, dtype, encoding version, max_length, texts) fingerprint; a mismatch is an
+error, not a reuse.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def fingerprint(backbone_path: str, max_length: int, prompts, responses) -> str:
-    h = hashlib.sha256(f"{backbone_path}|{max_length}".encode())
+def fingerprint(backbone_path: str, max_length: int, prompts, responses, dtype: str = "float32") -> str:
+    from actors.reward.backbone import ENCODING_VERSION
+
+    h = hashlib.sha256(f"{backbone_path}|{max_length}|{dtype}|encoding{ENCODING_VERSION}".encode())
     for p, r in zip(prompts, responses, strict=True):
         h.update(json.dumps(p, sort_keys=True).encode())
         h.update(b"\x00" + r.encode() + b"\x01")
@@ -35,7 +38,9 @@ def cached_features(
     """(response_features, prompt_features, stats) for every row, computing only the shards not on disk."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    key = fingerprint(backbone.path, backbone.max_length, prompts, responses)
+    key = fingerprint(
+        backbone.path, backbone.max_length, prompts, responses, getattr(backbone, "dtype", "float32")
+    )
     manifest = folder / "manifest.json"
     if manifest.exists():
         have = json.loads(manifest.read_text())

@@ -1,7 +1,8 @@
 """HaF-RM (Liu et al. 2024): a reward head and the LM head on one body, trained with
   L = -log s(r_w - r_l) + alpha * -log s(beta * [(log pi - log pi_ref)(y_w) - (log pi - log pi_ref)(y_l)])
 with summed response-token log-probabilities and a frozen reference. alpha = 0 is a plain Bradley-Terry RM.
-The reward is read at each sequence's last non-pad token (HaF's code reads position -1, a pad for the shorter side).
+The reward is read at each sequence's last non-pad token (HaF's code reads position -1, a pad for the shorter side),
+in the reward head's dtype (bfloat16 or float32), and returned as float32.
 """
 
 from __future__ import annotations
@@ -53,5 +54,7 @@ class RewardLM(nn.Module):
         )
         hidden = out.hidden_states[-1]
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        reward = self.reward_head(hidden[rows, last_index(attention_mask)].float()).squeeze(-1)
+        last = hidden[rows, last_index(attention_mask)]
+        # The head runs in its own dtype (bf16 under a bf16 engine, fp32 otherwise); the reward is float32.
+        reward = self.reward_head(last.to(self.reward_head.weight.dtype)).float().squeeze(-1)
         return reward, (out.logits if with_logits else None)

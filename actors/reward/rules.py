@@ -1,4 +1,6 @@
-"""Rule objectives: task correctness, answer format, brevity. Each maps rollouts to values in [0, 1].
+"""Rule objectives: task correctness, answer format, brevity, non-repetition. Each maps rollouts to values in
+[0, 1]. An objective with `score_tokens` also gives per-token values (the flat per-token channel of
+actors/reward/aggregation.py) whose sum per rollout is its sequence value.
 
 Pure functions of the rollout text and its prompt's reference; no model, no Ray.
 """
@@ -88,6 +90,23 @@ class NonRepetition:
             grams = [ids[i : i + self.n] for i in range(len(ids) - self.n + 1)]
             values.append(len(set(grams)) / len(grams) if grams else 0.0)
         return torch.tensor(values, dtype=torch.float32)
+
+    def score_tokens(self, rollouts: Sequence[Rollout]) -> torch.Tensor:
+        """1/#n-grams on the last token of each n-gram seen for the first time, 0 elsewhere: the credit sits on
+        the tokens that add new content and sums to `score`. Flat over all response tokens, rollouts in order."""
+        out: list[float] = []
+        for r in rollouts:
+            ids = r.response_ids
+            values = [0.0] * len(ids)
+            n_grams = len(ids) - self.n + 1
+            seen: set[tuple[int, ...]] = set()
+            for i in range(max(0, n_grams)):
+                gram = tuple(ids[i : i + self.n])
+                if gram not in seen:
+                    seen.add(gram)
+                    values[i + self.n - 1] = 1.0 / n_grams
+            out.extend(values)
+        return torch.tensor(out, dtype=torch.float32)
 
 
 RULES = {"correctness": Correctness, "format": AnswerFormat, "length": Brevity, "repetition": NonRepetition}

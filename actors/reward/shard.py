@@ -2,7 +2,9 @@
 
 Experts are rule objectives and/or reward bundles (a backbone with its heads: ArmoRM objectives and gate,
 Bradley-Terry / HaF head); one backbone forward serves all heads of a bundle. A reward model is a set of shards
-(each replicable) plus one aggregation, applied by the caller. Plain class; cluster wraps it with `ray.remote`.
+(each replicable) plus one aggregation, applied by the caller. With `token_values`, rule objectives that have
+per-token values also return them under `token_key(name)` (for token-level aggregations). Bundles run their
+backbone in `dtype` (auto | bfloat16 | float32). Plain class; cluster wraps it with `ray.remote`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.protocol import Rollout
+from actors.reward.aggregation import token_key
 from actors.reward.rules import RULES
 
 log = logging.getLogger("troupe.reward")
@@ -28,6 +31,8 @@ class ShardSpec:
     objectives: dict[str, dict] = field(default_factory=dict)
     bundles: tuple[str, ...] = ()  # reward bundle folders (actors/reward/bundle.py) hosted here
     batch_size: int = 64
+    token_values: bool = False  # also return per-token channels of the objectives that have them
+    dtype: str = "float32"  # the bundles' backbone dtype: auto | bfloat16 | float32
 
 
 def build_objectives(objectives: dict[str, dict]) -> list:
@@ -49,7 +54,7 @@ class RewardShard:
         self.objectives = build_objectives(spec.objectives)
         from actors.reward.bundle import BundleScorer
 
-        self.bundles = [BundleScorer(b) for b in spec.bundles]
+        self.bundles = [BundleScorer(b, dtype=spec.dtype) for b in spec.bundles]
         self.stats = {"rollouts": 0, "batches": 0, "score_s": 0.0}
 
     def ready(self) -> dict:
@@ -59,13 +64,18 @@ class RewardShard:
         return [o.name for o in self.objectives] + [b.heads.info.name for b in self.bundles]
 
     def score(self, rollouts: Sequence[Rollout]) -> dict[str, torch.Tensor]:
-        """Per-objective values for each rollout, computed in batches of `spec.batch_size`."""
+        """Per-objective values [N] for each rollout (and per-token channels [tokens]), in batches of
+        `spec.batch_size`."""
         start = time.perf_counter()
         out: dict[str, list[torch.Tensor]] = {o.name: [] for o in self.objectives}
+        tokens = [o for o in self.objectives if self.spec.token_values and hasattr(o, "score_tokens")]
+        out |= {token_key(o.name): [] for o in tokens}
         for lo in range(0, len(rollouts), self.spec.batch_size):
             batch = rollouts[lo : lo + self.spec.batch_size]
             for o in self.objectives:
                 out[o.name].append(o.score(batch))
+            for o in tokens:
+                out[token_key(o.name)].append(o.score_tokens(batch))
             for bundle in self.bundles:
                 prompts = [[{"role": "user", "content": r.prompt.text}] for r in batch]
                 for name, values in bundle.score(prompts, [r.response_text for r in batch]).items():

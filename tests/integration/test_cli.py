@@ -65,7 +65,8 @@ def test_checkpoint_loads_with_transformers(cli_run):
 
 def test_checkpoint_loads_with_vllm_in_a_generator(cli_run, ray_session, tiny_prompts):
     """The trained checkpoint serves from a real vLLM Generator actor."""
-    from actors.generator.actor import Generator, GeneratorSpec
+    from actors.generator.actor import Generator
+    from actors.generator.config import GeneratorConfig
     from actors.generator.sampling import Sampling
 
     ckpt = str(cli_run[0] / "checkpoint-final")
@@ -73,7 +74,7 @@ def test_checkpoint_loads_with_vllm_in_a_generator(cli_run, ray_session, tiny_pr
         num_cpus=0,
         runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}},
     )
-    gen = remote.remote(GeneratorSpec(model_path=ckpt, max_model_len=512), 7)
+    gen = remote.remote(GeneratorConfig(max_model_len=512), ckpt, 7)
     try:
         prompt = tiny_prompts.batch(0).prompts[0]
         rollouts = ray.get(gen.generate.remote([prompt], Sampling(n=2, max_new_tokens=8)), timeout=300)

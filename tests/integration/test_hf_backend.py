@@ -4,7 +4,8 @@ import pytest
 import ray
 import torch
 
-from actors.generator.actor import Generator, GeneratorSpec
+from actors.generator.actor import Generator
+from actors.generator.config import GeneratorConfig
 from actors.generator.sampling import Sampling
 from actors.protocol import WeightBundle
 
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 def test_hf_generator_samples_with_logprobs_and_takes_weights(ray_session, tiny_model_path, tiny_prompts):
     remote = ray.remote(Generator).options(num_cpus=0)
-    gen = remote.remote(GeneratorSpec(model_path=tiny_model_path, backend="hf", dtype="float32"), 0)
+    gen = remote.remote(GeneratorConfig(backend="hf", dtype="float32"), tiny_model_path, 0)
     try:
         prompts = tiny_prompts.batch(5).prompts[:2]
         rollouts = ray.get(gen.generate.remote(prompts, Sampling(n=3, max_new_tokens=8)), timeout=120)

@@ -3,9 +3,8 @@
 import math
 
 import pytest
-import torch
-
-from actors.learner.batch import TrainSample
+from actors.learner.batch import from_scored
+from actors.protocol import RewardBreakdown, ScoredRollout
 from cluster.loop import run_iteration
 from tests.integration.conftest import running_fleet, tiny_config
 
@@ -37,23 +36,15 @@ def test_ppo_runs_three_iterations_with_critic_and_adaptive_kl(ppo_fleet):
 
 
 def test_critic_loss_decreases_on_a_fixed_batch(ppo_fleet):
-    batch = ppo_fleet.prompts.batch(50)
-    rollouts = ray_get_rollouts(ppo_fleet, batch)
-    samples = [
-        TrainSample(r.prompt.token_ids, r.response_ids, 0.0, r.logprobs, reward=float(i % 3))
-        for i, r in enumerate(rollouts)
-    ]
-    returns = [torch.full((len(s.response_ids),), s.reward) for s in samples]
+    rollouts = ray_get_rollouts(ppo_fleet, ppo_fleet.prompts.batch(50))
+    scored = [ScoredRollout(r, RewardBreakdown(float(i % 3), {})) for i, r in enumerate(rollouts)]
+    batch = from_scored(scored, ppo_fleet.pad_id, ppo_fleet.sampling.n)
+    batch = batch.with_columns(returns=batch.action_mask * batch.rewards[:, None])
     critic = ppo_fleet.critic
-    losses = [critic.value_loss_on(samples, returns)]
+    losses = [critic.value_loss_on(batch)]
     for _ in range(3):
-        values = critic.values(samples)
-        fresh = [
-            TrainSample(s.prompt_ids, s.response_ids, 0.0, s.behaviour_logprobs, values=v)
-            for s, v in zip(samples, values, strict=True)
-        ]
-        critic.train_critic(fresh, returns)
-        losses.append(critic.value_loss_on(samples, returns))
+        critic.train_critic(batch.with_columns(values=batch.place(critic.values(batch))))
+        losses.append(critic.value_loss_on(batch))
     assert losses[-1] < losses[0], losses
 
 

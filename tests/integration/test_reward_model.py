@@ -77,7 +77,9 @@ def _rollouts(n=10):
     for i in range(n):
         text = _response(rng, rng.randint(1, 8))
         prompt = Prompt(f"u{i // 2}", (1, 2, 3), f"What is {i} + 1?", str(i + 1))
-        out.append(Rollout(prompt, i % 2, (5,) * 3, f"{text}\nAnswer: {i + 1}", torch.zeros(3), 0, "stop"))
+        out.append(
+            Rollout(prompt, i % 2, (5,) * 3, f"{text}\nAnswer: {i + 1}", torch.zeros(3), 0, "stop", 1.0)
+        )
     return out
 
 

@@ -52,7 +52,9 @@ def test_hierarchy_aggregation_fits_normaliser_on_first_batch():
         "format": torch.tensor([1.0, 1.0]),
         "gate/help": torch.tensor([0.3, 0.7]),
     }
-    scalar, weights, branches = agg.combine(values, [None, None])
+    out = agg.combine(values, [None, None])
+    scalar, weights, branches = out.scalar, out.weights, out.branches
+    assert out.token_rewards is None  # sequence-level unless token_level
     z = (torch.tensor([1.0, 3.0]) - 2.0) / torch.tensor([1.0, 3.0]).std()
     assert torch.allclose(scalar, z + torch.tensor([0.0, 1.0]))
     assert branches == ["holistic", "holistic+aspects"]

@@ -17,13 +17,16 @@ def test_prompt_feature_sits_at_the_end_of_the_user_turn(backbone):
     tok = backbone.tokenizer
     prompt = [{"role": "user", "content": "What is 2 + 2?"}]
     enc = encode(tok, prompt, "Answer: 4", 48)
-    turn = tok.apply_chat_template(prompt, add_generation_prompt=False, tokenize=True)
-    turn = turn["input_ids"] if not isinstance(turn, list) else turn
-    assert enc.input_ids[: len(turn)] == tuple(turn)
-    assert enc.prompt_end == len(turn) - 1 < enc.response_start
-    assert enc.input_ids[-1] == tok.eos_token_id
+    head = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    head = head["input_ids"] if not isinstance(head, list) else head
+    kept = head[-(48 // 2) :]  # the prompt keeps its last max_length // 2 tokens
+    assert enc.input_ids[: enc.response_start] == tuple(kept)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert enc.input_ids[enc.prompt_end] == im_end and enc.prompt_end < enc.response_start
+    assert enc.input_ids[-1] == im_end  # SmolLM2's end-of-turn token closes the assistant turn
     long = encode(tok, [{"role": "user", "content": "word " * 200}], "Answer: 4", 48)
-    assert len(long.input_ids) <= 48 and long.input_ids[-1] == tok.eos_token_id  # prompt cut from the left
+    assert len(long.input_ids) <= 48 and long.input_ids[-1] == im_end  # prompt cut from the left
+    assert long.input_ids[long.prompt_end] == im_end
 
 
 def test_features_are_independent_of_padding(backbone):

@@ -1,68 +1,63 @@
-"""Collation puts the action mask exactly on the positions that predict response tokens."""
-
-import math
+"""The columnar batch: response positions, per-token rewards, row subsets trimmed to their own length."""
 
 import torch
 
-from actors.learner.batch import TrainSample, collate, token_logprobs
+from actors.learner.batch import from_scored, pad_sequences
+from actors.protocol import Prompt, RewardBreakdown, Rollout, ScoredRollout
 
 
-def test_collate_aligns_response_positions():
-    s1 = TrainSample((5, 6), (7, 8, 9), 1.0, torch.tensor([-0.1, -0.2, -0.3]))
-    s2 = TrainSample((5, 6, 7), (8,), -1.0, torch.tensor([-0.4]))
-    t = collate([s1, s2], pad_id=0)
-    assert t.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 8, 0]]
-    assert t.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
-    # position t predicts token t+1: s1's response starts at index 2, predicted from position 1
-    assert t.action_mask.tolist() == [[0, 1, 1, 1], [0, 0, 1, 0]]
-    assert torch.allclose(t.behaviour_logprobs[0], torch.tensor([0.0, -0.1, -0.2, -0.3]))
-    assert t.advantages.tolist() == [1.0, -1.0]
+def _scored(prompt_ids, response_ids, reward, token_rewards=None, temperature=0.7, version=0):
+    prompt = Prompt("p", tuple(prompt_ids), "q")
+    lp = -torch.arange(1, len(response_ids) + 1, dtype=torch.float32) / 10
+    rollout = Rollout(prompt, 0, tuple(response_ids), "", lp, version, "stop", temperature)
+    return ScoredRollout(rollout, RewardBreakdown(reward, {}, token_rewards=token_rewards))
 
 
-class _Uniform(torch.nn.Module):
-    """Logits fixed so that the next token's probability is known: token 1 gets e^2 / (e^2 + 3)."""
-
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
-        logits = torch.zeros(*input_ids.shape, 4)
-        logits[..., 1] = 2.0
-
-        class Out:
-            pass
-
-        out = Out()
-        out.logits = logits
-        return out
+def test_pad_sequences_aligns_response_positions():
+    ids, att, action = pad_sequences([(5, 6), (5, 6, 7)], [(7, 8, 9), (8,)], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 8, 0]]
+    assert att.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert action.tolist() == [[0, 1, 1, 1], [0, 0, 1, 0]]  # position t predicts token t+1
 
 
-def test_token_logprobs_match_softmax():
-    ids = torch.tensor([[0, 1, 2]])
-    logp, entropy = token_logprobs(_Uniform(), ids, torch.ones_like(ids), with_entropy=True)
-    z = math.e**2 + 3
-    assert torch.allclose(logp, torch.tensor([[2 - math.log(z), -math.log(z)]]))
-    p = torch.tensor([1, math.e**2, 1, 1]) / z
-    assert torch.allclose(entropy, -(p * p.log()).sum().expand(1, 2), atol=1e-6)
-
-
-def test_per_token_fields_are_placed_on_response_positions_and_read_back():
-    from actors.learner.batch import place, response_slices
-
-    s1 = TrainSample(
-        (1, 2, 3),
-        (4, 5),
-        0.5,
-        torch.tensor([-1.0, -2.0]),
-        reward=1.0,
-        token_rewards=torch.tensor([0.1, 0.2]),
-        values=torch.tensor([0.3, 0.4]),
+def test_from_scored_places_scalar_on_last_token_or_uses_token_rewards():
+    a = _scored((1, 2), (3, 4, 5), 2.0)
+    b = _scored((1, 2, 3), (4,), 1.5, token_rewards=(1.5,), temperature=1.0, version=3)
+    c = _scored((1,), (2, 3), 1.0, token_rewards=(0.25, 0.75))
+    batch = from_scored([a, b, c], pad_id=0, group_size=1)
+    assert batch.token_rewards[0].tolist() == [0.0, 0.0, 0.0, 2.0]
+    assert batch.token_rewards[1].tolist() == [0.0, 0.0, 1.5, 0.0]
+    assert batch.token_rewards[2].tolist() == [0.25, 0.75, 0.0, 0.0]
+    assert torch.allclose(batch.behaviour_logprobs[0], torch.tensor([0.0, -0.1, -0.2, -0.3]))
+    assert batch.temperature.tolist() == [0.7, 1.0, 0.7] or torch.allclose(
+        batch.temperature, torch.tensor([0.7, 1, 0.7])
     )
-    s2 = TrainSample((1,), (6, 7, 8), -0.5, torch.tensor([-3.0, -4.0, -5.0]))
-    t = collate([s1, s2], pad_id=0)
-    assert torch.allclose(t.values, torch.tensor([[0.0, 0.0, 0.3, 0.4], [0.0, 0.0, 0.0, 0.0]]))
-    assert t.token_rewards[0, 2:].tolist() == [0.1, 0.2] or torch.allclose(
-        t.token_rewards[0, 2:], torch.tensor([0.1, 0.2])
-    )
-    assert t.rewards.tolist() == [1.0, 0.0]
-    back = response_slices(t, t.behaviour_logprobs)
-    assert [b.tolist() for b in back] == [[-1.0, -2.0], [-3.0, -4.0, -5.0]]
-    assert torch.equal(place(t.action_mask, back), t.behaviour_logprobs)
-    assert len(t.select(torch.tensor([1]))) == 1
+    assert batch.weight_version.tolist() == [0, 3, 0]
+    assert [r.tolist() for r in batch.response_rows(batch.token_rewards)] == [[0, 0, 2], [1.5], [0.25, 0.75]]
+
+
+def test_select_trims_to_the_rows_longest_sequence_and_shares_keep_groups():
+    long = _scored((1, 2), (3, 4, 5, 6, 7), 1.0)
+    short = _scored((1,), (2,), 0.0)
+    batch = from_scored([long, short, short, short], pad_id=0, group_size=2)
+    sub = batch.select([2, 3])
+    assert sub.input_ids.shape == (2, 2) and sub.action_mask.shape == (2, 1)
+    assert sub.token_rewards.shape == (2, 1)
+    shares = batch.shares(2)
+    assert [len(s) for s in shares] == [2, 2] and shares[1].input_ids.shape[1] == 2
+    try:
+        from_scored([long, short, short, short], 0, group_size=4).shares(2)
+    except ValueError as e:
+        assert "prompt groups" in str(e)
+    else:
+        raise AssertionError("a prompt group was split across ranks")
+
+
+def test_mismatched_token_rewards_fail_naming_the_rollout():
+    bad = _scored((1,), (2, 3), 1.0, token_rewards=(1.0,))
+    try:
+        from_scored([bad], 0, 1)
+    except ValueError as e:
+        assert "p#0" in str(e)
+    else:
+        raise AssertionError("token rewards of the wrong length were accepted")

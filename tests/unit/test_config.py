@@ -48,7 +48,6 @@ def test_misspelled_key_in_a_yaml_file_fails_naming_it(tmp_path):
         (["learner.zero_stage=4"], "learner.zero_stage"),
         (["generator.backend=sglang"], "generator.backend"),
         (["+reward.weights.quality=1.0"], "reward.weights"),
-        (["learner.micro_batch_size=3"], "learner.micro_batch_size"),
     ],
 )
 def test_cross_field_checks_name_the_keys(overrides, key):
@@ -57,26 +56,34 @@ def test_cross_field_checks_name_the_keys(overrides, key):
         validate(cfg)
 
 
-@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
-def test_each_algorithm_is_one_override(algo):
+ALGOS = ("grpo", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "reinforce_pp_baseline", "ppo", "dpo_online")
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_every_algorithm_is_one_override_of_typed_fields(algo):
     cfg = OmegaConf.to_object(_compose(overrides=[f"algo={algo}"]))
     validate(cfg)
-    assert cfg.algo.name == algo.replace("dr_", "")
+    assert cfg.algo.name == algo
+    assert cfg.algo.update == ("dpo" if algo.startswith("dpo") else "policy_gradient")
 
 
-def test_every_algorithm_is_one_override():
-    from cluster.specs import ADVANTAGE_MODE, learner_spec
-
-    for algo in ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "ppo", "dpo_online"):
-        cfg = OmegaConf.to_object(_compose(overrides=[f"algo={algo}"]))
-        validate(cfg)
-        spec = learner_spec(cfg, "model")
-        assert spec.advantage_mode == ADVANTAGE_MODE.get(cfg.algo.name, "sequence")
-    ppo = OmegaConf.to_object(_compose(overrides=["algo=ppo"]))
-    assert ppo.algo.kl_in_reward and learner_spec(ppo, "m").advantage_mode == "gae"
+def test_algorithm_fields_say_what_runs():
+    ppo = OmegaConf.to_object(_compose(overrides=["algo=ppo"])).algo
+    assert (ppo.estimator, ppo.critic, ppo.kl_placement) == ("gae", True, "reward") and ppo.needs_reference()
+    dr = OmegaConf.to_object(_compose(overrides=["algo=dr_grpo"])).algo
+    assert not dr.scale_by_std and dr.loss_agg == "seq_mean_token_sum_norm"
     offline = OmegaConf.to_object(_compose(overrides=["algo=dpo_offline", "dataset.path=x.jsonl"]))
     validate(offline)
-    assert offline.algo.dpo_reference == "initial"
+    assert offline.algo.source == "dataset" and offline.algo.dpo_reference == "initial"
+
+
+def test_dpo_reference_default_is_stated_once():
+    """The schema's default is what the learner gets (no spec restating a different default)."""
+    from cluster.learner_group import policy_setup
+
+    cfg = OmegaConf.to_object(_compose(overrides=["algo=dpo_online"]))
+    assert policy_setup(cfg, "m").algo.dpo_reference == cfg.algo.dpo_reference == "previous"
+    assert policy_setup(cfg, "m").train is cfg.learner
 
 
 def test_algorithm_and_deepspeed_cross_checks_name_keys():
@@ -88,7 +95,10 @@ def test_algorithm_and_deepspeed_cross_checks_name_keys():
         (["algo=dpo_online", "algo.label_smoothing=0.7"], "algo.label_smoothing"),
         (["algo=dpo_online", "algo.pair_strategy=best"], "algo.pair_strategy"),
         (["learner.lr_schedule=step"], "learner.lr_schedule"),
-        (["algo=rloo", "algo.kl_in_reward=true"], "algo.kl_in_reward"),
+        (["algo=rloo", "algo.kl_placement=reward"], "algo.kl_placement"),
+        (["algo.estimator=gae"], "algo.critic"),
+        (["algo.estimator=vtrace"], "algo.estimator"),
+        (["task.prompts_per_iteration=3"], "task.prompts_per_iteration"),
     ]
     for overrides, key in cases:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from actors.learner.grpo import aggregate, clipped_policy_loss, group_advantages, kl_penalty
+from actors.learner.grpo import clipped_policy_loss, group_advantages, kl_penalty
 
 
 def test_group_advantages_normalise_within_each_group():
@@ -48,10 +48,3 @@ def test_kl_estimators_hand_values():
     assert kl_penalty(ref, ref, "k3").item() == 0.0
     with pytest.raises(ValueError, match="k1, k2 or k3"):
         kl_penalty(logp, ref, "k4")
-
-
-def test_aggregate_modes_differ_on_uneven_lengths():
-    per_token = torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.0, 0.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    assert aggregate(per_token, mask, "token_mean").item() == pytest.approx(7 / 4)
-    assert aggregate(per_token, mask, "seq_mean_token_mean").item() == pytest.approx((1 + 4) / 2)

@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from actors.learner import lora
-from actors.learner.engine import LoraSpec
+from actors.learner.config import LoraConfig
 
 
 def test_merged_state_dict_matches_peft_merge():
@@ -22,7 +22,7 @@ def test_merged_state_dict_matches_peft_merge():
     )
     base = LlamaForCausalLM(cfg)
     model = lora.wrap(
-        copy.deepcopy(base), LoraSpec(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"))
+        copy.deepcopy(base), LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     )
     for name, p in model.named_parameters():
         if "lora_B" in name:

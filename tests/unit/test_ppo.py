@@ -5,18 +5,7 @@ import math
 import pytest
 import torch
 
-from actors.learner.ppo import AdaptiveKL, gae, last_token_index, masked_whiten, token_rewards, value_loss
-
-
-def test_token_rewards_put_scalar_on_last_token_and_subtract_kl():
-    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]])
-    kl = torch.full((2, 4), 0.5)
-    dense = torch.tensor([[9.0, 0.1, 0.0, 9.0], [0.0, 0.0, 0.2, 0.0]])
-    r = token_rewards(torch.tensor([1.0, -1.0]), mask, kl, kl_coef=0.2, dense=dense)
-    # row 0: tokens 1,2; last is 2.  -0.1 KL each, +0.1 dense at 1, +1 at 2; outside the mask stays 0
-    assert torch.allclose(r[0], torch.tensor([0.0, 0.0, 0.9, 0.0]))
-    assert torch.allclose(r[1], torch.tensor([0.0, -0.1, 0.1, -1.1]))
-    assert last_token_index(mask).tolist() == [2, 3]
+from actors.learner.ppo import AdaptiveKL, gae, masked_whiten, value_loss
 
 
 def test_gae_matches_hand_computation():

@@ -11,7 +11,7 @@ from actors.reward.shard import RewardShard, ShardSpec
 
 def _rollout(text: str, n_tokens: int = 10, reason: str = "stop", reference: str = "7") -> Rollout:
     prompt = Prompt("p0", (1, 2), "q", reference)
-    return Rollout(prompt, 0, tuple(range(n_tokens)), text, torch.zeros(n_tokens), 0, reason)
+    return Rollout(prompt, 0, tuple(range(n_tokens)), text, torch.zeros(n_tokens), 0, reason, 1.0)
 
 
 def test_rules_score_hand_cases():
@@ -26,7 +26,7 @@ def test_rules_score_hand_cases():
 
 def test_non_repetition_counts_distinct_ngrams():
     prompt = Prompt("p0", (1,), "q", "1")
-    r = Rollout(prompt, 0, (5, 5, 6, 5), "", torch.zeros(4), 0, "stop")
+    r = Rollout(prompt, 0, (5, 5, 6, 5), "", torch.zeros(4), 0, "stop", 1.0)
     assert NonRepetition(n=1).score([r]).tolist() == [0.5]
     assert NonRepetition(n=2).score([r]).tolist() == [1.0]  # (5,5) (5,6) (6,5)
 

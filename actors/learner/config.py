@@ -1,0 +1,141 @@
+"""Typed config of the trained roles (policy learner, PPO critic) and of the algorithm they run.
+
+These dataclasses are the Hydra schema's `learner`, `critic` and `algo` groups (composed by cluster/config.py) and
+also what the ranks are built from: no field-by-field copies between config and actor. No Ray imports here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False  # only adapter weights train; generators receive merged full weights
+    r: int = 16
+    alpha: int = 32
+    # 0 for RL: with dropout the on-policy ratio is not exactly 1, and the old/current log-probs disagree.
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class LearnerConfig:
+    """DeepSpeed, optimiser and micro-batching of one trained role."""
+
+    world_size: int = 2
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    omp_threads: int = 1
+    zero_stage: int = 2
+    dtype: str = "auto"  # auto | bfloat16 | float32 (auto: bf16 on GPUs and AMX/AVX512-BF16 CPUs)
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    micro_batch_size: int = 4
+    mini_batches: int = 1  # optimizer steps per epoch over the iteration's samples
+    epochs: int = 1
+    gradient_checkpointing: bool = False
+    lr_schedule: str = "constant"  # constant | linear | cosine (after warmup_steps of linear warm-up)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # floor of the linear/cosine decay, as a fraction of lr
+    offload_optimizer: bool = False  # ZeRO-Offload (DeepSpeedCPUAdam; JIT-built once, ~40 s)
+    offload_params: bool = False  # ZeRO-3 only
+    logprob_chunk: int = 1024  # response tokens per chunk of the LM head + log-softmax (bounds logits memory)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class CriticConfig:
+    """PPO's value model: its own DeepSpeed group, initialised from the policy's body plus a value head.
+
+    Unset keys (None) take the learner's value."""
+
+    world_size: int = 1
+    num_cpus: float = 0.0  # phases run one after another on CPU; give it real CPUs/GPUs on a cluster
+    num_gpus: float = 0.0
+    colocate: bool = False  # GPU: share the learner ranks' placement bundles (fractional GPUs each)
+    omp_threads: int = 2  # CPU: the critic runs while the policy ranks wait, so it may use both cores
+    zero_stage: int = 2
+    lr: float = 1e-5
+    micro_batch_size: int | None = None
+    value_clip: float = 0.2
+
+    def train_config(self, policy: LearnerConfig) -> LearnerConfig:
+        """The DeepSpeed settings the critic ranks run with: the policy's, with the critic's own keys."""
+        return replace(
+            policy,
+            world_size=self.world_size,
+            num_cpus=self.num_cpus,
+            num_gpus=self.num_gpus,
+            omp_threads=self.omp_threads,
+            zero_stage=self.zero_stage,
+            lr=self.lr,
+            micro_batch_size=self.micro_batch_size or policy.micro_batch_size,
+            offload_params=False,
+            lora=LoraConfig(),  # the critic trains its full body
+        )
+
+
+@dataclass
+class AlgoConfig:
+    """An algorithm as typed data (conf/algo/*.yaml sets these); adding one is a YAML file plus, if its
+    advantages are new math, one function registered in actors/learner/advantages.py."""
+
+    name: str = "grpo"  # a label for metrics and logs; behaviour comes from the fields below
+    update: str = "policy_gradient"  # policy_gradient | dpo
+    source: str = "rollouts"  # rollouts (generate + score each iteration) | dataset (offline preference file)
+    # How rewards become per-token advantages: a name registered in actors/learner/advantages.py
+    # (group, rloo, returns, gae, ...). gae needs critic=true.
+    estimator: str = "group"
+    estimator_args: dict[str, float] = field(
+        default_factory=dict
+    )  # extra numbers a registered estimator reads
+    critic: bool = False
+    scale_by_std: bool = True  # group: divide by the group's std (false: Dr. GRPO)
+    group_baseline: bool = (
+        False  # returns: remove each prompt group's mean reward first (REINFORCE++-baseline)
+    )
+    whiten_advantages: bool = False  # (x - mean) / std over the global batch, after the estimator
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0  # 0: no reference model is loaded
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman)
+    kl_placement: str = "loss"  # loss (a loss term) | reward (-kl_coef * KL_t in each token's reward)
+    kl_target: float | None = None  # adaptive KL (Ziegler et al.): None keeps kl_coef fixed
+    kl_horizon: int = 10000
+    # token_mean: over every response token of the optimizer step (all micro-batches and ranks);
+    # seq_mean_token_mean: each sequence's token mean, averaged over the step's sequences;
+    # seq_mean_token_sum_norm: token sums / (sequences x generator.max_new_tokens), a constant (Dr. GRPO).
+    loss_agg: str = "seq_mean_token_mean"
+    dpo_beta: float = 0.1
+    dpo_loss: str = "sigmoid"  # sigmoid | ipo
+    label_smoothing: float = 0.0  # conservative DPO (RLHFlow run_loop2 uses 0.1)
+    pair_strategy: str = "max_min"  # max_min | max_random | max_min_length
+    length_penalty: float = 0.0  # max_min_length: reward - length_penalty * response characters
+    # previous: the policy at the start of each call (RLHFlow's code); initial: the frozen start model
+    dpo_reference: str = "previous"
+
+    def needs_reference(self) -> bool:
+        if self.update == "dpo":
+            return self.dpo_reference == "initial"
+        return self.kl_coef > 0
+
+
+@dataclass(frozen=True)
+class RankSetup:
+    """What one DeepSpeed rank is built from: its role's config plus the facts the driver resolved."""
+
+    model_path: str
+    train: LearnerConfig
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    total_steps: int = 1  # optimizer steps of the whole run (the LR schedule's horizon)
+    response_budget: int = 1  # generator.max_new_tokens: Dr. GRPO's constant normaliser
+    export_dtype: str = "auto"  # dtype of the weights pushed to generators
+    trust_remote_code: bool = False
+    seed: int = 0
+    value_clip: float | None = None  # critic ranks: critic.value_clip
+    haf_alpha: float = 0.0  # reward-model training: weight of HaF's DPO-style policy loss (0: plain BT)
+    haf_beta: float = 0.1

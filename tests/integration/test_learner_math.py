@@ -1,0 +1,119 @@
+"""The learner's math on real DeepSpeed ranks (tiny model), in bf16 and fp32 explicitly, whatever the host CPU:
+one optimizer step's gradient does not depend on micro-batch size or world size (global token mean), and the
+policy, critic and DPO paths run in both dtypes."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from actors.learner.batch import RolloutBatch, pad_sequences
+from actors.learner.dpo import PreferencePair
+from cluster.learner_group import LearnerGroup, critic_group, critic_setup, policy_setup
+from cluster.runtime import learner_env
+from tests.integration.conftest import tiny_config
+
+pytestmark = pytest.mark.integration
+
+
+def _batch(group_size: int = 4) -> RolloutBatch:
+    gen = torch.Generator().manual_seed(0)
+    prompts = [tuple(torch.randint(100, 1000, (3 + i % 3,), generator=gen).tolist()) for i in range(8)]
+    lengths = [9, 2, 5, 1, 7, 3, 4, 6]  # uneven: a per-micro-batch mean would weigh tokens differently
+    responses = [tuple(torch.randint(100, 1000, (n,), generator=gen).tolist()) for n in lengths]
+    ids, att, action = pad_sequences(prompts, responses, pad_id=0)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 0.2, 0.0, 0.9])
+    token_rewards = torch.zeros(action.shape)
+    n = len(rewards)
+    return RolloutBatch(
+        ids,
+        att,
+        action,
+        torch.zeros(action.shape),
+        rewards,
+        token_rewards,
+        torch.full((n,), 0.8),
+        torch.zeros(n, dtype=torch.long),
+        group_size,
+    )
+
+
+def _group(cfg, model_path, role_critic=False):
+    setup = policy_setup(cfg, model_path)
+    if role_critic:
+        setup = critic_setup(cfg, setup)
+        group = critic_group(setup, learner_env(setup.train), cfg.ray.actor_timeout_s)
+    else:
+        group = LearnerGroup(setup, learner_env(setup.train), cfg.ray.actor_timeout_s)
+    group.wait_ready()
+    return group
+
+
+def _grad_norm(model_path, dtype, world, micro, loss_agg="token_mean"):
+    cfg = tiny_config(
+        f"learner.dtype={dtype}",
+        f"learner.world_size={world}",
+        f"learner.micro_batch_size={micro}",
+        "learner.num_cpus=0.5",
+        "algo.kl_coef=0.0",
+        f"algo.loss_agg={loss_agg}",
+        "learner.grad_clip=1000.0",
+    )
+    group = _group(cfg, model_path)
+    try:
+        metrics, _ = group.train(_batch(), kl_coef=0.0)
+    finally:
+        group.shutdown()
+    return metrics
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_token_mean_gradient_same_for_micro_batch_and_world_size_bf16_and_fp32(
+    ray_session, tiny_model_path, dtype
+):
+    whole = _grad_norm(tiny_model_path, dtype, world=1, micro=8)
+    one = _grad_norm(tiny_model_path, dtype, world=1, micro=1)
+    two_ranks = _grad_norm(tiny_model_path, dtype, world=2, micro=1)
+    tol = 2e-2 if dtype == "bfloat16" else 1e-4
+    assert whole["grad_norm"] > 0 and math.isfinite(whole["grad_norm"])
+    assert one["grad_norm"] == pytest.approx(whole["grad_norm"], rel=tol)
+    assert two_ranks["grad_norm"] == pytest.approx(whole["grad_norm"], rel=tol)
+    # on-policy (one epoch, one mini-batch, version 0): no extra forward for the old log-probs
+    assert whole["old_logprobs_forward"] == 0.0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_critic_and_dpo_train_in_bf16_and_fp32(ray_session, tiny_model_path, dtype):
+    cfg = tiny_config(
+        f"learner.dtype={dtype}",
+        "learner.world_size=1",
+        "learner.micro_batch_size=2",
+        "algo=ppo",
+        "critic.lr=1e-3",
+        "learner.num_cpus=0.5",
+    )
+    critic = _group(cfg, tiny_model_path, role_critic=True)
+    try:
+        batch = _batch()
+        values = batch.place(critic.values(batch))
+        assert torch.isfinite(values).all()
+        returns = batch.action_mask * batch.rewards[:, None]
+        stats = critic.train_critic(batch.with_columns(values=values, returns=returns))
+        assert math.isfinite(stats["value_loss"]) and stats["value_loss"] > 0
+    finally:
+        critic.shutdown()
+    dpo_cfg = replace(
+        tiny_config(
+            f"learner.dtype={dtype}", "learner.world_size=1", "algo=dpo_online", "learner.num_cpus=0.5"
+        )
+    )
+    learner = _group(dpo_cfg, tiny_model_path)
+    try:
+        pairs = [PreferencePair((5, 6, 7), (8, 9, 10), (11, 12)), PreferencePair((5, 6), (13,), (14, 15, 16))]
+        first = learner.train_dpo(pairs)
+        second = learner.train_dpo(pairs)
+        assert math.isfinite(first["loss"]) and first["loss"] == pytest.approx(math.log(2), abs=1e-3)
+        assert second["loss"] < first["loss"] + 1e-6
+    finally:
+        learner.shutdown()
