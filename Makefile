@@ -35,5 +35,10 @@ bench-learning: $(STAMP)
 bench-rm: $(STAMP)
 	$(BIN)/python -m bench.reward_models
 
+# troupe vs TRL GRPO, one after the other (installs TRL into .bench-trl/ on first use): make bench-trl BENCH_ARGS="--steps 10"
+.PHONY: bench-trl
+bench-trl: $(STAMP)
+	$(BIN)/python -m bench.vs_trl $(BENCH_ARGS)
+
 clean-venv:
 	rm -rf $(VENV)

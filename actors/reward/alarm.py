@@ -23,7 +23,6 @@ import torch
 
 from actors.reward.aggregation import Aggregated, split_tokens, token_key
 
-
 MIN_STD = 1e-6  # relative to max(1, |mean|): a holistic std below this is refused
 
 

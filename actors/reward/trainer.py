@@ -8,17 +8,20 @@ from collections.abc import Sequence
 
 import torch
 
-from actors.learner.batch import pad_sequences
-from actors.learner.dpo import PreferencePair, sequence_logprob_sums
+from actors.learner.batch import pair_batch
+from actors.learner.dpo import PreferencePair
 from actors.learner.engine import build_engine, current_lr, init_process_group
 from actors.learner.rank import DeepSpeedRank
+from actors.learner.step import micro_batches
 from actors.learner.weights import full_state_dict
 from actors.reward.haf import RewardLM, haf_loss
 
 
-def _logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+def _sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Summed response-token log-probs (T = 1) from full logits, in float32."""
     logits = logits[:, :-1].float()
-    return logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return (logp * action).sum(-1)
 
 
 class RewardTrainer(DeepSpeedRank):
@@ -43,31 +46,23 @@ class RewardTrainer(DeepSpeedRank):
         self.pad_id = pad if pad is not None else 0
         return self._info(time.perf_counter() - start)
 
-    def _tensors(self, pairs: Sequence[PreferencePair]):
-        return pad_sequences(
-            [p.prompt_ids for p in pairs] * 2,
-            [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
-            self.pad_id,
-        )
-
     def train(self, pairs: Sequence[PreferencePair]) -> dict:
+        """Bradley-Terry (+ HaF's policy term) over this rank's pairs, through the shared optimizer-step loop."""
         spec, device = self.spec, self.engine.device
         start = time.perf_counter()
         n = len(pairs)
-        ids, att, action = self._tensors(pairs)
-        ref = self._reference_sums(ids, att, action) if self.reference is not None else None
-        sums = {"loss": 0.0, "reward_loss": 0.0, "policy_loss": 0.0, "accuracy": 0.0, "margin": 0.0}
-        grad_norms: list[float] = []
-        micro = 0
-        self.engine.train()
-        for rows, boundary, scale in self.micro_batches(n):
-            both = torch.cat([rows, rows + n])
+        batch = pair_batch(pairs, self.pad_id)
+        ref = self._reference_sums(batch) if self.reference is not None else None
+        lengths = torch.maximum(batch.lengths[:n], batch.lengths[n:])
+
+        def micro_loss(rows, norm):
+            mb = batch.select(torch.cat([rows, rows + n]))
             k = len(rows)
             reward, logits = self.engine(
-                ids[both].to(device), att[both].to(device), with_logits=ref is not None
+                mb.input_ids.to(device), mb.attention_mask.to(device), with_logits=ref is not None
             )
             if ref is not None:
-                seq = sequence_logprob_sums(_logprobs(logits, ids[both].to(device)), action[both].to(device))
+                seq = _sequence_logprobs(logits, mb.input_ids.to(device), mb.action_mask.to(device))
                 total, r_part, p_part = haf_loss(
                     reward[:k],
                     reward[k:],
@@ -76,60 +71,47 @@ class RewardTrainer(DeepSpeedRank):
                     ref[rows].to(device),
                     ref[rows + n].to(device),
                     spec.haf_alpha,
-                    spec.dpo_beta,
+                    spec.haf_beta,
                 )
             else:
                 total, r_part, p_part = haf_loss(
-                    reward[:k], reward[k:], None, None, None, None, 0.0, spec.dpo_beta
+                    reward[:k], reward[k:], None, None, None, None, 0.0, spec.haf_beta
                 )
-            loss = total.mean()
-            self._step(loss, boundary, scale, grad_norms)
-            micro += 1
-            sums["loss"] += float(loss.detach())
-            sums["reward_loss"] += float(r_part.mean().detach())
-            sums["policy_loss"] += float(p_part.mean().detach())
-            sums["accuracy"] += float((reward[:k] > reward[k:]).float().mean())
-            sums["margin"] += float((reward[:k] - reward[k:]).mean().detach())
-        metrics = {k: v / micro for k, v in sums.items()}
+            loss = norm.per_sequence(total.sum())
+            return loss, {
+                "loss": loss.detach(),
+                "reward_loss": norm.per_sequence(r_part.detach().sum()),
+                "policy_loss": norm.per_sequence(p_part.detach().sum()),
+                "accuracy": norm.per_sequence((reward[:k] > reward[k:]).float().sum()),
+                "margin": norm.per_sequence((reward[:k] - reward[k:]).detach().sum()),
+            }
+
+        metrics = self.optimize(lengths, torch.ones(n), micro_loss)
         metrics.update(
             pairs=n,
             lr=current_lr(self.engine),
             optimizer_steps=self.steps,
-            grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
             train_s=time.perf_counter() - start,
         )
         return metrics
 
     @torch.no_grad()
-    def _reference_sums(self, ids, att, action) -> torch.Tensor:
-        out, step, device = [], self.spec.micro_batch_size * 2, self.engine.device
-        for lo in range(0, ids.shape[0], step):
-            sl = slice(lo, lo + step)
-            logits = self.reference(input_ids=ids[sl].to(device), attention_mask=att[sl].to(device)).logits
-            out.append(
-                sequence_logprob_sums(_logprobs(logits, ids[sl].to(device)), action[sl].to(device)).cpu()
+    def _reference_sums(self, batch) -> torch.Tensor:
+        out = torch.zeros(len(batch))
+        device = self.engine.device
+        for rows in micro_batches(torch.arange(len(batch)), batch.lengths, self.spec.train.micro_batch_size):
+            mb = batch.select(rows)
+            logits = self.reference(
+                input_ids=mb.input_ids.to(device), attention_mask=mb.attention_mask.to(device)
+            ).logits
+            out[rows] = (
+                _sequence_logprobs(logits, mb.input_ids.to(device), mb.action_mask.to(device)).float().cpu()
             )
-        return torch.cat(out)
-
-    @torch.no_grad()
-    def rewards(self, pairs: Sequence[PreferencePair]) -> list[tuple[float, float]]:
-        """(r_chosen, r_rejected) per pair under the current model."""
-        ids, att, _ = self._tensors(pairs)
-        self.engine.eval()
-        out, n, step = [], len(pairs), self.spec.micro_batch_size * 2
-        for lo in range(0, ids.shape[0], step):
-            reward, _ = self.engine(
-                ids[lo : lo + step].to(self.engine.device),
-                att[lo : lo + step].to(self.engine.device),
-                with_logits=False,
-            )
-            out.append(reward.float().cpu())
-        r = torch.cat(out)
-        return list(zip(r[:n].tolist(), r[n:].tolist(), strict=True))
+        return out
 
     def save(self, folder: str, tokenizer_path: str) -> str | None:
         """Rank 0 writes the trained body as an HF causal LM plus `reward_head.safetensors` (collective)."""
-        tensors = full_state_dict(self.engine, self.spec.zero_stage, torch.float32, self.rank == 0)
+        tensors = full_state_dict(self.engine, self.spec.train.zero_stage, torch.float32, self.rank == 0)
         if self.rank != 0:
             return None
         from safetensors.torch import save_file

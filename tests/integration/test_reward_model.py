@@ -1,6 +1,7 @@
 """The hierarchical reward model with a real (tiny) backbone: stage-1 ridge heads with a resumable feature cache,
 stage-2 gate with verbosity debiasing, served by sharded reward actors (an expert pool with two replicas beside a
-rules pool) whose scores equal the single-process model's, and the RLHF loop running on the ALaRM hierarchy."""
+rules pool) whose scores equal the single-process model's, and the RLHF loop running on the token-level ALaRM
+hierarchy with a warm-up normaliser."""
 
 import json
 import random
@@ -10,6 +11,7 @@ import ray
 import torch
 
 from actors.protocol import Prompt, Rollout
+from actors.reward.aggregation import score_rollouts, token_key
 from actors.reward.bundle import BundleScorer
 from actors.reward.shard import RewardShard, ShardSpec
 from cluster.fleet import Pool
@@ -119,6 +121,8 @@ def hierarchy_fleet(ray_session, tiny_model_path, bundles):
         "reward.hierarchy.holistic=armo",
         "reward.hierarchy.threshold=0.0",
         "+reward.hierarchy.aspects={format: 1.0, repetition: 0.5}",
+        "reward.hierarchy.token_level=true",  # repetition's per-token channel travels through the rules pool
+        "reward.hierarchy.warmup_samples=24",  # 16 samples per iteration: frozen during the second
     )
     with running_fleet(cfg, tiny_model_path) as f:
         yield f
@@ -130,5 +134,13 @@ def test_loop_runs_on_the_hierarchical_reward(hierarchy_fleet):
     assert {"objective/armo", "objective/armo/polite", "objective/format"} <= set(record)
     agg = hierarchy_fleet.aggregation
     assert agg.normalizer.fitted  # z-statistics fitted on the initial policy's own samples
+    assert agg.normalizer.count == 16 and not agg.normalizer.frozen  # warm-up still collecting
     record = run_iteration(hierarchy_fleet, 1)
     assert record["train/optimizer_steps"] == 2
+    assert agg.normalizer.count == 32 and agg.normalizer.frozen
+    rollouts = _rollouts()
+    values = hierarchy_fleet.rewards.score(rollouts)
+    assert values[token_key("repetition")].shape == (sum(len(r.response_ids) for r in rollouts),)
+    for s in score_rollouts(rollouts, values, agg):
+        assert len(s.reward.token_rewards) == len(s.rollout.response_ids)
+        assert sum(s.reward.token_rewards) == pytest.approx(s.reward.scalar, abs=1e-5)

@@ -1,5 +1,5 @@
-"""HaF-RM and Bradley-Terry training on the DeepSpeed learner group (RewardTrainer ranks), the bundle they write,
-and `troupe job=rm_eval` on it."""
+"""HaF-RM and Bradley-Terry training on the DeepSpeed learner group (RewardTrainer ranks) in bfloat16 and float32
+(learner.dtype set explicitly, whatever the host CPU has), the bundle they write, and `troupe job=rm_eval` on it."""
 
 import json
 import subprocess
@@ -32,9 +32,7 @@ def _pairs_file(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def haf_bundle(ray_session, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("haf")
+def _train_haf(tmp, dtype: str):
     data = _pairs_file(tmp / "pairs.jsonl")
     cfg = tiny_config(
         "job=rm_train",
@@ -47,27 +45,43 @@ def haf_bundle(ray_session, tmp_path_factory):
         f"dataset.path={data}",
         "dataset.pairs_per_iteration=16",
         "learner.lr=1e-3",
+        f"learner.dtype={dtype}",
     )
     prefs, _ = load_preferences(data)
     folder, stats = train_bt_or_haf(cfg, prefs)
     return folder, stats, data, prefs
 
 
-def test_haf_trains_both_heads_on_the_learner_group(haf_bundle):
-    folder, stats, _, prefs = haf_bundle
+@pytest.fixture(scope="module")
+def haf_bundle_bf16(ray_session, tmp_path_factory):
+    return _train_haf(tmp_path_factory.mktemp("haf-bf16"), "bfloat16")
+
+
+@pytest.fixture(scope="module")
+def haf_bundle_fp32(ray_session, tmp_path_factory):
+    return _train_haf(tmp_path_factory.mktemp("haf-fp32"), "float32")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"], ids=["bf16", "fp32"])
+def test_haf_trains_both_heads_on_the_learner_group(request, dtype):
+    folder, stats, _, prefs = request.getfixturevalue(
+        "haf_bundle_" + ("bf16" if dtype == "bfloat16" else "fp32")
+    )
     assert stats["alpha"] == 0.2 and stats["pairs"] == 16
     assert stats["first"]["policy_loss"] > 0  # the DPO-style term is in the loss
     assert stats["last"]["reward_loss"] < stats["first"]["reward_loss"]
     assert stats["last"]["accuracy"] >= stats["first"]["accuracy"]
-    scorer = BundleScorer(folder)  # trained body + reward head, read at the last token as in training
+    # trained body + reward head, read at the end-of-turn token as in training; the backbone in the same dtype
+    scorer = BundleScorer(folder, dtype=dtype)
+    assert next(scorer.backbone.model.parameters()).dtype == getattr(torch, dtype)
     chosen = scorer.score([p.prompt for p in prefs], [p.chosen for p in prefs])["haf"]
     rejected = scorer.score([p.prompt for p in prefs], [p.rejected for p in prefs])["haf"]
     assert float((chosen > rejected).float().mean()) > 0.5
     assert torch.isfinite(chosen).all()
 
 
-def test_rm_eval_job_reports_subsets_and_sections(haf_bundle, tmp_path):
-    folder, _, data, _ = haf_bundle
+def test_rm_eval_job_reports_subsets_and_sections(haf_bundle_bf16, tmp_path):
+    folder, _, data, _ = haf_bundle_bf16
     cmd = [
         str(Path(sys.executable).with_name("troupe")),
         *TINY_OVERRIDES,
