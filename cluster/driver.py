@@ -135,6 +135,8 @@ def run(cfg: TroupeConfig) -> dict:
                 "iteration": cfg.run.iterations,
                 "weight_version": fleet.version,
                 "policy": cfg.model.policy,
+                # The holistic normaliser's statistics: a resumed run or a served RM scores with the same ones.
+                "reward_aggregation": getattr(fleet.aggregation, "state_dict", dict)(),
                 "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
             }
             checkpoint = save_hf_checkpoint(fleet.learners, out_dir / "checkpoint-final", model_path, state)

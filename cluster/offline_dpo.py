@@ -12,9 +12,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from actors.models import resolve_model
-from cluster.learn import pad_to_multiple
 from cluster.checkpoint import save_hf_checkpoint
 from cluster.config import TroupeConfig
+from cluster.learn import pad_to_multiple
 from cluster.learner_group import LearnerGroup, policy_setup
 from cluster.metrics import OFFLINE_DPO_COLUMNS, MetricsWriter, table_header, table_row
 from cluster.preference_data import load_preferences, tokenize

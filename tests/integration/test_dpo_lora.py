@@ -3,9 +3,9 @@ merged LoRA weights synced into vLLM."""
 
 import pytest
 import ray
-from cluster.learn import build_pairs
 
 from actors.reward.aggregation import score_rollouts
+from cluster.learn import build_pairs
 from cluster.loop import run_iteration
 from tests.integration.conftest import running_fleet, tiny_config
 

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+
 from actors.learner.batch import from_scored
 from actors.protocol import RewardBreakdown, ScoredRollout
 from cluster.loop import run_iteration

@@ -1,6 +1,7 @@
 """DeepSpeed options and the learning-rate schedule, built from the spec (no engine started)."""
 
 import pytest
+
 from actors.learner.config import LearnerConfig
 from actors.learner.engine import ds_config, lr_factor
 

@@ -9,7 +9,13 @@ from actors.models import resolve_model
 from actors.reward import armo
 from actors.reward.bundle import BundleHeads, BundleInfo, BundleScorer, save_bundle
 from actors.reward.haf import RewardLM, haf_loss
-from actors.reward.trainer import _logprobs
+
+
+def _sequence_logprobs(logits, ids, action):
+    logits = logits[:, :-1].float()
+    logp = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return (logp * action).sum(-1)
+
 
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float32, id="fp32")]
 PROMPTS = [[{"role": "user", "content": "What is 2 + 2?"}], [{"role": "user", "content": "Say hi"}]]
@@ -42,9 +48,9 @@ def test_haf_reward_lm_trains_bf16_and_fp32(model_path, dtype):
             -1
         ) + model.reward_head.bias.float()
     torch.testing.assert_close(reward, expected, rtol=2e-2, atol=2e-2)
-    seq = (_logprobs(logits, ids) * action).sum(-1)
+    seq = _sequence_logprobs(logits, ids, action)
     with torch.no_grad():
-        ref = (_logprobs(reference(input_ids=ids, attention_mask=att).logits, ids) * action).sum(-1)
+        ref = _sequence_logprobs(reference(input_ids=ids, attention_mask=att).logits, ids, action)
     total, r_part, p_part = haf_loss(reward[:2], reward[2:], seq[:2], seq[2:], ref[:2], ref[2:], 0.2, 0.1)
     total.mean().backward()
     assert torch.isfinite(total.detach()).all() and float(p_part.detach().mean()) > 0
