@@ -66,7 +66,7 @@ def evaluate(models: dict[str, str], eval_prompts: int, samples: int) -> dict[st
     from actors.reward.shard import RewardShard, ShardSpec
     from cluster.config import register
     from cluster.driver import CONF_DIR
-    from cluster.prompts import PromptSource
+    from cluster.data.prompts import PromptSource
     from cluster.runtime import generator_env
 
     register()

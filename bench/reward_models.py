@@ -43,7 +43,7 @@ def fine_tune(stage: str, backbone: str, train, out: Path, args) -> Path:
     from omegaconf import OmegaConf
 
     from cluster.driver import CONF_DIR
-    from cluster.rm_jobs import train_bt_or_haf
+    from cluster.jobs.reward_model import train_bt_or_haf
 
     overrides = [
         "job=rm_train",
@@ -90,9 +90,9 @@ def main() -> None:
     from actors.reward.alarm import Normalizer, consistency_rates, hierarchical_reward, select_aspects
     from actors.reward.backbone import RewardBackbone
     from actors.reward.bundle import BundleHeads, BundleScorer, load_bundle
-    from cluster.rating_data import load_ratings
-    from cluster.rm_eval import pairwise_report, score_pairs
-    from cluster.rm_training import pair_features, train_gating_stage, train_regression
+    from cluster.data.ratings import load_ratings
+    from cluster.jobs.rm_eval import pairwise_report, score_pairs
+    from cluster.jobs.rm_training import pair_features, train_gating_stage, train_regression
 
     started = time.perf_counter()
     out = Path(args.out).resolve()

@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from cluster.preference_data import Preference, parse_transcript
+from cluster.data.preferences import Preference, parse_transcript
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VERBOSITY_CAP = 200.0  # words

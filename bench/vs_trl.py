@@ -199,11 +199,13 @@ def build_spec(args) -> dict:
 
 
 def expected_prompts(spec: dict, tokenizer) -> list:
-    """troupe's PromptBatch for each step, exactly as its driver builds them."""
-    from cluster.config import TaskConfig
-    from cluster.prompts import PromptSource
+    """troupe's PromptBatch for each step, exactly as its driver builds them (from the same composed config)."""
+    try:
+        from cluster.data.prompts import PromptSource
+    except ImportError:  # before the data readers moved to cluster/data/
+        from cluster.prompts import PromptSource
 
-    source = PromptSource(TaskConfig(**spec["task"]), tokenizer)
+    source = PromptSource(compose_troupe(spec["troupe_overrides"]).task, tokenizer)
     return [source.batch(i) for i in range(spec["steps"])]
 
 
@@ -221,6 +223,8 @@ def _apply_cpu_patches() -> None:
 
     def cpu_sync_weights(self):
         items = [(name, param.detach()) for name, param in self._iter_named_params()]
+        if not items:
+            raise RuntimeError("TRL's weight sync found no parameters to send")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache after the weight sync")
@@ -234,11 +238,14 @@ def _reward_functions(spec: dict, eos_ids: set[int]):
     import torch
 
     from actors.protocol import Prompt, Rollout
-    from actors.reward.shard import build_objectives
+    from actors.reward.rules import RULES
 
     limit, temperature = spec["max_new_tokens"], spec["temperature"]
+    unknown = sorted(set(spec["objectives"]) - set(RULES))
+    if unknown:
+        raise SystemExit(f"bench/vs_trl: TRL gets rule objectives only; not rules: {unknown}")
     funcs = []
-    for objective in build_objectives(spec["objectives"]):
+    for objective in (RULES[name](**dict(params)) for name, params in spec["objectives"].items()):
 
         def reward(completions, completion_ids, answer, uid, _objective=objective, **_):
             rollouts = []
@@ -453,7 +460,7 @@ def run_trl(spec: dict) -> dict:
         "top_p": a.top_p,
         "top_k": a.top_k,
         "learning_rate": a.learning_rate,
-        "lr_scheduler_type": str(a.lr_scheduler_type),
+        "lr_scheduler_type": getattr(a.lr_scheduler_type, "value", str(a.lr_scheduler_type)),
         "beta": a.beta,
         "epsilon": a.epsilon,
         "loss_type": a.loss_type,
@@ -666,6 +673,13 @@ def run_half(half: str, spec_path: Path, trl_dir: Path) -> dict:
         raise SystemExit(f"bench/vs_trl: the {half} half failed (exit {proc.returncode}); log tail:\n{tail}")
     result = json.loads(result_path.read_text())
     result["process_wall_s"] = wall
+    result["busy_after"] = busy_processes()
+    if result["busy_after"]:
+        print(
+            "bench/vs_trl: WARNING: heavy jobs were running as this half ended:",
+            *result["busy_after"],
+            sep="\n  ",
+        )
     print(f"bench/vs_trl: {half} half done in {wall:.0f}s", flush=True)
     return result
 

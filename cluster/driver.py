@@ -7,8 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -21,13 +19,13 @@ from actors.learner.ppo import AdaptiveKL
 from actors.models import resolve_model
 from cluster.checkpoint import save_hf_checkpoint
 from cluster.config import TroupeConfig, register, validate
+from cluster.data.prompts import PromptSource
 from cluster.fleet import Pool
+from cluster.job import Job
+from cluster.jobs.offline_dpo import run_offline_dpo
 from cluster.learner_group import LearnerGroup, critic_group, critic_setup, policy_setup
 from cluster.loop import RunState, run_iteration
-from cluster.metrics import MetricsWriter, table_header, table_row
-from cluster.offline_dpo import run_offline_dpo
 from cluster.placement import RankPlacement
-from cluster.prompts import PromptSource
 from cluster.reward_model import build_aggregation, build_reward_fleet, reward_replicas
 from cluster.runtime import check_capacity, generator_env, learner_env, start_ray
 
@@ -96,71 +94,37 @@ def run(cfg: TroupeConfig) -> dict:
     """Run a whole job; returns paths and the last iteration's metrics."""
     validate(cfg)
     if cfg.job != "rl":
-        from cluster.rm_jobs import run_rm_job
+        from cluster.jobs.reward_model import run_rm_job
 
         return run_rm_job(cfg)
     if cfg.algo.source == "dataset":
         return run_offline_dpo(cfg)
-    out_dir = Path(cfg.run.output_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     model_path = resolve_model(cfg.model.policy)
-    start_ray(cfg.ray)
-    check_capacity(cfg)
-    fleet = build_fleet(cfg, model_path)
-    startup_s = time.perf_counter() - started
-    metrics = MetricsWriter(out_dir / "metrics.jsonl")
-    show = cfg.run.print_table
-    if show:
-        print(
-            f"troupe: fleet ready in {startup_s:.0f}s ({cfg.generator.replicas} generator, {cfg.reward.shards} reward shard, "
-            f"{cfg.learner.world_size} learner ranks); policy {cfg.model.policy}",
-            flush=True,
+    with Job(cfg, total=cfg.run.iterations) as job:
+        start_ray(cfg.ray)
+        check_capacity(cfg)
+        run_state = build_fleet(cfg, model_path)
+        job.on_exit(run_state, "shutdown")
+        job.start(
+            f"troupe: fleet ready in {job.elapsed_s:.0f}s ({cfg.generator.replicas} generator, "
+            f"{cfg.reward.shards} reward shard, {cfg.learner.world_size} learner ranks); policy {cfg.model.policy}"
         )
-        print(table_header(), flush=True)
-    bar = _progress(cfg)
-    last: dict = {}
-    try:
         for it in range(cfg.run.iterations):
-            last = run_iteration(fleet, it)
-            metrics.write(last)
-            if show:
-                print(table_row(last), flush=True)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{last['reward/mean']:.3f}")
+            job.record(run_iteration(run_state, it))
         checkpoint = None
         if cfg.run.save_checkpoint:
             state = {
                 "iteration": cfg.run.iterations,
-                "weight_version": fleet.version,
+                "weight_version": run_state.version,
                 "policy": cfg.model.policy,
                 # The holistic normaliser's statistics: a resumed run or a served RM scores with the same ones.
-                "reward_aggregation": getattr(fleet.aggregation, "state_dict", dict)(),
+                "reward_aggregation": getattr(run_state.aggregation, "state_dict", dict)(),
                 "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
             }
-            checkpoint = save_hf_checkpoint(fleet.learners, out_dir / "checkpoint-final", model_path, state)
-    finally:
-        if bar is not None:
-            bar.close()
-        metrics.close()
-        fleet.learners.shutdown()
-        if fleet.critic is not None:
-            fleet.critic.shutdown()
-        fleet.generators.shutdown()
-        fleet.rewards.shutdown()
-    total = time.perf_counter() - started
-    if show:
-        print(f"metrics: {metrics.path}\ncheckpoint: {checkpoint}\ntotal: {total:.0f}s", flush=True)
-    return {"metrics": metrics.path, "checkpoint": checkpoint, "last": last, "total_s": total}
-
-
-def _progress(cfg: TroupeConfig):
-    if not cfg.run.progress_bar:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=cfg.run.iterations, desc="troupe", unit="iter", file=sys.stderr, leave=False)
+            checkpoint = save_hf_checkpoint(
+                run_state.learners, job.out_dir / "checkpoint-final", model_path, state
+            )
+        return job.finish(checkpoint=checkpoint)
 
 
 CONF_DIR = str(

@@ -7,7 +7,6 @@ A chunk whose actor dies is retried on a replacement, so accepted work is not lo
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -109,10 +108,6 @@ class Pool:
                 )
         return results
 
-    def call_all(self, method: str, *args) -> list:
-        members = self.healthy()
-        return ray.get([getattr(m.handle, method).remote(*args) for m in members], timeout=self.timeout_s)
-
     def shutdown(self) -> None:
         for m in list(self.members):
             try:
@@ -131,12 +126,3 @@ def split_evenly(items: Sequence, parts: int) -> list[list]:
         out.append(list(items[lo:hi]))
         lo = hi
     return out
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return False

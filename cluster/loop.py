@@ -18,10 +18,10 @@ from actors.learner.config import AlgoConfig
 from actors.learner.ppo import AdaptiveKL
 from actors.protocol import ScoredRollout
 from actors.reward.aggregation import Aggregation, score_rollouts
+from cluster.data.prompts import PromptSource
 from cluster.fleet import Pool
 from cluster.learn import learn_dpo, learn_policy_gradient
 from cluster.learner_group import LearnerGroup
-from cluster.prompts import PromptSource
 from cluster.reward_fleet import RewardFleet
 from cluster.sync import push_weights
 
@@ -43,7 +43,13 @@ class RunState:
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     version: int = 0
     last_bundle: ray.ObjectRef | None = None
-    timings: dict = field(default_factory=dict)
+
+    def shutdown(self) -> None:
+        self.learners.shutdown()
+        if self.critic is not None:
+            self.critic.shutdown()
+        self.generators.shutdown()
+        self.rewards.shutdown()
 
 
 @contextmanager

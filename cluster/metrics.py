@@ -30,6 +30,17 @@ OFFLINE_DPO_COLUMNS = (
     ("learn s", "time/learn", "{:>7.1f}"),
 )
 
+# Reward-model training on the learner group (Bradley-Terry / HaF): one row per learner call.
+RM_COLUMNS = (
+    ("step", "iteration", "{:>4d}"),
+    ("pairs", "train/pairs", "{:>5.0f}"),
+    ("loss", "train/loss", "{:>7.4f}"),
+    ("bt loss", "train/reward_loss", "{:>7.4f}"),
+    ("pref acc", "train/accuracy", "{:>8.2f}"),
+    ("margin", "train/margin", "{:>7.3f}"),
+    ("lr", "train/lr", "{:>9.2e}"),
+)
+
 
 class MetricsWriter:
     def __init__(self, path: Path) -> None:

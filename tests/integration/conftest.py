@@ -55,7 +55,7 @@ def tiny_prompts(tiny_cfg, tiny_model_path):
     """Chat-templated task prompts, without starting any actor."""
     from transformers import AutoTokenizer
 
-    from cluster.prompts import PromptSource
+    from cluster.data.prompts import PromptSource
 
     return PromptSource(tiny_cfg.task, AutoTokenizer.from_pretrained(tiny_model_path))
 
@@ -75,11 +75,7 @@ def running_fleet(cfg, model_path):
     try:
         yield f
     finally:
-        f.learners.shutdown()
-        if f.critic is not None:
-            f.critic.shutdown()
-        f.generators.shutdown()
-        f.rewards.shutdown()
+        f.shutdown()
 
 
 @pytest.fixture(scope="module")

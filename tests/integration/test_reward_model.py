@@ -14,12 +14,12 @@ from actors.protocol import Prompt, Rollout
 from actors.reward.aggregation import score_rollouts, token_key
 from actors.reward.bundle import BundleScorer
 from actors.reward.shard import RewardShard, ShardSpec
+from cluster.data.preferences import Preference
+from cluster.data.ratings import load_ratings
 from cluster.fleet import Pool
+from cluster.jobs.rm_training import train_gating_stage, train_regression
 from cluster.loop import run_iteration
-from cluster.preference_data import Preference
-from cluster.rating_data import load_ratings
 from cluster.reward_fleet import RewardFleet
-from cluster.rm_training import train_gating_stage, train_regression
 from tests.integration.conftest import running_fleet, tiny_config
 
 pytestmark = pytest.mark.integration

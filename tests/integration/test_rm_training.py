@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from actors.reward.bundle import BundleScorer
-from cluster.preference_data import load_preferences
-from cluster.rm_jobs import train_bt_or_haf
+from cluster.data.preferences import load_preferences
+from cluster.jobs.reward_model import train_bt_or_haf
 from tests.integration.conftest import TINY_OVERRIDES, tiny_config
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from actors.reward.alarm import (
     token_level_reward,
 )
 from actors.reward.haf import haf_loss, last_index
-from cluster.rm_eval import pairwise_report
+from cluster.jobs.rm_eval import pairwise_report
 
 
 def test_hierarchy_adds_aspects_only_above_threshold():

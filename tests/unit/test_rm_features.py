@@ -8,8 +8,8 @@ from transformers import AutoTokenizer
 from actors.models import resolve_model
 from actors.reward.backbone import encode
 from actors.reward.bundle import BundleInfo, load_bundle, save_bundle
-from cluster.preference_data import Preference
-from cluster.rm_training import tokenize_for_rm, train_gating_stage
+from cluster.data.preferences import Preference
+from cluster.jobs.rm_training import tokenize_for_rm, train_gating_stage
 
 # Templates written for these tests in the style of Llama-3 and Gemma (content trimmed, own end-of-turn token).
 LLAMA3_STYLE = (

@@ -20,8 +20,8 @@ from actors.reward import armo
 from actors.reward.backbone import RewardBackbone, encode
 from actors.reward.bundle import BundleInfo, load_bundle, save_bundle
 from actors.reward.feature_cache import cached_features
-from cluster.preference_data import Preference
-from cluster.rating_data import Ratings
+from cluster.data.preferences import Preference
+from cluster.data.ratings import Ratings
 
 
 def train_regression(
@@ -145,18 +145,23 @@ def tokenize_for_rm(prefs: list[Preference], tokenizer, max_length: int) -> list
     return pairs
 
 
-def train_reward_head(group, pairs: list[PreferencePair], epochs: int, per_call: int, rng) -> list[dict]:
-    """Bradley-Terry / HaF epochs over `pairs` on a LearnerGroup of RewardTrainer ranks."""
+def train_reward_head(
+    group, pairs: list[PreferencePair], epochs: int, per_call: int, rng, record=None
+) -> list[dict]:
+    """Bradley-Terry / HaF epochs over `pairs` on a LearnerGroup of RewardTrainer ranks; `record` gets each row."""
     from cluster.learn import pad_to_multiple
 
     history = []
     world = len(group.ranks)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = pairs[:]
         rng.shuffle(order)
         for lo in range(0, len(order), per_call):
             chunk = pad_to_multiple(order[lo : lo + per_call], world, rng)
             history.append(group.train_pairs(chunk))
+            if record is not None:
+                row = {"iteration": len(history) - 1, "epoch": epoch}
+                record(row | {f"train/{k}": v for k, v in history[-1].items()})
     return history
 
 

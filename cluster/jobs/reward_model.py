@@ -16,16 +16,24 @@ from pathlib import Path
 from actors.learner.config import LoraConfig
 from actors.models import resolve_model
 from cluster.config import TroupeConfig
-from cluster.preference_data import load_preferences
-from cluster.rating_data import load_ratings
+from cluster.data.preferences import load_preferences
+from cluster.data.ratings import load_ratings
+from cluster.job import Job
+from cluster.metrics import RM_COLUMNS
 
 
 def run_rm_job(cfg: TroupeConfig) -> dict:
+    with Job(cfg, RM_COLUMNS) as job:
+        folder, stats = _train(cfg, job) if cfg.job == "rm_train" else (None, evaluate_bundle(cfg, job))
+        if folder is not None:
+            print(f"reward bundle: {folder}\n{json.dumps(stats, indent=2, default=str)}", flush=True)
+        return job.finish(bundle=folder, report=stats.get("path")) | {"stats": stats}
+
+
+def _train(cfg: TroupeConfig, job: Job) -> tuple[Path, dict]:
     rm = cfg.rm
-    if cfg.job == "rm_eval":
-        return evaluate_bundle(cfg)
     if rm.stage == "regression":
-        from cluster.rm_training import train_regression
+        from cluster.jobs.rm_training import train_regression
 
         ratings = load_ratings(
             rm.ratings_path,
@@ -43,7 +51,7 @@ def run_rm_job(cfg: TroupeConfig) -> dict:
             seed=cfg.run.seed,
         )
     elif rm.stage == "gating":
-        from cluster.rm_training import train_gating_stage
+        from cluster.jobs.rm_training import train_gating_stage
 
         prefs, skipped = _prefs(cfg)
         folder, stats = train_gating_stage(
@@ -64,9 +72,8 @@ def run_rm_job(cfg: TroupeConfig) -> dict:
         )
         stats["skipped"] = skipped
     else:
-        folder, stats = train_bt_or_haf(cfg)
-    print(f"reward bundle: {folder}\n{json.dumps(stats, indent=2, default=str)}", flush=True)
-    return {"bundle": folder, "stats": stats}
+        folder, stats = train_bt_or_haf(cfg, job=job)
+    return folder, stats
 
 
 def _prefs(cfg: TroupeConfig):
@@ -79,13 +86,16 @@ def _prefs(cfg: TroupeConfig):
     return prefs, dict(skipped)
 
 
-def train_bt_or_haf(cfg: TroupeConfig, prefs=None) -> tuple[Path, dict]:
+def train_bt_or_haf(cfg: TroupeConfig, prefs=None, job: Job | None = None) -> tuple[Path, dict]:
     """BT (alpha = 0) or HaF on the learner group; the bundle holds the trained body and the reward head."""
+    if job is None:
+        with Job(cfg, RM_COLUMNS) as own:
+            return train_bt_or_haf(cfg, prefs, own)
     from transformers import AutoTokenizer
 
-    from actors.reward.trainer import RewardTrainer
+    from actors.learner.reward_trainer import RewardTrainer
+    from cluster.jobs.rm_training import save_reward_head_bundle, tokenize_for_rm, train_reward_head
     from cluster.learner_group import LearnerGroup, policy_setup
-    from cluster.rm_training import save_reward_head_bundle, tokenize_for_rm, train_reward_head
     from cluster.runtime import learner_env, start_ray
 
     rm, lc = cfg.rm, cfg.learner
@@ -101,29 +111,29 @@ def train_bt_or_haf(cfg: TroupeConfig, prefs=None) -> tuple[Path, dict]:
     # The reward model trains its full body; LoRA applies to the policy learner only.
     spec = replace(policy, train=replace(lc, lora=LoraConfig()), haf_alpha=alpha, haf_beta=rm.haf_beta)
     start_ray(cfg.ray)
-    group = LearnerGroup(spec, learner_env(lc), cfg.ray.actor_timeout_s, role=RewardTrainer)
-    try:
-        group.wait_ready()
-        history = train_reward_head(group, pairs, rm.epochs, per_call, random.Random(cfg.run.seed))
-        stats = {
-            "stage": rm.stage,
-            "alpha": alpha,
-            "pairs": len(pairs),
-            "skipped": skipped,
-            "first": history[0],
-            "last": history[-1],
-        }
-        folder = save_reward_head_bundle(
-            group, rm.output, rm.name, backbone, rm.max_length, {rm.stage: stats}
-        )
-    finally:
-        group.shutdown()
+    group = job.on_exit(
+        LearnerGroup(spec, learner_env(lc), cfg.ray.actor_timeout_s, role=RewardTrainer), "shutdown"
+    )
+    group.wait_ready()
+    job.start(
+        f"troupe: {rm.stage} reward model on {len(pairs)} pairs (skipped {skipped}), backbone {rm.backbone}"
+    )
+    history = train_reward_head(group, pairs, rm.epochs, per_call, random.Random(cfg.run.seed), job.record)
+    stats = {
+        "stage": rm.stage,
+        "alpha": alpha,
+        "pairs": len(pairs),
+        "skipped": skipped,
+        "first": history[0],
+        "last": history[-1],
+    }
+    folder = save_reward_head_bundle(group, rm.output, rm.name, backbone, rm.max_length, {rm.stage: stats})
     return folder, stats
 
 
-def evaluate_bundle(cfg: TroupeConfig) -> dict:
+def evaluate_bundle(cfg: TroupeConfig, job: Job) -> dict:
     from actors.reward.bundle import BundleScorer
-    from cluster.rm_eval import pairwise_report, score_pairs
+    from cluster.jobs.rm_eval import pairwise_report, score_pairs
 
     rm = cfg.rm
     prefs, skipped = _prefs(cfg)
@@ -133,8 +143,8 @@ def evaluate_bundle(cfg: TroupeConfig) -> dict:
     sections = {k: list(v) for k, v in rm.sections.items()} or None
     report = pairwise_report(chosen, rejected, [p.subset or "all" for p in prefs], sections)
     report["skipped"] = skipped
-    out = Path(cfg.run.output_dir) / f"rm_eval-{Path(rm.bundle).name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = job.out_dir / f"rm_eval-{Path(rm.bundle).name}.json"
+    report["path"] = str(out)
     out.write_text(json.dumps(report, indent=2))
     print(
         f"pairwise accuracy ({key}): {report['accuracy']:.4f} on {report['pairs']} pairs (ties {report['ties']})"
@@ -143,5 +153,4 @@ def evaluate_bundle(cfg: TroupeConfig) -> dict:
         print(f"  {name:<24} {s['accuracy']:.4f}  n={s['n']}")
     for name, v in report["sections"].items():
         print(f"  section {name:<16} {v:.4f}")
-    print(f"report: {out}", flush=True)
     return report

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from actors.reward.armo import rescale
-from cluster.preference_data import read_records
+from cluster.data.preferences import read_records
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cluster.preference_data import SkipRecord, load_preferences, parse_transcript, to_preference
+from cluster.data.preferences import SkipRecord, load_preferences, parse_transcript, to_preference
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

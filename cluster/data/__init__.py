@@ -1,0 +1,1 @@
+"""Readers of user data: prompt sets, preference pairs and per-objective ratings."""

@@ -1,0 +1,91 @@
+"""The skeleton every job shares (the RL loop, offline DPO, reward-model training and evaluation): the output folder,
+the metrics JSONL, the table and progress bar the user sees, and teardown of what the job started, in reverse.
+
+    with Job(cfg, columns, total=steps) as job:
+        group = job.on_exit(LearnerGroup(...), "shutdown")
+        job.start("troupe: ...")
+        for ...: job.record(row)
+        return job.finish(checkpoint=path)
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from cluster.config import TroupeConfig
+from cluster.metrics import TABLE_COLUMNS, MetricsWriter, table_header, table_row
+
+log = logging.getLogger("troupe.job")
+
+
+class Job:
+    def __init__(self, cfg: TroupeConfig, columns=TABLE_COLUMNS, total: int | None = None) -> None:
+        self.out_dir = Path(cfg.run.output_dir).resolve()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
+        self.columns = columns
+        self.show = cfg.run.print_table
+        self.total = total
+        self.bar = None
+        self._progress = cfg.run.progress_bar and total
+        self.metrics: MetricsWriter | None = None
+        self.last: dict = {}
+        self._teardown: list = []
+
+    def __enter__(self) -> Job:
+        return self
+
+    def on_exit(self, resource, method: str):
+        """Call `resource.method()` when the job ends (last registered, first called); returns `resource`."""
+        self._teardown.append((resource, method))
+        return resource
+
+    def start(self, banner: str) -> None:
+        """Open the metrics file and show the banner and the table header (after the slow start-up)."""
+        self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl")
+        if self.show:
+            print(banner, flush=True)
+            print(table_header(self.columns), flush=True)
+        if self._progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc="troupe", unit="step", file=sys.stderr, leave=False)
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    def record(self, row: dict) -> None:
+        self.metrics.write(row)
+        self.last = row
+        if self.show:
+            print(table_row(row, self.columns), flush=True)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def finish(self, **paths) -> dict:
+        total = self.elapsed_s
+        out = {
+            "metrics": self.metrics.path if self.metrics else None,
+            "last": self.last,
+            "total_s": total,
+            **paths,
+        }
+        if self.show:
+            lines = [f"{k}: {v}" for k, v in out.items() if k not in ("last", "total_s") and v is not None]
+            print("\n".join(lines + [f"total: {total:.0f}s"]), flush=True)
+        return out
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        for resource, method in reversed(self._teardown):
+            try:
+                getattr(resource, method)()
+            except Exception:  # one failed teardown must not leave the rest running
+                log.exception("teardown of %s failed", type(resource).__name__)

@@ -1,0 +1,1 @@
+"""Jobs other than the RL loop: offline DPO and reward-model training / evaluation."""
