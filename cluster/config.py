@@ -76,6 +76,17 @@ class HierarchyConfig:
 
 
 @dataclass
+class ExpertConfig:
+    """A reward bundle served by its own pool of shards (reward.experts.<name>)."""
+
+    bundle: str = ""  # a folder written by `troupe job=rm_train`
+    replicas: int = 1
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+    dtype: str = "float32"  # the backbone's compute dtype: auto | bfloat16 | float32 (scores stay float32)
+
+
+@dataclass
 class RewardConfig:
     shards: int = 1  # replicas of the rule shard; a batch is split across them
     num_cpus: float = 0.0  # rule objectives are cheap; shards that host a backbone need real CPUs/GPUs
@@ -91,9 +102,7 @@ class RewardConfig:
     weights: dict[str, float] = field(
         default_factory=lambda: {"correctness": 1.0, "format": 0.2, "length": 0.1}
     )
-    # Backbone experts: {name: {bundle: folder, replicas: 1, num_cpus: 0.0, num_gpus: 0.0, dtype: float32}}, one
-    # pool each; dtype (auto | bfloat16 | float32) is the backbone's compute dtype.
-    experts: dict[str, Any] = field(default_factory=dict)
+    experts: dict[str, ExpertConfig] = field(default_factory=dict)  # backbone experts, one shard pool each
     aggregation: str = "weighted_sum"  # weighted_sum (reward.weights) | hierarchy (reward.hierarchy)
     hierarchy: HierarchyConfig = field(default_factory=lambda: HierarchyConfig())
 
@@ -216,16 +225,11 @@ def validate(cfg: TroupeConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     _one_of("reward.aggregation", cfg.reward.aggregation, ("weighted_sum", "hierarchy"))
     for name, expert in cfg.reward.experts.items():
-        if not isinstance(expert, dict) or not expert.get("bundle"):
-            raise ConfigError(
-                f"reward.experts.{name} needs a bundle folder (reward.experts.{name}.bundle=...)"
-            )
-        extra = sorted(set(expert) - {"bundle", "replicas", "num_cpus", "num_gpus", "dtype"})
-        if extra:
-            raise ConfigError(f"reward.experts.{name}: unknown keys {extra}")
-        _one_of(
-            f"reward.experts.{name}.dtype", expert.get("dtype", "float32"), ("auto", "bfloat16", "float32")
-        )
+        if not expert.bundle:
+            raise ConfigError(f"reward.experts.{name} needs a bundle folder (reward.experts.{name}.bundle=...)")
+        _one_of(f"reward.experts.{name}.dtype", expert.dtype, ("auto", "bfloat16", "float32"))
+        if expert.replicas < 1:
+            raise ConfigError(f"reward.experts.{name}.replicas must be >= 1, got {expert.replicas}")
     unknown = sorted(set(cfg.reward.weights) - set(cfg.reward.objectives))
     if cfg.reward.aggregation == "weighted_sum" and unknown and not cfg.reward.experts:
         raise ConfigError(f"reward.weights names objectives not in reward.objectives: {unknown}")

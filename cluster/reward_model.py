@@ -32,13 +32,13 @@ def build_reward_fleet(cfg: TroupeConfig) -> RewardFleet:
         pools["rules"] = Pool("reward", lambda i, s=spec, rm=remote: rm.remote(s, i), timeout)
     for name, expert in r.experts.items():
         spec = ShardSpec(
-            bundles=(str(expert["bundle"]),),
+            bundles=(expert.bundle,),
             batch_size=r.batch_size,
-            dtype=str(expert.get("dtype", "float32")),
+            dtype=expert.dtype,
         )
         remote = ray.remote(RewardShard).options(
-            num_cpus=expert.get("num_cpus", 0.0),
-            num_gpus=expert.get("num_gpus", 0.0),
+            num_cpus=expert.num_cpus,
+            num_gpus=expert.num_gpus,
             max_restarts=0,
             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
         )
@@ -52,7 +52,7 @@ def build_reward_fleet(cfg: TroupeConfig) -> RewardFleet:
 
 def reward_replicas(cfg: TroupeConfig) -> dict[str, int]:
     out = {"rules": cfg.reward.shards} if cfg.reward.objectives else {}
-    out.update({name: int(e.get("replicas", 1)) for name, e in cfg.reward.experts.items()})
+    out.update({name: e.replicas for name, e in cfg.reward.experts.items()})
     return out
 
 
@@ -73,7 +73,7 @@ def build_aggregation(r: RewardConfig):
 def _bundle_normalizer(r: RewardConfig, holistic: str) -> dict | None:
     """Normaliser statistics for `holistic` carried by an expert bundle's bundle.json, if any."""
     for expert in r.experts.values():
-        stats = read_info(expert["bundle"]).normalizers.get(holistic)
+        stats = read_info(expert.bundle).normalizers.get(holistic)
         if stats is not None:
             return stats
     return None

@@ -75,7 +75,7 @@ def check_capacity(cfg: TroupeConfig) -> None:
                 ("learner", cfg.learner.world_size, cfg.learner.num_cpus),
                 ("critic", critics, cfg.critic.num_cpus),
                 *(
-                    (f"reward.experts.{n}", int(e.get("replicas", 1)), e.get("num_cpus", 0.0))
+                    (f"reward.experts.{n}", e.replicas, e.num_cpus)
                     for n, e in experts
                 ),
             ),
@@ -87,7 +87,7 @@ def check_capacity(cfg: TroupeConfig) -> None:
                 ("learner", cfg.learner.world_size, cfg.learner.num_gpus),
                 ("critic", critics, cfg.critic.num_gpus),
                 *(
-                    (f"reward.experts.{n}", int(e.get("replicas", 1)), e.get("num_gpus", 0.0))
+                    (f"reward.experts.{n}", e.replicas, e.num_gpus)
                     for n, e in experts
                 ),
             ),

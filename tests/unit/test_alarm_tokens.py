@@ -11,7 +11,7 @@ from actors.reward.aggregation import score_rollouts, token_key
 from actors.reward.alarm import HierarchyAggregation, Normalizer
 from actors.reward.bundle import BundleInfo, load_bundle, save_bundle, store_normalizer
 from actors.reward.shard import RewardShard, ShardSpec
-from cluster.config import HierarchyConfig, RewardConfig
+from cluster.config import ExpertConfig, HierarchyConfig, RewardConfig
 from cluster.reward_model import build_aggregation
 
 
@@ -108,7 +108,7 @@ def test_a_bundle_carries_normaliser_statistics_to_the_served_aggregation(tmp_pa
     info, _ = load_bundle(folder)
     assert info.normalizers["armo"]["mean"] == pytest.approx(3.0)
     cfg = RewardConfig(
-        experts={"armo": {"bundle": str(folder)}},
+        experts={"armo": ExpertConfig(bundle=str(folder))},
         aggregation="hierarchy",
         hierarchy=HierarchyConfig(holistic="armo", warmup_samples=100),
     )

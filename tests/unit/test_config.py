@@ -106,8 +106,8 @@ def test_algorithm_and_deepspeed_cross_checks_name_keys():
 
 
 def test_hierarchical_demo_needs_a_bundle_and_composes_with_one():
-    with pytest.raises(Exception, match="bundle"):
-        OmegaConf.to_object(_compose("demo_hierarchical"))
+    with pytest.raises(ConfigError, match=r"reward\.experts\.armo\.bundle"):
+        validate(OmegaConf.to_object(_compose("demo_hierarchical")))
     cfg = OmegaConf.to_object(_compose("demo_hierarchical", ["reward.experts.armo.bundle=/some/bundle"]))
     validate(cfg)
     assert cfg.reward.aggregation == "hierarchy" and cfg.reward.hierarchy.holistic == "armo"
