@@ -116,7 +116,7 @@ def test_sharded_scores_equal_the_single_process_model(ray_session, bundles):
 def hierarchy_fleet(ray_session, tiny_model_path, bundles):
     _, stage2 = bundles
     cfg = tiny_config(
-        f"+reward.experts.armo={{bundle: '{stage2}', replicas: 2}}",
+        f"+reward.experts={{armo: {{bundle: '{stage2}', replicas: 2}}}}",
         "reward.aggregation=hierarchy",
         "reward.hierarchy.holistic=armo",
         "reward.hierarchy.threshold=0.0",

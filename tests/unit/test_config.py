@@ -112,7 +112,9 @@ def test_hierarchical_demo_needs_a_bundle_and_composes_with_one():
     validate(cfg)
     assert cfg.reward.aggregation == "hierarchy" and cfg.reward.hierarchy.holistic == "armo"
     with pytest.raises(ConfigError, match=r"reward\.experts\.x"):
-        validate(OmegaConf.to_object(_compose(overrides=["+reward.experts.x={replicas: 2}"])))
+        validate(OmegaConf.to_object(_compose(overrides=["+reward.experts={x: {replicas: 2}}"])))
+    with pytest.raises(Exception, match="replica"):  # a misspelled expert key fails naming it
+        _compose(overrides=["+reward.experts={x: {bundle: /b, replica: 2}}"])
 
 
 def test_rm_jobs_name_missing_inputs():
