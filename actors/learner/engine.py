@@ -17,6 +17,18 @@ from actors.learner.config import LearnerConfig, RankSetup
 SCHEDULES = ("constant", "linear", "cosine")
 
 
+def config_without_dropout(path: str, trust_remote_code: bool = False):
+    """The model's HF config with every dropout probability set to 0: RL ratios, KL and DPO references compare
+    log-probs across forwards, and dropout would make an on-policy ratio differ from 1 (as TRL's disable_dropout)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    for key, value in list(vars(cfg).items()):
+        if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float) and value > 0:
+            setattr(cfg, key, 0.0)
+    return cfg
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

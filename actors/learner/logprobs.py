@@ -2,13 +2,17 @@
 
 The LM head and log-softmax run only at response positions, in chunks of `chunk` tokens whose logits are
 recomputed in backward (activation checkpointing): no [batch, length, vocab] float32 tensor is ever held.
-Models whose head does more than a linear layer (logit soft-capping, logit scales) take the plain full-logits path.
+That path applies the head by hand, so it is used only where that equals the model's own logits: a plain
+linear head (no soft-capping or logit scaling, no adapter on the head), parameters whole on this rank (not
+ZeRO-3), and a one-time check against the full forward. Everything else takes the full-logits path.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+GREEDY_EPS = 1e-5  # vLLM samples greedily below this temperature and reports log-probs at T = 1
 
 
 def _causal_lm(model):
@@ -19,16 +23,21 @@ def _causal_lm(model):
     return module
 
 
-def _head_is_linear(lm) -> bool:
+def _head_is_plain(model, lm) -> bool:
     cfg = lm.config
-    return not getattr(cfg, "final_logit_softcapping", None) and getattr(cfg, "logit_scale", None) in (
-        None,
-        1.0,
+    scaled = any(getattr(cfg, key, None) not in (None, 1.0) for key in ("logit_scale", "logits_scaling"))
+    partitioned = getattr(model, "zero_optimization_partition_weights", lambda: False)()
+    head = lm.get_output_embeddings()
+    return (
+        type(head) is torch.nn.Linear
+        and not getattr(cfg, "final_logit_softcapping", None)
+        and not scaled
+        and not partitioned
     )
 
 
-def _chunk_logprobs(hidden, targets, temperature, weight, bias, with_entropy: bool):
-    return _from_logits(torch.nn.functional.linear(hidden, weight, bias), targets, temperature, with_entropy)
+def _chunk_logprobs(hidden, targets, temperature, head, with_entropy: bool):
+    return _from_logits(head(hidden), targets, temperature, with_entropy)
 
 
 def _from_logits(logits, targets, temperature, with_entropy: bool):
@@ -42,6 +51,28 @@ def _from_logits(logits, targets, temperature, with_entropy: bool):
     return logp, entropy
 
 
+def _fused(model, lm, ids, att, positions, targets, temps, with_entropy, chunk):
+    hidden = lm.base_model(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1][positions]
+    head = lm.get_output_embeddings()
+    parts = []
+    for lo in range(0, hidden.shape[0], chunk):
+        args = (hidden[lo : lo + chunk], targets[lo : lo + chunk], temps[lo : lo + chunk], head, with_entropy)
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(*args))
+    if not parts:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _full(model, ids, att, positions, targets, temps, with_entropy):
+    logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1]
+    return _from_logits(logits[positions], targets, temps, with_entropy)
+
+
 def response_logprobs(
     model,
     input_ids: torch.Tensor,
@@ -53,37 +84,30 @@ def response_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log pi_T(x_{t+1} | x_<=t), entropy) as [B, L-1] float32, zero outside `action_mask`.
 
-    `temperature` [B] divides each row's logits (a temperature <= 0, i.e. greedy, is taken as 1).
+    `temperature` [B] divides each row's logits (a greedy row, T < GREEDY_EPS, is scored at T = 1).
     """
     lm = _causal_lm(model)
     positions = action_mask.bool()
-    temps = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).to(input_ids.device)
+    temps = torch.where(temperature > GREEDY_EPS, temperature, torch.ones_like(temperature)).to(
+        input_ids.device
+    )
     row_temps = temps[:, None].expand_as(positions)[positions].float()
     targets = input_ids[:, 1:][positions]
+    args = (input_ids, attention_mask, positions, targets, row_temps, with_entropy)
+    fused_ok = getattr(lm, "_troupe_fused_head", None)
+    if fused_ok is None:  # first call for this model: decide once, by checking against the full forward
+        fused_ok = _head_is_plain(model, lm)
+        if fused_ok:
+            with torch.no_grad():
+                fused, _ = _fused(model, lm, *args, chunk)
+                full, _ = _full(model, *args)
+            fused_ok = bool(
+                torch.allclose(fused, full, atol=5e-2, rtol=1e-2)
+            )  # catches scaled or capped heads
+        lm._troupe_fused_head = fused_ok
+    values, entropy = _fused(model, lm, *args, chunk) if fused_ok else _full(model, *args)
     logp = torch.zeros(action_mask.shape, dtype=torch.float32, device=input_ids.device)
-    entropy = torch.zeros_like(logp)
-    if _head_is_linear(lm):
-        hidden = lm.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state[:, :-1][positions]
-        head = lm.get_output_embeddings()
-        parts = []
-        for lo in range(0, hidden.shape[0], chunk):
-            args = (hidden[lo : lo + chunk], targets[lo : lo + chunk], row_temps[lo : lo + chunk])
-            if torch.is_grad_enabled():
-                parts.append(
-                    checkpoint(
-                        _chunk_logprobs, *args, head.weight, head.bias, with_entropy, use_reentrant=False
-                    )
-                )
-            else:
-                parts.append(_chunk_logprobs(*args, head.weight, head.bias, with_entropy))
-        if parts:
-            logp[positions] = torch.cat([p[0] for p in parts])
-            entropy[positions] = torch.cat([p[1] for p in parts]).detach()
-        return logp, entropy
-    logits = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-    values, ent = _from_logits(logits[positions], targets, row_temps, with_entropy)
+    ent = torch.zeros_like(logp)
     logp[positions] = values
-    entropy[positions] = ent.detach()
-    return logp, entropy
+    ent[positions] = entropy.detach()
+    return logp, ent

@@ -74,15 +74,15 @@ def policy_gradient_update(
             "pg_loss": loss.detach(),
             "clip_frac": norm.per_token((clipped * m).sum()),
             "entropy": norm.per_token((entropy * m).sum()),
-            "logprob_mismatch": norm.per_token(
-                ((current - mb.behaviour_logprobs.to(device)).abs() * m).sum()
-            ),
             "advantage/abs_mean": norm.per_token((mb.advantages.to(device).abs() * m).sum()),
         }
+        if old is None:  # on-policy: the current log-probs are the old ones (one step, so measured once)
+            gap = (current - mb.behaviour_logprobs.to(device)).abs() * m
+            stats["logprob_mismatch"] = norm.per_token(gap.sum())
         ref = columns(ref_logp, rows, w)
         if ref is not None:
             kl = kl_penalty(logp, ref, algo.kl_estimator)
-            stats["kl"] = norm.reduce(kl.detach(), m, algo.loss_agg)
+            stats["kl"] = norm.per_token((kl.detach() * m).sum())  # a token mean whatever loss_agg is
             stats["kl_seq"] = norm.per_sequence(((current - ref) * m).sum())  # adaptive KL's measure
             if kl_in_loss:
                 loss = loss + kl_coef * norm.reduce(kl, m, algo.loss_agg)
@@ -91,6 +91,10 @@ def policy_gradient_update(
 
     metrics = learner.optimize(batch.lengths, mask.sum(-1), micro_loss, shuffle=not on_policy)
     metrics["old_logprobs_forward"] = float(old_logp is not None)
+    # The train/inference mismatch before any update (later steps would add the policy's drift).
+    if old_logp is not None:
+        gap = (old_logp - batch.behaviour_logprobs).abs() * mask
+        metrics["logprob_mismatch"] = float(gap.sum() / mask.sum().clamp(min=1.0))
     if ref_logp is None:
         metrics["kl"] = float("nan")  # not measured without a reference model (algo.kl_coef=0)
     metrics["kl_coef"] = kl_coef

@@ -44,9 +44,9 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, distributed: bool = False
     mask = mask.float()
     stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
     if distributed:
-        import torch.distributed as dist
+        from actors.learner.step import all_reduce_sum
 
-        dist.all_reduce(stats)
+        stats = all_reduce_sum(stats)
     total, sq, count = stats.tolist()
     mean = total / max(count, 1.0)
     var = max(sq / max(count, 1.0) - mean * mean, 0.0) * count / max(count - 1.0, 1.0)

@@ -10,7 +10,7 @@ import torch
 
 from actors.learner.batch import pair_batch
 from actors.learner.dpo import PreferencePair
-from actors.learner.engine import build_engine, current_lr, init_process_group
+from actors.learner.engine import build_engine, config_without_dropout, current_lr, init_process_group
 from actors.learner.rank import DeepSpeedRank
 from actors.learner.step import micro_batches
 from actors.learner.weights import full_state_dict
@@ -33,13 +33,19 @@ class RewardTrainer(DeepSpeedRank):
         spec = self.spec
         start = time.perf_counter()
         on_gpu = init_process_group(spec, self.rank, master_addr, master_port)
-        lm = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.float32)
+        config = config_without_dropout(spec.model_path, spec.trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(
+            spec.model_path, config=config, dtype=torch.float32, trust_remote_code=spec.trust_remote_code
+        )
         lm.config.use_cache = False
         self.engine = build_engine(RewardLM(lm), spec, self.dtype, on_gpu)
         self.reference = None
         if spec.haf_alpha > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(
-                spec.model_path, dtype=getattr(torch, self.dtype)
+                spec.model_path,
+                config=config,
+                dtype=getattr(torch, self.dtype),
+                trust_remote_code=spec.trust_remote_code,
             )
             self.reference.to(self.engine.device).eval().requires_grad_(False)
         pad = lm.config.pad_token_id

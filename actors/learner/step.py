@@ -43,12 +43,22 @@ class StepNorm:
         raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {mode!r}")
 
 
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over the ranks of the default process group, on the device its backend needs (NCCL: CUDA only)."""
+    import torch.distributed as dist
+
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
+    )
+    reduced = values.to(device)
+    dist.all_reduce(reduced)
+    return reduced.to(values.device)
+
+
 def global_counts(tokens: float, sequences: float, distributed: bool) -> tuple[float, float]:
     counts = torch.tensor([tokens, sequences], dtype=torch.float64)
     if distributed:
-        import torch.distributed as dist
-
-        dist.all_reduce(counts)
+        counts = all_reduce_sum(counts)
     return float(counts[0]), float(counts[1])
 
 

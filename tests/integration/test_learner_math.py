@@ -6,6 +6,7 @@ import math
 from dataclasses import replace
 
 import pytest
+import ray
 import torch
 
 from actors.learner.batch import RolloutBatch, pad_sequences
@@ -50,37 +51,49 @@ def _group(cfg, model_path, role_critic=False):
     return group
 
 
-def _grad_norm(model_path, dtype, world, micro, loss_agg="token_mean"):
+def _one_step(model_path, dtype, world, micro, zero=2):
+    """One optimizer step on the fixed batch: (metrics, the updated weights as float32)."""
     cfg = tiny_config(
         f"learner.dtype={dtype}",
         f"learner.world_size={world}",
         f"learner.micro_batch_size={micro}",
+        f"learner.zero_stage={zero}",
         "learner.num_cpus=0.5",
-        "algo.kl_coef=0.0",
-        f"algo.loss_agg={loss_agg}",
+        "learner.lr=1e-3",
         "learner.grad_clip=1000.0",
+        "algo.kl_coef=0.0",
+        "algo.loss_agg=token_mean",
+        f"generator.dtype={dtype}",
     )
     group = _group(cfg, model_path)
     try:
         metrics, _ = group.train(_batch(), kl_coef=0.0)
+        weights = ray.get(group.export_weights(1), timeout=300).tensors
     finally:
         group.shutdown()
-    return metrics
+    return metrics, {k: v.float() for k, v in weights.items()}
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_token_mean_gradient_same_for_micro_batch_and_world_size_bf16_and_fp32(
     ray_session, tiny_model_path, dtype
 ):
-    whole = _grad_norm(tiny_model_path, dtype, world=1, micro=8)
-    one = _grad_norm(tiny_model_path, dtype, world=1, micro=1)
-    two_ranks = _grad_norm(tiny_model_path, dtype, world=2, micro=1)
-    tol = 2e-2 if dtype == "bfloat16" else 1e-4
+    whole, w_whole = _one_step(tiny_model_path, dtype, world=1, micro=8)
+    runs = {
+        "micro-batch 1": _one_step(tiny_model_path, dtype, world=1, micro=1),
+        "2 ranks": _one_step(tiny_model_path, dtype, world=2, micro=1),
+        "2 ranks, ZeRO-3": _one_step(tiny_model_path, dtype, world=2, micro=3, zero=3),  # full-logits path
+    }
     assert whole["grad_norm"] > 0 and math.isfinite(whole["grad_norm"])
-    assert one["grad_norm"] == pytest.approx(whole["grad_norm"], rel=tol)
-    assert two_ranks["grad_norm"] == pytest.approx(whole["grad_norm"], rel=tol)
     # on-policy (one epoch, one mini-batch, version 0): no extra forward for the old log-probs
     assert whole["old_logprobs_forward"] == 0.0
+    tol = 2e-2 if dtype == "bfloat16" else 1e-4
+    for name, (metrics, weights) in runs.items():
+        assert metrics["grad_norm"] == pytest.approx(whole["grad_norm"], rel=tol), name
+        # Adam's first step moves each weight by ~lr * sign(g): equal weights mean equal gradient directions.
+        moved = torch.cat([(weights[k] - w_whole[k]).abs().flatten() for k in w_whole])
+        limit = 5e-3 if dtype == "bfloat16" else 1e-4  # bf16 weights round at ~4e-3 near 1
+        assert float((moved > limit).float().mean()) < 1e-3, name
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

@@ -38,3 +38,16 @@ def test_lr_schedules():
     assert lr_factor(10, cos, 10) == pytest.approx(0.1) and lr_factor(50, cos, 10) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="lr_schedule"):
         lr_factor(0, spec(lr_schedule="step"), 10)
+
+
+def test_dropout_is_switched_off_in_the_loaded_config(tmp_path):
+    from transformers import GPT2Config
+
+    from actors.learner.engine import config_without_dropout
+
+    GPT2Config(
+        n_layer=1, n_embd=8, n_head=2, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1
+    ).save_pretrained(tmp_path)
+    cfg = config_without_dropout(str(tmp_path))
+    assert cfg.resid_pdrop == cfg.embd_pdrop == cfg.attn_pdrop == 0.0
+    assert cfg.n_embd == 8  # the rest untouched

@@ -73,3 +73,29 @@ def test_chunked_logprobs_and_gradients_equal_unchunked_bf16_and_fp32(dtype):
     ref = _reference(model, ids, att, action, temps)
     assert torch.allclose(logp.detach(), ref, atol=5e-2 if dtype == torch.bfloat16 else 1e-5)
     assert (logp[~action.bool()] == 0).all()
+
+
+def test_a_head_that_scales_its_logits_takes_the_full_path():
+    """Granite-style logit scaling: applying the head by hand would be wrong, so the full forward is used."""
+    model = tiny_lm()
+    ids, att, action = _batch()
+    temps = torch.ones(2)
+    plain, _ = response_logprobs(model, ids, att, action, temps)
+    model.config.logits_scaling = 4.0
+    model._troupe_fused_head = None  # decide again
+
+    original = type(model).forward
+
+    def scaled_forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out.logits = out.logits / self.config.logits_scaling
+        return out
+
+    type(model).forward = scaled_forward
+    try:
+        logp, _ = response_logprobs(model, ids, att, action, temps)
+        assert torch.allclose(logp, _reference(model, ids, att, action, temps), atol=1e-5)
+        assert (logp - plain).abs().max() > 1e-2
+        assert model._troupe_fused_head is False
+    finally:
+        type(model).forward = original
