@@ -65,8 +65,8 @@ def evaluate(models: dict[str, str], eval_prompts: int, samples: int) -> dict[st
     from actors.reward.aggregation import WeightedSum, score_rollouts
     from actors.reward.shard import RewardShard, ShardSpec
     from cluster.config import register
-    from cluster.driver import CONF_DIR
     from cluster.data.prompts import PromptSource
+    from cluster.driver import CONF_DIR
     from cluster.runtime import generator_env
 
     register()

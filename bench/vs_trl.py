@@ -25,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -620,6 +621,9 @@ def summarise(half: dict, params: int, peaks: dict) -> dict:
     phases = {
         p: statistics.median(s[f"{p}_s"] for s in window) for p in ("generate", "score", "learn", "sync")
     }
+    parts = ("learn_prepare", "learn_fwd_bwd", "learn_optimizer_other")
+    if all(f"{p}_s" in window[0] for p in parts):
+        phases.update({p: statistics.median(s[f"{p}_s"] for s in window) for p in parts})
     return {
         "window": f"steps {window[0]['step']}..{window[-1]['step']}",
         "median_step_s": statistics.median(s["step_s"] for s in window),
@@ -637,11 +641,11 @@ def summarise(half: dict, params: int, peaks: dict) -> dict:
 # ------------------------------------------------------------------------------------------------------------ driver
 
 
-def busy_processes() -> list[str]:
-    """Other heavy jobs (tests, troupe runs) that would skew the timings."""
+def busy_processes(exclude: int | None = None) -> list[str]:
+    """Other heavy jobs (tests, troupe runs) that would skew the timings; `exclude`: our own child."""
     found = []
     for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) in (os.getpid(), os.getppid()):
+        if not pid.isdigit() or int(pid) in (os.getpid(), os.getppid(), exclude):
             continue
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -665,20 +669,25 @@ def run_half(half: str, spec_path: Path, trl_dir: Path) -> dict:
     cmd += ["--_result", str(result_path)]
     print(f"bench/vs_trl: running the {half} half (log: {log_path.relative_to(ROOT)})", flush=True)
     started = time.perf_counter()
+    seen: set[str] = set()
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None:  # watch for other heavy jobs while this half runs: they skew its timings
+            seen.update(busy_processes(exclude=proc.pid))
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
     wall = time.perf_counter() - started
     if proc.returncode != 0 or not result_path.exists():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-60:])
         raise SystemExit(f"bench/vs_trl: the {half} half failed (exit {proc.returncode}); log tail:\n{tail}")
     result = json.loads(result_path.read_text())
     result["process_wall_s"] = wall
-    result["busy_after"] = busy_processes()
-    if result["busy_after"]:
+    result["other_jobs_seen"] = sorted(seen)
+    if seen:
         print(
-            "bench/vs_trl: WARNING: heavy jobs were running as this half ended:",
-            *result["busy_after"],
-            sep="\n  ",
+            f"bench/vs_trl: WARNING: other heavy jobs ran during the {half} half:", *sorted(seen), sep="\n  "
         )
     print(f"bench/vs_trl: {half} half done in {wall:.0f}s", flush=True)
     return result
@@ -724,6 +733,13 @@ def report(
     for phase in ("generate", "score", "learn", "sync"):
         row(f"  {phase} s (median)", "{:.2f}", lambda h, p=phase: summaries[h]["median_phase_s"][p])
     row(
+        "    old logp fwd / fwd+bwd / optim",
+        "{}",
+        lambda h: "{learn_prepare:.1f} / {learn_fwd_bwd:.1f} / {learn_optimizer_other:.1f}".format(
+            **summaries[h]["median_phase_s"]
+        ),
+    )
+    row(
         "learn TFLOP/s (est.)",
         "{}",
         lambda h: (
@@ -739,14 +755,14 @@ def report(
         lambda h: "{:.3f} -> {:.3f}".format(*summaries[h]["reward_mean_first_last"]),
     )
     print()
-    print(
+    note(
         f"learn FLOPs = (6 + 2 x extra forwards) x {params / 1e6:.1f}M matmul params x (prompt + completion tokens), "
         "unpadded; against the peak of the learner's dtype."
     )
     if "trl" in results:
         t = results["trl"]
         s = t["settings"]
-        print(
+        note(
             f"TRL {t['versions']['trl']} (transformers {t['versions']['transformers']}, vllm {t['versions']['vllm']}): "
             f"GRPOTrainer at its defaults except num_generations={s['num_generations']}, per_device_train_batch_size="
             f"{s['per_device_train_batch_size']}, gradient_accumulation_steps=1, max_completion_length="
@@ -758,25 +774,34 @@ def report(
             f"epsilon={s['epsilon']}, vllm_importance_sampling_correction={s['vllm_importance_sampling_correction']}, "
             f"model dtype {s['model_dtype']}, lr schedule {s['lr_scheduler_type']}, {s['torch_threads']} torch threads."
         )
-        print("TRL CPU patches applied: (1) " + t["patches"][0] + "; (2) " + t["patches"][1] + ".")
-        print(TRL_PHASES)
+        note("TRL CPU patches applied: (1) " + t["patches"][0] + "; (2) " + t["patches"][1] + ".")
+        note(TRL_PHASES)
     if "troupe" in results:
         lc = spec["troupe_learner"]
-        print(
+        note(
             f"troupe: conf/demo.yaml + {' '.join(spec['troupe_overrides'])}; learner {lc['world_size']} ranks x "
             f"micro-batch {lc['micro_batch_size']}, {lc['omp_threads']} OMP threads, ZeRO-{lc['zero_stage']}, "
             f"{lc['dtype']}, loss_agg {lc['loss_agg']}; extra forwards: {results['troupe']['extra_forwards_source']}. "
             "Phases from metrics.jsonl (time/generate, time/score, time/learn, time/sync; step = time/iteration)."
         )
-    print(
+    note(
         "The same prompts (troupe's PromptSource, checked token for token in TRL's run), the same rule reward; "
         "completions/s and tok/s are totals over the window divided by its time."
     )
+    for h in cols:
+        if results[h].get("other_jobs_seen"):
+            note(
+                f"WARNING: other heavy jobs ran during the {names[h]} half: its timings are skewed (see the JSON)."
+            )
     print(f"results: {out_path}")
     if len(cols) == 2:
         ratio = summaries["troupe"]["completions_per_s"] / summaries["trl"]["completions_per_s"]
         print()
         print(f"troupe / TRL completions/s: {ratio:.2f}x")
+
+
+def note(text: str) -> None:
+    print(textwrap.fill(text, width=118, subsequent_indent="  ", break_on_hyphens=False))
 
 
 def _cpu_model() -> str:
