@@ -21,7 +21,6 @@ from actors.learner.engine import build_engine, config_without_dropout, current_
 from actors.learner.logprobs import response_logprobs
 from actors.learner.pg_update import policy_gradient_update
 from actors.learner.rank import DeepSpeedRank
-from actors.learner.step import micro_batches
 from actors.learner.weights import full_state_dict
 from actors.protocol import WeightBundle
 
@@ -72,8 +71,11 @@ class Learner(DeepSpeedRank):
         device = self.engine.device
         self.engine.eval()
         out = torch.zeros(batch.action_mask.shape)
-        rows = torch.arange(len(batch))
-        for mb_rows in micro_batches(rows, batch.lengths, self.spec.train.micro_batch_size):
+        group_size = batch.group_size if self.spec.train.share_prompts else 1
+        units = self.units(batch.lengths, group_size)
+        for mb_rows in units.micro_batches(
+            torch.arange(len(units.lengths)), self.spec.train.micro_batch_size
+        ):
             mb = batch.select(mb_rows)
             args = (
                 mb.input_ids.to(device),
@@ -81,14 +83,14 @@ class Learner(DeepSpeedRank):
                 mb.action_mask.to(device),
                 mb.temperature,
             )
-            chunk = self.spec.train.logprob_chunk
+            kw = {"chunk": self.spec.train.logprob_chunk, "group_size": units.group_size}
             if not reference:
-                logp = response_logprobs(self.engine, *args, chunk=chunk)[0]
+                logp = response_logprobs(self.engine, *args, **kw)[0]
             elif self.reference is not None:
-                logp = response_logprobs(self.reference, *args, chunk=chunk)[0]
+                logp = response_logprobs(self.reference, *args, **kw)[0]
             else:
                 with lora.base_model(self.engine.module):
-                    logp = response_logprobs(self.engine.module, *args, chunk=chunk)[0]
+                    logp = response_logprobs(self.engine.module, *args, **kw)[0]
             out[mb_rows, : logp.shape[1]] = logp.cpu()
         return out
 

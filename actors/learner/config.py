@@ -43,6 +43,9 @@ class LearnerConfig:
     offload_optimizer: bool = False  # ZeRO-Offload (DeepSpeedCPUAdam; JIT-built once, ~40 s)
     offload_params: bool = False  # ZeRO-3 only
     logprob_chunk: int = 1024  # response tokens per chunk of the LM head + log-softmax (bounds logits memory)
+    # Pack each prompt group into one sequence (the prompt once, then its responses, each attending to the prompt
+    # and itself): the prompt's forward and backward run once per group. Checked against the unpacked result.
+    share_prompts: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

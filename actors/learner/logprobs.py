@@ -12,10 +12,12 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from actors.learner.packing import Packed, pack_groups
+
 GREEDY_EPS = 1e-5  # vLLM samples greedily below this temperature and reports log-probs at T = 1
 
 
-def _causal_lm(model):
+def causal_lm(model):
     """The transformers causal LM inside a DeepSpeed engine and/or a peft wrapper."""
     module = getattr(model, "module", model)  # DeepSpeed engine
     if hasattr(module, "get_base_model"):  # peft: the LoRA layers live inside the base model's modules
@@ -51,9 +53,22 @@ def _from_logits(logits, targets, temperature, with_entropy: bool):
     return logp, entropy
 
 
-def _fused(model, lm, ids, att, positions, targets, temps, with_entropy, chunk):
-    hidden = lm.base_model(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
-    hidden = hidden[:, :-1][positions]
+def _fused(model, lm, ids, att, positions, targets, temps, with_entropy, chunk, packed: Packed | None = None):
+    if packed is None:
+        hidden = lm.base_model(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+        hidden = hidden[:, :-1][positions]
+    else:
+        hidden = lm.base_model(
+            input_ids=packed.input_ids.to(ids.device),
+            attention_mask=packed.attention.to(ids.device),
+            position_ids=packed.position_ids.to(ids.device),
+            use_cache=False,
+        ).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])[packed.source.to(ids.device)]
+    return _head_logprobs(lm, hidden, targets, temps, with_entropy, chunk)
+
+
+def _head_logprobs(lm, hidden, targets, temps, with_entropy, chunk):
     head = lm.get_output_embeddings()
     parts = []
     for lo in range(0, hidden.shape[0], chunk):
@@ -81,12 +96,14 @@ def response_logprobs(
     temperature: torch.Tensor,
     with_entropy: bool = False,
     chunk: int = 1024,
+    group_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log pi_T(x_{t+1} | x_<=t), entropy) as [B, L-1] float32, zero outside `action_mask`.
 
-    `temperature` [B] divides each row's logits (a greedy row, T < GREEDY_EPS, is scored at T = 1).
+    `temperature` [B] divides each row's logits (a greedy row, T < GREEDY_EPS, is scored at T = 1). With
+    `group_size` > 1, rows come in groups of that many samples of one prompt, which are packed (packing.py).
     """
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     positions = action_mask.bool()
     temps = torch.where(temperature > GREEDY_EPS, temperature, torch.ones_like(temperature)).to(
         input_ids.device
@@ -105,7 +122,20 @@ def response_logprobs(
                 torch.allclose(fused, full, atol=5e-2, rtol=1e-2)
             )  # catches scaled or capped heads
         lm._troupe_fused_head = fused_ok
-    values, entropy = _fused(model, lm, *args, chunk) if fused_ok else _full(model, *args)
+    packed = (
+        pack_groups(input_ids.cpu(), action_mask.cpu(), group_size) if fused_ok and group_size > 1 else None
+    )
+    if packed is not None and getattr(lm, "_troupe_packing", None) is None:
+        with torch.no_grad():  # first packed call for this model: packed must equal unpacked
+            plain, _ = _fused(model, lm, *args, chunk)
+            shared, _ = _fused(model, lm, *args, chunk, packed)
+        lm._troupe_packing = bool(torch.allclose(plain, shared, atol=5e-2, rtol=1e-2))
+    if packed is not None and not lm._troupe_packing:
+        packed = None
+    if fused_ok:
+        values, entropy = _fused(model, lm, *args, chunk, packed)
+    else:
+        values, entropy = _full(model, *args)
     logp = torch.zeros(action_mask.shape, dtype=torch.float32, device=input_ids.device)
     ent = torch.zeros_like(logp)
     logp[positions] = values

@@ -15,7 +15,7 @@ import torch
 from actors.learner.advantages import AdvantageInputs, estimate
 from actors.learner.batch import RolloutBatch
 from actors.learner.grpo import clipped_policy_loss, kl_penalty
-from actors.learner.logprobs import response_logprobs
+from actors.learner.logprobs import causal_lm, response_logprobs
 from actors.learner.ppo import masked_whiten
 
 
@@ -47,6 +47,7 @@ def policy_gradient_update(
         advantages = masked_whiten(advantages, mask, distributed=train.world_size > 1)
     batch = batch.with_columns(advantages=advantages)
     kl_in_loss = with_reference and algo.kl_placement == "loss" and kl_coef > 0
+    group_size = batch.group_size if train.share_prompts else 1
 
     def columns(full: torch.Tensor | None, rows: torch.Tensor, w: int) -> torch.Tensor | None:
         return None if full is None else full[rows][:, :w].to(device)
@@ -63,6 +64,7 @@ def policy_gradient_update(
             mb.temperature,
             with_entropy=True,
             chunk=train.logprob_chunk,
+            group_size=group_size,
         )
         current = logp.detach()
         old = columns(old_logp, rows, w)
@@ -89,8 +91,11 @@ def policy_gradient_update(
         stats["loss"] = loss.detach()
         return loss, stats
 
-    metrics = learner.optimize(batch.lengths, mask.sum(-1), micro_loss, shuffle=not on_policy)
+    metrics = learner.optimize(batch.lengths, mask.sum(-1), micro_loss, not on_policy, group_size)
     metrics["old_logprobs_forward"] = float(old_logp is not None)
+    metrics["prompts_packed"] = float(
+        group_size > 1 and getattr(causal_lm(engine), "_troupe_packing", False) is True
+    )
     # The train/inference mismatch before any update (later steps would add the policy's drift).
     if old_logp is not None:
         gap = (old_logp - batch.behaviour_logprobs).abs() * mask

@@ -13,7 +13,14 @@ import torch
 from actors.hardware import resolve_dtype
 from actors.learner.config import RankSetup
 from actors.learner.engine import free_port
-from actors.learner.step import StepNorm, global_counts, micro_batches, step_rows
+from actors.learner.step import (
+    StepNorm,
+    global_counts,
+    group_lengths,
+    group_rows,
+    micro_batches,
+    step_rows,
+)
 
 # micro_loss(rows, norm) -> (loss to backpropagate, {metric: this micro-batch's share of the step's value})
 MicroLoss = Callable[[torch.Tensor, StepNorm], tuple[torch.Tensor, dict[str, torch.Tensor | float]]]
@@ -43,10 +50,16 @@ class DeepSpeedRank:
         return {"rank": self.rank, "pid": os.getpid(), "dtype": self.dtype, "setup_s": setup_s, **extra}
 
     def optimize(
-        self, lengths: torch.Tensor, token_counts: torch.Tensor, micro_loss: MicroLoss, shuffle: bool = True
+        self,
+        lengths: torch.Tensor,
+        token_counts: torch.Tensor,
+        micro_loss: MicroLoss,
+        shuffle: bool = True,
+        group_size: int = 1,
     ) -> dict:
         """`epochs` passes of `mini_batches` optimizer steps over this rank's rows; returns per-step means.
 
+        With `group_size` > 1, steps and micro-batches hold whole prompt groups (so they can be packed).
         Every rank must call it with the same number of rows (ZeRO-3 gathers parameters collectively).
         """
         t = self.spec.train
@@ -54,13 +67,15 @@ class DeepSpeedRank:
         sums: dict[str, float] = {}
         grad_norms: list[float] = []
         steps = 0
+        units = self.units(lengths, group_size)
         for _ in range(t.epochs):
-            for rows in step_rows(len(lengths), t.mini_batches, shuffle, self._shuffle):
+            for step_units in step_rows(len(units.lengths), t.mini_batches, shuffle, self._shuffle):
+                rows = units.rows(step_units)
                 tokens, sequences = global_counts(
                     float(token_counts[rows].sum()), float(len(rows)), t.world_size > 1
                 )
                 norm = StepNorm(tokens, sequences, t.world_size, self.spec.response_budget)
-                for mb in micro_batches(rows, lengths, t.micro_batch_size):
+                for mb in units.micro_batches(step_units, t.micro_batch_size):
                     loss, stats = micro_loss(mb, norm)
                     # The caller owns the accumulation boundary (managed_gradient_accumulation=false).
                     self.engine.backward(loss, scale_wrt_gas=False)
@@ -77,3 +92,22 @@ class DeepSpeedRank:
         if steps:
             self.version += 1
         return metrics
+
+    @staticmethod
+    def units(lengths: torch.Tensor, group_size: int) -> Units:
+        return Units(lengths, group_size if group_size > 1 and len(lengths) % group_size == 0 else 1)
+
+
+class Units:
+    """What steps and micro-batches are cut from: rows, or whole prompt groups of `group_size` rows."""
+
+    def __init__(self, row_lengths: torch.Tensor, group_size: int) -> None:
+        self.group_size = group_size
+        self.lengths = group_lengths(row_lengths, group_size) if group_size > 1 else row_lengths
+
+    def rows(self, units: torch.Tensor) -> torch.Tensor:
+        return group_rows(units, self.group_size) if self.group_size > 1 else units
+
+    def micro_batches(self, units: torch.Tensor, rows_per_micro_batch: int) -> list[torch.Tensor]:
+        per = max(1, rows_per_micro_batch // self.group_size)
+        return [self.rows(mb) for mb in micro_batches(units, self.lengths, per)]

@@ -74,3 +74,12 @@ def micro_batches(rows: torch.Tensor, lengths: torch.Tensor, size: int) -> list[
     """Rows of one step grouped by length into micro-batches of `size`, so each pads only to its own longest."""
     ordered = rows[torch.argsort(lengths[rows], stable=True)]
     return [ordered[lo : lo + size] for lo in range(0, len(ordered), size)]
+
+
+def group_rows(groups: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Row indices of whole prompt groups (rows g * group_size ... g * group_size + group_size - 1)."""
+    return (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)
+
+
+def group_lengths(lengths: torch.Tensor, group_size: int) -> torch.Tensor:
+    return lengths.view(-1, group_size).sum(-1)

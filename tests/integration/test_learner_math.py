@@ -20,7 +20,9 @@ pytestmark = pytest.mark.integration
 
 def _batch(group_size: int = 4) -> RolloutBatch:
     gen = torch.Generator().manual_seed(0)
-    prompts = [tuple(torch.randint(100, 1000, (3 + i % 3,), generator=gen).tolist()) for i in range(8)]
+    # two prompt groups of 4 samples: the learner packs each group's shared prompt once
+    prompts = [tuple(torch.randint(100, 1000, (5 + 3 * g,), generator=gen).tolist()) for g in range(2)]
+    prompts = [p for p in prompts for _ in range(group_size)]
     lengths = [9, 2, 5, 1, 7, 3, 4, 6]  # uneven: a per-micro-batch mean would weigh tokens differently
     responses = [tuple(torch.randint(100, 1000, (n,), generator=gen).tolist()) for n in lengths]
     ids, att, action = pad_sequences(prompts, responses, pad_id=0)
@@ -51,7 +53,7 @@ def _group(cfg, model_path, role_critic=False):
     return group
 
 
-def _one_step(model_path, dtype, world, micro, zero=2):
+def _one_step(model_path, dtype, world, micro, zero=2, share_prompts=True):
     """One optimizer step on the fixed batch: (metrics, the updated weights as float32)."""
     cfg = tiny_config(
         f"learner.dtype={dtype}",
@@ -64,6 +66,7 @@ def _one_step(model_path, dtype, world, micro, zero=2):
         "algo.kl_coef=0.0",
         "algo.loss_agg=token_mean",
         f"generator.dtype={dtype}",
+        f"learner.share_prompts={share_prompts}",
     )
     group = _group(cfg, model_path)
     try:
@@ -83,10 +86,12 @@ def test_token_mean_gradient_same_for_micro_batch_and_world_size_bf16_and_fp32(
         "micro-batch 1": _one_step(tiny_model_path, dtype, world=1, micro=1),
         "2 ranks": _one_step(tiny_model_path, dtype, world=2, micro=1),
         "2 ranks, ZeRO-3": _one_step(tiny_model_path, dtype, world=2, micro=3, zero=3),  # full-logits path
+        "unpacked prompts": _one_step(tiny_model_path, dtype, world=1, micro=2, share_prompts=False),
     }
     assert whole["grad_norm"] > 0 and math.isfinite(whole["grad_norm"])
     # on-policy (one epoch, one mini-batch, version 0): no extra forward for the old log-probs
     assert whole["old_logprobs_forward"] == 0.0
+    assert whole["prompts_packed"] == 1.0 and runs["unpacked prompts"][0]["prompts_packed"] == 0.0
     tol = 2e-2 if dtype == "bfloat16" else 1e-4
     for name, (metrics, weights) in runs.items():
         assert metrics["grad_norm"] == pytest.approx(whole["grad_norm"], rel=tol), name

@@ -1,0 +1,58 @@
+"""Shared-prompt packing: the packed forward gives the same log-probs and gradients as one row per sample."""
+
+import pytest
+import torch
+
+from actors.learner.batch import pad_sequences
+from actors.learner.logprobs import response_logprobs
+from actors.learner.packing import pack_groups
+from tests.unit.test_logprobs import tiny_lm
+
+
+def _groups():
+    prompts = [(1, 2, 3, 4)] * 3 + [(5, 6)] * 3
+    responses = [(7, 8, 9), (10,), (11, 12, 13, 14, 15), (16, 17), (18, 19, 20, 21), (22,)]
+    return pad_sequences(prompts, responses, pad_id=0)
+
+
+def test_pack_layout_masks_and_sources():
+    ids, _, action = _groups()
+    packed = pack_groups(ids, action, group_size=3)
+    assert packed.input_ids[0, :13].tolist() == [1, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+    assert packed.position_ids[0, 4:8].tolist() == [4, 5, 6, 4]  # each response restarts after the prompt
+    att = packed.attention[0, 0]
+    assert (
+        att[7, :4].all() and not att[7, 4:7].any() and att[7, 7]
+    )  # response 2 sees the prompt, not response 1
+    width = packed.input_ids.shape[1]
+    assert packed.source[:4].tolist() == [
+        3,
+        4,
+        5,
+        3,
+    ]  # response 1 from the prompt end and its own tokens; then 2
+    assert packed.source[9:11].tolist() == [width + 1, width + 2]
+    assert packed.targets.tolist() == [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]
+
+
+def test_groups_with_different_prompts_are_not_packed():
+    ids, _, action = pad_sequences([(1, 2), (1, 3)], [(4,), (5,)], pad_id=0)
+    assert pack_groups(ids, action, group_size=2) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_logprobs_and_gradients_equal_unpacked_bf16_and_fp32(dtype):
+    ids, att, action = _groups()
+    temps = torch.full((6,), 0.9)
+    results = []
+    for group_size in (1, 3):
+        model = tiny_lm(dtype)
+        logp, _ = response_logprobs(model, ids, att, action, temps, group_size=group_size)
+        (logp * torch.arange(1, 7)[:, None]).sum().backward()
+        grad = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+        results.append((logp.detach(), grad, getattr(model, "_troupe_packing", None)))
+    (plain, g_plain, _), (packed, g_packed, used) = results
+    assert used is True
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(packed, plain, atol=tol)
+    assert float((g_packed - g_plain).norm() / g_plain.norm()) < (3e-2 if dtype == torch.bfloat16 else 1e-5)
