@@ -38,6 +38,12 @@ def _head_is_plain(model, lm) -> bool:
     )
 
 
+def _agree(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same log-probs up to low-precision noise: bf16 differs from fp32 by ~0.05 nats per token on average here,
+    while a wrong mask, position or head scale is off by a nat or more."""
+    return a.numel() == 0 or float((a - b).abs().mean()) < 0.1
+
+
 def _chunk_logprobs(hidden, targets, temperature, head, with_entropy: bool):
     return _from_logits(head(hidden), targets, temperature, with_entropy)
 
@@ -118,9 +124,7 @@ def response_logprobs(
             with torch.no_grad():
                 fused, _ = _fused(model, lm, *args, chunk)
                 full, _ = _full(model, *args)
-            fused_ok = bool(
-                torch.allclose(fused, full, atol=5e-2, rtol=1e-2)
-            )  # catches scaled or capped heads
+            fused_ok = _agree(fused, full)  # catches scaled or capped heads
         lm._troupe_fused_head = fused_ok
     packed = (
         pack_groups(input_ids.cpu(), action_mask.cpu(), group_size) if fused_ok and group_size > 1 else None
@@ -129,7 +133,7 @@ def response_logprobs(
         with torch.no_grad():  # first packed call for this model: packed must equal unpacked
             plain, _ = _fused(model, lm, *args, chunk)
             shared, _ = _fused(model, lm, *args, chunk, packed)
-        lm._troupe_packing = bool(torch.allclose(plain, shared, atol=5e-2, rtol=1e-2))
+        lm._troupe_packing = _agree(plain, shared)
     if packed is not None and not lm._troupe_packing:
         packed = None
     if fused_ok:

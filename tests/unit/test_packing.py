@@ -56,3 +56,24 @@ def test_packed_logprobs_and_gradients_equal_unpacked_bf16_and_fp32(dtype):
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
     assert torch.allclose(packed, plain, atol=tol)
     assert float((g_packed - g_plain).norm() / g_plain.norm()) < (3e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_a_wrong_packing_is_caught_by_the_agreement_check():
+    """If responses could see each other (a plain causal mask over the packed sequence), the check rejects it."""
+    from dataclasses import replace
+
+    from actors.learner.logprobs import _agree, _fused
+
+    ids, att, action = _groups()
+    model = tiny_lm()
+    packed = pack_groups(ids, action, group_size=3)
+    width = packed.input_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril().expand_as(packed.attention)
+    wrong = replace(packed, attention=causal)
+    positions = action.bool()
+    args = (ids, att, positions, ids[:, 1:][positions], torch.ones(int(positions.sum())), False, 1024)
+    with torch.no_grad():
+        plain, _ = _fused(model, model, *args)
+        right, _ = _fused(model, model, *args, packed)
+        bad, _ = _fused(model, model, *args, wrong)
+    assert _agree(plain, right) and not _agree(plain, bad)
