@@ -45,6 +45,7 @@ class LearnerConfig:
     logprob_chunk: int = 1024  # response tokens per chunk of the LM head + log-softmax (bounds logits memory)
     # Pack each prompt group into one sequence (the prompt once, then its responses, each attending to the prompt
     # and itself): the prompt's forward and backward run once per group. Checked against the unpacked result.
+    # Micro-batches then hold whole groups: micro_batch_size // samples_per_prompt of them, at least one.
     share_prompts: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
 
