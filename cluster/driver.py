@@ -118,7 +118,7 @@ def run(cfg: TroupeConfig) -> dict:
                 "weight_version": run_state.version,
                 "policy": cfg.model.policy,
                 # The holistic normaliser's statistics: a resumed run or a served RM scores with the same ones.
-                "reward_aggregation": getattr(run_state.aggregation, "state_dict", dict)(),
+                "reward_aggregation": run_state.aggregation.state_dict(),
                 "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
             }
             checkpoint = save_hf_checkpoint(

@@ -17,8 +17,13 @@ from actors.learner.batch import RolloutBatch, pair_batch
 from actors.learner.config import RankSetup
 from actors.learner.dpo import PreferencePair
 from actors.learner.dpo_update import dpo_update
-from actors.learner.engine import build_engine, config_without_dropout, current_lr, init_process_group
-from actors.learner.logprobs import response_logprobs
+from actors.learner.engine import (
+    build_engine,
+    current_lr,
+    frozen_reference,
+    init_process_group,
+    load_causal_lm,
+)
 from actors.learner.pg_update import policy_gradient_update
 from actors.learner.rank import DeepSpeedRank
 from actors.learner.weights import full_state_dict
@@ -33,29 +38,17 @@ class Learner(DeepSpeedRank):
         self.reference = None
 
     def setup(self, master_addr: str, master_port: int) -> dict:
-        from transformers import AutoModelForCausalLM
-
         spec = self.spec
         start = time.perf_counter()
         on_gpu = init_process_group(spec, self.rank, master_addr, master_port)
-        config = config_without_dropout(spec.model_path, spec.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            spec.model_path, config=config, dtype=torch.float32, trust_remote_code=spec.trust_remote_code
-        )
-        model.config.use_cache = False
+        model = load_causal_lm(spec)
         if spec.train.lora.enabled:
             model = lora.wrap(model, spec.train.lora)
             if spec.train.gradient_checkpointing:
                 model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
         self.engine = build_engine(model, spec, self.dtype, on_gpu)
         if spec.algo.needs_reference() and not spec.train.lora.enabled:  # LoRA: the base, adapters off
-            self.reference = AutoModelForCausalLM.from_pretrained(
-                spec.model_path,
-                config=config,
-                dtype=getattr(torch, self.dtype),
-                trust_remote_code=spec.trust_remote_code,
-            ).to(self.engine.device)
-            self.reference.eval().requires_grad_(False)
+            self.reference = frozen_reference(spec, self.dtype, self.engine.device)
         pad = self.engine.module.config.pad_token_id
         self.pad_id = pad if pad is not None else 0
         return self._info(time.perf_counter() - start, trainable=lora.trainable_fraction(self.engine.module))
@@ -65,34 +58,15 @@ class Learner(DeepSpeedRank):
             self.spec.algo.needs_reference() and self.spec.train.lora.enabled
         )
 
-    @torch.no_grad()
     def frozen_logprobs(self, batch: RolloutBatch, reference: bool) -> torch.Tensor:
-        """[B, L-1] log-probs of the current policy or of the reference, no grad, in length-grouped micro-batches."""
-        device = self.engine.device
+        """[B, L-1] log-probs of the current policy or of the reference, no grad."""
         self.engine.eval()
-        out = torch.zeros(batch.action_mask.shape)
-        group_size = batch.group_size if self.spec.train.share_prompts else 1
-        units = self.units(batch.lengths, group_size)
-        for mb_rows in units.micro_batches(
-            torch.arange(len(units.lengths)), self.spec.train.micro_batch_size
-        ):
-            mb = batch.select(mb_rows)
-            args = (
-                mb.input_ids.to(device),
-                mb.attention_mask.to(device),
-                mb.action_mask.to(device),
-                mb.temperature,
-            )
-            kw = {"chunk": self.spec.train.logprob_chunk, "group_size": units.group_size}
-            if not reference:
-                logp = response_logprobs(self.engine, *args, **kw)[0]
-            elif self.reference is not None:
-                logp = response_logprobs(self.reference, *args, **kw)[0]
-            else:
-                with lora.base_model(self.engine.module):
-                    logp = response_logprobs(self.engine.module, *args, **kw)[0]
-            out[mb_rows, : logp.shape[1]] = logp.cpu()
-        return out
+        if not reference:
+            return self.batch_logprobs(self.engine, batch)
+        if self.reference is not None:
+            return self.batch_logprobs(self.reference, batch)
+        with lora.base_model(self.engine.module):
+            return self.batch_logprobs(self.engine.module, batch)
 
     def train(self, batch: RolloutBatch, kl_coef: float) -> tuple[dict, list[torch.Tensor] | None]:
         """One policy-gradient update over this rank's share; `kl_coef` is the (adaptive) KL coefficient."""

@@ -151,3 +151,14 @@ def pair_batch(pairs: Sequence[PreferencePair], pad_id: int) -> RolloutBatch:
     return RolloutBatch(
         ids, att, action, zeros, torch.zeros(n), zeros, torch.ones(n), torch.zeros(n, dtype=torch.long)
     )
+
+
+def pair_rows(pairs: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """Rows of a pair batch for these pair indices: their chosen rows, then their rejected rows."""
+    return torch.cat([pairs, pairs + n_pairs])
+
+
+def pair_lengths(batch: RolloutBatch) -> torch.Tensor:
+    """Per pair, the longer of its two rows (what a micro-batch of pairs pads to)."""
+    n = len(batch) // 2
+    return torch.maximum(batch.lengths[:n], batch.lengths[n:])

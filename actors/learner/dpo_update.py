@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from actors.learner.batch import pair_batch
+from actors.learner.batch import pair_batch, pair_lengths, pair_rows
 from actors.learner.dpo import PreferencePair, dpo_loss
 from actors.learner.logprobs import response_logprobs
 
@@ -27,11 +27,9 @@ def dpo_update(learner, pairs: Sequence[PreferencePair]) -> dict:
         raise RuntimeError("dpo_reference=initial needs the learner to hold a reference model")
     batch = pair_batch(pairs, learner.pad_id)
     ref = learner.frozen_logprobs(batch, reference=use_frozen).sum(-1)
-    lengths = torch.maximum(batch.lengths[:n], batch.lengths[n:])
 
     def micro_loss(rows, norm):
-        both = torch.cat([rows, rows + n])
-        mb = batch.select(both)
+        mb = batch.select(pair_rows(rows, n))
         m = mb.action_mask.to(device)
         logp, _ = response_logprobs(
             learner.engine,
@@ -61,6 +59,6 @@ def dpo_update(learner, pairs: Sequence[PreferencePair]) -> dict:
             "accuracy": norm.per_sequence((chosen_r > rejected_r).float().sum()),
         }
 
-    metrics = learner.optimize(lengths, torch.ones(n), micro_loss)
+    metrics = learner.optimize(pair_lengths(batch), torch.ones(n), micro_loss)
     metrics["pairs"] = n
     return metrics

@@ -29,6 +29,25 @@ def config_without_dropout(path: str, trust_remote_code: bool = False):
     return cfg
 
 
+def load_causal_lm(setup: RankSetup, dtype: str = "float32"):
+    """The setup's model as a transformers causal LM in `dtype`, dropout off, KV cache off (training)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        setup.model_path,
+        config=config_without_dropout(setup.model_path, setup.trust_remote_code),
+        dtype=getattr(torch, dtype),
+        trust_remote_code=setup.trust_remote_code,
+    )
+    model.config.use_cache = False
+    return model
+
+
+def frozen_reference(setup: RankSetup, dtype: str, device) -> torch.nn.Module:
+    """A frozen copy of the start model (KL / DPO / HaF reference) in the rank's compute dtype."""
+    return load_causal_lm(setup, dtype).to(device).eval().requires_grad_(False)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

@@ -11,8 +11,10 @@ from collections.abc import Callable
 import torch
 
 from actors.hardware import resolve_dtype
+from actors.learner.batch import RolloutBatch
 from actors.learner.config import RankSetup
 from actors.learner.engine import free_port
+from actors.learner.logprobs import response_logprobs
 from actors.learner.step import (
     StepNorm,
     global_counts,
@@ -92,6 +94,26 @@ class DeepSpeedRank:
         if steps:
             self.version += 1
         return metrics
+
+    @torch.no_grad()
+    def batch_logprobs(self, model, batch: RolloutBatch) -> torch.Tensor:
+        """[B, L-1] log-probs of `batch` under `model` (no grad), in length-grouped (packed) micro-batches."""
+        device, t = self.engine.device, self.spec.train
+        units = self.units(batch.lengths, batch.group_size if t.share_prompts else 1)
+        out = torch.zeros(batch.action_mask.shape)
+        for rows in units.micro_batches(torch.arange(len(units.lengths)), t.micro_batch_size):
+            mb = batch.select(rows)
+            logp, _ = response_logprobs(
+                model,
+                mb.input_ids.to(device),
+                mb.attention_mask.to(device),
+                mb.action_mask.to(device),
+                mb.temperature,
+                chunk=t.logprob_chunk,
+                group_size=units.group_size,
+            )
+            out[rows, : logp.shape[1]] = logp.cpu()
+        return out
 
     @staticmethod
     def units(lengths: torch.Tensor, group_size: int) -> Units:

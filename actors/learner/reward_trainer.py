@@ -8,11 +8,16 @@ from collections.abc import Sequence
 
 import torch
 
-from actors.learner.batch import pair_batch
+from actors.learner.batch import pair_batch, pair_lengths, pair_rows
 from actors.learner.dpo import PreferencePair
-from actors.learner.engine import build_engine, config_without_dropout, current_lr, init_process_group
+from actors.learner.engine import (
+    build_engine,
+    current_lr,
+    frozen_reference,
+    init_process_group,
+    load_causal_lm,
+)
 from actors.learner.rank import DeepSpeedRank
-from actors.learner.step import micro_batches
 from actors.learner.weights import full_state_dict
 from actors.reward.haf import RewardLM, haf_loss
 
@@ -28,26 +33,14 @@ class RewardTrainer(DeepSpeedRank):
     """spec.haf_alpha = 0: plain BT (LM head unused); > 0: HaF with a frozen reference copy of the start model."""
 
     def setup(self, master_addr: str, master_port: int) -> dict:
-        from transformers import AutoModelForCausalLM
-
         spec = self.spec
         start = time.perf_counter()
         on_gpu = init_process_group(spec, self.rank, master_addr, master_port)
-        config = config_without_dropout(spec.model_path, spec.trust_remote_code)
-        lm = AutoModelForCausalLM.from_pretrained(
-            spec.model_path, config=config, dtype=torch.float32, trust_remote_code=spec.trust_remote_code
-        )
-        lm.config.use_cache = False
+        lm = load_causal_lm(spec)
         self.engine = build_engine(RewardLM(lm), spec, self.dtype, on_gpu)
-        self.reference = None
-        if spec.haf_alpha > 0:
-            self.reference = AutoModelForCausalLM.from_pretrained(
-                spec.model_path,
-                config=config,
-                dtype=getattr(torch, self.dtype),
-                trust_remote_code=spec.trust_remote_code,
-            )
-            self.reference.to(self.engine.device).eval().requires_grad_(False)
+        self.reference = (
+            frozen_reference(spec, self.dtype, self.engine.device) if spec.haf_alpha > 0 else None
+        )
         pad = lm.config.pad_token_id
         self.pad_id = pad if pad is not None else 0
         return self._info(time.perf_counter() - start)
@@ -58,11 +51,10 @@ class RewardTrainer(DeepSpeedRank):
         start = time.perf_counter()
         n = len(pairs)
         batch = pair_batch(pairs, self.pad_id)
-        ref = self._reference_sums(batch) if self.reference is not None else None
-        lengths = torch.maximum(batch.lengths[:n], batch.lengths[n:])
+        ref = self.batch_logprobs(self.reference, batch).sum(-1) if self.reference is not None else None
 
         def micro_loss(rows, norm):
-            mb = batch.select(torch.cat([rows, rows + n]))
+            mb = batch.select(pair_rows(rows, n))
             k = len(rows)
             reward, logits = self.engine(
                 mb.input_ids.to(device), mb.attention_mask.to(device), with_logits=ref is not None
@@ -92,7 +84,7 @@ class RewardTrainer(DeepSpeedRank):
                 "margin": norm.per_sequence((reward[:k] - reward[k:]).detach().sum()),
             }
 
-        metrics = self.optimize(lengths, torch.ones(n), micro_loss)
+        metrics = self.optimize(pair_lengths(batch), torch.ones(n), micro_loss)
         metrics.update(
             pairs=n,
             lr=current_lr(self.engine),
@@ -100,20 +92,6 @@ class RewardTrainer(DeepSpeedRank):
             train_s=time.perf_counter() - start,
         )
         return metrics
-
-    @torch.no_grad()
-    def _reference_sums(self, batch) -> torch.Tensor:
-        out = torch.zeros(len(batch))
-        device = self.engine.device
-        for rows in micro_batches(torch.arange(len(batch)), batch.lengths, self.spec.train.micro_batch_size):
-            mb = batch.select(rows)
-            logits = self.reference(
-                input_ids=mb.input_ids.to(device), attention_mask=mb.attention_mask.to(device)
-            ).logits
-            out[rows] = (
-                _sequence_logprobs(logits, mb.input_ids.to(device), mb.action_mask.to(device)).float().cpu()
-            )
-        return out
 
     def save(self, folder: str, tokenizer_path: str) -> str | None:
         """Rank 0 writes the trained body as an HF causal LM plus `reward_head.safetensors` (collective)."""

@@ -54,12 +54,25 @@ class Aggregation(Protocol):
         """Per-objective values (and per-token channels) of a batch -> its rewards."""
         ...
 
+    def state_dict(self) -> dict:
+        """What the aggregation learned from data (JSON-able), saved with the run; {} when nothing."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
 
 @dataclass(frozen=True)
 class WeightedSum:
     """scalar = sum_k w_k * v_k with fixed weights; objectives without a weight are reported, not summed."""
 
     weights: Mapping[str, float]
+
+    def state_dict(self) -> dict:
+        return {}  # fixed weights: nothing fitted
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"a weighted sum has no fitted state; got {sorted(state)}")
 
     def combine(self, values, rollouts) -> Aggregated:
         missing = sorted(set(self.weights) - set(values))

@@ -3,26 +3,10 @@ fp32, equal to a plain log_softmax over the full logits."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from actors.learner.batch import pad_sequences
 from actors.learner.logprobs import response_logprobs
-
-
-def tiny_lm(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        tie_word_embeddings=True,
-        initializer_range=0.5,
-    )
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+from tests.unit.tiny_models import tiny_lm
 
 
 def _batch():

@@ -3,24 +3,20 @@
 import copy
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from actors.learner import lora
 from actors.learner.config import LoraConfig
+from tests.unit.tiny_models import tiny_lm
 
 
 def test_merged_state_dict_matches_peft_merge():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    base = tiny_lm(
         vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=1,
-        num_attention_heads=2,
         num_key_value_heads=2,
-        head_dim=16,
+        tie_word_embeddings=False,
+        initializer_range=0.02,
     )
-    base = LlamaForCausalLM(cfg)
     model = lora.wrap(
         copy.deepcopy(base), LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     )

@@ -6,7 +6,7 @@ import torch
 from actors.learner.batch import pad_sequences
 from actors.learner.logprobs import response_logprobs
 from actors.learner.step import LOSS_AGGREGATIONS, StepNorm, micro_batches, step_rows
-from tests.unit.test_logprobs import tiny_lm
+from tests.unit.tiny_models import tiny_lm
 
 
 def _rows():
