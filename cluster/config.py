@@ -163,6 +163,10 @@ class RewardConfig:
     aggregation: str = "weighted_sum"  # weighted_sum (reward.weights) | hierarchy (reward.hierarchy)
     hierarchy: HierarchyConfig = field(default_factory=lambda: HierarchyConfig())
 
+    def __post_init__(self) -> None:
+        # `<objective>: null` turns a default objective off: a config file can add keys to a dict, not delete them
+        self.objectives = {k: v for k, v in self.objectives.items() if v is not None}
+
 
 @dataclass
 class DatasetConfig:
@@ -260,6 +264,11 @@ def validate(cfg: TroupeConfig) -> None:
     a = cfg.algo
     _one_of("job", cfg.job, ("rl", "rm_train", "rm_eval", "rm_import"))
     _one_of("rm.stage", cfg.rm.stage, ("regression", "gating", "bt", "haf"))
+    if cfg.job == "rl" and cfg.algo.source == "rollouts" and not d.train:
+        raise ConfigError(
+            "data.train is empty: give a prompt file (.jsonl/.json/.parquet), a datasets folder, a hub id "
+            "or builtin:arithmetic"
+        )
     if (
         cfg.job == "rm_train"
         and cfg.rm.stage == "regression"

@@ -117,6 +117,23 @@ def test_hierarchical_demo_needs_a_bundle_and_composes_with_one():
         _compose(overrides=["+reward.experts={x: {bundle: /b, replica: 2}}"])
 
 
+def test_recipes_need_their_inputs_and_drop_objectives_set_to_null():
+    for name in ("gsm8k", "chat_armo"):  # a recipe without prompts fails naming data.train
+        with pytest.raises(ConfigError, match=r"data\.train"):
+            validate(OmegaConf.to_object(_compose(name)))
+    gsm8k = OmegaConf.to_object(_compose("gsm8k", ["data.train=train.jsonl"]))
+    validate(gsm8k)
+    assert (gsm8k.data.prompt_key, gsm8k.data.answer_key) == ("question", "answer")
+    with pytest.raises(ConfigError, match=r"reward\.experts\.armo\.bundle"):
+        validate(OmegaConf.to_object(_compose("chat_armo", ["data.train=q.jsonl"])))
+    chat = OmegaConf.to_object(_compose("chat_armo", ["data.train=q.jsonl", "reward.experts.armo.bundle=/b"]))
+    validate(chat)
+    # the defaults' correctness and format are set to null there: no reference answers on chat prompts
+    assert set(chat.reward.objectives) == {"length", "repetition"}
+    plain = OmegaConf.to_object(_compose(overrides=["reward.objectives.format=null"]))
+    assert set(plain.reward.objectives) == {"correctness", "length"}
+
+
 def test_rm_jobs_name_missing_inputs():
     cases = [
         (["job=rm_train", "rm.stage=regression"], "rm.ratings_path"),

@@ -1,0 +1,190 @@
+"""Real-data benchmark: RL on public prompts with SmolLM2-135M-Instruct, before and after a fixed budget of generated
+samples, over several seeds (mean, standard deviation and each seed's value).
+
+- gsm8k: GRPO on GSM8K train (`conf/gsm8k.yaml`), greedy accuracy on a dev split carved from it.
+- chat: arena-hard prompts (`conf/chat_armo.yaml`) scored by the ArmoRM bundle that `make bench-rm` writes
+  (outputs/bench-rm/stage2) through the ALaRM hierarchy: reward, each ArmoRM objective and the reward-length
+  correlation on held-out prompts before and after.
+
+Each seed is one `troupe` run in a fresh process (its own embedded Ray); its metrics.jsonl holds the evaluation
+before the first iteration (iteration -1) and after the last. Skips (exit 0, with the reason) without ../shared/data.
+Run: .venv/bin/python -m bench.real_data [--part gsm8k chat] [--seeds 0 1 2] [--samples 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.rm_data import DATA
+
+GSM8K = DATA / "grade-school-math" / "grade_school_math" / "data" / "train.jsonl"
+ARENA_HARD = DATA / "arena-hard-auto" / "data" / "arena-hard-v0.1" / "question.jsonl"
+PARTS = {"gsm8k": ("gsm8k", GSM8K), "chat": ("chat_armo", ARENA_HARD)}
+# What each part is judged by. Chat: the bundle's raw gated score, comparable before and after; reward/mean is the
+# hierarchy's, whose z-statistics before training come from the evaluated batch itself (no warm-up yet).
+HEADLINE = {"gsm8k": "accuracy", "chat": "objective/armo"}
+
+
+def carve(source: Path, dev: int, out: Path, seed: int = 0) -> tuple[Path, Path]:
+    """A fixed dev split of `dev` rows drawn with `seed`; train is the rest. Rows keep their source line number."""
+    rows = [
+        {**json.loads(line), "source_line": i}
+        for i, line in enumerate(source.read_text().splitlines(), 1)
+        if line.strip()
+    ]
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:dev])
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / "train.jsonl", out / "dev.jsonl"
+    for path, keep in zip(paths, (lambda i: i not in held, lambda i: i in held), strict=True):
+        path.write_text("".join(json.dumps(r) + "\n" for i, r in enumerate(rows) if keep(i)))
+    return paths
+
+
+def train(config: str, overrides: list[str], out: Path) -> tuple[list[dict], float]:
+    cmd = [
+        str(Path(sys.executable).with_name("troupe")),
+        "--config-name",
+        config,
+        f"run.output_dir={out}",
+        "run.progress_bar=false",
+        *overrides,
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return rows, wall
+
+
+def before_after(rows: list[dict]) -> tuple[dict, dict]:
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    if len(evals) < 2 or evals[0]["iteration"] != -1:
+        raise RuntimeError("metrics.jsonl lacks the evaluation before the first and after the last iteration")
+    strip = lambda r: {
+        k.removeprefix("eval/greedy/"): v for k, v in r.items() if k.startswith("eval/greedy/")
+    }  # noqa: E731
+    return strip(evals[0]), strip(evals[-1])
+
+
+def spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {sd:.3f}"
+
+
+def run_part(part: str, args, out: Path, results: dict) -> None:
+    config, source = PARTS[part]
+    train_file, dev_file = carve(source, args.dev, out / part / "data")
+    per_iteration = args.prompts_per_iteration * args.samples_per_prompt
+    iterations = max(1, args.samples // per_iteration)
+    overrides = [
+        f"data.train={train_file}",
+        f"data.eval={dev_file}",
+        f"eval.prompts={args.dev}",
+        f"data.prompts_per_iteration={args.prompts_per_iteration}",
+        f"generator.samples_per_prompt={args.samples_per_prompt}",
+        f"run.iterations={iterations}",
+    ]
+    if part == "chat":
+        overrides.append(f"reward.experts.armo.bundle={args.bundle}")
+    runs = results.get(part)
+    if not runs or runs["overrides"] != overrides:  # reuse finished seeds only for the same settings
+        runs = results[part] = {"config": config, "overrides": overrides, "seeds": {}}
+    for seed in args.seeds:
+        if str(seed) in runs["seeds"]:
+            continue
+        print(f"{part}: seed {seed}, {iterations} iterations x {per_iteration} samples", flush=True)
+        rows, wall = train(config, [*overrides, f"run.seed={seed}"], out / part / f"seed{seed}")
+        before, after = before_after(rows)
+        train_rows = [r for r in rows if r["iteration"] >= 0]
+        runs["seeds"][str(seed)] = {
+            "before": before,
+            "after": after,
+            "samples": sum(r.get("samples", 0) for r in train_rows),
+            "skipped": {k: v for k, v in train_rows[-1].items() if k.startswith("data/skipped/")},
+            "wall_s": round(wall, 1),
+        }
+        (out / "results.json").write_text(json.dumps(results, indent=2))  # a finished seed is never lost
+        print(
+            f"  before {_headline(part, before)}  after {_headline(part, after)}  ({wall:.0f} s)", flush=True
+        )
+
+
+def _headline(part: str, row: dict) -> str:
+    key = HEADLINE[part]
+    return f"{key} {row[key]:.3f}"
+
+
+def table(part: str, runs: dict) -> str:
+    seeds = runs["seeds"]
+    befores = [s["before"] for s in seeds.values()]
+    afters = [s["after"] for s in seeds.values()]
+    keys = [HEADLINE[part]]
+    keys += sorted(
+        k
+        for k in afters[0]
+        if k.startswith("objective/") and k != HEADLINE[part] and not k.startswith("objective/gate/")
+    )
+    keys += ["reward/mean", "reward/length_corr", "response_tokens/mean", "truncated/frac"]
+    lines = [
+        f"| {part} (greedy, held-out) | before | after | after - before | per seed (after) |",
+        "|---|---|---|---|---|",
+    ]
+    for key in keys:
+        b = [r[key] for r in befores]
+        a = [r[key] for r in afters]
+        d = [y - x for x, y in zip(b, a, strict=True)]
+        lines.append(
+            f"| {key} | {spread(b)} | {spread(a)} | {spread(d)} | {', '.join(f'{v:.3f}' for v in a)} |"
+        )
+    walls = [s["wall_s"] for s in seeds.values()]
+    samples = {s["samples"] for s in seeds.values()}
+    lines.append(
+        f"\nseeds {', '.join(seeds)}; {'/'.join(map(str, samples))} generated training samples per seed; "
+        f"{statistics.fmean(walls):.0f} s per run"
+    )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", nargs="+", choices=sorted(PARTS), default=sorted(PARTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--samples", type=int, default=256, help="generated training samples per run")
+    parser.add_argument("--prompts-per-iteration", type=int, default=8)
+    parser.add_argument("--samples-per-prompt", type=int, default=4)
+    parser.add_argument("--dev", type=int, default=128, help="held-out prompts carved from the source")
+    parser.add_argument(
+        "--bundle", default="outputs/bench-rm/stage2", help="the ArmoRM bundle (make bench-rm)"
+    )
+    parser.add_argument("--out", default="outputs/bench-real")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        print(f"skipped: {DATA} is absent (the public data this benchmark reads)")
+        return 0
+    if "chat" in args.part and not (Path(args.bundle) / "bundle.json").is_file():
+        print(f"chat part skipped: no bundle at {args.bundle}; run `make bench-rm` first")
+        args.part = [p for p in args.part if p != "chat"]
+    out = Path(args.out).resolve()
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    for part in args.part:
+        run_part(part, args, out, results)
+    for part in args.part:
+        print("\n" + table(part, results[part]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
