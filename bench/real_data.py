@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,7 @@ def carve(source: Path, dev: int, out: Path, seed: int = 0) -> tuple[Path, Path]
 
 
 def train(config: str, overrides: list[str], out: Path) -> tuple[list[dict], float]:
+    shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl appends: an interrupted attempt must not mix in
     cmd = [
         str(Path(sys.executable).with_name("troupe")),
         "--config-name",
@@ -71,10 +73,11 @@ def before_after(rows: list[dict]) -> tuple[dict, dict]:
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     if len(evals) < 2 or evals[0]["iteration"] != -1:
         raise RuntimeError("metrics.jsonl lacks the evaluation before the first and after the last iteration")
-    strip = lambda r: {
-        k.removeprefix("eval/greedy/"): v for k, v in r.items() if k.startswith("eval/greedy/")
-    }  # noqa: E731
-    return strip(evals[0]), strip(evals[-1])
+    return _greedy(evals[0]), _greedy(evals[-1])
+
+
+def _greedy(row: dict) -> dict:
+    return {k.removeprefix("eval/greedy/"): v for k, v in row.items() if k.startswith("eval/greedy/")}
 
 
 def spread(values: list[float]) -> str:

@@ -74,7 +74,8 @@ def compose_troupe(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from cluster.config import register, validate
+    from cluster.config import register
+    from cluster.config_checks import validate
 
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):

@@ -1,7 +1,7 @@
 """Typed schema of the Hydra config (conf/): dataclasses registered as structured configs.
 
 A wrong key or a value of the wrong type fails at start-up naming the key (OmegaConf struct mode); the cross-field
-checks in `validate` name the keys they relate. No Ray imports here.
+checks (cluster/config_checks.py, `validate`) name the keys they relate. No Ray imports here.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from actors.generator.config import GeneratorConfig
-from actors.learner.advantages import ESTIMATORS
 from actors.learner.config import AlgoConfig, CriticConfig, LearnerConfig
-from actors.learner.step import LOSS_AGGREGATIONS
 
 
 @dataclass
@@ -249,150 +247,3 @@ class TroupeConfig:
 
 def register() -> None:
     ConfigStore.instance().store(name="troupe_schema", node=TroupeConfig)
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def validate(cfg: TroupeConfig) -> None:
-    """Cross-field checks, each naming the keys involved."""
-    g, lr, d = cfg.generator, cfg.learner, cfg.data
-    _one_of("generator.backend", g.backend, ("vllm", "hf"))
-    _one_of("learner.dtype", lr.dtype, ("auto", "bfloat16", "float32"))
-    _one_of("generator.dtype", g.dtype, ("auto", "bfloat16", "float32", "float16"))
-    a = cfg.algo
-    _one_of("job", cfg.job, ("rl", "rm_train", "rm_eval", "rm_import"))
-    _one_of("rm.stage", cfg.rm.stage, ("regression", "gating", "bt", "haf"))
-    if cfg.job == "rl" and cfg.algo.source == "rollouts" and not d.train:
-        raise ConfigError(
-            "data.train is empty: give a prompt file (.jsonl/.json/.parquet), a datasets folder, a hub id "
-            "or builtin:arithmetic"
-        )
-    if (
-        cfg.job == "rm_train"
-        and cfg.rm.stage == "regression"
-        and not (cfg.rm.ratings_path and (cfg.rm.scales or cfg.rm.scales_path))
-    ):
-        raise ConfigError(
-            "job=rm_train rm.stage=regression needs rm.ratings_path and rm.scales or rm.scales_path"
-        )
-    if cfg.job == "rm_train" and cfg.rm.stage == "gating" and not (cfg.rm.stage1 and cfg.dataset.path):
-        raise ConfigError("job=rm_train rm.stage=gating needs rm.stage1 (a stage-1 bundle) and dataset.path")
-    if cfg.job == "rm_train" and cfg.rm.stage in ("bt", "haf") and not cfg.dataset.path:
-        raise ConfigError(f"job=rm_train rm.stage={cfg.rm.stage} needs dataset.path (a preference file)")
-    if cfg.job == "rm_eval" and not (cfg.rm.bundle and cfg.dataset.path):
-        raise ConfigError("job=rm_eval needs rm.bundle and dataset.path")
-    if cfg.job == "rm_import" and not cfg.rm.checkpoint:
-        raise ConfigError(
-            "job=rm_import needs rm.checkpoint (a folder laid out like RLHFlow/ArmoRM-Llama3-8B-v0.1)"
-        )
-    if cfg.job != "rl":
-        return
-    _validate_algo(cfg)
-    _one_of("learner.lr_schedule", lr.lr_schedule, ("constant", "linear", "cosine"))
-    if lr.offload_params and lr.zero_stage != 3:
-        raise ConfigError("learner.offload_params needs learner.zero_stage=3")
-    if lr.lora.enabled and lr.zero_stage == 3:
-        raise ConfigError(
-            "learner.lora.enabled supports learner.zero_stage 0-2 (adapters are merged on rank 0)"
-        )
-    if cfg.task.steps < 1:
-        raise ConfigError(f"task.steps must be >= 1, got {cfg.task.steps}")
-    if cfg.eval.every < 0 or cfg.eval.prompts < 1 or cfg.eval.samples < 0:
-        raise ConfigError("eval.every and eval.samples must be >= 0 and eval.prompts >= 1")
-    if cfg.data.eval and not (cfg.eval.greedy or cfg.eval.samples):
-        raise ConfigError("data.eval is set but eval.greedy=false and eval.samples=0: nothing to evaluate")
-    if lr.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"learner.zero_stage must be 0-3, got {lr.zero_stage}")
-    for key, value in (
-        ("run.iterations", cfg.run.iterations),
-        ("data.prompts_per_iteration", d.prompts_per_iteration),
-        ("generator.replicas", g.replicas),
-        ("generator.samples_per_prompt", g.samples_per_prompt),
-        ("reward.shards", cfg.reward.shards),
-        ("learner.world_size", lr.world_size),
-        ("learner.micro_batch_size", lr.micro_batch_size),
-        ("learner.mini_batches", lr.mini_batches),
-        ("learner.epochs", lr.epochs),
-    ):
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
-    _one_of("reward.aggregation", cfg.reward.aggregation, ("weighted_sum", "hierarchy"))
-    for name, expert in cfg.reward.experts.items():
-        if not expert.bundle:
-            raise ConfigError(
-                f"reward.experts.{name} needs a bundle folder (reward.experts.{name}.bundle=...)"
-            )
-        _one_of(f"reward.experts.{name}.dtype", expert.dtype, ("auto", "bfloat16", "float32"))
-        if expert.replicas < 1:
-            raise ConfigError(f"reward.experts.{name}.replicas must be >= 1, got {expert.replicas}")
-    unknown = sorted(set(cfg.reward.weights) - set(cfg.reward.objectives))
-    if cfg.reward.aggregation == "weighted_sum" and unknown and not cfg.reward.experts:
-        raise ConfigError(f"reward.weights names objectives not in reward.objectives: {unknown}")
-    if g.max_new_tokens >= g.max_model_len:
-        raise ConfigError(
-            f"generator.max_new_tokens ({g.max_new_tokens}) must be < generator.max_model_len ({g.max_model_len})"
-        )
-    if d.max_prompt_tokens is not None and d.max_prompt_tokens + g.max_new_tokens > g.max_model_len:
-        raise ConfigError(
-            f"data.max_prompt_tokens ({d.max_prompt_tokens}) + generator.max_new_tokens ({g.max_new_tokens}) "
-            f"must be <= generator.max_model_len ({g.max_model_len})"
-        )
-    if a.update == "policy_gradient" and d.prompts_per_iteration % lr.world_size:
-        raise ConfigError(
-            f"data.prompts_per_iteration ({d.prompts_per_iteration}) must divide by learner.world_size "
-            f"({lr.world_size}): each rank gets whole prompt groups"
-        )
-
-
-def _validate_algo(cfg: TroupeConfig) -> None:
-    """The algorithm's typed fields and how they fit together (conf/algo/*.yaml)."""
-    a, g = cfg.algo, cfg.generator
-    _one_of("algo.update", a.update, ("policy_gradient", "dpo"))
-    _one_of("algo.source", a.source, ("rollouts", "dataset"))
-    _one_of("algo.estimator", a.estimator, tuple(sorted(ESTIMATORS)))
-    _one_of("algo.kl_placement", a.kl_placement, ("loss", "reward"))
-    _one_of("algo.kl_estimator", a.kl_estimator, ("k1", "k2", "k3"))
-    _one_of("algo.loss_agg", a.loss_agg, LOSS_AGGREGATIONS)
-    _one_of("algo.dpo_loss", a.dpo_loss, ("sigmoid", "ipo"))
-    _one_of("algo.pair_strategy", a.pair_strategy, ("max_min", "max_random", "max_min_length"))
-    _one_of("algo.dpo_reference", a.dpo_reference, ("initial", "previous"))
-    est = ESTIMATORS[a.estimator]
-    if a.kl_placement == "reward" and a.update == "policy_gradient" and not est.token_level:
-        raise ConfigError(
-            f"algo.kl_placement=reward needs a token-level estimator; algo.estimator={a.estimator} "
-            "gives one advantage per sequence, so KL goes in the loss (algo.kl_placement=loss)"
-        )
-    if est.needs_critic and not a.critic:
-        raise ConfigError(
-            f"algo.estimator={a.estimator} needs algo.critic=true (it reads the critic's values)"
-        )
-    if a.group_baseline and a.estimator != "returns":
-        raise ConfigError(f"algo.group_baseline applies to algo.estimator=returns, not {a.estimator}")
-    if not 0.0 <= a.label_smoothing < 0.5:
-        raise ConfigError(f"algo.label_smoothing must be in [0, 0.5), got {a.label_smoothing}")
-    if a.source == "dataset" and a.update != "dpo":
-        raise ConfigError("algo.source=dataset trains on a preference file: it needs algo.update=dpo")
-    if a.source == "dataset" and not cfg.dataset.path:
-        raise ConfigError(f"algo={a.name} needs dataset.path (a JSONL/parquet preference file)")
-    if a.source == "dataset" and a.dpo_reference != "initial":
-        raise ConfigError(f"algo={a.name} needs algo.dpo_reference=initial (there is no previous iteration)")
-    if a.critic and cfg.critic.colocate and cfg.critic.world_size != cfg.learner.world_size:
-        raise ConfigError("critic.colocate needs critic.world_size == learner.world_size")
-    samples = cfg.data.prompts_per_iteration * g.samples_per_prompt
-    if a.critic and samples % cfg.critic.world_size:
-        raise ConfigError(
-            f"data.prompts_per_iteration x generator.samples_per_prompt = {samples} must divide by "
-            f"critic.world_size={cfg.critic.world_size} (critic ranks step in lock-step on equal shares)"
-        )
-    compares_group = a.update == "dpo" or est.compares_group or a.group_baseline
-    if a.source == "rollouts" and compares_group and g.samples_per_prompt < 2:
-        raise ConfigError(
-            f"generator.samples_per_prompt must be >= 2 for algo={a.name} (it compares samples of one prompt)"
-        )
-
-
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")

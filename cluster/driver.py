@@ -19,7 +19,8 @@ from actors.generator.sampling import Sampling
 from actors.learner.ppo import AdaptiveKL
 from actors.models import resolve_model
 from cluster.checkpoint import save_hf_checkpoint
-from cluster.config import TroupeConfig, register, validate
+from cluster.config import TroupeConfig, register
+from cluster.config_checks import validate
 from cluster.data.prompts import build_prompt_sources
 from cluster.fleet import Pool
 from cluster.job import Job
@@ -129,6 +130,7 @@ def run(cfg: TroupeConfig) -> dict:
                 "policy": cfg.model.policy,
                 # The holistic normaliser's statistics: a resumed run or a served RM scores with the same ones.
                 "reward_aggregation": run_state.aggregation.state_dict(),
+                "data": run_state.prompts.state_dict(),  # where the data cursor stands: epoch, position
                 "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
             }
             checkpoint = save_hf_checkpoint(

@@ -12,7 +12,8 @@ import ray
 
 from actors.generator.config import GeneratorConfig
 from actors.learner.config import LearnerConfig
-from cluster.config import ConfigError, RayConfig, TroupeConfig
+from cluster.config import RayConfig, TroupeConfig
+from cluster.config_checks import ConfigError
 
 log = logging.getLogger("troupe.cluster")
 

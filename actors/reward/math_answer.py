@@ -21,6 +21,8 @@ _UNSIGNED = r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
 _NUMBER = rf"[+-]?{_UNSIGNED}(?:\s*/\s*[+-]?{_UNSIGNED})?"
 _NUMBER_RE = re.compile(_NUMBER)
 _LEADING_NUMBER = re.compile(rf"^({_NUMBER})\s*%?")
+# After a reply's leading number: another digit, an operator or LaTeX make the answer an expression, not a number.
+_EXPRESSION_TAIL = re.compile(r"\d|^\s*[-(]|[+*^×÷\\{}]")
 # A reference number may be followed only by unit words ("18 dollars", "5 cm") and a final period.
 # A space must separate them, so "3x" stays an expression rather than the number 3.
 _STRICT_NUMBER = re.compile(rf"^({_NUMBER})\s*%?(?:\s+[A-Za-z][A-Za-z\s.]*)?\.?$")
@@ -108,19 +110,28 @@ def _to_fraction(token: str) -> Fraction | None:
 def parse_number(answer: str, strict: bool = False) -> Fraction | None:
     """The answer as an exact rational, or None when it is not a number.
 
-    Lenient (replies): the number the answer starts with, words after it ignored ("72 clips in all"); if it
-    does not start with one, its last number ("x = 5"). Strict (references): the whole answer must be a number,
-    optionally followed by unit words ("18 dollars") - so "3 - 2i" is not the number 3.
+    Lenient (replies): the right-hand side of the last "=" ("5 + 3 = 8" -> 8, "x = 5" -> 5); then the number it
+    starts with when only words follow ("72 clips in all"), or its only number when it is a sentence ("The total
+    is 42."). An expression is not its leading number: "2\\sqrt{3}", "2^{10}", "3x+1", "12 or 13" and "2.5e3" are
+    no number. Strict (references): the whole answer must be a number, optionally followed by unit words
+    ("18 dollars") - so "3 - 2i" is not the number 3.
     """
     s = _clean(answer)
     if strict:
         m = _STRICT_NUMBER.match(s)
         return _to_fraction(m.group(1)) if m else None
+    s = s.rsplit("=", 1)[-1].strip()
     m = _LEADING_NUMBER.match(s)
     if m:
-        return _to_fraction(m.group(1))
+        rest = s[m.end() :]
+        # Words may follow after a space; a digit, an operator or LaTeX after the number make it an expression.
+        if not _EXPRESSION_TAIL.search(rest):
+            return _to_fraction(m.group(1))
+        return None
     numbers = _NUMBER_RE.findall(s)
-    return _to_fraction(numbers[-1]) if numbers else None
+    if len(numbers) == 1 and not re.search(r"[\\^{}]", s):
+        return _to_fraction(numbers[0])
+    return None
 
 
 def normalise_text(answer: str) -> str:

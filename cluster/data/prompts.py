@@ -12,6 +12,7 @@ holds (epoch, position, batches), so a resumed run continues with the very next 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -159,19 +160,26 @@ class DatasetCursor:
     def metrics(self) -> dict:
         return {**self.set.metrics(), "data/epoch": self.epoch + self.position / len(self._order)}
 
-    def state_dict(self) -> dict:
+    def _identity(self) -> dict:
+        """What the order depends on: a resume with other rows, seed, shuffle or batch size would skip or repeat."""
+        uids = hashlib.sha256("\n".join(p.uid for p in self.set.prompts).encode()).hexdigest()[:16]
         return {
             "source": self.set.source,
-            "epoch": self.epoch,
-            "position": self.position,
-            "batches": self.batches,
+            "prompts": len(self.set.prompts),
+            "uids_sha256": uids,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "per_batch": self.per_batch,
         }
 
+    def state_dict(self) -> dict:
+        return {**self._identity(), "epoch": self.epoch, "position": self.position, "batches": self.batches}
+
     def load_state_dict(self, state: dict) -> None:
-        if state["source"] != self.set.source:
-            raise ValueError(
-                f"the data cursor was saved for {state['source']!r}, this run reads {self.set.source!r}"
-            )
+        differ = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
+        if differ:
+            said = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
+            raise ValueError(f"the data cursor was saved for other prompts or settings ({said})")
         self.epoch, self.position, self.batches = state["epoch"], state["position"], state["batches"]
         self._order = self._epoch_order(self.epoch)
 

@@ -72,14 +72,16 @@ def _load_folder(path: Path, split: str):
     return _pick_split(loaded, split, str(path))
 
 
-def _load_hub(name: str, split: str):
+def _load_hub(source: str, split: str):
+    """A hub id, with its configuration after a colon where the dataset has several ("openai/gsm8k:main")."""
     import datasets
 
+    name, _, subset = source.partition(":")
     try:
-        return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, subset or None, split=split)
     except Exception as e:  # offline, unknown id, no such split: say which source and why
         raise FileNotFoundError(
-            f"prompt dataset {name!r} is neither a local file or folder nor a loadable hub dataset: {e}"
+            f"prompt dataset {source!r} is neither a local file or folder nor a loadable hub dataset: {e}"
         ) from e
 
 
@@ -105,4 +107,8 @@ def _plain(value):
         return [_plain(v) for v in value]
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
         return _plain(value.tolist())
+    if isinstance(value, float) and value != value:  # pandas reads a null in a numeric column as NaN
+        return None
+    if type(value).__name__ in ("NAType", "NaTType"):  # pd.NA / pd.NaT: a null, not a value
+        return None
     return value

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from actors.learner.config import LoraConfig
 from actors.models import resolve_model
-from cluster.config import ConfigError, TroupeConfig
+from cluster.config import TroupeConfig
+from cluster.config_checks import ConfigError
 from cluster.data.preferences import load_preferences
 from cluster.data.ratings import load_ratings, resolve_scales
 from cluster.job import Job

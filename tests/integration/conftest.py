@@ -8,7 +8,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from actors.models import resolve_model
-from cluster.config import register, validate
+from cluster.config import register
+from cluster.config_checks import validate
 from cluster.driver import CONF_DIR, build_fleet
 from cluster.runtime import check_capacity, start_ray
 

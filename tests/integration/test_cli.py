@@ -142,6 +142,9 @@ def test_checkpoint_loads_with_transformers(cli_run):
     assert (ckpt / "model.safetensors").exists()
     state = json.loads((ckpt / "troupe_state.json").read_text())
     assert state["weight_version"] == 2
+    # the data cursor: two batches served from the file, with what the order depends on
+    assert state["data"]["batches"] == 2 and state["data"]["source"].endswith("train.jsonl")
+    assert {"epoch", "position", "uids_sha256", "seed"} <= set(state["data"])
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(ckpt)
     ids = tok("Ava has 3 apples.", return_tensors="pt").input_ids

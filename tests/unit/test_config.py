@@ -4,7 +4,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cluster.config import ConfigError, TroupeConfig, register, validate
+from cluster.config import TroupeConfig, register
+from cluster.config_checks import ConfigError, validate
 from cluster.driver import CONF_DIR
 
 register()
@@ -130,6 +131,8 @@ def test_recipes_need_their_inputs_and_drop_objectives_set_to_null():
     validate(chat)
     # the defaults' correctness and format are set to null there: no reference answers on chat prompts
     assert set(chat.reward.objectives) == {"length", "repetition"}
+    with pytest.raises(ConfigError, match=r"data\.answer_key"):  # correctness on files needs the reference
+        validate(OmegaConf.to_object(_compose("gsm8k", ["data.train=t.jsonl", "data.answer_key=null"])))
     plain = OmegaConf.to_object(_compose(overrides=["reward.objectives.format=null"]))
     assert set(plain.reward.objectives) == {"correctness", "length"}
 

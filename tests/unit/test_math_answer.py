@@ -76,10 +76,34 @@ def test_equal_answers(got, want):
         ("London", "Paris"),
         ("", "5"),
         ("1/0", "5"),
+        # an expression is not its leading number (a lenient parse once read these as 2, 2, 3, 12, 3, 2)
+        ("2\\sqrt{3}", "2"),
+        ("2^{10}", "2"),
+        ("3x+1", "3"),
+        ("12 or 13", "12"),
+        ("3,4", "3"),
+        ("2.5e3", "2.5"),
+        ("\\sqrt{2}", "2"),
+        ("72 (36 + 36)", "72"),  # ambiguous: two candidate numbers
     ],
 )
 def test_unequal_answers(got, want):
     assert not answers_match(got, want)
+
+
+@pytest.mark.parametrize(
+    "reply, reference",
+    [
+        ("#### 5 + 3 = 8", "#### 8"),  # the right-hand side of the last "="
+        ("\\boxed{x = 5}", "5"),
+        ("Answer: Janet makes $18 every day.", "#### 18"),  # a sentence with one number
+        ("#### 72 clips in all", "#### 72"),
+        ("#### 20 km/h", "#### 20"),
+        ("#### 5cm", "#### 5"),
+    ],
+)
+def test_replies_that_state_the_answer_in_words_or_as_an_equation(reply, reference):
+    assert is_correct(reply, reference)
 
 
 def test_parse_number_strict_and_lenient():

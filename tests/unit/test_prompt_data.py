@@ -135,6 +135,10 @@ def test_json_parquet_and_datasets_folder_read_the_same_prompts(tmp_path, tokeni
         load_prompt_set(str(tmp_path / "splits"), "validation", enc)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         load_prompt_set(str(tmp_path / "missing.jsonl"), "train", enc)
+    # a null in a numeric parquet column comes back from pandas as NaN: a missing answer, not the answer "nan"
+    pd.DataFrame({"prompt": ["a", "b"], "answer": [1.0, None]}).to_parquet(tmp_path / "nulls.parquet")
+    got = load_prompt_set(str(tmp_path / "nulls.parquet"), "train", enc)
+    assert [p.reference for p in got.prompts] == ["1.0"] and got.skipped == {"missing_key": 1}
 
 
 def test_a_file_with_no_usable_prompt_is_an_error_naming_it(tmp_path, tokenizer):
@@ -165,9 +169,17 @@ def test_cursor_covers_each_epoch_once_reshuffles_and_resumes_exactly(tokenizer)
     resumed = DatasetCursor(prompts, per_batch=4, shuffle=True, seed=3)
     resumed.load_state_dict(state)
     assert [p.uid for _ in range(2) for p in resumed.next_batch().prompts] == seen[12:]
-    other = DatasetCursor(PromptSet("other", prompts.prompts), 4, True, 3)
-    with pytest.raises(ValueError, match="saved for 'mem'"):
-        other.load_state_dict(state)
+    # a resume against other rows or settings would skip or repeat prompts: refused, naming what differs
+    for other, differs in [
+        (DatasetCursor(PromptSet("other", prompts.prompts), 4, True, 3), "source: saved 'mem'"),
+        (DatasetCursor(PromptSet("mem", prompts.prompts[:9]), 4, True, 3), "prompts: saved 10, now 9"),
+        (DatasetCursor(PromptSet("mem", prompts.prompts[::-1]), 4, True, 3), "uids_sha256"),
+        (DatasetCursor(prompts, 4, True, 4), "seed: saved 3, now 4"),
+        (DatasetCursor(prompts, 4, False, 3), "shuffle"),
+        (DatasetCursor(prompts, 2, True, 3), "per_batch"),
+    ]:
+        with pytest.raises(ValueError, match=differs):
+            other.load_state_dict(state)
 
 
 def test_unshuffled_cursor_keeps_file_order(tokenizer):

@@ -7,7 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cluster.config import register, validate
+from cluster.config import register
+from cluster.config_checks import validate
 from cluster.data.ratings import load_ratings, resolve_scales
 from cluster.driver import CONF_DIR
 
