@@ -11,6 +11,8 @@ Every stage's stats say how many rows or pairs the truncation rule cut; `progres
 
 from __future__ import annotations
 
+import logging
+import math
 import shutil
 import sys
 from contextlib import contextmanager
@@ -25,6 +27,8 @@ from actors.reward.bundle import BundleInfo, load_bundle, save_bundle
 from actors.reward.feature_cache import cached_features
 from cluster.data.preferences import Preference
 from cluster.data.ratings import Ratings
+
+log = logging.getLogger("troupe.rm_training")
 
 
 def train_regression(
@@ -150,6 +154,13 @@ def train_gating_stage(
             getattr(torch, backbone.dtype),
         )
     stats["bt_loss_first_last"] = (losses[0], losses[-1])
+    if losses[-1] > 0.99 * math.log(2):  # chance level: the gate did not learn (it may have collapsed)
+        log.warning(
+            "gating: Bradley-Terry loss %.3f -> %.3f stayed at chance (log 2 = 0.693); try another "
+            "run.seed, more pairs or another rm.gating_temperature",
+            losses[0],
+            losses[-1],
+        )
     stats["logit_scale"] = float(gate.logit_scale.detach())
     new = BundleInfo(
         info.name,
