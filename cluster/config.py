@@ -123,9 +123,9 @@ class FaultsConfig:
 
     generate_s: float = 600.0
     score_s: float = 600.0
-    learn_s: float = 1800.0  # also bounds a stalled collective (an all-reduce with a rank gone)
+    # Every learner/critic group call (train, export, checkpoint): also bounds a stalled collective.
+    learn_s: float = 1800.0
     sync_s: float = 600.0
-    checkpoint_s: float = 600.0
     retries: dict[str, int] = field(
         default_factory=lambda: {"generator": 3, "reward": 3, "learner": 2, "critic": 2}
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +61,7 @@ class RunCheckpoints:
     tokenizer_path: str
     last: Path | None = None  # the newest complete checkpoint of this run
     initial: dict = field(default_factory=dict)  # the state before the first iteration: a rollback target
-    stats: dict = field(default_factory=dict)  # the last write: bytes, write_s
+    stats: dict = field(default_factory=dict)  # the last write (bytes, write_s) and recovery (recover_s)
     stop_signal: int | None = None
 
     def due(self, iteration: int) -> bool:
@@ -74,7 +75,8 @@ class RunCheckpoints:
                 run.critic.save_state(str(tmp / "critic-ds"))
 
         state = state or driver_state(run, iteration)
-        self.last, self.stats = write_checkpoint(self.out_dir, iteration, parts, state, self.keep)
+        self.last, written = write_checkpoint(self.out_dir, iteration, parts, state, self.keep)
+        self.stats.update(written)
         log.info(
             "checkpoint %s (%.1f MB in %.1fs)", self.last, self.stats["bytes"] / 1e6, self.stats["write_s"]
         )
@@ -102,9 +104,12 @@ class RunCheckpoints:
         """Rebuild the lost group (and its partner: policy and critic move together), roll everything back to the
         newest checkpoint (or the start), and return the iteration to continue from. A loss during the rebuild
         starts it again; every loss spends the role's retry budget, and RetriesExhausted ends the run."""
+        start = time.perf_counter()
         while True:
             try:
-                return self._recover(run, lost, job)
+                resume_at = self._recover(run, lost, job)
+                self.stats["recover_s"] = time.perf_counter() - start
+                return resume_at
             except RankLost as again:
                 lost = again
 
