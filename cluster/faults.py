@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 # Messages of a collective whose peer is gone (gloo on CPU, NCCL on GPU, torch.distributed's wrappers).
 _COLLECTIVE = (
@@ -52,16 +52,15 @@ def gather(refs: Sequence[ray.ObjectRef], deadline_s: float, role: str) -> list:
         ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, end - time.monotonic()))
         if not ready:
             raise RankLost(role, f"{len(pending)} rank(s) gave no answer within {deadline_s:.0f}s (stalled)")
-        try:
-            ray.get(ready[0])
-        except RayActorError as e:
-            raise RankLost(role, f"a rank died ({type(e).__name__})") from e
-        except RayTaskError as e:
-            if is_collective_failure(e):
-                raise RankLost(role, f"a collective failed: {str(e).splitlines()[0][:200]}") from e
-            raise
-        except GetTimeoutError as e:  # pragma: no cover - ray.wait said it was ready
-            raise RankLost(role, "no answer") from e
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayActorError as e:
+                raise RankLost(role, f"a rank died ({type(e).__name__})") from e
+            except RayTaskError as e:
+                if is_collective_failure(e):
+                    raise RankLost(role, f"a collective failed: {str(e).splitlines()[0][:200]}") from e
+                raise
     return ray.get(list(refs))
 
 
