@@ -184,7 +184,9 @@ def catch_up(run: RunState):
 
     def load_latest(member) -> None:
         if run.last_bundle is not None:
-            ray.get(member.handle.update_weights.remote(run.last_bundle), timeout=run.generators.timeout_s)
+            # rollback=True: after a rollback to the initial state the latest bundle is version 0, like a new member
+            ref = member.handle.update_weights.remote(run.last_bundle, True)
+            ray.get(ref, timeout=run.faults.sync_s)
 
     return load_latest
 
