@@ -152,9 +152,8 @@ def run(cfg: TroupeConfig) -> dict:
             run_state.ledger.resumed(job.rewind(start - 1))
         checkpoints.initial = driver_state(run_state, -1)
         checkpoints.watch_signals()
-        if (
-            run_state.eval_set is not None and resume is None
-        ):  # the baseline later evaluations are read against
+        # The baseline later evaluations are read against (a resumed run has its row already).
+        if run_state.eval_set is not None and resume is None:
             job.record(initial_eval(run_state))
         try:
             train(run_state, job, checkpoints, start)
