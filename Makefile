@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-fast demo lint bench bench-learning bench-rm clean-venv
+.PHONY: venv test test-fast demo lint bench bench-learning bench-rm bench-real bench-recovery clean-venv
 
 venv: $(STAMP)
 
@@ -34,6 +34,13 @@ bench-learning: $(STAMP)
 
 bench-rm: $(STAMP)
 	$(BIN)/python -m bench.reward_models
+
+# GRPO on GSM8K and arena-hard prompts scored by the bench-rm bundle, before/after over seeds (needs ../shared/data)
+bench-real: $(STAMP)
+	$(BIN)/python -m bench.real_data
+
+bench-recovery: $(STAMP)
+	$(BIN)/python -m bench.recovery
 
 # troupe vs TRL GRPO, one after the other (installs TRL into .bench-trl/ on first use): make bench-trl BENCH_ARGS="--steps 10"
 .PHONY: bench-trl

@@ -23,7 +23,12 @@ class RunConfig:
     seed: int = 0
     progress_bar: bool = True
     print_table: bool = True
-    save_checkpoint: bool = True
+    save_checkpoint: bool = True  # the final HF checkpoint (checkpoint-final)
+    # Run checkpoints (<output_dir>/checkpoints/iter-NNNNNN): every N iterations (0: none), and on SIGTERM/SIGINT.
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2  # the newest ones kept; older ones are deleted once a newer one is complete
+    # Seeded per-request sampling and deterministic torch kernels: a resumed run repeats the uninterrupted one.
+    deterministic: bool = False
 
 
 @dataclass
@@ -109,6 +114,21 @@ class LoggingConfig:
     )
     wandb_mode: str = "online"  # online | offline
     quiet: bool = True  # Ray, vLLM and DeepSpeed logs go to <run dir>/logs/, not the console
+
+
+@dataclass
+class FaultsConfig:
+    """Deadlines of remote calls and retry budgets per role (cluster/faults.py): a call past its deadline is a
+    lost member; a role that loses more than its budget stops the run with a checkpoint and an error naming it."""
+
+    generate_s: float = 600.0
+    score_s: float = 600.0
+    # Every learner/critic group call (train, export, checkpoint): also bounds a stalled collective.
+    learn_s: float = 1800.0
+    sync_s: float = 600.0
+    retries: dict[str, int] = field(
+        default_factory=lambda: {"generator": 3, "reward": 3, "learner": 2, "critic": 2}
+    )
 
 
 @dataclass
@@ -242,7 +262,10 @@ class TroupeConfig:
     critic: CriticConfig = field(default_factory=CriticConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     rm: RmConfig = field(default_factory=RmConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     job: str = "rl"  # rl (the RLHF loop) | rm_train | rm_eval
+    # Continue a run: "latest" (the newest complete checkpoint under run.output_dir) or a checkpoint folder.
+    resume: str | None = None
 
 
 def register() -> None:

@@ -81,9 +81,11 @@ def validate(cfg: TroupeConfig) -> None:
         ("learner.micro_batch_size", lr.micro_batch_size),
         ("learner.mini_batches", lr.mini_batches),
         ("learner.epochs", lr.epochs),
+        ("run.keep_checkpoints", cfg.run.keep_checkpoints),
     ):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    _check_durability(cfg)
     _one_of("reward.aggregation", cfg.reward.aggregation, ("weighted_sum", "hierarchy"))
     for name, expert in cfg.reward.experts.items():
         if not expert.bundle:
@@ -157,6 +159,25 @@ def _validate_algo(cfg: TroupeConfig) -> None:
         raise ConfigError(
             f"generator.samples_per_prompt must be >= 2 for algo={a.name} (it compares samples of one prompt)"
         )
+
+
+def _check_durability(cfg: TroupeConfig) -> None:
+    f = cfg.faults
+    if cfg.run.checkpoint_every < 0:
+        raise ConfigError(f"run.checkpoint_every must be >= 0 (0: none), got {cfg.run.checkpoint_every}")
+    for key in ("generate_s", "score_s", "learn_s", "sync_s"):
+        if getattr(f, key) <= 0:
+            raise ConfigError(f"faults.{key} must be > 0 seconds, got {getattr(f, key)}")
+    unknown = sorted(set(f.retries) - {"generator", "reward", "learner", "critic"})
+    if unknown:
+        raise ConfigError(
+            f"faults.retries has unknown roles {unknown}; roles: generator, reward, learner, critic"
+        )
+    for role, n in f.retries.items():
+        if n < 0:
+            raise ConfigError(f"faults.retries.{role} must be >= 0, got {n}")
+    if cfg.resume is not None and (cfg.job != "rl" or cfg.algo.source != "rollouts"):
+        raise ConfigError("resume= continues an RL run (job=rl with generated rollouts)")
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:

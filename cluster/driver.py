@@ -4,6 +4,7 @@ write metrics (JSONL) and a final HF checkpoint. User-facing output (table, path
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -18,15 +19,23 @@ from actors.generator.actor import Generator
 from actors.generator.sampling import Sampling
 from actors.learner.ppo import AdaptiveKL
 from actors.models import resolve_model
-from cluster.checkpoint import save_hf_checkpoint
+from cluster.checkpoint import find_checkpoint, save_hf_checkpoint, verify
 from cluster.config import TroupeConfig, register
 from cluster.config_checks import validate
 from cluster.data.prompts import build_prompt_sources
+from cluster.durable import (
+    RunCheckpoints,
+    Stopped,
+    driver_state,
+    rejoin_generators,
+    restore_driver_state,
+)
+from cluster.faults import RetryBudget
 from cluster.fleet import Pool
 from cluster.job import Job
 from cluster.jobs.offline_dpo import run_offline_dpo
 from cluster.learner_group import LearnerGroup, critic_group, critic_setup, policy_setup
-from cluster.loop import RunState, initial_eval, run_iteration
+from cluster.loop import RunState, initial_eval, train
 from cluster.metrics import rl_columns
 from cluster.placement import RankPlacement
 from cluster.reward_model import build_aggregation, build_reward_fleet, reward_replicas
@@ -36,14 +45,16 @@ log = logging.getLogger("troupe.driver")
 register()
 
 
-def build_fleet(cfg: TroupeConfig, model_path: str) -> RunState:
+def build_fleet(cfg: TroupeConfig, model_path: str, resume: tuple[Path, dict] | None = None) -> RunState:
+    """Every actor of the run. `resume` (a verified checkpoint and its state): the pools start at its layout."""
     from transformers import AutoTokenizer
 
-    timeout = cfg.ray.actor_timeout_s
+    timeout, faults = cfg.ray.actor_timeout_s, cfg.faults
     g, r, lc = cfg.generator, cfg.reward, cfg.learner
     # Prompts first: a bad data path or key fails before minutes of actor start-up.
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     train_prompts, eval_set = build_prompt_sources(cfg, tokenizer)
+    budget = RetryBudget(faults.retries)
     gen_remote = ray.remote(Generator).options(
         num_cpus=g.num_cpus, num_gpus=g.num_gpus, runtime_env={"env_vars": generator_env(g)}, max_restarts=0
     )
@@ -51,20 +62,26 @@ def build_fleet(cfg: TroupeConfig, model_path: str) -> RunState:
         "generator",
         lambda i: gen_remote.remote(g, model_path, i, cfg.run.seed, cfg.model.trust_remote_code),
         timeout,
+        budget,
     )
 
-    rewards = build_reward_fleet(cfg)
+    rewards = build_reward_fleet(cfg, budget)
 
     policy = policy_setup(cfg, model_path)
     # Learners first and not awaited: their DeepSpeed setup overlaps with the generators' engine start.
     placement = _shared_placement(cfg) if cfg.algo.critic and cfg.critic.colocate else None
-    learners = LearnerGroup(policy, learner_env(lc), timeout, placement=placement)
+    deterministic = cfg.run.deterministic
+    learners = LearnerGroup(
+        policy, learner_env(lc, deterministic), timeout, placement=placement, deadline_s=faults.learn_s
+    )
     critic = None
     if cfg.algo.critic:
         critic_cfg = critic_setup(cfg, policy)
-        critic = critic_group(critic_cfg, learner_env(critic_cfg.train), timeout, placement)
-    rewards.spawn(reward_replicas(cfg))
-    generators.spawn(g.replicas)
+        env = learner_env(critic_cfg.train, deterministic)
+        critic = critic_group(critic_cfg, env, timeout, placement, deadline_s=faults.learn_s)
+    layout = resume[1]["fleet"] if resume else {"generators": g.replicas, "reward": reward_replicas(cfg)}
+    rewards.spawn(layout["reward"])
+    generators.spawn(layout["generators"])
     learners.wait_ready()
     if critic is not None:
         critic.wait_ready()
@@ -88,6 +105,9 @@ def build_fleet(cfg: TroupeConfig, model_path: str) -> RunState:
         critic=critic,
         kl=AdaptiveKL(a.kl_coef, a.kl_target, a.kl_horizon),
         rng=random.Random(cfg.run.seed),
+        faults=faults,
+        budget=budget,
+        seed=cfg.run.seed if deterministic else None,
     )
 
 
@@ -109,19 +129,36 @@ def run(cfg: TroupeConfig) -> dict:
     if cfg.algo.source == "dataset":
         return run_offline_dpo(cfg)
     model_path = resolve_model(cfg.model.policy)
+    out_dir = Path(cfg.run.output_dir).resolve()
+    resume = None
+    if cfg.resume:
+        folder = find_checkpoint(out_dir, cfg.resume)
+        resume = (folder, verify(folder))  # before any actor starts: a bad checkpoint fails in seconds
     with Job(cfg, _table_columns(cfg), total=cfg.run.iterations) as job:
         job.connect_ray()
         check_capacity(cfg)
-        run_state = build_fleet(cfg, model_path)
+        run_state = build_fleet(cfg, model_path, resume)
         job.on_exit(run_state, "shutdown")
+        checkpoints = RunCheckpoints(out_dir, cfg.run.checkpoint_every, cfg.run.keep_checkpoints, model_path)
+        start = 0
+        if resume is not None:
+            start = resume_run(run_state, checkpoints, job, *resume)
         job.start(
             f"troupe: fleet ready in {job.elapsed_s:.0f}s ({cfg.generator.replicas} generator, "
             f"{cfg.reward.shards} reward shard, {cfg.learner.world_size} learner ranks); policy {cfg.model.policy}"
+            + (f"; resumed from {resume[0]} at iteration {start}" if resume else "")
         )
-        if run_state.eval_set is not None:  # the baseline every later evaluation is read against
+        if resume is not None:
+            run_state.ledger.resumed(job.rewind(start - 1))
+        checkpoints.initial = driver_state(run_state, -1)
+        checkpoints.watch_signals()
+        # The baseline later evaluations are read against (a resumed run has its row already).
+        if run_state.eval_set is not None and resume is None:
             job.record(initial_eval(run_state))
-        for it in range(cfg.run.iterations):
-            job.record(run_iteration(run_state, it))
+        try:
+            train(run_state, job, checkpoints, start)
+        finally:
+            _write_summary(job.out_dir, run_state)
         checkpoint = None
         if cfg.run.save_checkpoint:
             state = {
@@ -137,6 +174,22 @@ def run(cfg: TroupeConfig) -> dict:
                 run_state.learners, job.out_dir / "checkpoint-final", model_path, state
             )
         return job.finish(checkpoint=checkpoint)
+
+
+def resume_run(run_state: RunState, checkpoints: RunCheckpoints, job: Job, folder: Path, state: dict) -> int:
+    """Give the ranks their DeepSpeed states, the driver its state and the generators the checkpoint's weights
+    (pushed like a sync, so a replacement generator catches up the same way); returns the next iteration."""
+    checkpoints.load_ranks(run_state, folder)
+    restore_driver_state(run_state, state, counters=True)
+    rejoin_generators(run_state)
+    checkpoints.last = folder
+    return state["iteration"] + 1
+
+
+def _write_summary(out_dir: Path, run_state: RunState) -> None:
+    """<run dir>/summary.json: where every prompt went, and the losses per role."""
+    summary = {"accounting": run_state.ledger.summary(), **run_state.budget.metrics()}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
 
 
 def _table_columns(cfg: TroupeConfig) -> tuple:
@@ -168,6 +221,9 @@ def hydra_main(dcfg: DictConfig) -> None:
     cfg: TroupeConfig = OmegaConf.to_object(dcfg)
     try:
         run(cfg)
+    except Stopped as stopped:  # SIGTERM/SIGINT: a checkpoint was written; exit as the signal would
+        print(f"troupe: {stopped}", file=sys.stderr, flush=True)
+        sys.exit(128 + stopped.signum)
     finally:
         if ray.is_initialized():
             ray.shutdown()

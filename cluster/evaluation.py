@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import torch
 
@@ -17,6 +18,8 @@ from actors.generator.sampling import Sampling
 from actors.protocol import Prompt, ScoredRollout
 from actors.reward.aggregation import score_rollouts
 from cluster.config import EvalConfig
+
+EVAL_SEED_OFFSET = 1_000_003  # evaluation's sampling seeds, apart from the training batches' (seed + batch)
 
 
 def eval_modes(cfg: EvalConfig, sampling: Sampling) -> dict[str, Sampling]:
@@ -39,9 +42,13 @@ def evaluate(run, prompts: list[Prompt], cfg: EvalConfig) -> dict:
 
     out: dict = {}
     for mode, sampling in eval_modes(cfg, run.sampling).items():
-        chunks = run.generators.map_chunks("generate", prompts, sampling, on_replace=catch_up(run))
+        if run.seed is not None:  # deterministic runs: evaluation draws from its own seeded streams
+            sampling = replace(sampling, seed=run.seed + EVAL_SEED_OFFSET + run.version)
+        chunks = run.generators.map_chunks(
+            "generate", prompts, sampling, on_replace=catch_up(run), deadline_s=run.faults.generate_s
+        )
         rollouts = [r for chunk in chunks for r in chunk]
-        values = run.rewards.score(rollouts)
+        values = run.rewards.score(rollouts, deadline_s=run.faults.score_s)
         scored = score_rollouts(rollouts, values, copy.deepcopy(run.aggregation))
         stats = batch_stats(scored)
         if f"objective/{cfg.accuracy_objective}" in stats:

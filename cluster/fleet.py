@@ -13,7 +13,9 @@ from enum import Enum
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from cluster.faults import RetryBudget
 
 log = logging.getLogger("troupe.fleet")
 
@@ -34,12 +36,23 @@ class Member:
 
 
 class Pool:
-    """Actors of one role, created by `factory(index) -> actor handle`."""
+    """Actors of one role, created by `factory(index) -> actor handle`.
 
-    def __init__(self, role: str, factory: Callable[[int], Any], timeout_s: float) -> None:
+    `timeout_s` bounds start-up (and calls without their own deadline); `budget` (faults.retries, under the role's
+    first word: "reward-armo" spends "reward") limits how many members may be replaced.
+    """
+
+    def __init__(
+        self,
+        role: str,
+        factory: Callable[[int], Any],
+        timeout_s: float,
+        budget: RetryBudget | None = None,
+    ) -> None:
         self.role = role
         self.factory = factory
         self.timeout_s = timeout_s
+        self.budget = budget
         self.members: list[Member] = []
         self._next_index = 0
         self.replacements = 0
@@ -72,7 +85,7 @@ class Pool:
         member.health = Health.DEAD
         self.members.remove(member)
 
-    def replace(self, member: Member) -> Member:
+    def replace(self, member: Member, cause: str = "died") -> Member:
         member.health = Health.DEAD
         try:
             ray.kill(member.handle)
@@ -80,32 +93,44 @@ class Pool:
             pass
         self.members.remove(member)
         self.replacements += 1
-        log.warning("%s: member %d died; starting a replacement", self.role, member.index)
+        log.warning("%s: member %d %s; starting a replacement", self.role, member.index, cause)
+        if self.budget is not None:
+            self.budget.spend(self.role.split("-")[0], f"{self.role} member {member.index} {cause}")
         return self.spawn(1)[0]
 
     def map_chunks(
-        self, method: str, items: Sequence, *args, on_replace: Callable[[Member], None] | None = None
+        self,
+        method: str,
+        items: Sequence,
+        *args,
+        on_replace: Callable[[Member], None] | None = None,
+        deadline_s: float | None = None,
     ) -> list:
         """Split `items` into one contiguous chunk per healthy member, call `method(chunk, *args)`, concatenate.
 
-        Order is preserved. A chunk whose actor dies is retried once on a replacement member.
+        Order is preserved. A chunk whose actor dies, or does not answer within `deadline_s` (a hung member), is
+        retried on a replacement member, until the role's retry budget runs out: accepted work is not lost.
         """
         members = self.healthy()
         if not members:
             raise RuntimeError(f"{self.role}: no healthy members")
+        deadline = deadline_s or self.timeout_s
         chunks = split_evenly(items, len(members))
         refs = [getattr(m.handle, method).remote(c, *args) for m, c in zip(members, chunks, strict=True)]
         results = []
         for m, chunk, ref in zip(members, chunks, refs, strict=True):
-            try:
-                results.append(ray.get(ref, timeout=self.timeout_s))
-            except RayActorError:
-                fresh = self.replace(m)
-                if on_replace is not None:
-                    on_replace(fresh)
-                results.append(
-                    ray.get(getattr(fresh.handle, method).remote(chunk, *args), timeout=self.timeout_s)
-                )
+            while True:
+                try:
+                    results.append(ray.get(ref, timeout=deadline))
+                    break
+                except (RayActorError, GetTimeoutError) as e:
+                    cause = (
+                        "died" if isinstance(e, RayActorError) else f"gave no answer within {deadline:.0f}s"
+                    )
+                    m = self.replace(m, cause)
+                    if on_replace is not None:
+                        on_replace(m)
+                    ref = getattr(m.handle, method).remote(chunk, *args)
         return results
 
     def shutdown(self) -> None:

@@ -86,6 +86,14 @@ class Job:
         if self.bar is not None and row.get("iteration", 0) >= 0:  # the evaluation before training is no step
             self.bar.update(1)
 
+    def rewind(self, iteration: int) -> list[dict]:
+        """Forget the rows after `iteration` (they are about to be redone); returns them."""
+        removed = self.metrics.rewind(iteration)
+        self.sinks.rewind(iteration)
+        if removed:
+            log.warning("metrics: %d row(s) after iteration %d will be redone", len(removed), iteration)
+        return removed
+
     def finish(self, **paths) -> dict:
         if self.bar is not None:
             self.bar.close()

@@ -19,6 +19,7 @@ from actors.learner.config import RankSetup
 from actors.learner.critic import Critic
 from actors.learner.dpo import PreferencePair
 from cluster.config import TroupeConfig
+from cluster.faults import gather
 from cluster.fleet import split_evenly
 from cluster.placement import RankPlacement
 
@@ -26,6 +27,9 @@ log = logging.getLogger("troupe.learner_group")
 
 
 class LearnerGroup:
+    """`timeout_s` bounds start-up; `deadline_s` every later group call (faults.learn_s). A dead rank or a call
+    past its deadline raises RankLost; `rebuild()` then starts new ranks on a fresh port."""
+
     def __init__(
         self,
         spec: RankSetup,
@@ -33,45 +37,62 @@ class LearnerGroup:
         timeout_s: float,
         role: type = Learner,
         placement: RankPlacement | None = None,
+        deadline_s: float | None = None,
+        name: str = "learner",
     ) -> None:
         t = spec.train
-        self.spec = spec
+        self.spec, self.env, self.role, self.name = spec, env, role, name
         self.timeout_s = timeout_s
+        self.deadline_s = deadline_s or timeout_s
         self.owns_placement = placement is None
         self.placement = placement or RankPlacement(t.world_size, t.num_cpus, t.num_gpus, timeout_s)
-        remote = ray.remote(role)
+        self.rebuilds = 0
+        self.info: list[dict] = []
+        self._start()
+
+    def _start(self) -> None:
+        t = self.spec.train
+        remote = ray.remote(self.role)
         self.ranks = [
             remote.options(
                 num_cpus=t.num_cpus,
                 num_gpus=t.num_gpus,
-                runtime_env={"env_vars": env},
+                runtime_env={"env_vars": self.env},
+                max_restarts=0,
                 **self.placement.options_for(rank),
-            ).remote(spec, rank)
+            ).remote(self.spec, rank)
             for rank in range(t.world_size)
         ]
-        addr, port = ray.get(self.ranks[0].address.remote(), timeout=timeout_s)
+        addr, port = gather([self.ranks[0].address.remote()], self.timeout_s, self.name)[0]
         # Not awaited here: the DeepSpeed setup runs while the caller starts other actors (see wait_ready).
         self._setup_refs = [r.setup.remote(addr, port) for r in self.ranks]
-        self.info: list[dict] = []
+
+    def rebuild(self) -> None:
+        """New ranks in the same placement, a new process group on a fresh port; the caller restores state."""
+        self._kill_ranks()
+        self.rebuilds += 1
+        self._start()
+        self.wait_ready()
 
     def wait_ready(self) -> list[dict]:
         if self._setup_refs:
-            self.info = ray.get(self._setup_refs, timeout=self.timeout_s)
+            self.info = gather(self._setup_refs, self.timeout_s, self.name)
             self._setup_refs = []
-            log.info("%s group ready: %s", type(self).__name__, self.info)
+            log.info("%s group ready: %s", self.name, self.info)
         return self.info
 
     def _all(self, method: str, shares: Sequence, *args) -> list:
         refs = [getattr(r, method).remote(s, *args) for r, s in zip(self.ranks, shares, strict=True)]
-        return ray.get(refs, timeout=self.timeout_s)
+        return gather(refs, self.deadline_s, self.name)
+
+    def _each(self, method: str, *args) -> list:
+        """The same call on every rank (collective: ZeRO gathers, checkpoints)."""
+        return gather([getattr(r, method).remote(*args) for r in self.ranks], self.deadline_s, self.name)
 
     def train(self, batch: RolloutBatch, kl_coef: float) -> tuple[dict, list[torch.Tensor] | None]:
         """Each rank updates on its whole prompt groups; returns merged metrics and per-row returns (PPO)."""
         shares = batch.shares(len(self.ranks))
-        out = ray.get(
-            [r.train.remote(s, kl_coef) for r, s in zip(self.ranks, shares, strict=True)],
-            timeout=self.timeout_s,
-        )
+        out = self._all("train", shares, kl_coef)
         returns = [row for _, rows in out for row in rows] if out[0][1] is not None else None
         return _merge([m for m, _ in out]), returns
 
@@ -89,7 +110,7 @@ class LearnerGroup:
         return _merge(self._all("train", split_evenly(pairs, len(self.ranks))))
 
     def save_reward_model(self, folder: str, tokenizer_path: str) -> str:
-        return ray.get([r.save.remote(folder, tokenizer_path) for r in self.ranks], timeout=self.timeout_s)[0]
+        return self._each("save", folder, tokenizer_path)[0]
 
     def pair_margins(self, pairs: Sequence[PreferencePair]) -> list[float]:
         return [m for part in self._all("pair_margins", split_evenly(pairs, len(self.ranks))) for m in part]
@@ -108,23 +129,35 @@ class LearnerGroup:
 
     def export_weights(self, version: int) -> ray.ObjectRef:
         """Object ref of the rank-0 WeightBundle (gathered collectively); it stays in the object store."""
-        refs = [r.export_weights.remote(version) for r in self.ranks]
-        ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-        return refs[0]
+        return self._each("export_weights_ref", version)[0][0]
 
     def save_hf(self, path: str, tokenizer_path: str) -> str:
-        out = ray.get([r.save_hf.remote(path, tokenizer_path) for r in self.ranks], timeout=self.timeout_s)
-        return out[0]
+        return self._each("save_hf", path, tokenizer_path)[0]
+
+    def save_state(self, folder: str) -> None:
+        """Every rank's DeepSpeed state and RNG streams under `folder` (a run checkpoint's <role>-ds/)."""
+        self._each("save_state", folder)
+
+    def load_state(self, folder: str) -> list[dict]:
+        return self._each("load_state", folder)
+
+    def _kill_ranks(self) -> None:
+        for r in self.ranks:
+            try:
+                ray.kill(r)
+            except Exception:  # already gone
+                pass
 
     def shutdown(self) -> None:
-        for r in self.ranks:
-            ray.kill(r)
+        self._kill_ranks()
         if self.owns_placement:
             self.placement.release()
 
 
-def critic_group(spec: RankSetup, env, timeout_s, placement=None) -> LearnerGroup:
-    return LearnerGroup(spec, env, timeout_s, role=Critic, placement=placement)
+def critic_group(spec: RankSetup, env, timeout_s, placement=None, deadline_s=None) -> LearnerGroup:
+    return LearnerGroup(
+        spec, env, timeout_s, role=Critic, placement=placement, deadline_s=deadline_s, name="critic"
+    )
 
 
 def _merge(per_rank: list[dict]) -> dict:
@@ -152,6 +185,8 @@ def policy_setup(cfg: TroupeConfig, model_path: str, total_steps: int | None = N
         export_dtype=cfg.generator.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
         seed=cfg.run.seed,
+        deterministic=cfg.run.deterministic,
+        collective_timeout_s=cfg.faults.learn_s,
     )
 
 

@@ -1,4 +1,5 @@
-"""One readable RLHF iteration: generate -> score -> learn -> sync [-> evaluate], each phase timed.
+"""The run, top to bottom: iterations of generate -> score -> learn -> sync [-> evaluate], each phase timed,
+checkpointed when due; a lost learner or critic rank rolls the run back to its newest checkpoint and it goes on.
 
 Read top to bottom to see the whole algorithm. The fleets and groups hide Ray; this file holds the order.
 """
@@ -9,7 +10,7 @@ import logging
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ray
 
@@ -18,9 +19,12 @@ from actors.learner.config import AlgoConfig
 from actors.learner.ppo import AdaptiveKL
 from actors.protocol import ScoredRollout
 from actors.reward.aggregation import Aggregation, score_rollouts
-from cluster.config import EvalConfig, MonitorConfig
+from cluster.accounting import Ledger
+from cluster.config import EvalConfig, FaultsConfig, MonitorConfig
 from cluster.data.prompts import ArithmeticCursor, DatasetCursor, PromptSet
+from cluster.durable import RunCheckpoints, Stopped, driver_state
 from cluster.evaluation import batch_stats, evaluate
+from cluster.faults import RankLost, RetriesExhausted, RetryBudget
 from cluster.fleet import Pool
 from cluster.learn import learn_dpo, learn_policy_gradient
 from cluster.learner_group import LearnerGroup
@@ -51,6 +55,10 @@ class RunState:
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     version: int = 0
     last_bundle: ray.ObjectRef | None = None
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    budget: RetryBudget = field(default_factory=lambda: RetryBudget({}))
+    ledger: Ledger = field(default_factory=Ledger)
+    seed: int | None = None  # run.deterministic: the seed of every request's sampling stream; None: unseeded
 
     def shutdown(self) -> None:
         self.learners.shutdown()
@@ -67,19 +75,45 @@ def timed(timings: dict, phase: str):
     timings[f"time/{phase}"] = time.perf_counter() - start
 
 
+def train(run: RunState, job, checkpoints: RunCheckpoints, start: int = 0) -> None:
+    """Iterations `start`..run.iterations-1: each one's row is recorded, then a checkpoint written when due."""
+    iteration = start
+    while iteration < run.iterations:
+        before = driver_state(run, iteration - 1)
+        try:
+            record = run_iteration(run, iteration)
+            record.update(run.budget.metrics())
+            job.record(record)
+            if checkpoints.due(iteration):
+                checkpoints.save(run, iteration)
+        except RankLost as lost:  # the group is rebuilt and the run rolled back to the newest checkpoint
+            iteration = checkpoints.recover(run, lost, job)
+            continue
+        except RetriesExhausted as exhausted:  # a role lost too many members: stop, with a checkpoint
+            checkpoints.save_before_stopping(run, exhausted.role, before)
+            raise
+        if checkpoints.stop_signal is not None:
+            raise Stopped(checkpoints.stop_signal, checkpoints.last)
+        iteration += 1
+
+
 def run_iteration(run: RunState, iteration: int) -> dict:
     timings: dict[str, float] = {}
 
     # 1. Generate: each generator samples n completions for its contiguous share of the prompts.
     with timed(timings, "generate"):
         batch = run.prompts.next_batch()
-        chunks = run.generators.map_chunks("generate", batch.prompts, run.sampling, on_replace=catch_up(run))
+        run.ledger.enter(len(batch))
+        sampling = run.sampling if run.seed is None else replace(run.sampling, seed=run.seed + batch.index)
+        chunks = run.generators.map_chunks(
+            "generate", batch.prompts, sampling, on_replace=catch_up(run), deadline_s=run.faults.generate_s
+        )
         rollouts = [r for chunk in chunks for r in chunk]
     _check_groups(rollouts, len(batch), run.sampling.n)
 
     # 2. Score: reward shards return per-objective values; the aggregation makes the scalar.
     with timed(timings, "score"):
-        values = run.rewards.score(rollouts)
+        values = run.rewards.score(rollouts, deadline_s=run.faults.score_s)
         scored = score_rollouts(rollouts, values, run.aggregation)
 
     # 3. Learn: policy gradient (advantages, [critic values], clipped update, [critic update]) or DPO on pairs.
@@ -93,7 +127,9 @@ def run_iteration(run: RunState, iteration: int) -> dict:
         if learn_stats.get("pairs/built", 1):
             run.version += 1
             run.last_bundle = run.learners.export_weights(run.version)
-            sync_stats = push_weights(run.generators, run.last_bundle, run.version)
+            sync_stats = push_weights(
+                run.generators, run.last_bundle, run.version, deadline_s=run.faults.sync_s
+            )
 
     # 5. Evaluate the new weights on held-out prompts every eval.every iterations and after the last one.
     eval_stats: dict = {}
@@ -103,6 +139,8 @@ def run_iteration(run: RunState, iteration: int) -> dict:
 
     record = _metrics(iteration, run.version, scored, learn_stats, sync_stats, timings)
     record.update(run.prompts.metrics())
+    # DPO: a prompt whose samples all tie builds no pair, so nothing of it is trained
+    record.update(run.ledger.settle({"tie": learn_stats.get("pairs/skipped_ties", 0)}))
     record.update(eval_stats)
     record["algo"] = run.algo.name
     _length_alarm(record, run.monitor)
@@ -146,7 +184,9 @@ def catch_up(run: RunState):
 
     def load_latest(member) -> None:
         if run.last_bundle is not None:
-            ray.get(member.handle.update_weights.remote(run.last_bundle), timeout=run.generators.timeout_s)
+            # rollback=True: after a rollback to the initial state the latest bundle is version 0, like a new member
+            ref = member.handle.update_weights.remote(run.last_bundle, True)
+            ray.get(ref, timeout=run.faults.sync_s)
 
     return load_latest
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 TABLE_COLUMNS = (
@@ -78,6 +79,24 @@ class MetricsWriter:
         clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}
         self._file.write(json.dumps(clean, sort_keys=True, default=str) + "\n")
         self._file.flush()
+        os.fsync(self._file.fileno())  # a row on disk is an iteration a resume will not redo
+
+    def rewind(self, iteration: int) -> list[dict]:
+        """Keep the rows up to `iteration` (a rollback or resume redoes the later ones); returns the rows removed.
+        A torn last line (the writer was killed mid-write) is removed too."""
+        self._file.close()
+        kept, removed = [], []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            (kept if row.get("iteration", -1) <= iteration else removed).append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+        return [json.loads(x) for x in removed]
 
     def close(self) -> None:
         self._file.close()

@@ -20,11 +20,13 @@ class RewardFleet:
         for name, pool in self.pools.items():
             pool.spawn(replicas[name])
 
-    def score(self, rollouts: Sequence[Rollout]) -> dict[str, torch.Tensor]:
-        """Every pool scores every rollout (split across its replicas); objective names must not collide."""
+    def score(self, rollouts: Sequence[Rollout], deadline_s: float | None = None) -> dict[str, torch.Tensor]:
+        """Every pool scores every rollout (split across its replicas); objective names must not collide. A shard
+        that dies or passes `deadline_s` is replaced and its chunk rescored (Pool.map_chunks)."""
         with ThreadPoolExecutor(max_workers=len(self.pools)) as ex:
             futures = {
-                name: ex.submit(pool.map_chunks, "score", list(rollouts)) for name, pool in self.pools.items()
+                name: ex.submit(pool.map_chunks, "score", list(rollouts), deadline_s=deadline_s)
+                for name, pool in self.pools.items()
             }
             results = {name: f.result() for name, f in futures.items()}
         merged: dict[str, torch.Tensor] = {}

@@ -14,11 +14,12 @@ from actors.reward.alarm import HierarchyAggregation, Normalizer
 from actors.reward.bundle import read_info
 from actors.reward.shard import RewardShard, ShardSpec
 from cluster.config import RewardConfig, TroupeConfig
+from cluster.faults import RetryBudget
 from cluster.fleet import Pool
 from cluster.reward_fleet import RewardFleet
 
 
-def build_reward_fleet(cfg: TroupeConfig) -> RewardFleet:
+def build_reward_fleet(cfg: TroupeConfig, budget: RetryBudget | None = None) -> RewardFleet:
     r, timeout = cfg.reward, cfg.ray.actor_timeout_s
     pools = {}
     token_values = r.aggregation == "hierarchy" and r.hierarchy.token_level
@@ -29,7 +30,7 @@ def build_reward_fleet(cfg: TroupeConfig) -> RewardFleet:
             token_values=token_values,
         )
         remote = ray.remote(RewardShard).options(num_cpus=r.num_cpus, max_restarts=0)
-        pools["rules"] = Pool("reward", lambda i, s=spec, rm=remote: rm.remote(s, i), timeout)
+        pools["rules"] = Pool("reward", lambda i, s=spec, rm=remote: rm.remote(s, i), timeout, budget)
     for name, expert in r.experts.items():
         spec = ShardSpec(
             bundles=(expert.bundle,),
@@ -42,7 +43,7 @@ def build_reward_fleet(cfg: TroupeConfig) -> RewardFleet:
             max_restarts=0,
             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
         )
-        pools[name] = Pool(f"reward-{name}", lambda i, s=spec, rm=remote: rm.remote(s, i), timeout)
+        pools[name] = Pool(f"reward-{name}", lambda i, s=spec, rm=remote: rm.remote(s, i), timeout, budget)
     if not pools:
         raise ValueError(
             "the reward model has no objectives and no experts (reward.objectives / reward.experts)"

@@ -85,10 +85,11 @@ class ScalarSinks:
 
     def __init__(self, cfg: LoggingConfig, out_dir: Path, run_name: str, config: dict | None = None) -> None:
         self.tensorboard = self.wandb = None
+        self.tensorboard_dir = str(out_dir / "tensorboard")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+            self.tensorboard = SummaryWriter(log_dir=self.tensorboard_dir)
         if cfg.wandb_project:
             try:
                 import wandb
@@ -116,6 +117,14 @@ class ScalarSinks:
             self.tensorboard.flush()
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
+
+    def rewind(self, iteration: int) -> None:
+        """TensorBoard hides the events of later iterations (purge_step); W&B keeps them (its steps only grow)."""
+        if self.tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard.close()
+            self.tensorboard = SummaryWriter(log_dir=self.tensorboard_dir, purge_step=iteration + 2)
 
     def close(self) -> None:
         if self.tensorboard is not None:

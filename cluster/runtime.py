@@ -55,10 +55,14 @@ def generator_env(cfg: GeneratorConfig) -> dict[str, str]:
     }
 
 
-def learner_env(cfg: LearnerConfig) -> dict[str, str]:
+def learner_env(cfg: LearnerConfig, deterministic: bool = False) -> dict[str, str]:
     env = {"OMP_NUM_THREADS": str(cfg.omp_threads), "TOKENIZERS_PARALLELISM": "false"}
     if cfg.num_gpus == 0:
         env["DS_ACCELERATOR"] = "cpu"
+    elif deterministic:
+        env["CUBLAS_WORKSPACE_CONFIG"] = (
+            ":4096:8"  # cuBLAS's deterministic mode (torch docs, reproducibility)
+        )
     return env
 
 

@@ -7,25 +7,32 @@ from __future__ import annotations
 import logging
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from cluster.fleet import Health, Pool
 
 log = logging.getLogger("troupe.sync")
 
 
-def push_weights(generators: Pool, bundle_ref: ray.ObjectRef, version: int) -> dict:
+def push_weights(
+    generators: Pool,
+    bundle_ref: ray.ObjectRef,
+    version: int,
+    rollback: bool = False,
+    deadline_s: float | None = None,
+) -> dict:
+    """`rollback`: after a rebuild from a checkpoint the version may be older than what generators hold."""
     members = generators.healthy()
     # Passing the ref (not the value) lets each generator pull the bundle straight from the object store.
-    refs = [m.handle.update_weights.remote(bundle_ref) for m in members]
+    refs = [m.handle.update_weights.remote(bundle_ref, rollback) for m in members]
     loaded, stale = 0, 0
     for m, ref in zip(members, refs, strict=True):
         try:
-            got = ray.get(ref, timeout=generators.timeout_s)
+            got = ray.get(ref, timeout=deadline_s or generators.timeout_s)
             m.health = Health.HEALTHY
             m.info["version"] = got
             loaded += 1
-        except RayActorError:
+        except (RayActorError, GetTimeoutError):
             m.health = Health.STALE
             stale += 1
             log.warning("generator %d did not take weights v%d", m.index, version)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from actors.generator.config import GeneratorConfig
-from actors.generator.sampling import Sampling
+from actors.generator.sampling import Sampling, prompt_seed
 from actors.hardware import resolve_dtype
 from actors.protocol import Prompt, Rollout, WeightBundle
 
@@ -73,7 +73,8 @@ class Generator:
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
         start = time.perf_counter()
-        groups = self.backend.generate([p.token_ids for p in prompts], sampling)
+        seeds = None if sampling.seed is None else [prompt_seed(sampling.seed, p.uid) for p in prompts]
+        groups = self.backend.generate([p.token_ids for p in prompts], sampling, seeds)
         rollouts = []
         for prompt, group in zip(prompts, groups, strict=True):
             for k, c in enumerate(group):
@@ -96,8 +97,9 @@ class Generator:
         self.stats["generate_s"] += time.perf_counter() - start
         return rollouts
 
-    def update_weights(self, bundle: WeightBundle) -> int:
-        if bundle.version <= self.version:
+    def update_weights(self, bundle: WeightBundle, rollback: bool = False) -> int:
+        """Load newer weights; `rollback` (after a learner rebuild from a checkpoint) may go back to older ones."""
+        if bundle.version <= self.version and not rollback:
             raise ValueError(
                 f"generator {self.replica}: weight version {bundle.version} is not newer than {self.version}"
             )

@@ -32,8 +32,17 @@ class HFBackend:
         self.eos_ids = _eos_ids(self.model.generation_config, self.tokenizer)
 
     @torch.no_grad()
-    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling) -> list[list[Completion]]:
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling, seeds: Sequence[int] | None = None
+    ) -> list[list[Completion]]:
         result: list[list[Completion]] = []
+        if (
+            seeds is not None
+        ):  # deterministic: one prompt at a time from its own seed (generate has no generator)
+            for ids, seed in zip(prompt_ids, seeds, strict=True):
+                torch.manual_seed(seed)
+                result.extend(self._generate_chunk([ids], sampling))
+            return result
         for start in range(0, len(prompt_ids), self.batch_size):
             chunk = prompt_ids[start : start + self.batch_size]
             result.extend(self._generate_chunk(chunk, sampling))

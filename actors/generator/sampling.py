@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 
@@ -11,6 +12,9 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 128
+    # Deterministic runs: each prompt samples from its own stream, seeded by (seed, prompt uid), so a rollout does
+    # not depend on which generator serves it, on batch order, or on what was sampled before (a resumed run).
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -31,3 +35,9 @@ class Completion:
     text: str
     logprobs: tuple[float, ...]
     finish_reason: str
+
+
+def prompt_seed(seed: int, uid: str) -> int:
+    """A 31-bit seed for one prompt's samples, stable across processes (unlike hash())."""
+    digest = hashlib.sha256(f"{seed}:{uid}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF

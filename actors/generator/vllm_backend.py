@@ -58,17 +58,23 @@ class VLLMBackend:
             **kwargs,
         )
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling) -> list[list[Completion]]:
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling, seeds: Sequence[int] | None = None
+    ) -> list[list[Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
-            logprobs=0,  # 0 = only the sampled token's logprob
-        )
+        def params(seed: int | None) -> SamplingParams:
+            return SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                logprobs=0,  # 0 = only the sampled token's logprob
+                seed=seed,  # per-request stream (deterministic runs); None: the engine's
+            )
+
+        params = [params(s) for s in seeds] if seeds is not None else params(None)
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False
         )

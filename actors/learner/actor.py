@@ -100,6 +100,14 @@ class Learner(DeepSpeedRank):
         )
         return WeightBundle(version, tensors) if self.rank == 0 else None
 
+    def export_weights_ref(self, version: int) -> list | None:
+        """`export_weights` put in the object store by rank 0: [ref] (a list, so Ray hands the caller the ref and
+        not the tensors), None on other ranks."""
+        import ray
+
+        bundle = self.export_weights(version)
+        return [ray.put(bundle)] if bundle is not None else None
+
     def save_hf(self, path: str, tokenizer_path: str) -> str | None:
         """Write an HF-format checkpoint (safetensors + tokenizer) from rank 0; all ranks must call it.
 

@@ -143,3 +143,5 @@ class RankSetup:
     value_clip: float | None = None  # critic ranks: critic.value_clip
     haf_alpha: float = 0.0  # reward-model training: weight of HaF's DPO-style policy loss (0: plain BT)
     haf_beta: float = 0.1
+    deterministic: bool = False  # run.deterministic: deterministic torch kernels where available
+    collective_timeout_s: float = 1800.0  # faults.learn_s: a collective whose peer is gone fails, not hangs

@@ -6,6 +6,7 @@ Each rank is one Ray actor; they rendezvous through MASTER_ADDR/PORT chosen by r
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import socket
@@ -71,7 +72,12 @@ def init_process_group(setup: RankSetup, rank: int, master_addr: str, master_por
         torch.set_num_threads(int(threads))
     if on_gpu:
         torch.cuda.set_device(0)  # Ray gives each rank its own GPU through CUDA_VISIBLE_DEVICES
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    deepspeed.init_distributed(
+        dist_backend="nccl" if on_gpu else "gloo",
+        timeout=datetime.timedelta(seconds=setup.collective_timeout_s),
+    )
+    if setup.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(setup.seed)
     return on_gpu
 

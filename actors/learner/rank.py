@@ -48,6 +48,36 @@ class DeepSpeedRank:
 
         return ray.util.get_node_ip_address(), free_port()
 
+    def save_state(self, folder: str) -> None:
+        """DeepSpeed's checkpoint of this rank (weights, optimizer, LR schedule) under `folder`, plus this rank's
+        RNG streams and counters in rank<r>.safetensors. Every rank must call it (ZeRO states are per rank)."""
+        from safetensors.torch import save_file
+
+        self.engine.save_checkpoint(folder, tag="ds", save_latest=False)
+        rng = {"torch": torch.get_rng_state(), "shuffle": self._shuffle.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        meta = {"steps": str(self.steps), "version": str(self.version), "rank": str(self.rank)}
+        save_file(rng, os.path.join(folder, f"rank{self.rank}.safetensors"), metadata=meta)
+
+    def load_state(self, folder: str) -> dict:
+        """Restore `save_state` output (the caller has checked the checkpoint's checksums first)."""
+        from safetensors import safe_open
+
+        path, _ = self.engine.load_checkpoint(
+            folder, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}/ds")
+        with safe_open(os.path.join(folder, f"rank{self.rank}.safetensors"), "pt") as f:
+            meta = f.metadata()
+            torch.set_rng_state(f.get_tensor("torch"))
+            self._shuffle.set_state(f.get_tensor("shuffle"))
+            if torch.cuda.is_available() and "cuda" in f.keys():
+                torch.cuda.set_rng_state(f.get_tensor("cuda"))
+        self.steps, self.version = int(meta["steps"]), int(meta["version"])
+        return {"rank": self.rank, "steps": self.steps, "version": self.version}
+
     def _info(self, setup_s: float, **extra) -> dict:
         return {"rank": self.rank, "pid": os.getpid(), "dtype": self.dtype, "setup_s": setup_s, **extra}
 

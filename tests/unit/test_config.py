@@ -137,6 +137,22 @@ def test_recipes_need_their_inputs_and_drop_objectives_set_to_null():
     assert set(plain.reward.objectives) == {"correctness", "length"}
 
 
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["run.checkpoint_every=-1"], "run.checkpoint_every"),
+        (["run.keep_checkpoints=0"], "run.keep_checkpoints"),
+        (["faults.learn_s=0"], "faults.learn_s"),
+        (["faults.retries.learner=-1"], "faults.retries.learner"),
+        (["+faults.retries.planner=1"], "unknown roles"),
+        (["resume=latest", "algo=dpo_offline", "dataset.path=p.jsonl"], "resume="),
+    ],
+)
+def test_durability_keys_are_checked_naming_them(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(OmegaConf.to_object(_compose(overrides=overrides)))
+
+
 def test_rm_jobs_name_missing_inputs():
     cases = [
         (["job=rm_train", "rm.stage=regression"], "rm.ratings_path"),

@@ -1,0 +1,173 @@
+"""Durable runs: the driver's state, run checkpoints, resume, and recovery from a lost learner or critic rank.
+
+The driver's state (iteration, weight version, data cursor, KL controller, reward normaliser, RNG, fleet layout,
+accounting, losses per role) goes in a checkpoint's state.json beside the ranks' DeepSpeed states. Recovery and
+resume share one path: restore the state, give the ranks their DeepSpeed states, give the generators the restored
+weights, and rewind the metrics so no iteration appears twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cluster.checkpoint import verify, write_checkpoint
+from cluster.faults import RankLost
+from cluster.sync import push_weights
+
+log = logging.getLogger("troupe.durable")
+
+
+def driver_state(run, iteration: int) -> dict:
+    return {
+        "iteration": iteration,
+        "weight_version": run.version,
+        "data": run.prompts.state_dict(),
+        "kl_coef": run.kl.coef,
+        "reward_aggregation": run.aggregation.state_dict(),
+        "rng": _jsonable(run.rng.getstate()),
+        "fleet": {
+            "generators": len(run.generators.healthy()),
+            "reward": {name: len(pool.healthy()) for name, pool in run.rewards.pools.items()},
+        },
+        "ledger": run.ledger.state_dict(),
+        "faults": run.budget.state_dict(),
+    }
+
+
+def restore_driver_state(run, state: dict, counters: bool) -> None:
+    """Put `state` back; `counters` (a resume) also restores the accounting and the losses per role, which a
+    recovery inside the run keeps counting instead."""
+    run.version = state["weight_version"]
+    run.prompts.load_state_dict(state["data"])
+    run.kl.coef = state["kl_coef"]
+    run.aggregation.load_state_dict(state["reward_aggregation"])
+    run.rng.setstate(_tuples(state["rng"]))
+    if counters:
+        run.ledger.load_state_dict(state["ledger"])
+        run.budget.load_state_dict(state["faults"])
+
+
+@dataclass
+class RunCheckpoints:
+    """Writes run checkpoints when due or asked to stop, and rolls a run back to the newest one."""
+
+    out_dir: Path
+    every: int
+    keep: int
+    tokenizer_path: str
+    last: Path | None = None  # the newest complete checkpoint of this run
+    initial: dict = field(default_factory=dict)  # the state before the first iteration: a rollback target
+    stats: dict = field(default_factory=dict)  # the last write (bytes, write_s) and recovery (recover_s)
+    stop_signal: int | None = None
+
+    def due(self, iteration: int) -> bool:
+        return self.stop_signal is not None or (self.every > 0 and (iteration + 1) % self.every == 0)
+
+    def save(self, run, iteration: int, state: dict | None = None) -> Path:
+        def parts(tmp: Path) -> None:
+            run.learners.save_hf(str(tmp / "policy"), self.tokenizer_path)
+            run.learners.save_state(str(tmp / "policy-ds"))
+            if run.critic is not None:
+                run.critic.save_state(str(tmp / "critic-ds"))
+
+        state = state or driver_state(run, iteration)
+        self.last, written = write_checkpoint(self.out_dir, iteration, parts, state, self.keep)
+        self.stats.update(written)
+        log.info(
+            "checkpoint %s (%.1f MB in %.1fs)", self.last, self.stats["bytes"] / 1e6, self.stats["write_s"]
+        )
+        return self.last
+
+    def load_ranks(self, run, folder: Path) -> None:
+        run.learners.load_state(str(folder / "policy-ds"))
+        if run.critic is not None:
+            run.critic.load_state(str(folder / "critic-ds"))
+
+    def save_before_stopping(self, run, role: str, before: dict) -> None:
+        """A generator or reward fleet out of retries: the learners did not step this iteration, so the state from
+        before it is whole; its prompts are retried by the resume. (A lost learner's state is the last checkpoint.)"""
+        run.ledger.roll_back([])
+        if (
+            role in ("learner", "critic")
+            or run.version != before["weight_version"]
+            or before["iteration"] < 0
+        ):
+            return
+        self.save(run, before["iteration"], {**before, "ledger": run.ledger.state_dict()})
+        log.error("%s out of retries; checkpoint %s; resume with resume=latest", role, self.last)
+
+    def recover(self, run, lost: RankLost, job) -> int:
+        """Rebuild the lost group (and its partner: policy and critic move together), roll everything back to the
+        newest checkpoint (or the start), and return the iteration to continue from. A loss during the rebuild
+        starts it again; every loss spends the role's retry budget, and RetriesExhausted ends the run."""
+        start = time.perf_counter()
+        while True:
+            try:
+                resume_at = self._recover(run, lost, job)
+                self.stats["recover_s"] = time.perf_counter() - start
+                return resume_at
+            except RankLost as again:
+                lost = again
+
+    def _recover(self, run, lost: RankLost, job) -> int:
+        run.budget.spend(lost.role, str(lost))
+        log.warning("%s; rebuilding from %s", lost, self.last or "the initial weights")
+        for group in (run.learners, run.critic):
+            if group is not None:
+                group.rebuild()
+        if self.last is not None:
+            state = verify(self.last)
+            self.load_ranks(run, self.last)
+        else:
+            state = self.initial
+        restore_driver_state(run, state, counters=False)
+        rejoin_generators(run)
+        removed = job.rewind(state["iteration"])
+        retried = run.ledger.roll_back(removed)
+        log.warning(
+            "%s group rebuilt; continuing from iteration %d (%d prompts to retry)",
+            lost.role,
+            state["iteration"] + 1,
+            retried,
+        )
+        return state["iteration"] + 1
+
+    def watch_signals(self) -> None:
+        """SIGTERM/SIGINT: finish the iteration, write a checkpoint, stop. A second signal stops at once."""
+
+        def ask(signum, _frame) -> None:
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            log.warning("signal %d: stopping after this iteration with a checkpoint", signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, ask)
+
+
+class Stopped(Exception):
+    """The run stopped on a signal after writing a checkpoint."""
+
+    def __init__(self, signum: int, checkpoint: Path) -> None:
+        super().__init__(f"stopped by signal {signum}; resume with resume={checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+def rejoin_generators(run) -> None:
+    """Every generator takes the learners' (restored) weights, even older ones than it holds."""
+    run.last_bundle = run.learners.export_weights(run.version)
+    stats = push_weights(run.generators, run.last_bundle, run.version, rollback=True)
+    if stats["generators_stale"]:
+        log.warning("%d generator(s) did not take the restored weights", stats["generators_stale"])
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
