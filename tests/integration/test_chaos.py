@@ -40,16 +40,16 @@ class Killer(threading.Thread):
 
     def __init__(self, run, metrics, plans) -> None:
         super().__init__(daemon=True)
-        self.run, self.metrics, self.plans, self.killed, self.stop = run, metrics, list(plans), [], False
+        self.fleet, self.metrics, self.plans, self.killed, self.stop = run, metrics, list(plans), [], False
 
     def pid(self, what: str) -> int:
         if what == "generator":
-            return self.run.generators.healthy()[0].info["pid"]
+            return self.fleet.generators.healthy()[0].info["pid"]
         if what == "reward":
-            return self.run.rewards.pools["rules"].healthy()[0].info["pid"]
-        return self.run.learners.info[1]["pid"]  # learner rank 1: rank 0 is left waiting in a collective
+            return self.fleet.rewards.pools["rules"].healthy()[0].info["pid"]
+        return self.fleet.learners.info[1]["pid"]  # learner rank 1: rank 0 is left waiting in a collective
 
-    def run(self) -> None:  # noqa: F811 - Thread.run
+    def run(self) -> None:
         while self.plans and not self.stop:
             seen = {r.get("iteration") for r in _rows(self.metrics)}
             at, what = self.plans[0]
