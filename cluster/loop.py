@@ -104,7 +104,9 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     with timed(timings, "generate"):
         batch = run.prompts.next_batch()
         run.ledger.enter(len(batch))
-        sampling = run.sampling if run.seed is None else replace(run.sampling, seed=run.seed + batch.index)
+        sampling = (
+            run.sampling if run.seed is None else replace(run.sampling, seed=run.seed + batch.iteration)
+        )
         chunks = run.generators.map_chunks(
             "generate", batch.prompts, sampling, on_replace=catch_up(run), deadline_s=run.faults.generate_s
         )
