@@ -71,11 +71,16 @@ def write_checkpoint(
     _fsync(tmp / MANIFEST)
     for folder in sorted({p.parent for p in tmp.rglob("*")} | {tmp}, key=lambda p: -len(p.parts)):
         _fsync_dir(folder)
-    if final.exists():  # the same iteration again, after a rollback re-ran it
-        shutil.rmtree(final)
+    old = root / f"{final.name}.old"
+    if (
+        final.exists()
+    ):  # the same iteration again (a rollback re-ran it): swap, so one complete copy always exists
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(root)
-    prune(root, keep)
+    shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep, final)
     size = sum(f["bytes"] for f in files.values())
     return final, {"bytes": size, "write_s": time.perf_counter() - start}
 
@@ -124,12 +129,28 @@ def complete(root: Path) -> list[Path]:
     return sorted((p for p in found if (p / MANIFEST).is_file()), key=lambda p: p.name)
 
 
-def prune(root: Path, keep: int) -> None:
-    for old in complete(root)[: -max(keep, 1)]:
+def prune(root: Path, keep: int, newest: Path) -> None:
+    """Keep the `keep` newest complete checkpoints, `newest` (just written) always among them; a pruned folder
+    loses its manifest first, so an interrupted delete leaves a partial folder, never a corrupt complete one."""
+    for old in [p for p in complete(root) if p != newest][: -max(keep - 1, 0) or None]:
+        (old / MANIFEST).unlink(missing_ok=True)
         shutil.rmtree(old, ignore_errors=True)
     for partial in root.glob(f"{PREFIX}*.tmp"):
         if partial.is_dir():
             shutil.rmtree(partial, ignore_errors=True)
+
+
+def set_aside_after(root: Path, folder: Path) -> list[Path]:
+    """Resuming from `folder`: newer checkpoints belong to a timeline being abandoned; they are renamed
+    (iter-NNNNNN.abandoned) so that `resume=latest` and pruning never take them for this run's."""
+    moved = []
+    for p in complete(root):
+        if p.name > folder.name:
+            target = p.with_name(f"{p.name}.abandoned")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(p, target)
+            moved.append(target)
+    return moved
 
 
 def _sha256(path: Path) -> str:

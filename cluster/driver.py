@@ -19,7 +19,15 @@ from actors.generator.actor import Generator
 from actors.generator.sampling import Sampling
 from actors.learner.ppo import AdaptiveKL
 from actors.models import resolve_model
-from cluster.checkpoint import find_checkpoint, save_hf_checkpoint, verify
+from cluster.checkpoint import (
+    CheckpointError,
+    checkpoints_root,
+    complete,
+    find_checkpoint,
+    save_hf_checkpoint,
+    set_aside_after,
+    verify,
+)
 from cluster.config import TroupeConfig, register
 from cluster.config_checks import validate
 from cluster.data.prompts import build_prompt_sources
@@ -134,6 +142,13 @@ def run(cfg: TroupeConfig) -> dict:
     if cfg.resume:
         folder = find_checkpoint(out_dir, cfg.resume)
         resume = (folder, verify(folder))  # before any actor starts: a bad checkpoint fails in seconds
+        for moved in set_aside_after(checkpoints_root(out_dir), folder):
+            log.warning("checkpoint of the abandoned timeline set aside: %s", moved)
+    elif complete(checkpoints_root(out_dir)):
+        raise CheckpointError(
+            f"{checkpoints_root(out_dir)} holds checkpoints of an earlier run: continue it with resume=latest, "
+            "or give this run another run.output_dir"
+        )
     with Job(cfg, _table_columns(cfg), total=cfg.run.iterations) as job:
         job.connect_ray()
         check_capacity(cfg)
@@ -151,7 +166,12 @@ def run(cfg: TroupeConfig) -> dict:
         if resume is not None:
             run_state.ledger.resumed(job.rewind(start - 1))
         checkpoints.initial = driver_state(run_state, -1)
-        checkpoints.watch_signals()
+        job.on_exit(checkpoints.watch_signals(), "__call__")
+        if cfg.run.checkpoint_every == 0 and cfg.faults.retries.get("learner", 0):
+            log.info(  # the log file, not the console: the demo runs without checkpoints
+                "run.checkpoint_every=0: a lost learner rank restarts the run from its first iteration; "
+                "set run.checkpoint_every=N to lose at most N iterations"
+            )
         # The baseline later evaluations are read against (a resumed run has its row already).
         if run_state.eval_set is not None and resume is None:
             job.record(initial_eval(run_state))

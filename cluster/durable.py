@@ -91,14 +91,14 @@ class RunCheckpoints:
         """A generator or reward fleet out of retries: the learners did not step this iteration, so the state from
         before it is whole; its prompts are retried by the resume. (A lost learner's state is the last checkpoint.)"""
         run.ledger.roll_back([])
-        if (
-            role in ("learner", "critic")
-            or run.version != before["weight_version"]
-            or before["iteration"] < 0
-        ):
-            return
-        self.save(run, before["iteration"], {**before, "ledger": run.ledger.state_dict()})
-        log.error("%s out of retries; checkpoint %s; resume with resume=latest", role, self.last)
+        whole = role not in ("learner", "critic") and run.version == before["weight_version"]
+        if whole and before["iteration"] >= 0:
+            self.save(run, before["iteration"], {**before, "ledger": run.ledger.state_dict()})
+        log.error(
+            "%s out of retries; the newest checkpoint is %s (resume=latest)",
+            role,
+            self.last or "none: start over",
+        )
 
     def recover(self, run, lost: RankLost, job) -> int:
         """Rebuild the lost group (and its partner: policy and critic move together), roll everything back to the
@@ -136,8 +136,11 @@ class RunCheckpoints:
         )
         return state["iteration"] + 1
 
-    def watch_signals(self) -> None:
-        """SIGTERM/SIGINT: finish the iteration, write a checkpoint, stop. A second signal stops at once."""
+    def watch_signals(self):
+        """SIGTERM/SIGINT: finish the iteration, write a checkpoint, stop. A second signal stops at once.
+        Returns a function that puts the previous handlers back. Send the signal to the driver alone (e.g. Slurm
+        `--signal=B:TERM@60`): Ray's workers share its process group and exit on SIGTERM themselves."""
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
         def ask(signum, _frame) -> None:
             if self.stop_signal is not None:
@@ -145,8 +148,14 @@ class RunCheckpoints:
             self.stop_signal = signum
             log.warning("signal %d: stopping after this iteration with a checkpoint", signum)
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in previous:
             signal.signal(sig, ask)
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
 
 
 class Stopped(Exception):

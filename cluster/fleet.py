@@ -7,6 +7,7 @@ A chunk whose actor dies is retried on a replacement, so accepted work is not lo
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -62,7 +63,12 @@ class Pool:
         for _ in range(count):
             new.append(Member(self._next_index, self.factory(self._next_index)))
             self._next_index += 1
-        infos = ray.get([m.handle.ready.remote() for m in new], timeout=self.timeout_s)
+        try:
+            infos = ray.get([m.handle.ready.remote() for m in new], timeout=self.timeout_s)
+        except Exception:
+            for m in new:  # none of them joins: a half-started actor must not hold resources
+                ray.kill(m.handle)
+            raise
         for m, info in zip(new, infos, strict=True):
             m.health, m.info = Health.HEALTHY, info
         self.members.extend(new)
@@ -93,10 +99,16 @@ class Pool:
             pass
         self.members.remove(member)
         self.replacements += 1
-        log.warning("%s: member %d %s; starting a replacement", self.role, member.index, cause)
-        if self.budget is not None:
-            self.budget.spend(self.role.split("-")[0], f"{self.role} member {member.index} {cause}")
-        return self.spawn(1)[0]
+        while True:  # a replacement that fails to start spends the budget too, until RetriesExhausted
+            log.warning("%s: member %d %s; starting a replacement", self.role, member.index, cause)
+            if self.budget is not None:
+                self.budget.spend(self.role.split("-")[0], f"{self.role} member {member.index} {cause}")
+            try:
+                return self.spawn(1)[0]
+            except (RayActorError, GetTimeoutError) as e:
+                if self.budget is None:
+                    raise
+                cause = f"replacement failed to start ({type(e).__name__})"
 
     def map_chunks(
         self,
@@ -115,13 +127,14 @@ class Pool:
         if not members:
             raise RuntimeError(f"{self.role}: no healthy members")
         deadline = deadline_s or self.timeout_s
+        end = time.monotonic() + deadline  # one deadline for the call, not one per member waited on
         chunks = split_evenly(items, len(members))
         refs = [getattr(m.handle, method).remote(c, *args) for m, c in zip(members, chunks, strict=True)]
         results = []
         for m, chunk, ref in zip(members, chunks, refs, strict=True):
             while True:
                 try:
-                    results.append(ray.get(ref, timeout=deadline))
+                    results.append(ray.get(ref, timeout=max(0.0, end - time.monotonic())))
                     break
                 except (RayActorError, GetTimeoutError) as e:
                     cause = (
@@ -131,6 +144,7 @@ class Pool:
                     if on_replace is not None:
                         on_replace(m)
                     ref = getattr(m.handle, method).remote(chunk, *args)
+                    end = time.monotonic() + deadline  # the redone chunk gets a full deadline
         return results
 
     def shutdown(self) -> None:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import ray
+from ray.exceptions import ObjectLostError, RayTaskError
 
 from actors.generator.sampling import Sampling
 from actors.learner.config import AlgoConfig
@@ -188,7 +189,13 @@ def catch_up(run: RunState):
         if run.last_bundle is not None:
             # rollback=True: after a rollback to the initial state the latest bundle is version 0, like a new member
             ref = member.handle.update_weights.remote(run.last_bundle, True)
-            ray.get(ref, timeout=run.faults.sync_s)
+            try:
+                ray.get(ref, timeout=run.faults.sync_s)
+            except (ObjectLostError, RayTaskError) as e:
+                if not isinstance(e, ObjectLostError) and not isinstance(e.cause, ObjectLostError):
+                    raise
+                # the bundle lived with learner rank 0, which is gone: a rank loss (rebuild, then re-export)
+                raise RankLost("learner", "the latest weights were lost with learner rank 0") from e
 
     return load_latest
 

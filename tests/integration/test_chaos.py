@@ -116,8 +116,7 @@ def test_the_accounting_adds_up(chaos_run):
 def test_sigterm_finishes_the_iteration_then_checkpoints_and_stops(chaos_run):
     run, out, _, checkpoints = chaos_run
     job_rows = len(_rows(out / "metrics.jsonl"))
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    checkpoints.watch_signals()
+    restore = checkpoints.watch_signals()
     run.iterations = ITERATIONS + 2
     cfg = tiny_config(f"run.output_dir={out}", "run.progress_bar=false")
     try:
@@ -126,8 +125,7 @@ def test_sigterm_finishes_the_iteration_then_checkpoints_and_stops(chaos_run):
             job.start("resume")
             train(run, job, checkpoints, start=ITERATIONS)
     finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
+        restore()
     assert stopped.value.signum == signal.SIGTERM
     assert stopped.value.checkpoint.name == f"iter-{ITERATIONS:06d}"  # written though not due (every 2)
     assert verify(stopped.value.checkpoint)["iteration"] == ITERATIONS

@@ -7,7 +7,14 @@ import random
 import pytest
 
 from cluster.accounting import Ledger
-from cluster.checkpoint import CheckpointError, complete, find_checkpoint, verify, write_checkpoint
+from cluster.checkpoint import (
+    CheckpointError,
+    complete,
+    find_checkpoint,
+    set_aside_after,
+    verify,
+    write_checkpoint,
+)
 from cluster.durable import _jsonable, _tuples
 from cluster.faults import RetriesExhausted, RetryBudget, is_collective_failure
 from cluster.metrics import MetricsWriter
@@ -63,6 +70,19 @@ def test_rewriting_an_iteration_replaces_its_checkpoint(tmp_path):
     write_checkpoint(tmp_path, 1, _parts(b"a" * 10), {"iteration": 1, "v": "old"}, keep=3)
     folder, _ = write_checkpoint(tmp_path, 1, _parts(b"b" * 10), {"iteration": 1, "v": "new"}, keep=3)
     assert verify(folder)["v"] == "new" and len(complete(tmp_path / "checkpoints")) == 1
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_timeline_aside(tmp_path):
+    """resume=<iter 1> while iter 3 exists: iter 3 belongs to an abandoned timeline; it must not be pruned in
+    place of this run's checkpoints, nor be what resume=latest picks later."""
+    for it in (1, 3):
+        write_checkpoint(tmp_path, it, _parts(b"z" * 8), {"iteration": it}, keep=3)
+    root = tmp_path / "checkpoints"
+    moved = set_aside_after(root, root / "iter-000001")
+    assert [p.name for p in moved] == ["iter-000003.abandoned"]
+    folder, _ = write_checkpoint(tmp_path, 2, _parts(b"w" * 8), {"iteration": 2}, keep=1)
+    assert [p.name for p in complete(root)] == ["iter-000002"] == [find_checkpoint(tmp_path, "latest").name]
+    assert (root / "iter-000003.abandoned" / "manifest.json").is_file()  # kept for the user, never resumed
 
 
 def test_ledger_accounts_for_every_prompt_through_rollback_and_resume():
