@@ -190,8 +190,12 @@ def table(results: dict) -> str:
             lambda r: f"{r['learner_s']:.1f} s ({r['learner_rebuild_s']:.1f} s + {r['learner_redone']} it)",
         ),
         (
-            "driver killed: restart to first row, minus a fresh start",
-            lambda r: f"{r['driver_s']:.1f} s" if "driver_s" in r else "-",
+            "driver killed: restart (resume=latest) to its first row",
+            lambda r: (
+                f"{r['resumed_first_row_s']:.1f} s (fresh start: {r['fresh_first_row_s']:.1f} s)"
+                if "driver_s" in r
+                else "-"
+            ),
         ),
         ("checkpoint write (median)", lambda r: f"{r['checkpoint']['write_s']:.2f} s"),
         (
@@ -210,7 +214,11 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["tiny", "smollm2"])
     parser.add_argument("--skip-driver", action="store_true", help="skip the SIGKILL + resume=latest runs")
     parser.add_argument("--out", default="outputs/bench-recovery")
+    parser.add_argument("--table", action="store_true", help="print the table of the last results.json only")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads((Path(args.out) / "results.json").read_text())))
+        return 0
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results = {}
