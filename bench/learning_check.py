@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from bench.troupe_run import run_troupe
 
 EXTRA = {
     "grpo": [],
@@ -23,23 +22,13 @@ EXTRA = {
 
 
 def train(algo: str, iterations: int, out: Path) -> tuple[Path, float, dict]:
-    cmd = [
-        str(Path(sys.executable).with_name("troupe")),
-        "--config-name",
-        "demo",
+    overrides = [
         f"algo={algo}",
         "algo.kl_coef=0.0",  # the same (no) reference for all three: the comparison is the estimator
         f"run.iterations={iterations}",
-        f"run.output_dir={out}",
-        "run.progress_bar=false",
         *EXTRA.get(algo, []),
     ]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{algo} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines, wall = run_troupe("demo", overrides, out)
     return (
         out / "checkpoint-final",
         wall,

@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from bench.rm_data import DATA
+from bench.troupe_run import run_troupe
 
 GSM8K = DATA / "grade-school-math" / "grade_school_math" / "data" / "train.jsonl"
 ARENA_HARD = DATA / "arena-hard-auto" / "data" / "arena-hard-v0.1" / "question.jsonl"
@@ -48,25 +45,6 @@ def carve(source: Path, dev: int, out: Path, seed: int = 0) -> tuple[Path, Path]
     for path, keep in zip(paths, (lambda i: i not in held, lambda i: i in held), strict=True):
         path.write_text("".join(json.dumps(r) + "\n" for i, r in enumerate(rows) if keep(i)))
     return paths
-
-
-def train(config: str, overrides: list[str], out: Path) -> tuple[list[dict], float]:
-    shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl appends: an interrupted attempt must not mix in
-    cmd = [
-        str(Path(sys.executable).with_name("troupe")),
-        "--config-name",
-        config,
-        f"run.output_dir={out}",
-        "run.progress_bar=false",
-        *overrides,
-    ]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return rows, wall
 
 
 def before_after(rows: list[dict]) -> tuple[dict, dict]:
@@ -108,7 +86,7 @@ def run_part(part: str, args, out: Path, results: dict) -> None:
         if str(seed) in runs["seeds"]:
             continue
         print(f"{part}: seed {seed}, {iterations} iterations x {per_iteration} samples", flush=True)
-        rows, wall = train(config, [*overrides, f"run.seed={seed}"], out / part / f"seed{seed}")
+        rows, wall = run_troupe(config, [*overrides, f"run.seed={seed}"], out / part / f"seed{seed}")
         before, after = before_after(rows)
         train_rows = [r for r in rows if r["iteration"] >= 0]
         runs["seeds"][str(seed)] = {

@@ -12,6 +12,7 @@ holds (epoch, position, batches), so a resumed run continues with the very next 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -160,8 +161,10 @@ class DatasetCursor:
     def metrics(self) -> dict:
         return {**self.set.metrics(), "data/epoch": self.epoch + self.position / len(self._order)}
 
+    @functools.cached_property
     def _identity(self) -> dict:
-        """What the order depends on: a resume with other rows, seed, shuffle or batch size would skip or repeat."""
+        """What the order depends on: a resume with other rows, seed, shuffle or batch size would skip or repeat.
+        Fixed for the cursor's life, so hashed once (the loop snapshots the state every iteration)."""
         uids = hashlib.sha256("\n".join(p.uid for p in self.set.prompts).encode()).hexdigest()[:16]
         return {
             "source": self.set.source,
@@ -173,10 +176,10 @@ class DatasetCursor:
         }
 
     def state_dict(self) -> dict:
-        return {**self._identity(), "epoch": self.epoch, "position": self.position, "batches": self.batches}
+        return {**self._identity, "epoch": self.epoch, "position": self.position, "batches": self.batches}
 
     def load_state_dict(self, state: dict) -> None:
-        differ = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
+        differ = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
         if differ:
             said = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
             raise ValueError(f"the data cursor was saved for other prompts or settings ({said})")
