@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 
 from actors.generator.config import GeneratorConfig
 from actors.learner.config import AlgoConfig, CriticConfig, LearnerConfig
+from cluster.elastic import AutoscaleConfig
 
 
 @dataclass
@@ -29,6 +30,19 @@ class RunConfig:
     keep_checkpoints: int = 2  # the newest ones kept; older ones are deleted once a newer one is complete
     # Seeded per-request sampling and deterministic torch kernels: a resumed run repeats the uninterrupted one.
     deterministic: bool = False
+    # sync: generate, score, learn and sync in turn. async: the generators sample the next batch while the
+    # learners train; a rollout is at most max_staleness weight versions behind the learner (older groups are
+    # sampled again) and its tokens are importance-corrected (algo.tis_cap).
+    mode: str = "sync"
+    max_staleness: int = 1
+
+
+@dataclass
+class SyncConfig:
+    """Weight transfer learner -> generators (cluster/sync.py)."""
+
+    # Flat buffers of at most this size, each checksummed; the generator checks all of them before loading any.
+    bucket_mb: float = 256
 
 
 @dataclass
@@ -263,6 +277,8 @@ class TroupeConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     rm: RmConfig = field(default_factory=RmConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
     job: str = "rl"  # rl (the RLHF loop) | rm_train | rm_eval
     # Continue a run: "latest" (the newest complete checkpoint under run.output_dir) or a checkpoint folder.
     resume: str | None = None

@@ -19,6 +19,18 @@ def validate(cfg: TroupeConfig) -> None:
     _one_of("generator.dtype", g.dtype, ("auto", "bfloat16", "float32", "float16"))
     a = cfg.algo
     _one_of("job", cfg.job, ("rl", "rm_train", "rm_eval", "rm_import"))
+    _one_of("run.mode", cfg.run.mode, ("sync", "async"))
+    _one_of("algo.tis_scope", a.tis_scope, ("stale", "all"))
+    if cfg.run.mode == "async" and cfg.run.max_staleness < 1:
+        raise ConfigError(
+            f"run.mode=async needs run.max_staleness >= 1 (got {cfg.run.max_staleness}); 0 is run.mode=sync"
+        )
+    if a.tis_cap < 0:
+        raise ConfigError(
+            f"algo.tis_cap must be >= 0 (0 turns the importance correction off), got {a.tis_cap}"
+        )
+    if cfg.sync.bucket_mb <= 0:
+        raise ConfigError(f"sync.bucket_mb must be > 0, got {cfg.sync.bucket_mb}")
     _one_of("rm.stage", cfg.rm.stage, ("regression", "gating", "bt", "haf"))
     if cfg.job == "rl" and cfg.algo.source == "rollouts" and not d.train:
         raise ConfigError(

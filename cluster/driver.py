@@ -38,6 +38,7 @@ from cluster.durable import (
     rejoin_generators,
     restore_driver_state,
 )
+from cluster.elastic import FleetControl
 from cluster.faults import RetryBudget
 from cluster.fleet import Pool
 from cluster.job import Job
@@ -45,6 +46,7 @@ from cluster.jobs.offline_dpo import run_offline_dpo
 from cluster.learner_group import LearnerGroup, critic_group, critic_setup, policy_setup
 from cluster.loop import RunState, initial_eval, train
 from cluster.metrics import rl_columns
+from cluster.pipeline import RolloutPipeline
 from cluster.placement import RankPlacement
 from cluster.reward_model import build_aggregation, build_reward_fleet, reward_replicas
 from cluster.runtime import check_capacity, generator_env, learner_env
@@ -116,6 +118,10 @@ def build_fleet(cfg: TroupeConfig, model_path: str, resume: tuple[Path, dict] | 
         faults=faults,
         budget=budget,
         seed=cfg.run.seed if deterministic else None,
+        # sync is depth 0, and every rollout then comes from the learners' current weights
+        pipeline=RolloutPipeline(*(2 * [cfg.run.max_staleness if cfg.run.mode == "async" else 0])),
+        sync_bucket_mb=cfg.sync.bucket_mb,
+        fleet=FleetControl(Path(cfg.run.output_dir).resolve(), cfg.autoscale),
     )
 
 
@@ -187,7 +193,7 @@ def run(cfg: TroupeConfig) -> dict:
                 "policy": cfg.model.policy,
                 # The holistic normaliser's statistics: a resumed run or a served RM scores with the same ones.
                 "reward_aggregation": run_state.aggregation.state_dict(),
-                "data": run_state.prompts.state_dict(),  # where the data cursor stands: epoch, position
+                "data": run_state.pipeline.cursor_state(run_state.prompts),  # the cursor: epoch, position
                 "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
             }
             checkpoint = save_hf_checkpoint(
@@ -227,11 +233,16 @@ CONF_DIR = str(
 
 
 def main() -> None:
-    """`troupe plot <run_dir>` draws a run's charts; anything else is a Hydra-configured job."""
+    """`troupe plot <run_dir>` draws a run's charts; `troupe fleet <run_dir> generators=N` resizes a running
+    troupe's pools; anything else is a Hydra-configured job."""
     if len(sys.argv) > 1 and sys.argv[1] == "plot":
         from cluster.plot import main as plot_main
 
         sys.exit(plot_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "fleet":
+        from cluster.elastic import main as fleet_main
+
+        sys.exit(fleet_main(sys.argv[2:]))
     hydra_main()
 
 

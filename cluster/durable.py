@@ -25,13 +25,13 @@ def driver_state(run, iteration: int) -> dict:
     return {
         "iteration": iteration,
         "weight_version": run.version,
-        "data": run.prompts.state_dict(),
+        "data": run.pipeline.cursor_state(run.prompts),  # batches in flight (async) are served again
         "kl_coef": run.kl.coef,
         "reward_aggregation": run.aggregation.state_dict(),
         "rng": _jsonable(run.rng.getstate()),
         "fleet": {
-            "generators": len(run.generators.healthy()),
-            "reward": {name: len(pool.healthy()) for name, pool in run.rewards.pools.items()},
+            "generators": len(run.generators.live()),
+            "reward": {name: len(pool.live()) for name, pool in run.rewards.pools.items()},
         },
         "ledger": run.ledger.state_dict(),
         "faults": run.budget.state_dict(),
@@ -42,6 +42,7 @@ def restore_driver_state(run, state: dict, counters: bool) -> None:
     """Put `state` back; `counters` (a resume) also restores the accounting and the losses per role, which a
     recovery inside the run keeps counting instead."""
     run.version = state["weight_version"]
+    run.pipeline.discard()  # sampled by weights that are undone; the restored cursor serves them again
     run.prompts.load_state_dict(state["data"])
     run.kl.coef = state["kl_coef"]
     run.aggregation.load_state_dict(state["reward_aggregation"])
@@ -168,8 +169,8 @@ class Stopped(Exception):
 
 def rejoin_generators(run) -> None:
     """Every generator takes the learners' (restored) weights, even older ones than it holds."""
-    run.last_bundle = run.learners.export_weights(run.version)
-    stats = push_weights(run.generators, run.last_bundle, run.version, rollback=True)
+    run.last_bundle = run.learners.export_weights(run.version, run.sync_bucket_mb)
+    stats = push_weights(run.generators, run.last_bundle, rollback=True, deadline_s=run.faults.sync_s)
     if stats["generators_stale"]:
         log.warning("%d generator(s) did not take the restored weights", stats["generators_stale"])
 

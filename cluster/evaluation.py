@@ -38,15 +38,12 @@ def eval_modes(cfg: EvalConfig, sampling: Sampling) -> dict[str, Sampling]:
 
 def evaluate(run, prompts: list[Prompt], cfg: EvalConfig) -> dict:
     """eval/<mode>/{accuracy, reward/mean, objective/<name>, response_tokens/mean, ...} for the current weights."""
-    from cluster.loop import catch_up  # the loop's rule for a replaced generator applies here too
 
     out: dict = {}
     for mode, sampling in eval_modes(cfg, run.sampling).items():
         if run.seed is not None:  # deterministic runs: evaluation draws from its own seeded streams
             sampling = replace(sampling, seed=run.seed + EVAL_SEED_OFFSET + run.version)
-        chunks = run.generators.map_chunks(
-            "generate", prompts, sampling, on_replace=catch_up(run), deadline_s=run.faults.generate_s
-        )
+        chunks = run.generators.map_chunks("generate", prompts, sampling, deadline_s=run.faults.generate_s)
         rollouts = [r for chunk in chunks for r in chunk]
         values = run.rewards.score(rollouts, deadline_s=run.faults.score_s)
         scored = score_rollouts(rollouts, values, copy.deepcopy(run.aggregation))

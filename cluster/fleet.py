@@ -1,7 +1,12 @@
 """Pools of actors per role: spawn, health, replace on failure, resize while running, and fan-out calls.
 
-A pool knows nothing about what its actors do; the loop asks it to split work across healthy members.
+A pool knows nothing about what its actors do; the loop asks it to split work across serving members.
 A chunk whose actor dies is retried on a replacement, so accepted work is not lost.
+
+Member states: STARTING (spawned, not ready) -> STALE (alive, without the current weights) -> HEALTHY (serving).
+A new member goes through `on_join` (the generators' refit) before it serves, so it never generates with old
+weights; a member that misses a sync is STALE until a later one reaches it. A member retired by a shrink while it
+still has work in flight is DRAINING: it gets nothing new and is stopped when its last chunk is collected.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ log = logging.getLogger("troupe.fleet")
 class Health(Enum):
     STARTING = "starting"
     HEALTHY = "healthy"
-    STALE = "stale"  # alive but holds old weights until the next sync
+    STALE = "stale"  # alive but without the current weights: serves nothing until it takes them
+    DRAINING = "draining"  # retired by a shrink; finishes the chunks it has, then stops
     DEAD = "dead"
 
 
@@ -34,13 +40,15 @@ class Member:
     handle: Any
     health: Health = Health.STARTING
     info: dict = field(default_factory=dict)
+    in_flight: int = 0  # chunks submitted and not yet collected
 
 
 class Pool:
     """Actors of one role, created by `factory(index) -> actor handle`.
 
     `timeout_s` bounds start-up (and calls without their own deadline); `budget` (faults.retries, under the role's
-    first word: "reward-armo" spends "reward") limits how many members may be replaced.
+    first word: "reward-armo" spends "reward") limits how many members may be replaced. `on_join(member)` brings a
+    started member up to date (the generators' latest weights) before it serves; None: members serve when ready.
     """
 
     def __init__(
@@ -55,8 +63,10 @@ class Pool:
         self.timeout_s = timeout_s
         self.budget = budget
         self.members: list[Member] = []
+        self.on_join: Callable[[Member], None] | None = None
         self._next_index = 0
         self.replacements = 0
+        self.redone_chunks = 0  # chunks redone on another member after theirs died, hung or was retired
 
     def spawn(self, count: int) -> list[Member]:
         new = []
@@ -70,34 +80,53 @@ class Pool:
                 ray.kill(m.handle)
             raise
         for m, info in zip(new, infos, strict=True):
-            m.health, m.info = Health.HEALTHY, info
+            m.health, m.info = Health.STALE, info
         self.members.extend(new)
+        for m in new:
+            if self.on_join is not None:
+                self.on_join(m)
+            m.health = Health.HEALTHY
         log.info("%s: %d member(s) ready", self.role, len(new))
         return new
 
     def healthy(self) -> list[Member]:
+        """The members that serve: alive and holding the current weights."""
+        return [m for m in self.members if m.health is Health.HEALTHY]
+
+    def live(self) -> list[Member]:
+        """Alive members that a weight sync should reach: serving or stale."""
         return [m for m in self.members if m.health in (Health.HEALTHY, Health.STALE)]
 
-    def resize(self, count: int) -> None:
-        """Grow by spawning, shrink by retiring the newest members."""
-        live = self.healthy()
-        if count > len(live):
-            self.spawn(count - len(live))
-        for m in live[count:][::-1]:
+    def resize(self, count: int) -> dict:
+        """Grow by spawning (each new member joins through `on_join`), shrink by retiring the newest members.
+        Returns how many were added and retired."""
+        live = self.live()
+        added = self.spawn(count - len(live)) if count > len(live) else []
+        retired = live[count:][::-1]
+        for m in retired:
             self.retire(m)
+        if added or retired:
+            log.info("%s: resized to %d (+%d, -%d)", self.role, count, len(added), len(retired))
+        return {"added": len(added), "retired": len(retired)}
 
     def retire(self, member: Member) -> None:
-        ray.kill(member.handle)
-        member.health = Health.DEAD
-        self.members.remove(member)
+        """Stop a member on purpose: at once when idle, else after its in-flight chunks are collected."""
+        if member.in_flight:
+            member.health = Health.DRAINING
+            return
+        self._stop(member)
 
-    def replace(self, member: Member, cause: str = "died") -> Member:
+    def _stop(self, member: Member) -> None:
         member.health = Health.DEAD
         try:
             ray.kill(member.handle)
         except Exception:  # already gone
             pass
-        self.members.remove(member)
+        if member in self.members:
+            self.members.remove(member)
+
+    def replace(self, member: Member, cause: str = "died") -> Member:
+        self._stop(member)
         self.replacements += 1
         while True:  # a replacement that fails to start spends the budget too, until RetriesExhausted
             log.warning("%s: member %d %s; starting a replacement", self.role, member.index, cause)
@@ -110,42 +139,36 @@ class Pool:
                     raise
                 cause = f"replacement failed to start ({type(e).__name__})"
 
-    def map_chunks(
-        self,
-        method: str,
-        items: Sequence,
-        *args,
-        on_replace: Callable[[Member], None] | None = None,
-        deadline_s: float | None = None,
-    ) -> list:
-        """Split `items` into one contiguous chunk per healthy member, call `method(chunk, *args)`, concatenate.
-
-        Order is preserved. A chunk whose actor dies, or does not answer within `deadline_s` (a hung member), is
-        retried on a replacement member, until the role's retry budget runs out: accepted work is not lost.
-        """
+    def submit_chunks(self, method: str, items: Sequence, *args) -> PendingChunks:
+        """Split `items` into one contiguous chunk per serving member and call `method(chunk, *args)` on each,
+        without waiting: `collect()` on the result gathers them (in order)."""
         members = self.healthy()
         if not members:
             raise RuntimeError(f"{self.role}: no healthy members")
-        deadline = deadline_s or self.timeout_s
-        end = time.monotonic() + deadline  # one deadline for the call, not one per member waited on
         chunks = split_evenly(items, len(members))
         refs = [getattr(m.handle, method).remote(c, *args) for m, c in zip(members, chunks, strict=True)]
-        results = []
-        for m, chunk, ref in zip(members, chunks, refs, strict=True):
-            while True:
-                try:
-                    results.append(ray.get(ref, timeout=max(0.0, end - time.monotonic())))
-                    break
-                except (RayActorError, GetTimeoutError) as e:
-                    cause = (
-                        "died" if isinstance(e, RayActorError) else f"gave no answer within {deadline:.0f}s"
-                    )
-                    m = self.replace(m, cause)
-                    if on_replace is not None:
-                        on_replace(m)
-                    ref = getattr(m.handle, method).remote(chunk, *args)
-                    end = time.monotonic() + deadline  # the redone chunk gets a full deadline
-        return results
+        for m in members:
+            m.in_flight += 1
+        return PendingChunks(self, method, args, members, chunks, refs)
+
+    def map_chunks(self, method: str, items: Sequence, *args, deadline_s: float | None = None) -> list:
+        """`submit_chunks` then `collect`: the results of every chunk, concatenated in order."""
+        return self.submit_chunks(method, items, *args).collect(deadline_s)
+
+    def _done_with(self, member: Member) -> None:
+        member.in_flight -= 1
+        if member.health is Health.DRAINING and member.in_flight == 0:
+            self._stop(member)
+
+    def _redo_target(self, member: Member, cause: str) -> Member:
+        """Where a failed chunk goes: a replacement (spending the budget), or, for a member retired on purpose,
+        any serving member."""
+        self.redone_chunks += 1
+        if member.health in (Health.DRAINING, Health.DEAD) and member not in self.live():
+            serving = self.healthy()
+            if serving:
+                return serving[self.redone_chunks % len(serving)]
+        return self.replace(member, cause)
 
     def shutdown(self) -> None:
         for m in list(self.members):
@@ -154,6 +177,48 @@ class Pool:
             except Exception:
                 pass
         self.members.clear()
+
+
+@dataclass
+class PendingChunks:
+    """Chunks submitted to a pool's members, not yet collected."""
+
+    pool: Pool
+    method: str
+    args: tuple
+    members: list[Member]
+    chunks: list[list]
+    refs: list
+
+    def collect(self, deadline_s: float | None = None) -> list:
+        """Wait for every chunk, in order. A chunk whose actor dies, or does not answer within `deadline_s` (a
+        hung member), is redone on a replacement member, until the role's retry budget runs out: accepted work is
+        not lost. The deadline starts here, once for the call: work queued behind other calls is not penalised
+        for waiting its turn before collect."""
+        deadline = deadline_s or self.pool.timeout_s
+        end = time.monotonic() + deadline
+        results = []
+        for m, chunk, ref in zip(self.members, self.chunks, self.refs, strict=True):
+            owner = m
+            while True:
+                try:
+                    results.append(ray.get(ref, timeout=max(0.0, end - time.monotonic())))
+                    break
+                except (RayActorError, GetTimeoutError) as e:
+                    cause = (
+                        "died" if isinstance(e, RayActorError) else f"gave no answer within {deadline:.0f}s"
+                    )
+                    m = self.pool._redo_target(m, cause)
+                    ref = getattr(m.handle, self.method).remote(chunk, *self.args)
+                    end = time.monotonic() + deadline  # the redone chunk gets a full deadline
+            self.pool._done_with(owner)
+        return results
+
+    def cancel(self) -> None:
+        """Abandon the chunks (a rollback): their results are not wanted; members finish them unobserved."""
+        for m in self.members:
+            self.pool._done_with(m)
+        self.refs = []
 
 
 def split_evenly(items: Sequence, parts: int) -> list[list]:

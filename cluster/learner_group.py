@@ -18,6 +18,7 @@ from actors.learner.batch import RolloutBatch
 from actors.learner.config import RankSetup
 from actors.learner.critic import Critic
 from actors.learner.dpo import PreferencePair
+from actors.weight_buckets import BucketedWeights
 from cluster.config import TroupeConfig
 from cluster.faults import gather
 from cluster.fleet import split_evenly
@@ -127,9 +128,10 @@ class LearnerGroup:
         losses = self._all("value_loss_on", batch.shares(len(self.ranks), whole_groups=False))
         return sum(losses) / len(losses)
 
-    def export_weights(self, version: int) -> ray.ObjectRef:
-        """Object ref of the rank-0 WeightBundle (gathered collectively); it stays in the object store."""
-        return self._each("export_weights_ref", version)[0][0]
+    def export_weights(self, version: int, bucket_mb: float = 256) -> BucketedWeights:
+        """The policy's weights as checksummed buckets in the object store, owned by rank 0 (gathered
+        collectively); the driver passes the small manifest-and-refs object on to the generators."""
+        return self._each("export_buckets", version, int(bucket_mb * 2**20))[0]
 
     def save_hf(self, path: str, tokenizer_path: str) -> str:
         return self._each("save_hf", path, tokenizer_path)[0]

@@ -1,5 +1,7 @@
 """The run, top to bottom: iterations of generate -> score -> learn -> sync [-> evaluate], each phase timed,
 checkpointed when due; a lost learner or critic rank rolls the run back to its newest checkpoint and it goes on.
+In run.mode=async the generators sample the next batches while the learners train (cluster/pipeline.py); fleets
+may be resized between iterations (cluster/elastic.py).
 
 Read top to bottom to see the whole algorithm. The fleets and groups hide Ray; this file holds the order.
 """
@@ -12,25 +14,25 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
-import ray
-from ray.exceptions import ObjectLostError, RayTaskError
-
 from actors.generator.sampling import Sampling
 from actors.learner.config import AlgoConfig
 from actors.learner.ppo import AdaptiveKL
 from actors.protocol import ScoredRollout
 from actors.reward.aggregation import Aggregation, score_rollouts
+from actors.weight_buckets import BucketedWeights
 from cluster.accounting import Ledger
 from cluster.config import EvalConfig, FaultsConfig, MonitorConfig
 from cluster.data.prompts import ArithmeticCursor, DatasetCursor, PromptSet
 from cluster.durable import RunCheckpoints, Stopped, driver_state
+from cluster.elastic import FleetControl
 from cluster.evaluation import batch_stats, evaluate
 from cluster.faults import RankLost, RetriesExhausted, RetryBudget
-from cluster.fleet import Pool
+from cluster.fleet import Member, Pool
 from cluster.learn import learn_dpo, learn_policy_gradient
 from cluster.learner_group import LearnerGroup
+from cluster.pipeline import RolloutPipeline
 from cluster.reward_fleet import RewardFleet
-from cluster.sync import push_weights
+from cluster.sync import push_weights, refit
 
 log = logging.getLogger("troupe.loop")
 
@@ -55,11 +57,29 @@ class RunState:
     kl: AdaptiveKL = field(default_factory=lambda: AdaptiveKL(0.0))
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     version: int = 0
-    last_bundle: ray.ObjectRef | None = None
+    last_bundle: BucketedWeights | None = None  # the latest exported weights (None: the initial ones)
+    pipeline: RolloutPipeline = field(default_factory=RolloutPipeline)  # sync: depth 0
+    sync_bucket_mb: float = 256
+    fleet: FleetControl | None = None  # resize requests and the autoscaler; None: fixed sizes
+    last_record: dict | None = None  # the previous iteration's row (the autoscaler reads its timings)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     budget: RetryBudget = field(default_factory=lambda: RetryBudget({}))
     ledger: Ledger = field(default_factory=Ledger)
     seed: int | None = None  # run.deterministic: the seed of every request's sampling stream; None: unseeded
+
+    def __post_init__(self) -> None:
+        self.generators.on_join = (
+            self.refit
+        )  # a new or replacement generator serves only with current weights
+
+    def refit(self, member: Member) -> None:
+        refit(member, self.last_bundle, self.faults.sync_s)
+
+    def sampling_for(self, batch) -> Sampling:
+        """run.deterministic: a batch's requests draw from streams seeded by (run seed + batch number)."""
+        return (
+            self.sampling if self.seed is None else replace(self.sampling, seed=self.seed + batch.iteration)
+        )
 
     def shutdown(self) -> None:
         self.learners.shutdown()
@@ -101,18 +121,21 @@ def train(run: RunState, job, checkpoints: RunCheckpoints, start: int = 0) -> No
 def run_iteration(run: RunState, iteration: int) -> dict:
     timings: dict[str, float] = {}
 
-    # 1. Generate: each generator samples n completions for its contiguous share of the prompts.
+    # 0. Resize the pools, if asked (`troupe fleet`) or if the autoscaler says so; new generators refit first.
+    fleet_stats = run.fleet.step(run, iteration, run.last_record) if run.fleet is not None else {}
+
+    # 1. Generate: each generator samples n completions for its contiguous share of the prompts (async: the
+    #    batch was submitted an iteration ahead; groups staler than run.max_staleness are sampled again).
     with timed(timings, "generate"):
-        batch = run.prompts.next_batch()
+        batch, rollouts, staleness = run.pipeline.next_batch(
+            run.prompts,
+            run.generators,
+            run.sampling_for,
+            run.version,
+            run.faults.generate_s,
+            remaining=run.iterations - 1 - iteration,
+        )
         run.ledger.enter(len(batch))
-        sampling = (
-            run.sampling if run.seed is None else replace(run.sampling, seed=run.seed + batch.iteration)
-        )
-        chunks = run.generators.map_chunks(
-            "generate", batch.prompts, sampling, on_replace=catch_up(run), deadline_s=run.faults.generate_s
-        )
-        rollouts = [r for chunk in chunks for r in chunk]
-    _check_groups(rollouts, len(batch), run.sampling.n)
 
     # 2. Score: reward shards return per-objective values; the aggregation makes the scalar.
     with timed(timings, "score"):
@@ -129,10 +152,10 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     with timed(timings, "sync"):
         if learn_stats.get("pairs/built", 1):
             run.version += 1
-            run.last_bundle = run.learners.export_weights(run.version)
-            sync_stats = push_weights(
-                run.generators, run.last_bundle, run.version, deadline_s=run.faults.sync_s
-            )
+            run.last_bundle = run.learners.export_weights(run.version, run.sync_bucket_mb)
+            # async: the generators finish the batch in flight before loading, so the wait covers it too
+            wait_s = run.faults.sync_s + (run.faults.generate_s if run.pipeline.queue else 0.0)
+            sync_stats = push_weights(run.generators, run.last_bundle, deadline_s=wait_s)
 
     # 5. Evaluate the new weights on held-out prompts every eval.every iterations and after the last one.
     eval_stats: dict = {}
@@ -141,12 +164,15 @@ def run_iteration(run: RunState, iteration: int) -> dict:
             eval_stats = evaluate(run, run.eval_set.prompts, run.eval)
 
     record = _metrics(iteration, run.version, scored, learn_stats, sync_stats, timings)
+    record.update(staleness)
+    record.update(fleet_stats)
     record.update(run.prompts.metrics())
     # DPO: a prompt whose samples all tie builds no pair, so nothing of it is trained
     record.update(run.ledger.settle({"tie": learn_stats.get("pairs/skipped_ties", 0)}))
     record.update(eval_stats)
     record["algo"] = run.algo.name
     _length_alarm(record, run.monitor)
+    run.last_record = record
     return record
 
 
@@ -180,35 +206,6 @@ def _length_alarm(record: dict, monitor: MonitorConfig) -> None:
             corr,
             monitor.length_corr_max,
         )
-
-
-def catch_up(run: RunState):
-    """A replacement generator starts from the initial weights: give it the latest bundle before it works."""
-
-    def load_latest(member) -> None:
-        if run.last_bundle is not None:
-            # rollback=True: after a rollback to the initial state the latest bundle is version 0, like a new member
-            ref = member.handle.update_weights.remote(run.last_bundle, True)
-            try:
-                ray.get(ref, timeout=run.faults.sync_s)
-            except (ObjectLostError, RayTaskError) as e:
-                if not isinstance(e, ObjectLostError) and not isinstance(e.cause, ObjectLostError):
-                    raise
-                # the bundle lived with learner rank 0, which is gone: a rank loss (rebuild, then re-export)
-                raise RankLost("learner", "the latest weights were lost with learner rank 0") from e
-
-    return load_latest
-
-
-def _check_groups(rollouts, num_prompts: int, n: int) -> None:
-    if len(rollouts) != num_prompts * n:
-        raise RuntimeError(f"expected {num_prompts} x {n} rollouts, got {len(rollouts)}")
-    for i in range(0, len(rollouts), n):
-        uids = {r.prompt.uid for r in rollouts[i : i + n]}
-        if len(uids) != 1:
-            raise RuntimeError(
-                f"rollouts {i}..{i + n - 1} mix prompts {sorted(uids)}: groups must be contiguous"
-            )
 
 
 def _metrics(iteration, version, scored: list[ScoredRollout], learn_stats, sync_stats, timings) -> dict:

@@ -12,10 +12,12 @@ from collections.abc import Sequence
 
 import torch
 
+from actors import weight_buckets
 from actors.generator.config import GeneratorConfig
 from actors.generator.sampling import Sampling, prompt_seed
 from actors.hardware import resolve_dtype
 from actors.protocol import Prompt, Rollout, WeightBundle
+from actors.weight_buckets import BucketedWeights
 
 log = logging.getLogger("troupe.generator")
 
@@ -97,19 +99,52 @@ class Generator:
         self.stats["generate_s"] += time.perf_counter() - start
         return rollouts
 
-    def update_weights(self, bundle: WeightBundle, rollback: bool = False) -> int:
-        """Load newer weights; `rollback` (after a learner rebuild from a checkpoint) may go back to older ones."""
+    def update_weights(self, bundle: WeightBundle | BucketedWeights, rollback: bool = False) -> dict:
+        """Load newer weights; `rollback` (after a learner rebuild from a checkpoint) may go back to older ones.
+
+        Bucketed weights are fetched and every bucket's checksum checked before anything is loaded. Calls on this
+        actor run one at a time, so a generate call in flight finishes on the old weights first. Returns the
+        version now held and the transfer's checksum, which the driver compares with what it sent.
+        """
         if bundle.version <= self.version and not rollback:
             raise ValueError(
                 f"generator {self.replica}: weight version {bundle.version} is not newer than {self.version}"
             )
-        self.backend.load_weights(bundle.tensors)
+        start = time.perf_counter()
+        digest = ""
+        if isinstance(bundle, BucketedWeights):
+            buffers = _fetch(bundle.buckets)
+            fetched = time.perf_counter()
+            weight_buckets.verify(bundle.manifest, buffers)
+            digest = bundle.manifest.checksum
+            items = weight_buckets.unpack(bundle.manifest, buffers)
+        else:
+            fetched = start
+            items = list(bundle.tensors.items())
+        verified = time.perf_counter()
+        self.backend.load_weights(items)
         self.version = bundle.version
         self.stats["weight_loads"] += 1
-        return self.version
+        done = time.perf_counter()
+        return {
+            "version": self.version,
+            "checksum": digest,
+            "fetch_s": fetched - start,
+            "verify_s": verified - fetched,
+            "load_s": done - verified,
+        }
 
     def sequence_logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         return self.backend.sequence_logprobs(prompt_ids, completion_ids)
 
     def get_stats(self) -> dict:
         return dict(self.stats, version=self.version, replica=self.replica)
+
+
+def _fetch(buckets) -> list:
+    """The bucket buffers: object refs are read from Ray's object store (no copy on the same node)."""
+    if buckets and not hasattr(buckets[0], "nbytes"):
+        import ray
+
+        return ray.get(list(buckets))
+    return list(buckets)

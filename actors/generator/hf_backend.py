@@ -92,7 +92,8 @@ class HFBackend:
         lp = logits.log_softmax(-1).gather(-1, torch.tensor(completion_ids, device=self.device)[:, None])
         return lp[:, 0].tolist()
 
-    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_weights(self, items: list[tuple[str, torch.Tensor]]) -> None:
+        tensors = dict(items)
         own = self.model.state_dict()
         unknown = sorted(set(tensors) - set(own))
         if unknown:

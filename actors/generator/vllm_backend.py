@@ -101,10 +101,9 @@ class VLLMBackend:
         steps = out.prompt_logprobs[len(prompt_ids) :]
         return [float(step[tok].logprob) for tok, step in zip(completion_ids, steps, strict=True)]
 
-    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_weights(self, items: list[tuple[str, torch.Tensor]]) -> None:
         # On CPU, vLLM repacks Linear weights into oneDNN handles, so model.load_weights on the live model
         # fails; the worker's reload_weights re-materialises, loads and re-processes layer by layer.
-        items = list(tensors.items())
         if self._in_process:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
         else:

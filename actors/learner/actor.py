@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from actors import weight_buckets
 from actors.learner import lora
 from actors.learner.batch import RolloutBatch, pair_batch
 from actors.learner.config import RankSetup
@@ -28,6 +29,7 @@ from actors.learner.pg_update import policy_gradient_update
 from actors.learner.rank import DeepSpeedRank
 from actors.learner.weights import full_state_dict
 from actors.protocol import WeightBundle
+from actors.weight_buckets import BucketedWeights
 
 log = logging.getLogger("troupe.learner")
 
@@ -100,13 +102,17 @@ class Learner(DeepSpeedRank):
         )
         return WeightBundle(version, tensors) if self.rank == 0 else None
 
-    def export_weights_ref(self, version: int) -> list | None:
-        """`export_weights` put in the object store by rank 0: [ref] (a list, so Ray hands the caller the ref and
-        not the tensors), None on other ranks."""
+    def export_buckets(self, version: int, bucket_bytes: int) -> BucketedWeights | None:
+        """`export_weights` packed into checksummed buckets, each put in the object store by rank 0 (which owns
+        them: they live as long as this rank); None on other ranks. Every rank must call it."""
         import ray
 
         bundle = self.export_weights(version)
-        return [ray.put(bundle)] if bundle is not None else None
+        if bundle is None:
+            return None
+        specs, buffers = weight_buckets.pack(bundle.tensors.items(), bucket_bytes)
+        manifest = weight_buckets.WeightManifest(version, tuple(specs))
+        return BucketedWeights(manifest, tuple(ray.put(b) for b in buffers))
 
     def save_hf(self, path: str, tokenizer_path: str) -> str | None:
         """Write an HF-format checkpoint (safetensors + tokenizer) from rank 0; all ranks must call it.

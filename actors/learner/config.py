@@ -114,6 +114,12 @@ class AlgoConfig:
     # seq_mean_token_mean: each sequence's token mean, averaged over the step's sequences;
     # seq_mean_token_sum_norm: token sums / (sequences x generator.max_new_tokens), a constant (Dr. GRPO).
     loss_agg: str = "seq_mean_token_mean"
+    # Off-policy correction (truncated importance sampling, TIS): each token's policy loss is weighted by
+    # min(pi_old / pi_behaviour, tis_cap), pi_old being the learner's log-probs before this update and
+    # pi_behaviour the generator's. It corrects rollouts from older weights (run.mode=async) and the
+    # engine/learner mismatch. 0: no correction. tis_scope: stale (rows from older weights) | all (every row).
+    tis_cap: float = 2.0
+    tis_scope: str = "stale"
     dpo_beta: float = 0.1
     dpo_loss: str = "sigmoid"  # sigmoid | ipo
     label_smoothing: float = 0.0  # conservative DPO (RLHFlow run_loop2 uses 0.1)

@@ -37,6 +37,18 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
     raise ValueError(f"kl estimator must be k1, k2 or k3, got {estimator!r}")
 
 
+def truncated_importance_weights(
+    old_logp: torch.Tensor, behaviour_logp: torch.Tensor, cap: float, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-token min(pi_old / pi_behaviour, cap) (TIS), detached; 1 outside `rows` ([B] bool, None: all rows).
+
+    The log-ratio is clamped before exp so a token the learner finds far likelier cannot overflow."""
+    w = torch.exp((old_logp - behaviour_logp).detach().clamp(-20.0, 20.0)).clamp(max=cap)
+    if rows is not None:
+        w = torch.where(rows[:, None], w, torch.ones_like(w))
+    return w
+
+
 def clipped_policy_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

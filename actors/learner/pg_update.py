@@ -14,7 +14,7 @@ import torch
 
 from actors.learner.advantages import AdvantageInputs, estimate
 from actors.learner.batch import RolloutBatch
-from actors.learner.grpo import clipped_policy_loss, kl_penalty
+from actors.learner.grpo import clipped_policy_loss, kl_penalty, truncated_importance_weights
 from actors.learner.logprobs import causal_lm, response_logprobs
 from actors.learner.ppo import masked_whiten
 
@@ -47,6 +47,11 @@ def policy_gradient_update(
         advantages = masked_whiten(advantages, mask, distributed=train.world_size > 1)
     batch = batch.with_columns(advantages=advantages)
     kl_in_loss = with_reference and algo.kl_placement == "loss" and kl_coef > 0
+    # Rows whose tokens are importance-corrected: those from older weights, or all of them (algo.tis_scope).
+    stale_rows = batch.weight_version != learner.version
+    tis_rows = None
+    if algo.tis_cap > 0 and (algo.tis_scope == "all" or bool(stale_rows.any())):
+        tis_rows = torch.ones_like(stale_rows) if algo.tis_scope == "all" else stale_rows
     group_size = batch.group_size if train.share_prompts else 1
 
     def columns(full: torch.Tensor | None, rows: torch.Tensor, w: int) -> torch.Tensor | None:
@@ -68,11 +73,18 @@ def policy_gradient_update(
         )
         current = logp.detach()
         old = columns(old_logp, rows, w)
-        pg, clipped = clipped_policy_loss(
-            logp, current if old is None else old, mb.advantages.to(device), algo.clip_eps
-        )
+        base = current if old is None else old  # the policy before this update (pi_old)
+        pg, clipped = clipped_policy_loss(logp, base, mb.advantages.to(device), algo.clip_eps)
+        stats = {}
+        if tis_rows is not None:
+            in_scope = tis_rows[rows].to(device)
+            iw = truncated_importance_weights(base, mb.behaviour_logprobs.to(device), algo.tis_cap, in_scope)
+            pg = pg * iw
+            scope = m * in_scope[:, None]
+            stats["tis/weight_mean"] = norm.per_token((iw * scope).sum())
+            stats["tis/truncated_frac"] = norm.per_token(((iw >= algo.tis_cap) * scope).sum())
         loss = norm.reduce(pg, m, algo.loss_agg)
-        stats = {
+        stats |= {
             "pg_loss": loss.detach(),
             "clip_frac": norm.per_token((clipped * m).sum()),
             "entropy": norm.per_token((entropy * m).sum()),
@@ -93,6 +105,11 @@ def policy_gradient_update(
 
     metrics = learner.optimize(batch.lengths, mask.sum(-1), micro_loss, not on_policy, group_size)
     metrics["old_logprobs_forward"] = float(old_logp is not None)
+    metrics["stale_rows_frac"] = float(stale_rows.float().mean())
+    if tis_rows is not None:  # per_token sums were over all tokens: make them means over the corrected ones
+        frac = float((mask * tis_rows[:, None]).sum() / mask.sum().clamp(min=1.0))
+        for key in ("tis/weight_mean", "tis/truncated_frac"):
+            metrics[key] = metrics[key] / frac if frac > 0 else float("nan")
     metrics["prompts_packed"] = float(
         group_size > 1 and getattr(causal_lm(engine), "_troupe_packing", False) is True
     )

@@ -31,7 +31,7 @@ def test_hf_generator_samples_with_logprobs_and_takes_weights(ray_session, tiny_
 
         tensors = load_file(f"{tiny_model_path}/model.safetensors")
         tensors = {k: torch.zeros_like(v) if "mlp" in k else v for k, v in tensors.items()}
-        assert ray.get(gen.update_weights.remote(WeightBundle(1, tensors)), timeout=60) == 1
+        assert ray.get(gen.update_weights.remote(WeightBundle(1, tensors)), timeout=60)["version"] == 1
         after = ray.get(gen.sequence_logprobs.remote(r.prompt.token_ids, r.response_ids), timeout=60)
         assert max(abs(a - b) for a, b in zip(before, after, strict=True)) > 1e-3
     finally:

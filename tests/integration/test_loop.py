@@ -5,7 +5,10 @@ from dataclasses import replace
 import pytest
 import ray
 
+from actors.weight_buckets import BucketedWeights
+from cluster.fleet import Health
 from cluster.loop import run_iteration
+from cluster.sync import push_weights
 
 pytestmark = pytest.mark.integration
 
@@ -62,9 +65,27 @@ def test_learner_scores_rollouts_at_their_sampling_temperature(fleet):
 
 def test_generator_rejects_a_stale_weight_version(fleet):
     gen = fleet.generators.healthy()[0].handle
-    stale = ray.put(ray.get(fleet.last_bundle, timeout=60))  # same version as the generator already has
-    with pytest.raises(ray.exceptions.RayTaskError, match="not newer"):
-        ray.get(gen.update_weights.remote(stale), timeout=60)
+    with pytest.raises(ray.exceptions.RayTaskError, match="not newer"):  # the version it already holds
+        ray.get(gen.update_weights.remote(fleet.last_bundle), timeout=60)
+
+
+def test_generator_checks_every_bucket_before_loading(fleet):
+    """A bucket that differs from its manifest (a torn or mixed-up transfer) is refused before any weight loads,
+    naming the bucket; the generator keeps its version, and the driver marks it stale."""
+    member = fleet.generators.healthy()[0]
+    sent = fleet.learners.export_weights(fleet.version, bucket_mb=0.25)  # small buckets: several of them
+    assert len(sent.manifest.buckets) > 1, "the tiny model must span several buckets for this test"
+    buckets = list(sent.buckets)
+    buckets[1] = buckets[0]  # the wrong bytes for bucket 1
+    torn = BucketedWeights(replace(sent.manifest, version=sent.version + 1), tuple(buckets))
+    with pytest.raises(ray.exceptions.RayTaskError, match="bucket 1"):
+        ray.get(member.handle.update_weights.remote(torn), timeout=60)
+    assert ray.get(member.handle.get_stats.remote(), timeout=60)["version"] == sent.version
+    stats = push_weights(fleet.generators, torn, deadline_s=60)
+    assert stats["generators_stale"] == 1 and member.health is Health.STALE
+    assert member not in fleet.generators.healthy()  # a stale member serves nothing
+    fleet.refit(member)  # the latest real weights reach it again
+    member.health = Health.HEALTHY
 
 
 def test_a_killed_reward_shard_is_replaced_and_its_chunk_rescored(fleet):
