@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-fast demo lint bench bench-learning bench-rm bench-real bench-recovery clean-venv
+.PHONY: venv test test-fast demo lint bench bench-learning bench-rm bench-real bench-recovery bench-async bench-scale clean-venv
 
 venv: $(STAMP)
 
@@ -41,6 +41,14 @@ bench-real: $(STAMP)
 
 bench-recovery: $(STAMP)
 	$(BIN)/python -m bench.recovery
+
+# sync against async (run.mode=async) on SmolLM2 for the same samples, with the staleness distribution
+bench-async: $(STAMP)
+	$(BIN)/python -m bench.async
+
+# weight sync (1 and 2 generators) against an in-process reload, and the time to add a generator
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.scale
 
 # troupe vs TRL GRPO, one after the other (installs TRL into .bench-trl/ on first use): make bench-trl BENCH_ARGS="--steps 10"
 .PHONY: bench-trl

@@ -1,23 +1,24 @@
-"""Versioned weight transfer in buckets: a state dict packed into a few flat byte buffers, each with a checksum.
+"""Versioned weight transfer in buckets: a state dict split into groups of at most `bucket_bytes`, each group a list
+of flat byte arrays (one per tensor) with one checksum.
 
-The learner packs once; the buffers travel as they are (Ray's object store hands a flat uint8 array to a reader on
-the same node without a copy, and across nodes as one transfer per bucket), and the generator checks every
-bucket's checksum and the version before any weight is loaded, so a torn or mixed-up transfer never reaches the
-engine. Names, dtypes and shapes travel in the manifest; the bytes are the tensors' own (bf16 stays bf16).
-No Ray imports here: the refs are the caller's business.
+The learner hands each bucket to the object store as it fills (`put`), which is the one copy a transfer makes:
+the arrays are views of the parameters themselves. Ray keeps numpy arrays out of band, so a generator on the
+same node reads them without a copy, and across nodes each bucket is one transfer. The generator checks every
+bucket's count, sizes and checksum and the version before any weight is loaded, so a torn or mixed-up transfer
+never reaches the engine. Names, dtypes and shapes travel in the manifest; the bytes are the tensors' own (bf16
+stays bf16). No Ray imports here: `put` and the handles are the caller's.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import xxhash
-
-_ALIGN = 64  # every tensor starts on a 64-byte boundary: a typed view of the bucket is always aligned
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,6 @@ class Slot:
     name: str
     dtype: str  # torch dtype name, e.g. "bfloat16"
     shape: tuple[int, ...]
-    offset: int
     nbytes: int
 
 
@@ -33,7 +33,7 @@ class Slot:
 class BucketSpec:
     slots: tuple[Slot, ...]
     nbytes: int
-    checksum: str  # xxh3-64 of the bucket's bytes
+    checksum: str  # xxh3-64 of the bucket's bytes, tensor after tensor
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,7 @@ class WeightManifest:
     @property
     def checksum(self) -> str:
         """One digest of the whole transfer: of the version and every bucket's digest, in order."""
-        h = xxhash.xxh3_64(str(self.version).encode())
-        for b in self.buckets:
-            h.update(b.checksum.encode())
-        return h.hexdigest()
+        return digest(self.version, [b.checksum for b in self.buckets])
 
     @property
     def nbytes(self) -> int:
@@ -60,8 +57,8 @@ class WeightManifest:
 
 @dataclass(frozen=True)
 class BucketedWeights:
-    """What a generator receives: the manifest and one handle per bucket (Ray object refs, or the arrays
-    themselves in-process)."""
+    """What a generator receives: the manifest and one handle per bucket (Ray object refs, or the bucket's list of
+    arrays itself in-process)."""
 
     manifest: WeightManifest
     buckets: tuple
@@ -75,73 +72,88 @@ class WeightTransferError(ValueError):
     """A received bucket does not match its manifest: nothing of this version was loaded."""
 
 
-def checksum(buffer: np.ndarray) -> str:
-    return xxhash.xxh3_64(memoryview(buffer)).hexdigest()
+def digest(version: int, bucket_checksums: Sequence[str]) -> str:
+    h = xxhash.xxh3_64(str(version).encode())
+    for c in bucket_checksums:
+        h.update(c.encode())
+    return h.hexdigest()
+
+
+def checksum(arrays: Sequence[np.ndarray]) -> str:
+    h = xxhash.xxh3_64()
+    for a in arrays:
+        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+    return h.hexdigest()
+
+
+def as_bytes(t: torch.Tensor) -> np.ndarray:
+    """A flat uint8 view of a tensor's bytes (a copy only if it is on a GPU or not contiguous)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def pack(
-    tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
-) -> tuple[list[BucketSpec], list[np.ndarray]]:
-    """Flat uint8 buckets of at most `bucket_bytes` each (a larger tensor gets a bucket of its own)."""
-    groups: list[list[tuple[str, torch.Tensor, int]]] = [[]]
-    used = 0
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    bucket_bytes: int,
+    put: Callable[[list[np.ndarray]], Any] = lambda arrays: arrays,
+) -> tuple[list[BucketSpec], list]:
+    """Buckets of at most `bucket_bytes` (a larger tensor gets one of its own), each checksummed and handed to
+    `put` as soon as it is full (the object store copies it then; the identity keeps the views). Returns the specs
+    and what `put` returned per bucket."""
+    specs, handles = [], []
+    names: list[Slot] = []
+    arrays: list[np.ndarray] = []
+
+    def flush() -> None:
+        if names:
+            specs.append(BucketSpec(tuple(names), sum(a.nbytes for a in arrays), checksum(arrays)))
+            handles.append(put(list(arrays)))
+            names.clear()
+            arrays.clear()
+
     for name, t in tensors:
-        n = t.numel() * t.element_size()
-        start = _aligned(used)
-        if groups[-1] and start + n > bucket_bytes:
-            groups.append([])
-            start = 0
-        groups[-1].append((name, t, start))
-        used = start + n
-    specs, buffers = [], []
-    for group in groups:
-        if not group:
-            continue
-        size = max(start + t.numel() * t.element_size() for _, t, start in group)
-        buf = torch.empty(size, dtype=torch.uint8)
-        slots = []
-        for name, t, start in group:
-            n = t.numel() * t.element_size()
-            if n:
-                buf[start : start + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
-            slots.append(Slot(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), start, n))
-        array = buf.numpy()
-        specs.append(BucketSpec(tuple(slots), size, checksum(array)))
-        buffers.append(array)
-    return specs, buffers
+        a = as_bytes(t)
+        if arrays and sum(x.nbytes for x in arrays) + a.nbytes > bucket_bytes:
+            flush()
+        names.append(Slot(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), a.nbytes))
+        arrays.append(a)
+    flush()
+    return specs, handles
 
 
-def verify(manifest: WeightManifest, buffers: Sequence[np.ndarray]) -> None:
-    """Every bucket present, of its size and checksum; raises naming the first bucket that differs."""
-    if len(buffers) != len(manifest.buckets):
+def verify(manifest: WeightManifest, buckets: Sequence[Sequence[np.ndarray]]) -> str:
+    """Every bucket present, each tensor of its size, each bucket of its checksum; raises naming the first bucket
+    that differs. Returns the digest of what was received (computed here, not copied from the manifest)."""
+    if len(buckets) != len(manifest.buckets):
         raise WeightTransferError(
-            f"weights v{manifest.version}: {len(buffers)} buckets received, the manifest lists {len(manifest.buckets)}"
+            f"weights v{manifest.version}: {len(buckets)} buckets received, the manifest lists {len(manifest.buckets)}"
         )
-    for i, (spec, buf) in enumerate(zip(manifest.buckets, buffers, strict=True)):
-        if buf.nbytes != spec.nbytes:
+    received = []
+    for i, (spec, arrays) in enumerate(zip(manifest.buckets, buckets, strict=True)):
+        sizes = [a.nbytes for a in arrays]
+        if sizes != [s.nbytes for s in spec.slots]:
             raise WeightTransferError(
-                f"weights v{manifest.version}: bucket {i} has {buf.nbytes} bytes, the manifest says {spec.nbytes}"
+                f"weights v{manifest.version}: bucket {i} holds {len(sizes)} tensors of {sum(sizes)} bytes, the "
+                f"manifest says {len(spec.slots)} of {spec.nbytes}"
             )
-        got = checksum(buf)
+        got = checksum(arrays)
         if got != spec.checksum:
             raise WeightTransferError(
                 f"weights v{manifest.version}: bucket {i} checksum {got} != {spec.checksum} "
                 f"(first tensor {spec.slots[0].name})"
             )
+        received.append(got)
+    return digest(manifest.version, received)
 
 
-def unpack(manifest: WeightManifest, buffers: Sequence[np.ndarray]) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) views into the buffers, no copy (the loader copies them into the model)."""
+def unpack(
+    manifest: WeightManifest, buckets: Sequence[Sequence[np.ndarray]]
+) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) views of the received arrays, no copy (the loader copies them into the model)."""
     out = []
-    with warnings.catch_warnings():  # object-store buffers are read-only; the views are only read
+    with warnings.catch_warnings():  # object-store arrays are read-only; the views are only read
         warnings.simplefilter("ignore", UserWarning)
-        for spec, buf in zip(manifest.buckets, buffers, strict=True):
-            flat = torch.from_numpy(np.asarray(buf, dtype=np.uint8).reshape(-1))
-            for s in spec.slots:
-                dtype = getattr(torch, s.dtype)
-                out.append((s.name, flat[s.offset : s.offset + s.nbytes].view(dtype).view(s.shape)))
+        for spec, arrays in zip(manifest.buckets, buckets, strict=True):
+            for s, a in zip(spec.slots, arrays, strict=True):
+                flat = torch.from_numpy(np.asarray(a, dtype=np.uint8).reshape(-1))
+                out.append((s.name, flat.view(getattr(torch, s.dtype)).view(s.shape)))
     return out
-
-
-def _aligned(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN

@@ -4,6 +4,7 @@ run (SmolLM2-135M by default; real Ray, vLLM, DeepSpeed).
 1. troupe sync with 1 and 2 generators: the learners export (gather, pack into checksummed buckets, put in the
    object store) and every generator fetches, checks and loads them, as the driver waits for it
    (`LearnerGroup.export_weights` + `push_weights`).
+   Each is measured after one warm-up sync (the first put fills fresh object-store pages); medians of --repeats.
 2. Adding a generator: `Pool.resize(n + 1)` until the new member is ready and holds the current weights.
 3. The baseline: a `Generator` in this process loads a state dict already in its memory (vLLM's reload_weights
    and the prefix-cache reset), what a trainer that shares the engine's process pays.
@@ -68,7 +69,7 @@ def through_ray(model: str, repeats: int) -> dict:
                 run.generators.resize(generators)
                 result["add_generator_s"] = time.perf_counter() - start
             totals, exports, loads, fetches = [], [], [], []
-            for _ in range(repeats):
+            for k in range(repeats + 1):  # the first is a warm-up (fresh object-store pages), not counted
                 run.version += 1
                 start = time.perf_counter()
                 run.last_bundle = run.learners.export_weights(run.version, run.sync_bucket_mb)
@@ -79,6 +80,8 @@ def through_ray(model: str, repeats: int) -> dict:
                 loads.append(stats["generator_load_s"])
                 fetches.append(stats["generator_fetch_s"])
                 assert stats["generators_synced"] == generators, stats
+                if k == 0:
+                    totals, exports, loads, fetches = [], [], [], []
             result[f"sync_{generators}"] = {
                 "total_s": statistics.median(totals),
                 "export_s": statistics.median(exports),
@@ -116,10 +119,11 @@ def in_process(model: str, repeats: int) -> dict:
     files = sorted(Path(model_path).glob("*.safetensors"))
     tensors = {k: v.to(dtype) for f in files for k, v in load_file(f).items()}
     times = []
-    for v in range(1, repeats + 1):
+    for v in range(repeats + 1):  # the first is a warm-up, as for the syncs
         start = time.perf_counter()
-        gen.update_weights(WeightBundle(v, tensors))
+        gen.update_weights(WeightBundle(v + 1, tensors))
         times.append(time.perf_counter() - start)
+    times = times[1:]
     return {"reload_s": statistics.median(times), "dtype": gen.dtype}
 
 
@@ -128,7 +132,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2", choices=sorted(MODELS))
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="bench/results/scale.json")
     args = parser.parse_args()
     result = {

@@ -22,6 +22,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from actors.weight_buckets import WeightTransferError
+
 log = logging.getLogger("troupe.elastic")
 
 CONTROL_FILE = "fleet.json"
@@ -115,13 +119,26 @@ class FleetControl:
         """Resize what `targets` asks for; returns the row's fleet metrics (sizes, members added and retired)."""
         start = time.perf_counter()
         added = retired = 0
+        failed = 0
         for name, size in self.targets(run, iteration, last).items():
-            change = _pool(run, name).resize(size)
-            added, retired = added + change["added"], retired + change["retired"]
             self._changed_at[name] = iteration
+            try:
+                change = _pool(run, name).resize(size)
+            except (GetTimeoutError, RayActorError, WeightTransferError) as e:
+                # e.g. no node has the resources: the run goes on at the old size (the new actors were stopped)
+                failed += 1
+                log.error(
+                    "fleet: %s could not grow to %d (%s); it stays at %d",
+                    name,
+                    size,
+                    e,
+                    len(_pool(run, name).live()),
+                )
+                continue
+            added, retired = added + change["added"], retired + change["retired"]
             log.warning("fleet: %s resized to %d before iteration %d", name, size, iteration)
         stats = {f"fleet/{name}": len(_pool(run, name).live()) for name in pool_names(run)}
-        stats.update({"fleet/added": added, "fleet/retired": retired})
+        stats.update({"fleet/added": added, "fleet/retired": retired, "fleet/resize_failed": failed})
         if added or retired:
             stats["time/resize"] = time.perf_counter() - start
         return stats

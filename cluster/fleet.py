@@ -21,6 +21,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from actors.weight_buckets import WeightTransferError
 from cluster.faults import RetryBudget
 
 log = logging.getLogger("troupe.fleet")
@@ -82,9 +83,14 @@ class Pool:
         for m, info in zip(new, infos, strict=True):
             m.health, m.info = Health.STALE, info
         self.members.extend(new)
-        for m in new:
-            if self.on_join is not None:
-                self.on_join(m)
+        for k, m in enumerate(new):
+            try:
+                if self.on_join is not None:
+                    self.on_join(m)
+            except BaseException:
+                for failed in new[k:]:  # not brought up to date: they must not linger, stale, in the pool
+                    self._stop(failed)
+                raise
             m.health = Health.HEALTHY
         log.info("%s: %d member(s) ready", self.role, len(new))
         return new
@@ -134,7 +140,7 @@ class Pool:
                 self.budget.spend(self.role.split("-")[0], f"{self.role} member {member.index} {cause}")
             try:
                 return self.spawn(1)[0]
-            except (RayActorError, GetTimeoutError) as e:
+            except (RayActorError, GetTimeoutError, WeightTransferError) as e:
                 if self.budget is None:
                     raise
                 cause = f"replacement failed to start ({type(e).__name__})"
@@ -198,27 +204,41 @@ class PendingChunks:
         deadline = deadline_s or self.pool.timeout_s
         end = time.monotonic() + deadline
         results = []
-        for m, chunk, ref in zip(self.members, self.chunks, self.refs, strict=True):
-            owner = m
-            while True:
-                try:
-                    results.append(ray.get(ref, timeout=max(0.0, end - time.monotonic())))
-                    break
-                except (RayActorError, GetTimeoutError) as e:
-                    cause = (
-                        "died" if isinstance(e, RayActorError) else f"gave no answer within {deadline:.0f}s"
-                    )
-                    m = self.pool._redo_target(m, cause)
-                    ref = getattr(m.handle, self.method).remote(chunk, *self.args)
-                    end = time.monotonic() + deadline  # the redone chunk gets a full deadline
-            self.pool._done_with(owner)
+        owners = list(self.members)
+        try:
+            for i, (chunk, ref) in enumerate(zip(self.chunks, self.refs, strict=True)):
+                m = owners[i]
+                while True:
+                    try:
+                        results.append(ray.get(ref, timeout=max(0.0, end - time.monotonic())))
+                        break
+                    except (RayActorError, GetTimeoutError) as e:
+                        cause = (
+                            "died"
+                            if isinstance(e, RayActorError)
+                            else f"gave no answer within {deadline:.0f}s"
+                        )
+                        m = self.pool._redo_target(m, cause)
+                        ref = getattr(m.handle, self.method).remote(chunk, *self.args)
+                        end = time.monotonic() + deadline  # the redone chunk gets a full deadline
+        finally:  # also when a redo fails: no member may stay counted as busy (a DRAINING one would never stop)
+            self._release()
         return results
 
     def cancel(self) -> None:
-        """Abandon the chunks (a rollback): their results are not wanted; members finish them unobserved."""
-        for m in self.members:
-            self.pool._done_with(m)
-        self.refs = []
+        """Abandon the chunks (a rollback): calls still queued are cancelled, running ones finish unobserved."""
+        for ref in self.refs:
+            try:
+                ray.cancel(ref)
+            except Exception:  # already finished, or the actor is gone
+                pass
+        self._release()
+
+    def _release(self) -> None:
+        if self.members:
+            for m in self.members:
+                self.pool._done_with(m)
+            self.members = []
 
 
 def split_evenly(items: Sequence, parts: int) -> list[list]:

@@ -153,8 +153,8 @@ def run_iteration(run: RunState, iteration: int) -> dict:
         if learn_stats.get("pairs/built", 1):
             run.version += 1
             run.last_bundle = run.learners.export_weights(run.version, run.sync_bucket_mb)
-            # async: the generators finish the batch in flight before loading, so the wait covers it too
-            wait_s = run.faults.sync_s + (run.faults.generate_s if run.pipeline.queue else 0.0)
+            # async: the generators finish the batches in flight before loading, so the wait covers them too
+            wait_s = run.faults.sync_s + run.faults.generate_s * len(run.pipeline.queue)
             sync_stats = push_weights(run.generators, run.last_bundle, deadline_s=wait_s)
 
     # 5. Evaluate the new weights on held-out prompts every eval.every iterations and after the last one.

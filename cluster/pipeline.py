@@ -49,18 +49,20 @@ class RolloutPipeline:
         never beyond the `remaining` batches the run still trains after this one."""
         if not self.queue:
             self._submit(prompts, generators, sampling_for)
-        head = self.queue.popleft()
-        while len(self.queue) < min(self.depth, remaining):
+        head = self.queue[0]
+        while len(self.queue) < 1 + min(self.depth, remaining):
             self._submit(prompts, generators, sampling_for)
         chunks = head.pending.collect(deadline_s)
+        self.queue.popleft()  # only now: a failure above leaves it to discard(), with the cursor state before it
         rollouts = [r for chunk in chunks for r in chunk]
         n = head.sampling.n
         _check_groups(rollouts, len(head.batch), n)
         stale = stale_groups(rollouts, n, version, self.max_staleness)
         regenerated = 0
         if stale:  # sample those prompts again with the current weights (they queue behind work in flight)
+            wait = None if deadline_s is None else deadline_s * (1 + len(self.queue))
             again = generators.map_chunks(
-                "generate", [rollouts[g * n].prompt for g in stale], head.sampling, deadline_s=deadline_s
+                "generate", [rollouts[g * n].prompt for g in stale], head.sampling, deadline_s=wait
             )
             fresh = [r for chunk in again for r in chunk]
             for k, g in enumerate(stale):
@@ -101,11 +103,12 @@ class RolloutPipeline:
 
 
 def stale_groups(rollouts: list[Rollout], n: int, version: int, max_staleness: int) -> list[int]:
-    """Indices of prompt groups with any sample more than `max_staleness` versions behind `version`."""
+    """Indices of prompt groups with any sample more than `max_staleness` versions behind `version`, or ahead of
+    it (weights a rollback undid)."""
     return [
         g
         for g in range(len(rollouts) // n)
-        if any(version - r.weight_version > max_staleness for r in rollouts[g * n : (g + 1) * n])
+        if any(not 0 <= version - r.weight_version <= max_staleness for r in rollouts[g * n : (g + 1) * n])
     ]
 
 

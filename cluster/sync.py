@@ -30,13 +30,18 @@ def push_weights(
 ) -> dict:
     """`rollback`: after a rebuild from a checkpoint the version may be older than what generators hold."""
     members = generators.live()
-    refs = [m.handle.update_weights.remote(bundle, rollback) for m in members]
-    loaded, stale, load_s, fetch_s = 0, 0, 0.0, 0.0
+    # A stale member may hold weights a rollback undid (newer than these): it takes these whatever it holds.
+    refs = [m.handle.update_weights.remote(bundle, rollback or m.health is Health.STALE) for m in members]
+    loaded, stale, replaced, load_s, fetch_s = 0, 0, 0, 0.0, 0.0
     for m, ref in zip(members, refs, strict=True):
         try:
             got = ray.get(ref, timeout=deadline_s or generators.timeout_s)
             _check(m, got, bundle)
-        except (RayActorError, GetTimeoutError, WeightTransferError) as e:
+        except RayActorError:  # dead: its replacement refits to this bundle before it serves (Pool.on_join)
+            generators.replace(m, "died during a weight sync")
+            replaced += 1
+            continue
+        except (GetTimeoutError, WeightTransferError) as e:
             m.health = Health.STALE
             stale += 1
             log.warning("generator %d did not take weights v%d: %s", m.index, bundle.version, e)
@@ -56,6 +61,7 @@ def push_weights(
     return {
         "generators_synced": loaded,
         "generators_stale": stale,
+        "generators_replaced": replaced,
         "bytes": bundle.manifest.nbytes,
         "buckets": len(bundle.manifest.buckets),
         "generator_load_s": load_s,  # the slowest generator's engine load

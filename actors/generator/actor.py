@@ -115,8 +115,7 @@ class Generator:
         if isinstance(bundle, BucketedWeights):
             buffers = _fetch(bundle.buckets)
             fetched = time.perf_counter()
-            weight_buckets.verify(bundle.manifest, buffers)
-            digest = bundle.manifest.checksum
+            digest = weight_buckets.verify(bundle.manifest, buffers)  # of the bytes received
             items = weight_buckets.unpack(bundle.manifest, buffers)
         else:
             fetched = start
@@ -142,9 +141,9 @@ class Generator:
 
 
 def _fetch(buckets) -> list:
-    """The bucket buffers: object refs are read from Ray's object store (no copy on the same node)."""
-    if buckets and not hasattr(buckets[0], "nbytes"):
-        import ray
+    """The buckets' arrays: object refs are read from Ray's object store (no copy on the same node)."""
+    import ray
 
+    if any(isinstance(b, ray.ObjectRef) for b in buckets):
         return ray.get(list(buckets))
     return list(buckets)

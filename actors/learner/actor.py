@@ -27,7 +27,7 @@ from actors.learner.engine import (
 )
 from actors.learner.pg_update import policy_gradient_update
 from actors.learner.rank import DeepSpeedRank
-from actors.learner.weights import full_state_dict
+from actors.learner.weights import full_state_dict, iter_full_state
 from actors.protocol import WeightBundle
 from actors.weight_buckets import BucketedWeights
 
@@ -103,16 +103,19 @@ class Learner(DeepSpeedRank):
         return WeightBundle(version, tensors) if self.rank == 0 else None
 
     def export_buckets(self, version: int, bucket_bytes: int) -> BucketedWeights | None:
-        """`export_weights` packed into checksummed buckets, each put in the object store by rank 0 (which owns
-        them: they live as long as this rank); None on other ranks. Every rank must call it."""
+        """The full weights packed into checksummed buckets, each put in the object store by rank 0 as it fills
+        (rank 0 owns them: they live as long as it does); None on other ranks. Every rank must call it (ZeRO-3
+        gathers collectively). The object store's copy is the only one: the buckets are views of the weights."""
         import ray
 
-        bundle = self.export_weights(version)
-        if bundle is None:
+        dtype = getattr(torch, self.export_dtype)
+        tensors = iter_full_state(self.engine, self.spec.train.zero_stage, dtype, self.rank == 0)
+        if self.rank != 0:
+            for _ in tensors:  # take part in every gather
+                pass
             return None
-        specs, buffers = weight_buckets.pack(bundle.tensors.items(), bucket_bytes)
-        manifest = weight_buckets.WeightManifest(version, tuple(specs))
-        return BucketedWeights(manifest, tuple(ray.put(b) for b in buffers))
+        specs, refs = weight_buckets.pack(tensors, bucket_bytes, put=ray.put)
+        return BucketedWeights(weight_buckets.WeightManifest(version, tuple(specs)), tuple(refs))
 
     def save_hf(self, path: str, tokenizer_path: str) -> str | None:
         """Write an HF-format checkpoint (safetensors + tokenizer) from rank 0; all ranks must call it.

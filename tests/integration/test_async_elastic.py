@@ -80,10 +80,12 @@ def test_a_fleet_request_grows_and_shrinks_the_generators_between_iterations(asy
     assert served["staleness/max"] <= 1
 
     request_resize(async_fleet.fleet.run_dir, {"generators": 1})
+    assert new.in_flight == 1  # its chunk of the next batch is in flight
+    redone = pool.redone_chunks
     shrunk = _step(async_fleet)
     assert shrunk["fleet/generators"] == 1 and shrunk["fleet/retired"] == 1
-    assert new.health in (Health.DRAINING, Health.DEAD)  # it finishes its chunk in flight, then stops
+    # It was drained, not killed: its chunk was answered by it, and nothing was redone elsewhere.
+    assert pool.redone_chunks == redone and new.health is Health.DEAD and new not in pool.members
     after = _step(async_fleet)
-    assert new.health is Health.DEAD and new not in pool.members
     assert after["samples"] == 16 and after["accounting/lost"] == 0
     assert after["accounting/entered"] == after["accounting/trained"] + after["accounting/retried"]

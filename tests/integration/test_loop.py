@@ -76,9 +76,11 @@ def test_generator_checks_every_bucket_before_loading(fleet):
     sent = fleet.learners.export_weights(fleet.version, bucket_mb=0.25)  # small buckets: several of them
     assert len(sent.manifest.buckets) > 1, "the tiny model must span several buckets for this test"
     buckets = list(sent.buckets)
-    buckets[1] = buckets[0]  # the wrong bytes for bucket 1
+    flipped = [a.copy() for a in ray.get(buckets[1])]
+    flipped[0][flipped[0].size // 2] ^= 1  # one bit of bucket 1 changed in transit: same size, other bytes
+    buckets[1] = ray.put(flipped)
     torn = BucketedWeights(replace(sent.manifest, version=sent.version + 1), tuple(buckets))
-    with pytest.raises(ray.exceptions.RayTaskError, match="bucket 1"):
+    with pytest.raises(ray.exceptions.RayTaskError, match="bucket 1 checksum"):
         ray.get(member.handle.update_weights.remote(torn), timeout=60)
     assert ray.get(member.handle.get_stats.remote(), timeout=60)["version"] == sent.version
     stats = push_weights(fleet.generators, torn, deadline_s=60)

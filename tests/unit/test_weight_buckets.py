@@ -32,26 +32,35 @@ def test_pack_unpack_is_bitwise_for_every_dtype_and_bucket_size(dtype, bucket_by
         assert out[name].dtype == t.dtype and out[name].shape == t.shape
         assert torch.equal(out[name].view(-1).view(torch.uint8), t.contiguous().view(-1).view(torch.uint8))
     if bucket_bytes == 64:  # every tensor larger than a bucket gets its own
-        assert len(specs) >= 4
+        assert len(specs) >= 3
     if bucket_bytes == 1 << 20:
         assert len(specs) == 1
-    for spec in specs:  # typed views need aligned offsets
-        assert all(s.offset % 64 == 0 for s in spec.slots)
+    for spec in specs:
         assert spec.nbytes <= max(bucket_bytes, max(s.nbytes for s in spec.slots))
+
+
+def test_buckets_are_views_until_put_copies_them():
+    """The only copy is `put`'s: without one, the arrays share memory with the tensors."""
+    state = {"w": torch.randn(8, 8)}
+    _, handles = wb.pack(state.items(), 1 << 20)
+    assert np.shares_memory(handles[0][0], state["w"].numpy())
+    puts = []
+    wb.pack(state.items(), 1 << 20, put=lambda arrays: puts.append([a.copy() for a in arrays]) or len(puts))
+    assert len(puts) == 1 and not np.shares_memory(puts[0][0], state["w"].numpy())
 
 
 def test_a_changed_byte_is_refused_naming_the_bucket():
     specs, buffers = wb.pack(_state(torch.bfloat16).items(), 1000)
     manifest = wb.WeightManifest(1, tuple(specs))
-    bad = [b.copy() for b in buffers]
+    bad = [[a.copy() for a in b] for b in buffers]
     assert len(bad) >= 2
-    bad[1][5] ^= 1
+    bad[1][0][1] ^= 1
     with pytest.raises(wb.WeightTransferError, match="bucket 1 checksum"):
         wb.verify(manifest, bad)
     with pytest.raises(wb.WeightTransferError, match=f"{len(buffers) - 1} buckets received"):
         wb.verify(manifest, buffers[:-1])
-    with pytest.raises(wb.WeightTransferError, match="bucket 0 has"):
-        wb.verify(manifest, [buffers[0][:-1]] + buffers[1:])
+    with pytest.raises(wb.WeightTransferError, match="bucket 0 holds"):
+        wb.verify(manifest, [[a[:-1] for a in buffers[0]]] + buffers[1:])
 
 
 def test_the_manifest_checksum_names_version_and_content():
@@ -67,8 +76,10 @@ def test_unpacked_views_of_read_only_buffers_load_into_a_model():
     """Object-store buffers are read-only: the views must still copy into parameters."""
     state = _state(torch.float32)
     specs, buffers = wb.pack(state.items(), 1000)
-    frozen = [np.frombuffer(b.tobytes(), dtype=np.uint8) for b in buffers]  # read-only, like plasma's
-    assert not frozen[0].flags.writeable
+    frozen = [
+        [np.frombuffer(a.tobytes(), dtype=np.uint8) for a in b] for b in buffers
+    ]  # read-only, like plasma's
+    assert not frozen[0][0].flags.writeable
     target = torch.zeros(50, 16)
     got = dict(wb.unpack(wb.WeightManifest(0, tuple(specs)), frozen))
     target.copy_(got["embed.weight"])
