@@ -13,7 +13,6 @@ from hydra.core.config_store import ConfigStore
 
 from actors.generator.config import GeneratorConfig
 from actors.learner.config import AlgoConfig, CriticConfig, LearnerConfig
-from cluster.elastic import AutoscaleConfig
 
 
 @dataclass
@@ -43,6 +42,72 @@ class SyncConfig:
 
     # Flat buffers of at most this size, each checksummed; the generator checks all of them before loading any.
     bucket_mb: float = 256
+
+
+@dataclass
+class PoolBounds:
+    min: int = 1
+    max: int = 4
+
+
+@dataclass
+class AutoscaleConfig:
+    """Grows and shrinks the generator pool and each reward pool between iterations (cluster/elastic.py)."""
+
+    enabled: bool = False
+    generators: PoolBounds = field(default_factory=PoolBounds)
+    reward: PoolBounds = field(default_factory=PoolBounds)  # each reward pool
+    # A pool the loop waited on (time/generate, time/score) for more than this fraction of the iteration grows...
+    grow_wait_frac: float = 0.3
+    # ...and one it waited on for less than this fraction shrinks (async: the generators were ahead, idle).
+    shrink_wait_frac: float = 0.05
+    cooldown: int = 2  # iterations between two changes of one pool
+
+
+@dataclass
+class RolePlacement:
+    """Where one role's actors run (cluster/placement.py)."""
+
+    # generator / reward pools: DEFAULT (Ray packs a node, then spreads) | SPREAD (over the nodes);
+    # learner ranks (a placement group): PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    strategy: str = "DEFAULT"
+    # Custom resources per actor (`ray start --resources`), e.g. {rollout: 1}, and node labels it needs
+    # (`ray start --labels`). Typed Any with a None default: Hydra merges `placement.generator.resources={...}`
+    # into an empty dict default as new keys, which struct mode refuses; a None leaf is replaced (see rm.scales).
+    resources: Any = None
+    labels: Any = None
+
+    def needs(self) -> tuple[dict[str, float], dict[str, str]]:
+        """(custom resources, node labels), empty when unset."""
+        resources = {str(k): float(v) for k, v in (self.resources or {}).items()}
+        return resources, {str(k): str(v) for k, v in (self.labels or {}).items()}
+
+
+@dataclass
+class PlacementConfig:
+    """Placement per role, and the layout of generators against learner ranks."""
+
+    # split: generators have their own resources. colocated: generator i shares learner rank i's placement bundle
+    # (its node, and a share of its GPU): generator.replicas = learner.world_size, fixed for the run.
+    layout: str = "split"
+    generator: RolePlacement = field(default_factory=RolePlacement)
+    reward: RolePlacement = field(default_factory=RolePlacement)
+    learner: RolePlacement = field(default_factory=lambda: RolePlacement(strategy="PACK"))
+    # An actor whose resources no node has: the run fails after this long (at once on an embedded local Ray,
+    # which cannot grow), naming the role and what it asked for.
+    wait_s: float = 120.0
+
+
+@dataclass
+class ServeConfig:
+    """`troupe job=rm_serve`: the reward fleet over HTTP (cluster/jobs/rm_serve.py)."""
+
+    host: str = "127.0.0.1"  # loopback unless the user opts in
+    port: int = 8008  # 0: any free port (printed)
+    max_items: int = 256  # per request
+    max_body_mb: int = 16
+    # A run's checkpoint-final/troupe_state.json or a checkpoint's state.json: the normaliser statistics to score with
+    aggregation_state: str | None = None
 
 
 @dataclass
@@ -279,7 +344,9 @@ class TroupeConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
-    job: str = "rl"  # rl (the RLHF loop) | rm_train | rm_eval
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    job: str = "rl"  # rl (the RLHF loop) | rm_train | rm_eval | rm_import | rm_serve
     # Continue a run: "latest" (the newest complete checkpoint under run.output_dir) or a checkpoint folder.
     resume: str | None = None
 

@@ -18,8 +18,20 @@ def validate(cfg: TroupeConfig) -> None:
     _one_of("learner.dtype", lr.dtype, ("auto", "bfloat16", "float32"))
     _one_of("generator.dtype", g.dtype, ("auto", "bfloat16", "float32", "float16"))
     a = cfg.algo
-    _one_of("job", cfg.job, ("rl", "rm_train", "rm_eval", "rm_import"))
+    _one_of("job", cfg.job, ("rl", "rm_train", "rm_eval", "rm_import", "rm_serve"))
     _one_of("run.mode", cfg.run.mode, ("sync", "async"))
+    pl = cfg.placement
+    _one_of("placement.layout", pl.layout, ("split", "colocated"))
+    for role in ("generator", "reward"):
+        _one_of(f"placement.{role}.strategy", getattr(pl, role).strategy, ("DEFAULT", "SPREAD"))
+    _one_of(
+        "placement.learner.strategy", pl.learner.strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+    )
+    if pl.layout == "colocated" and cfg.generator.replicas != cfg.learner.world_size:
+        raise ConfigError(
+            f"placement.layout=colocated puts generator i in learner rank i's bundle: generator.replicas "
+            f"({cfg.generator.replicas}) must equal learner.world_size ({cfg.learner.world_size})"
+        )
     _one_of("algo.tis_scope", a.tis_scope, ("stale", "all"))
     if cfg.run.mode == "async" and cfg.run.max_staleness < 1:
         raise ConfigError(

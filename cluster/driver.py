@@ -47,7 +47,7 @@ from cluster.learner_group import LearnerGroup, critic_group, critic_setup, poli
 from cluster.loop import RunState, initial_eval, train
 from cluster.metrics import rl_columns
 from cluster.pipeline import RolloutPipeline
-from cluster.placement import RankPlacement
+from cluster.placement import RankPlacement, pool_options
 from cluster.reward_model import build_aggregation, build_reward_fleet, reward_replicas
 from cluster.runtime import check_capacity, generator_env, learner_env
 
@@ -65,30 +65,27 @@ def build_fleet(cfg: TroupeConfig, model_path: str, resume: tuple[Path, dict] | 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     train_prompts, eval_set = build_prompt_sources(cfg, tokenizer)
     budget = RetryBudget(faults.retries)
-    gen_remote = ray.remote(Generator).options(
-        num_cpus=g.num_cpus, num_gpus=g.num_gpus, runtime_env={"env_vars": generator_env(g)}, max_restarts=0
-    )
-    generators = Pool(
-        "generator",
-        lambda i: gen_remote.remote(g, model_path, i, cfg.run.seed, cfg.model.trust_remote_code),
-        timeout,
-        budget,
-    )
-
+    placement = _rank_placement(cfg)
+    generators = _generator_pool(cfg, model_path, budget, placement)
     rewards = build_reward_fleet(cfg, budget)
 
     policy = policy_setup(cfg, model_path)
     # Learners first and not awaited: their DeepSpeed setup overlaps with the generators' engine start.
-    placement = _shared_placement(cfg) if cfg.algo.critic and cfg.critic.colocate else None
     deterministic = cfg.run.deterministic
     learners = LearnerGroup(
-        policy, learner_env(lc, deterministic), timeout, placement=placement, deadline_s=faults.learn_s
+        policy,
+        learner_env(lc, deterministic),
+        timeout,
+        placement=placement,
+        deadline_s=faults.learn_s,
+        owns_placement=True,
     )
     critic = None
     if cfg.algo.critic:
         critic_cfg = critic_setup(cfg, policy)
         env = learner_env(critic_cfg.train, deterministic)
-        critic = critic_group(critic_cfg, env, timeout, placement, deadline_s=faults.learn_s)
+        shared = placement if cfg.critic.colocate else None
+        critic = critic_group(critic_cfg, env, timeout, shared, deadline_s=faults.learn_s)
     layout = resume[1]["fleet"] if resume else {"generators": g.replicas, "reward": reward_replicas(cfg)}
     rewards.spawn(layout["reward"])
     generators.spawn(layout["generators"])
@@ -121,16 +118,57 @@ def build_fleet(cfg: TroupeConfig, model_path: str, resume: tuple[Path, dict] | 
         # sync is depth 0, and every rollout then comes from the learners' current weights
         pipeline=RolloutPipeline(*(2 * [cfg.run.max_staleness if cfg.run.mode == "async" else 0])),
         sync_bucket_mb=cfg.sync.bucket_mb,
-        fleet=FleetControl(Path(cfg.run.output_dir).resolve(), cfg.autoscale),
+        fleet=FleetControl(
+            Path(cfg.run.output_dir).resolve(),
+            cfg.autoscale,
+            fixed={"generators"} if cfg.placement.layout == "colocated" else set(),
+        ),
     )
 
 
-def _shared_placement(cfg: TroupeConfig) -> RankPlacement:
-    """One bundle per rank holding both the policy rank and the critic rank (fractional GPUs each)."""
-    lc, c = cfg.learner, cfg.critic
+def _rank_placement(cfg: TroupeConfig) -> RankPlacement:
+    """One bundle per learner rank, holding what shares it: the critic rank (critic.colocate) and generator i
+    (placement.layout=colocated), with fractional GPUs each."""
+    lc, c, g, p = cfg.learner, cfg.critic, cfg.generator, cfg.placement
+    cpus, gpus = lc.num_cpus, lc.num_gpus
+    if cfg.algo.critic and c.colocate:
+        cpus, gpus = cpus + c.num_cpus, gpus + c.num_gpus
+    colocated = p.layout == "colocated"
+    if colocated:
+        cpus, gpus = cpus + g.num_cpus, gpus + g.num_gpus
     return RankPlacement(
-        lc.world_size, lc.num_cpus + c.num_cpus, lc.num_gpus + c.num_gpus, cfg.ray.actor_timeout_s
+        lc.world_size,
+        cpus,
+        gpus,
+        cfg.ray.actor_timeout_s,
+        p.learner,
+        reserve=colocated,
+        wait_s=p.wait_s,
+        may_grow=cfg.ray.address is not None,
     )
+
+
+def _generator_pool(cfg: TroupeConfig, model_path: str, budget: RetryBudget, ranks: RankPlacement) -> Pool:
+    """Generators placed by placement.generator (split), or generator i in learner rank i's bundle (colocated)."""
+    g, p = cfg.generator, cfg.placement
+    if p.layout == "colocated":
+        where = ranks.options_for
+    else:
+        demand = {"CPU": g.num_cpus, "GPU": g.num_gpus}
+        options = pool_options("generator", p.generator, demand, p.wait_s, cfg.ray.address is not None)
+        where = lambda _slot: options  # noqa: E731
+    remote = ray.remote(Generator)
+
+    def make(index: int, slot: int):
+        return remote.options(
+            num_cpus=g.num_cpus,
+            num_gpus=g.num_gpus,
+            runtime_env={"env_vars": generator_env(g)},
+            max_restarts=0,
+            **where(slot),
+        ).remote(g, model_path, index, cfg.run.seed, cfg.model.trust_remote_code)
+
+    return Pool("generator", make, cfg.ray.actor_timeout_s, budget)
 
 
 def run(cfg: TroupeConfig) -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.weight_buckets import WeightTransferError
+from cluster.config import AutoscaleConfig, PoolBounds
 
 log = logging.getLogger("troupe.elastic")
 
@@ -33,26 +34,6 @@ CONTROL_FILE = "fleet.json"
 
 class FleetRequestError(ValueError):
     pass
-
-
-@dataclass
-class PoolBounds:
-    min: int = 1
-    max: int = 4
-
-
-@dataclass
-class AutoscaleConfig:
-    """Grows and shrinks the generator pool and each reward pool between iterations (cluster/elastic.py)."""
-
-    enabled: bool = False
-    generators: PoolBounds = field(default_factory=PoolBounds)
-    reward: PoolBounds = field(default_factory=PoolBounds)  # each reward pool
-    # A pool the loop waited on (time/generate, time/score) for more than this fraction of the iteration grows...
-    grow_wait_frac: float = 0.3
-    # ...and one it waited on for less than this fraction shrinks (async: the generators were ahead, idle).
-    shrink_wait_frac: float = 0.05
-    cooldown: int = 2  # iterations between two changes of one pool
 
 
 def pool_names(run) -> list[str]:
@@ -97,6 +78,7 @@ class FleetControl:
 
     run_dir: Path
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
+    fixed: set = field(default_factory=set)  # pools that cannot resize (generators in a colocated layout)
     _seen: float = 0.0  # requested_at of the last request applied
     _manual: dict = field(default_factory=dict)  # pools a person sized: the autoscaler keeps off them
     _changed_at: dict = field(default_factory=dict)  # pool -> iteration of its last change
@@ -173,7 +155,7 @@ class FleetControl:
         waits.update({f"reward.{n}": last.get("time/score", 0.0) / total for n in run.rewards.pools})
         out = {}
         for name, wait in waits.items():
-            if iteration - self._changed_at.get(name, -(10**9)) < a.cooldown:
+            if name in self.fixed or iteration - self._changed_at.get(name, -(10**9)) < a.cooldown:
                 continue
             bounds = a.generators if name == "generators" else a.reward
             size = len(_pool(run, name).live())

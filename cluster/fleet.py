@@ -42,10 +42,13 @@ class Member:
     health: Health = Health.STARTING
     info: dict = field(default_factory=dict)
     in_flight: int = 0  # chunks submitted and not yet collected
+    slot: int = (
+        0  # the lowest number no other member holds: a replacement takes its predecessor's (its bundle)
+    )
 
 
 class Pool:
-    """Actors of one role, created by `factory(index) -> actor handle`.
+    """Actors of one role, created by `factory(index, slot) -> actor handle` (`slot`: see Member).
 
     `timeout_s` bounds start-up (and calls without their own deadline); `budget` (faults.retries, under the role's
     first word: "reward-armo" spends "reward") limits how many members may be replaced. `on_join(member)` brings a
@@ -70,9 +73,11 @@ class Pool:
         self.redone_chunks = 0  # chunks redone on another member after theirs died, hung or was retired
 
     def spawn(self, count: int) -> list[Member]:
-        new = []
+        new: list[Member] = []
         for _ in range(count):
-            new.append(Member(self._next_index, self.factory(self._next_index)))
+            held = {m.slot for m in self.members + new if m.health is not Health.DEAD}
+            slot = min(set(range(len(held) + 1)) - held)
+            new.append(Member(self._next_index, self.factory(self._next_index, slot), slot=slot))
             self._next_index += 1
         try:
             infos = ray.get([m.handle.ready.remote() for m in new], timeout=self.timeout_s)

@@ -40,12 +40,13 @@ class LearnerGroup:
         placement: RankPlacement | None = None,
         deadline_s: float | None = None,
         name: str = "learner",
+        owns_placement: bool | None = None,  # None: it owns the placement it made itself
     ) -> None:
         t = spec.train
         self.spec, self.env, self.role, self.name = spec, env, role, name
         self.timeout_s = timeout_s
         self.deadline_s = deadline_s or timeout_s
-        self.owns_placement = placement is None
+        self.owns_placement = placement is None if owns_placement is None else owns_placement
         self.placement = placement or RankPlacement(t.world_size, t.num_cpus, t.num_gpus, timeout_s)
         self.rebuilds = 0
         self.info: list[dict] = []

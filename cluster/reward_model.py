@@ -16,11 +16,18 @@ from actors.reward.shard import RewardShard, ShardSpec
 from cluster.config import RewardConfig, TroupeConfig
 from cluster.faults import RetryBudget
 from cluster.fleet import Pool
+from cluster.placement import pool_options
 from cluster.reward_fleet import RewardFleet
 
 
 def build_reward_fleet(cfg: TroupeConfig, budget: RetryBudget | None = None) -> RewardFleet:
     r, timeout = cfg.reward, cfg.ray.actor_timeout_s
+    place = cfg.placement
+
+    def options(role: str, num_cpus: float, num_gpus: float = 0.0) -> dict:
+        demand = {"CPU": num_cpus, "GPU": num_gpus}
+        return pool_options(role, place.reward, demand, place.wait_s, may_grow=cfg.ray.address is not None)
+
     pools = {}
     token_values = r.aggregation == "hierarchy" and r.hierarchy.token_level
     if r.objectives:
@@ -29,8 +36,10 @@ def build_reward_fleet(cfg: TroupeConfig, budget: RetryBudget | None = None) -> 
             batch_size=r.batch_size,
             token_values=token_values,
         )
-        remote = ray.remote(RewardShard).options(num_cpus=r.num_cpus, max_restarts=0)
-        pools["rules"] = Pool("reward", lambda i, s=spec, rm=remote: rm.remote(s, i), timeout, budget)
+        remote = ray.remote(RewardShard).options(
+            num_cpus=r.num_cpus, max_restarts=0, **options("reward", r.num_cpus)
+        )
+        pools["rules"] = Pool("reward", lambda i, _slot, s=spec, rm=remote: rm.remote(s, i), timeout, budget)
     for name, expert in r.experts.items():
         spec = ShardSpec(
             bundles=(expert.bundle,),
@@ -42,8 +51,11 @@ def build_reward_fleet(cfg: TroupeConfig, budget: RetryBudget | None = None) -> 
             num_gpus=expert.num_gpus,
             max_restarts=0,
             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+            **options("reward", expert.num_cpus, expert.num_gpus),
         )
-        pools[name] = Pool(f"reward-{name}", lambda i, s=spec, rm=remote: rm.remote(s, i), timeout, budget)
+        pools[name] = Pool(
+            f"reward-{name}", lambda i, _slot, s=spec, rm=remote: rm.remote(s, i), timeout, budget
+        )
     if not pools:
         raise ValueError(
             "the reward model has no objectives and no experts (reward.objectives / reward.experts)"

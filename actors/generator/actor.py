@@ -15,7 +15,7 @@ import torch
 from actors import weight_buckets
 from actors.generator.config import GeneratorConfig
 from actors.generator.sampling import Sampling, prompt_seed
-from actors.hardware import resolve_dtype
+from actors.hardware import node_id, placement_group_id, resolve_dtype
 from actors.protocol import Prompt, Rollout, WeightBundle
 from actors.weight_buckets import BucketedWeights
 
@@ -68,6 +68,8 @@ class Generator:
         return {
             "replica": self.replica,
             "pid": os.getpid(),
+            "node": node_id(),
+            "placement_group": placement_group_id(),
             "version": self.version,
             "backend": self.spec.backend,
             "dtype": self.dtype,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from actors.hardware import node_id
 from actors.protocol import Rollout
 from actors.reward.aggregation import token_key
 from actors.reward.rules import RULES
@@ -58,7 +59,12 @@ class RewardShard:
         self.stats = {"rollouts": 0, "batches": 0, "score_s": 0.0}
 
     def ready(self) -> dict:
-        return {"replica": self.replica, "pid": os.getpid(), "objectives": self.objective_names()}
+        return {
+            "replica": self.replica,
+            "pid": os.getpid(),
+            "node": node_id(),
+            "objectives": self.objective_names(),
+        }
 
     def objective_names(self) -> list[str]:
         return [o.name for o in self.objectives] + [b.heads.info.name for b in self.bundles]

@@ -60,7 +60,7 @@ class PromptEncoder:
 
     def encode(self, row: dict, uid: str) -> Prompt:
         c = self.cfg
-        messages = self._messages(_field(row, c.prompt_key, "data.prompt_key"))
+        messages = self.messages_of(_field(row, c.prompt_key, "data.prompt_key"))
         reference = ""
         if c.answer_key:
             reference = str(_field(row, c.answer_key, "data.answer_key")).strip()
@@ -85,7 +85,7 @@ class PromptEncoder:
         turns = tuple((m["role"], m["content"]) for m in messages)
         return Prompt(uid, tuple(ids), last_user, reference, meta, turns)
 
-    def _messages(self, value) -> list[dict]:
+    def messages_of(self, value) -> list[dict]:
         if isinstance(value, str):
             messages = [{"role": "user", "content": value}]
         elif isinstance(value, list) and value and all(_is_message(m) for m in value):

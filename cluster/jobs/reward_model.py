@@ -25,6 +25,10 @@ from cluster.metrics import RM_COLUMNS
 
 
 def run_rm_job(cfg: TroupeConfig) -> dict:
+    if cfg.job == "rm_serve":
+        from cluster.jobs.rm_serve import run_rm_serve
+
+        return run_rm_serve(cfg)
     if cfg.job == "rm_import":
         from cluster.jobs.rm_import import run_rm_import
 

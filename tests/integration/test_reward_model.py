@@ -97,8 +97,8 @@ def test_sharded_scores_equal_the_single_process_model(ray_session, bundles):
     expert_spec = ShardSpec(bundles=(str(stage2),), batch_size=3)
     fleet = RewardFleet(
         {
-            "rules": Pool("rules", lambda i: rules.remote(rule_spec, i), 120),
-            "armo": Pool("armo", lambda i: expert.remote(expert_spec, i), 120),
+            "rules": Pool("rules", lambda i, _slot: rules.remote(rule_spec, i), 120),
+            "armo": Pool("armo", lambda i, _slot: expert.remote(expert_spec, i), 120),
         }
     )
     try:

@@ -1,0 +1,111 @@
+"""The reward service (`troupe job=rm_serve`): the reward fleet over HTTP on loopback, per-objective breakdowns that
+match the aggregation, 4xx answers that name the field at fault, and best-of-N through it."""
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from cluster.jobs.best_of_n import main as best_of_n_main
+from cluster.jobs.rm_serve import start_service
+from tests.integration.conftest import tiny_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def service(ray_session):
+    cfg = tiny_config("job=rm_serve", "serve.port=0", "serve.max_items=8")
+    server, svc = start_service(cfg)
+    host, port = server.server_address[:2]
+    try:
+        yield f"http://{host}:{port}", cfg, host
+    finally:
+        server.shutdown()
+        svc.fleet.shutdown()
+
+
+def _call(url, path, body=None, raw=None):
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_serves_on_loopback_and_reports_its_objectives(service):
+    url, _, host = service
+    assert host == "127.0.0.1"
+    status, health = _call(url, "/health")
+    assert status == 200
+    assert {"correctness", "format", "length", "repetition"} <= set(health["objectives"])
+    assert health["pools"] == {"rules": 1}
+
+
+def test_scores_come_with_the_breakdown_the_aggregation_used(service):
+    url, cfg, _ = service
+    items = [
+        {"prompt": "What is 2 + 3?", "response": "2 + 3 = 5. The answer is 5.", "reference": "5"},
+        {
+            "prompt": [{"role": "user", "content": "What is 2 + 3?"}],
+            "response": "fish fish fish",
+            "reference": "5",
+        },
+    ]
+    status, body = _call(url, "/score", {"items": items})
+    assert status == 200 and len(body["results"]) == 2
+    good, bad = body["results"]
+    assert good["objectives"]["correctness"] == 1.0 and bad["objectives"]["correctness"] == 0.0
+    for r in body["results"]:  # weighted_sum: the scalar is the weighted objectives, nothing hidden
+        expected = sum(cfg.reward.weights[k] * r["objectives"][k] for k in cfg.reward.weights)
+        assert r["reward"] == pytest.approx(expected, abs=1e-5)
+    assert good["reward"] > bad["reward"]
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"items": [{"prompt": "hi", "response": "a"}, {"prompt": "hi"}]}, 400, "items[1].response: missing"),
+        ({"items": [{"prompt": "hi", "response": 3}]}, 400, "items[0].response: expected a string, got int"),
+        ({"items": [{"prompt": 7, "response": "a"}]}, 400, "items[0].prompt:"),
+        (
+            {"items": [{"prompt": "hi", "response": "a", "meta": [1]}]},
+            400,
+            "items[0].meta: expected an object",
+        ),
+        ({"items": []}, 400, "items: expected a non-empty list"),
+        ({"items": [{"prompt": "hi", "response": "a"}] * 9}, 413, "over serve.max_items=8"),
+    ],
+)
+def test_bad_requests_get_a_4xx_naming_the_field(service, body, status, message):
+    url, _, _ = service
+    got, answer = _call(url, "/score", body)
+    assert got == status and message in answer["error"], answer
+
+
+def test_malformed_json_and_unknown_paths(service):
+    url, _, _ = service
+    status, answer = _call(url, "/score", raw=b"{nope")
+    assert status == 400 and answer["error"].startswith("body: not valid JSON")
+    status, answer = _call(url, "/nothing", {"items": []})
+    assert status == 404 and "POST /score" in answer["error"]
+
+
+def test_best_of_n_keeps_the_highest_scored_sample(service, tmp_path, tiny_model_path, capsys):
+    url, _, _ = service
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"q": "What is 1 + 1?"}\n{"no_q": 1}\n{"q": "What is 4 + 2?"}\n')
+    out = tmp_path / "best.jsonl"
+    args = ["--url", url, "--prompts", str(prompts), "--prompt-key", "q", "--n", "3", "--out", str(out)]
+    args += ["--model", tiny_model_path, "--backend", "hf", "--dtype", "float32", "--max-new-tokens", "12"]
+    assert best_of_n_main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["prompts"] == 2 and summary["skipped"] == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert len(row["rewards"]) == 3 and row["reward"] == max(row["rewards"])
+    assert summary["mean_best_reward"] >= summary["mean_first_sample_reward"]
