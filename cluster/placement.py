@@ -83,16 +83,16 @@ def pool_options(
         raise ConfigError(
             f"placement.{role}.strategy must be DEFAULT or SPREAD for a pool, got {p.strategy!r}"
         )
-    check_feasible(
-        role, {**{k: v for k, v in demand.items() if v}, **p.resources}, p.labels, wait_s, may_grow
-    )
+    resources, labels = p.needs()
+    need = {**{k: v for k, v in demand.items() if v}, **resources}
+    check_feasible(role, need, labels, wait_s, may_grow)
     options: dict = {}
     if p.strategy == "SPREAD":
         options["scheduling_strategy"] = "SPREAD"
-    if p.resources:
-        options["resources"] = dict(p.resources)
-    if p.labels:
-        options["label_selector"] = dict(p.labels)
+    if resources:
+        options["resources"] = resources
+    if labels:
+        options["label_selector"] = labels
     return options
 
 

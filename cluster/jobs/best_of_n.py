@@ -3,7 +3,7 @@ running `troupe job=rm_serve`, keep the best. Writes one JSON line per prompt: t
 breakdown, and every candidate's reward.
 
   .venv/bin/python -m cluster.jobs.best_of_n --url http://127.0.0.1:8008 --prompts prompts.jsonl \
-      --prompt-key question --n 8 --out best.jsonl [--model builtin:smollm2-135m-instruct] [--backend vllm|hf]
+      --prompt-key question [--reference-key answer] --n 8 --out best.jsonl [--model ...] [--backend vllm|hf]
 A prompt row without the key is skipped and counted (file:line on stderr); the service's 4xx names the field.
 """
 
@@ -31,18 +31,23 @@ def post_score(url: str, items: list[dict], timeout: float = 600.0) -> list[dict
         raise RuntimeError(f"reward service answered {e.code}: {e.read().decode(errors='replace')}") from e
 
 
-def read_prompts(path: str, key: str) -> tuple[list, int]:
-    rows, skipped = [], 0
+def read_prompts(path: str, key: str, reference_key: str | None) -> tuple[list, list, int]:
+    """Prompts, their references ("" without a reference key) and how many rows were skipped."""
+    rows, references, skipped = [], [], 0
     for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            rows.append(row[key])
+            prompt = row[key]
+            reference = str(row[reference_key]) if reference_key else ""
         except (ValueError, KeyError, TypeError) as e:
             skipped += 1
             print(f"{path}:{line_no}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
-    return rows, skipped
+            continue
+        rows.append(prompt)
+        references.append(reference)
+    return rows, references, skipped
 
 
 def best_of_n(args) -> dict:
@@ -55,7 +60,7 @@ def best_of_n(args) -> dict:
     from actors.protocol import Prompt
     from cluster.runtime import generator_env
 
-    prompts, skipped = read_prompts(args.prompts, args.prompt_key)
+    prompts, references, skipped = read_prompts(args.prompts, args.prompt_key, args.reference_key)
     config = GeneratorConfig(backend=args.backend, dtype=args.dtype, max_model_len=args.max_model_len)
     os.environ.update(generator_env(config))
     model_path = resolve_model(args.model)
@@ -77,6 +82,7 @@ def best_of_n(args) -> dict:
                 "prompt": prompts[int(r.prompt.uid)],
                 "response": r.response_text,
                 "finish_reason": r.finish_reason,
+                **({"reference": references[int(r.prompt.uid)]} if args.reference_key else {}),
             }
             for r in chunk
         ]
@@ -124,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8008")
     parser.add_argument("--prompts", required=True, help="a JSONL file of prompts")
     parser.add_argument("--prompt-key", default="prompt")
+    parser.add_argument(
+        "--reference-key", default=None, help="the answer field, for objectives that check one"
+    )
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--out", default="best_of_n.jsonl")
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")

@@ -27,7 +27,7 @@ import torch
 from actors.protocol import Rollout
 from actors.reward.aggregation import score_rollouts
 from cluster.config import TroupeConfig
-from cluster.data.prompts import PromptEncoder, SkipRow
+from cluster.data.prompts import SkipRow, prompt_encoder
 
 log = logging.getLogger("troupe.rm_serve")
 
@@ -43,7 +43,8 @@ class RewardService:
 
     def __init__(self, cfg: TroupeConfig, fleet, aggregation, tokenizer) -> None:
         self.cfg, self.fleet, self.aggregation, self.tokenizer = cfg, fleet, aggregation, tokenizer
-        self.encoder = PromptEncoder(cfg.data, tokenizer, cfg.data.max_prompt_tokens)
+        # prompts up to data.max_prompt_tokens, else generator.max_model_len (the longest the policy takes)
+        self.encoder = prompt_encoder(cfg.data, tokenizer, cfg.generator.max_model_len, 0)
         self.lock = threading.Lock()  # one batch on the fleet at a time; requests queue
 
     def score(self, body: dict) -> dict:
@@ -112,6 +113,10 @@ class RewardService:
             )
         except SkipRow as e:
             raise BadRequest(f"{where}.prompt: {e}") from e
+        if not reference.strip() and "correctness" in self.cfg.reward.objectives:
+            raise BadRequest(
+                f"{where}.reference: missing (objective correctness compares the response with it)"
+            )
         ids = tuple(self.tokenizer(response, add_special_tokens=False).input_ids)
         finish = item.get("finish_reason", "stop")
         if finish not in ("stop", "length"):

@@ -20,7 +20,7 @@ def test_resources_no_node_has_fail_at_once_naming_the_role(ray_session):
     check_feasible("generator", {"CPU": 1}, {}, wait_s=0, may_grow=False)
     start = time.monotonic()
     with pytest.raises(
-        PlacementError, match=r"generator: no node has \{'CPU': 0.5, 'rollout': 1\}.*nodes: \["
+        PlacementError, match=r"generator: no node has \{'CPU': 0.5, 'rollout': 1.0\}.*nodes: \["
     ):
         pool_options("generator", RolePlacement(resources={"rollout": 1}), {"CPU": 0.5}, 60, may_grow=False)
     assert time.monotonic() - start < 5  # an embedded Ray cannot grow: no waiting

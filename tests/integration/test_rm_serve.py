@@ -68,7 +68,11 @@ def test_scores_come_with_the_breakdown_the_aggregation_used(service):
 @pytest.mark.parametrize(
     "body, status, message",
     [
-        ({"items": [{"prompt": "hi", "response": "a"}, {"prompt": "hi"}]}, 400, "items[1].response: missing"),
+        (
+            {"items": [{"prompt": "hi", "response": "a", "reference": "1"}, {"prompt": "hi"}]},
+            400,
+            "items[1].response: missing",
+        ),
         ({"items": [{"prompt": "hi", "response": 3}]}, 400, "items[0].response: expected a string, got int"),
         ({"items": [{"prompt": 7, "response": "a"}]}, 400, "items[0].prompt:"),
         (
@@ -77,7 +81,12 @@ def test_scores_come_with_the_breakdown_the_aggregation_used(service):
             "items[0].meta: expected an object",
         ),
         ({"items": []}, 400, "items: expected a non-empty list"),
-        ({"items": [{"prompt": "hi", "response": "a"}] * 9}, 413, "over serve.max_items=8"),
+        (
+            {"items": [{"prompt": "hi", "response": "a"}]},
+            400,
+            "items[0].reference: missing (objective correctness",
+        ),
+        ({"items": [{"prompt": "hi", "response": "a", "reference": "1"}] * 9}, 413, "over serve.max_items=8"),
     ],
 )
 def test_bad_requests_get_a_4xx_naming_the_field(service, body, status, message):
@@ -97,9 +106,10 @@ def test_malformed_json_and_unknown_paths(service):
 def test_best_of_n_keeps_the_highest_scored_sample(service, tmp_path, tiny_model_path, capsys):
     url, _, _ = service
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"q": "What is 1 + 1?"}\n{"no_q": 1}\n{"q": "What is 4 + 2?"}\n')
+    prompts.write_text('{"q": "What is 1 + 1?", "a": 2}\n{"no_q": 1}\n{"q": "What is 4 + 2?", "a": 6}\n')
     out = tmp_path / "best.jsonl"
-    args = ["--url", url, "--prompts", str(prompts), "--prompt-key", "q", "--n", "3", "--out", str(out)]
+    args = ["--url", url, "--prompts", str(prompts), "--prompt-key", "q", "--reference-key", "a"]
+    args += ["--n", "3", "--out", str(out)]
     args += ["--model", tiny_model_path, "--backend", "hf", "--dtype", "float32", "--max-new-tokens", "12"]
     assert best_of_n_main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
