@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from actors.hardware import resolve_dtype
+from actors.hardware import node_id, resolve_dtype
 from actors.learner.batch import RolloutBatch
 from actors.learner.config import RankSetup
 from actors.learner.engine import free_port
@@ -79,7 +79,8 @@ class DeepSpeedRank:
         return {"rank": self.rank, "steps": self.steps, "version": self.version}
 
     def _info(self, setup_s: float, **extra) -> dict:
-        return {"rank": self.rank, "pid": os.getpid(), "dtype": self.dtype, "setup_s": setup_s, **extra}
+        info = {"rank": self.rank, "pid": os.getpid(), "node": node_id(), "dtype": self.dtype}
+        return {**info, "setup_s": setup_s, **extra}
 
     def optimize(
         self,

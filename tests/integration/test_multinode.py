@@ -47,6 +47,7 @@ def child(out: str) -> None:
         "placement.reward.strategy=SPREAD",
         "placement.wait_s=5",
         "reward.shards=2",
+        "reward.num_cpus=0.1",  # SPREAD places actors that ask for resources; zero-CPU ones may share a node
     )
     start_ray(cfg.ray)
     run = build_fleet(cfg, resolve_model(cfg.model.policy))
