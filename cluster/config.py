@@ -42,6 +42,9 @@ class SyncConfig:
 
     # Flat buffers of at most this size, each checksummed; the generator checks all of them before loading any.
     bucket_mb: float = 256
+    # auto: NCCL broadcast from learner rank 0 when generators and learners are on GPUs (cluster/nccl_sync.py),
+    # else the object store | object_store | nccl
+    transport: str = "auto"
 
 
 @dataclass

@@ -21,6 +21,15 @@ def validate(cfg: TroupeConfig) -> None:
     _one_of("job", cfg.job, ("rl", "rm_train", "rm_eval", "rm_import", "rm_serve"))
     _one_of("run.mode", cfg.run.mode, ("sync", "async"))
     pl = cfg.placement
+    _one_of("sync.transport", cfg.sync.transport, ("auto", "object_store", "nccl"))
+    gpus = cfg.generator.num_gpus > 0 and cfg.learner.num_gpus > 0
+    if cfg.sync.transport == "nccl" and not (
+        gpus and cfg.generator.tensor_parallel_size == 1 and pl.layout == "split"
+    ):
+        raise ConfigError(
+            "sync.transport=nccl needs generator.num_gpus > 0, learner.num_gpus > 0, "
+            "generator.tensor_parallel_size=1 and placement.layout=split"
+        )
     _one_of("placement.layout", pl.layout, ("split", "colocated"))
     for role in ("generator", "reward"):
         _one_of(f"placement.{role}.strategy", getattr(pl, role).strategy, ("DEFAULT", "SPREAD"))

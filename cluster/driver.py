@@ -46,6 +46,7 @@ from cluster.jobs.offline_dpo import run_offline_dpo
 from cluster.learner_group import LearnerGroup, critic_group, critic_setup, policy_setup
 from cluster.loop import RunState, initial_eval, train
 from cluster.metrics import rl_columns
+from cluster.nccl_sync import NcclSync, nccl_enabled
 from cluster.pipeline import RolloutPipeline
 from cluster.placement import RankPlacement, pool_options
 from cluster.reward_model import build_aggregation, build_reward_fleet, reward_replicas
@@ -118,6 +119,11 @@ def build_fleet(cfg: TroupeConfig, model_path: str, resume: tuple[Path, dict] | 
         # sync is depth 0, and every rollout then comes from the learners' current weights
         pipeline=RolloutPipeline(*(2 * [cfg.run.max_staleness if cfg.run.mode == "async" else 0])),
         sync_bucket_mb=cfg.sync.bucket_mb,
+        nccl=NcclSync(cfg.sync.bucket_mb, faults.sync_s)
+        if nccl_enabled(
+            cfg.sync.transport, g.num_gpus, lc.num_gpus, g.tensor_parallel_size, cfg.placement.layout
+        )
+        else None,
         fleet=FleetControl(
             Path(cfg.run.output_dir).resolve(),
             cfg.autoscale,

@@ -30,6 +30,7 @@ from cluster.faults import RankLost, RetriesExhausted, RetryBudget
 from cluster.fleet import Member, Pool
 from cluster.learn import learn_dpo, learn_policy_gradient
 from cluster.learner_group import LearnerGroup
+from cluster.nccl_sync import NcclSync
 from cluster.pipeline import RolloutPipeline
 from cluster.reward_fleet import RewardFleet
 from cluster.sync import push_weights, refit
@@ -60,6 +61,7 @@ class RunState:
     last_bundle: BucketedWeights | None = None  # the latest exported weights (None: the initial ones)
     pipeline: RolloutPipeline = field(default_factory=RolloutPipeline)  # sync: depth 0
     sync_bucket_mb: float = 256
+    nccl: NcclSync | None = None  # GPU weight sync over NCCL; None: through the object store
     fleet: FleetControl | None = None  # resize requests and the autoscaler; None: fixed sizes
     last_record: dict | None = None  # the previous iteration's row (the autoscaler reads its timings)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
@@ -73,6 +75,9 @@ class RunState:
         )  # a new or replacement generator serves only with current weights
 
     def refit(self, member: Member) -> None:
+        if self.last_bundle is not None and self.last_bundle.version != self.version:
+            # the latest version went over NCCL: a newcomer takes it through the object store
+            self.last_bundle = self.learners.export_weights(self.version, self.sync_bucket_mb)
         refit(member, self.last_bundle, self.faults.sync_s)
 
     def sampling_for(self, batch) -> Sampling:
@@ -152,10 +157,13 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     with timed(timings, "sync"):
         if learn_stats.get("pairs/built", 1):
             run.version += 1
-            run.last_bundle = run.learners.export_weights(run.version, run.sync_bucket_mb)
-            # async: the generators finish the batches in flight before loading, so the wait covers them too
-            wait_s = run.faults.sync_s + run.faults.generate_s * len(run.pipeline.queue)
-            sync_stats = push_weights(run.generators, run.last_bundle, deadline_s=wait_s)
+            # GPUs: a broadcast over the NCCL weight-update group; None (or CPU): the object store
+            sync_stats = run.nccl.push(run.generators, run.learners, run.version) if run.nccl else None
+            if sync_stats is None:
+                run.last_bundle = run.learners.export_weights(run.version, run.sync_bucket_mb)
+                # async: the generators finish the batches in flight before loading, so the wait covers them too
+                wait_s = run.faults.sync_s + run.faults.generate_s * len(run.pipeline.queue)
+                sync_stats = push_weights(run.generators, run.last_bundle, deadline_s=wait_s)
 
     # 5. Evaluate the new weights on held-out prompts every eval.every iterations and after the last one.
     eval_stats: dict = {}

@@ -135,6 +135,38 @@ class Generator:
             "load_s": done - verified,
         }
 
+    # GPU weight transfer over NCCL (actors/nccl_weights.py): generator i is rank 1 + i of the weight-update group.
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> bool:
+        from actors.nccl_weights import WeightGroup
+
+        self.weight_group = WeightGroup(
+            host, port, rank, world_size, torch.device("cuda", torch.cuda.current_device())
+        )
+        return True
+
+    def receive_weights(self, manifest, rollback: bool = False) -> dict:
+        """Take a broadcast of `manifest`'s buckets; loads only after every bucket's checksum matches rank 0's."""
+        if manifest.version <= self.version and not rollback:
+            raise ValueError(
+                f"generator {self.replica}: weight version {manifest.version} is not newer than {self.version}"
+            )
+        start = time.perf_counter()
+        items, digest = self.weight_group.receive(manifest)
+        received = time.perf_counter()
+        self.backend.load_weights(items)
+        self.version = manifest.version
+        self.stats["weight_loads"] += 1
+        return {
+            "version": self.version,
+            "checksum": digest,
+            "fetch_s": received - start,
+            "verify_s": 0.0,
+            "load_s": time.perf_counter() - received,
+        }
+
+    def leave_weight_group(self) -> None:
+        self.weight_group = None
+
     def sequence_logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         return self.backend.sequence_logprobs(prompt_ids, completion_ids)
 

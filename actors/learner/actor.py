@@ -117,6 +117,37 @@ class Learner(DeepSpeedRank):
         specs, refs = weight_buckets.pack(tensors, bucket_bytes, put=ray.put)
         return BucketedWeights(weight_buckets.WeightManifest(version, tuple(specs)), tuple(refs))
 
+    # GPU weight transfer over NCCL (actors/nccl_weights.py): rank 0 is rank 0 of the weight-update group.
+    def weight_layout(self, bucket_bytes: int) -> list | None:
+        """The buckets' layout of the exported weights (rank 0; every rank takes part in ZeRO-3's gathers)."""
+        from actors import nccl_weights
+
+        dtype = getattr(torch, self.export_dtype)
+        tensors = iter_full_state(self.engine, self.spec.train.zero_stage, dtype, self.rank == 0)
+        specs = nccl_weights.layout(((n, t.detach()) for n, t in tensors), bucket_bytes)
+        return specs if self.rank == 0 else None
+
+    def join_weight_group(self, host: str, port: int, world_size: int) -> bool:
+        if self.rank != 0:
+            return False
+        from actors.nccl_weights import WeightGroup
+
+        self.weight_group = WeightGroup(host, port, 0, world_size, self.engine.device)
+        return True
+
+    def broadcast_weights(self, version: int, specs: list) -> str | None:
+        """Rank 0 broadcasts the current weights over the weight-update group; returns the transfer's digest."""
+        dtype = getattr(torch, self.export_dtype)
+        tensors = iter_full_state(self.engine, self.spec.train.zero_stage, dtype, self.rank == 0)
+        if self.rank != 0:
+            for _ in tensors:  # take part in every gather
+                pass
+            return None
+        return self.weight_group.send(tensors, specs, version)
+
+    def leave_weight_group(self) -> None:
+        self.weight_group = None
+
     def save_hf(self, path: str, tokenizer_path: str) -> str | None:
         """Write an HF-format checkpoint (safetensors + tokenizer) from rank 0; all ranks must call it.
 
