@@ -67,7 +67,16 @@ class WeightGroup:
 
         group = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size)
         self.comm = PyNcclCommunicator(group, device=device)
+        if self.comm.disabled:  # no libnccl, or VLLM_DISABLE_PYNCCL: broadcasts would silently do nothing
+            raise RuntimeError(
+                "the NCCL weight-update group is disabled (no NCCL library?): use sync.transport=object_store"
+            )
         self.rank, self.world_size, self.device = rank, world_size, device
+
+    def close(self) -> None:
+        destroy = getattr(self.comm, "destroy", None)
+        if destroy is not None:
+            destroy()
 
     def send(self, tensors: Iterable[tuple[str, torch.Tensor]], specs: list[BucketSpec], version: int) -> str:
         """Rank 0: broadcast the buckets in `specs`' order, then their checksums; returns the transfer's digest."""
@@ -113,9 +122,11 @@ def pack_bucket(
     buf = torch.zeros(spec.nbytes, dtype=torch.uint8, device=device)
     for slot, at in offsets(spec):
         name, t = next(source)
-        if name != slot.name or tuple(t.shape) != slot.shape:
+        dtype = str(t.dtype).removeprefix("torch.")
+        if name != slot.name or tuple(t.shape) != slot.shape or dtype != slot.dtype:
             raise WeightTransferError(
-                f"weights v{version}: {name} {tuple(t.shape)} where the layout has {slot.name} {slot.shape}"
+                f"weights v{version}: {name} {tuple(t.shape)} {dtype} where the layout has "
+                f"{slot.name} {slot.shape} {slot.dtype}"
             )
         buf[at : at + slot.nbytes].copy_(t.detach().to(device).contiguous().reshape(-1).view(torch.uint8))
     return buf

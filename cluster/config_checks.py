@@ -22,12 +22,12 @@ def validate(cfg: TroupeConfig) -> None:
     _one_of("run.mode", cfg.run.mode, ("sync", "async"))
     pl = cfg.placement
     _one_of("sync.transport", cfg.sync.transport, ("auto", "object_store", "nccl"))
-    gpus = cfg.generator.num_gpus > 0 and cfg.learner.num_gpus > 0
+    gpus = cfg.generator.num_gpus >= 1 and cfg.learner.num_gpus >= 1  # one NCCL rank per GPU
     if cfg.sync.transport == "nccl" and not (
         gpus and cfg.generator.tensor_parallel_size == 1 and pl.layout == "split"
     ):
         raise ConfigError(
-            "sync.transport=nccl needs generator.num_gpus > 0, learner.num_gpus > 0, "
+            "sync.transport=nccl needs whole GPUs (generator.num_gpus >= 1, learner.num_gpus >= 1), "
             "generator.tensor_parallel_size=1 and placement.layout=split"
         )
     _one_of("placement.layout", pl.layout, ("split", "colocated"))

@@ -85,8 +85,11 @@ def build_fleet(cfg: TroupeConfig, model_path: str, resume: tuple[Path, dict] | 
     if cfg.algo.critic:
         critic_cfg = critic_setup(cfg, policy)
         env = learner_env(critic_cfg.train, deterministic)
-        shared = placement if cfg.critic.colocate else None
-        critic = critic_group(critic_cfg, env, timeout, shared, deadline_s=faults.learn_s)
+        c, p = cfg.critic, cfg.placement
+        own = None if c.colocate else RankPlacement(c.world_size, c.num_cpus, c.num_gpus, timeout, p.learner)
+        critic = critic_group(
+            critic_cfg, env, timeout, own or placement, faults.learn_s, owns=own is not None
+        )
     layout = resume[1]["fleet"] if resume else {"generators": g.replicas, "reward": reward_replicas(cfg)}
     rewards.spawn(layout["reward"])
     generators.spawn(layout["generators"])

@@ -144,6 +144,12 @@ class FleetControl:
                 "%s names unknown pools %s (this run has %s): request ignored", path, unknown, pool_names(run)
             )
             return {}
+        fixed = sorted(set(sizes) & self.fixed)
+        if fixed:
+            log.error(
+                "%s resizes %s, fixed in this run (placement.layout=colocated): request ignored", path, fixed
+            )
+            return {}
         return sizes
 
     def _policy(self, run, iteration: int, last: dict) -> dict[str, int]:

@@ -173,9 +173,17 @@ class LearnerGroup:
             self.placement.release()
 
 
-def critic_group(spec: RankSetup, env, timeout_s, placement=None, deadline_s=None) -> LearnerGroup:
+def critic_group(spec: RankSetup, env, timeout_s, placement=None, deadline_s=None, owns=None) -> LearnerGroup:
+    """`owns`: the group releases `placement` at shutdown (a placement of its own, not the learners')."""
     return LearnerGroup(
-        spec, env, timeout_s, role=Critic, placement=placement, deadline_s=deadline_s, name="critic"
+        spec,
+        env,
+        timeout_s,
+        role=Critic,
+        placement=placement,
+        deadline_s=deadline_s,
+        name="critic",
+        owns_placement=owns,
     )
 
 

@@ -75,7 +75,8 @@ class RunState:
         )  # a new or replacement generator serves only with current weights
 
     def refit(self, member: Member) -> None:
-        if self.last_bundle is not None and self.last_bundle.version != self.version:
+        stale = self.last_bundle is None or self.last_bundle.version != self.version
+        if self.version > 0 and stale:
             # the latest version went over NCCL: a newcomer takes it through the object store
             self.last_bundle = self.learners.export_weights(self.version, self.sync_bucket_mb)
         refit(member, self.last_bundle, self.faults.sync_s)
@@ -158,11 +159,13 @@ def run_iteration(run: RunState, iteration: int) -> dict:
         if learn_stats.get("pairs/built", 1):
             run.version += 1
             # GPUs: a broadcast over the NCCL weight-update group; None (or CPU): the object store
-            sync_stats = run.nccl.push(run.generators, run.learners, run.version) if run.nccl else None
+            # async: the generators finish the batches in flight before loading, so the wait covers them too
+            wait_s = run.faults.sync_s + run.faults.generate_s * len(run.pipeline.queue)
+            sync_stats = (
+                run.nccl.push(run.generators, run.learners, run.version, wait_s) if run.nccl else None
+            )
             if sync_stats is None:
                 run.last_bundle = run.learners.export_weights(run.version, run.sync_bucket_mb)
-                # async: the generators finish the batches in flight before loading, so the wait covers them too
-                wait_s = run.faults.sync_s + run.faults.generate_s * len(run.pipeline.queue)
                 sync_stats = push_weights(run.generators, run.last_bundle, deadline_s=wait_s)
 
     # 5. Evaluate the new weights on held-out prompts every eval.every iterations and after the last one.

@@ -6,6 +6,11 @@ the generators the layout (once per group) with the version, starts the broadcas
 that every generator reports rank 0's digest. Any failure tears the group down and the sync falls back to the
 object store (`push_weights`); the next sync forms a new group. New members are refitted through the object store
 before they join (Pool.on_join), so a group only ever holds current generators.
+
+Limits: NCCL has no timeout of its own, so a generator that dies in the middle of a broadcast stalls learner rank 0
+until `faults.learn_s`, which the loop treats as a lost rank (rebuild from the newest checkpoint). Each generator
+holds a second copy of the weights on its GPU while a version arrives (all buckets are checked before any loads).
+Whole GPUs only: two group members on one GPU cannot share an NCCL communicator.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.weight_buckets import WeightManifest
+from cluster.faults import RankLost
 from cluster.fleet import Health, Pool
 from cluster.learner_group import LearnerGroup
 
@@ -31,17 +37,21 @@ class NcclSync:
     specs: list = field(default_factory=list)
     failures: int = 0
 
-    def push(self, generators: Pool, learners: LearnerGroup, version: int) -> dict | None:
-        """Broadcast `version` to the live generators; None when it failed (the caller falls back)."""
+    def push(
+        self, generators: Pool, learners: LearnerGroup, version: int, wait_s: float | None = None
+    ) -> dict | None:
+        """Broadcast `version` to the live generators; None when it failed (the caller falls back to the object
+        store, whose export raises RankLost if a learner rank is really gone). `wait_s` covers generate calls
+        queued before the sync (async mode)."""
         live = generators.live()
         try:
             if tuple(m.index for m in live) != self.members:
-                self._form(live, learners)
+                self._form(live, learners, wait_s or self.deadline_s)
             manifest = WeightManifest(version, tuple(self.specs))
             refs = [m.handle.receive_weights.remote(manifest, m.health is Health.STALE) for m in live]
             sent = learners.broadcast_weights(version, self.specs)
-            got = ray.get(refs, timeout=self.deadline_s)
-        except (RayActorError, RayTaskError, GetTimeoutError) as e:
+            got = ray.get(refs, timeout=wait_s or self.deadline_s)
+        except (RayActorError, RayTaskError, GetTimeoutError, RankLost) as e:
             self.failures += 1
             log.warning("NCCL weight sync v%d failed (%s); falling back to the object store", version, e)
             self.close(generators, learners)
@@ -62,7 +72,7 @@ class NcclSync:
             "generator_fetch_s": max((r["fetch_s"] for r in got), default=0.0),
         }
 
-    def _form(self, live, learners: LearnerGroup) -> None:
+    def _form(self, live, learners: LearnerGroup, wait_s: float) -> None:
         self.close_group(live, learners)
         if not self.specs:
             self.specs = learners.weight_layout(int(self.bucket_mb * 2**20))
@@ -70,7 +80,7 @@ class NcclSync:
         world = 1 + len(live)
         refs = [m.handle.join_weight_group.remote(host, port, 1 + i, world) for i, m in enumerate(live)]
         learners.join_weight_group(host, port, world)
-        ray.get(refs, timeout=self.deadline_s)
+        ray.get(refs, timeout=wait_s)
         self.members = tuple(m.index for m in live)
         log.info("NCCL weight-update group formed: learner rank 0 + %d generators", len(live))
 
@@ -80,7 +90,7 @@ class NcclSync:
     def close_group(self, live, learners: LearnerGroup) -> None:
         if not self.members:
             return
-        for m in live:
+        for m in live:  # a member stuck in a broadcast gets this after it (limits: see the module docstring)
             try:
                 m.handle.leave_weight_group.remote()
             except Exception:
@@ -98,5 +108,5 @@ def nccl_enabled(
     """sync.transport=auto: NCCL when both sides are on GPUs, the engine runs in the generator's process (TP 1)
     and the layout is split (colocated generators share the learner's GPU: the object store serves them).
     `validate` refuses sync.transport=nccl where this is false."""
-    gpu = generator_gpus > 0 and learner_gpus > 0 and tensor_parallel == 1 and layout == "split"
+    gpu = generator_gpus >= 1 and learner_gpus >= 1 and tensor_parallel == 1 and layout == "split"
     return transport != "object_store" and gpu

@@ -6,7 +6,8 @@
   is colocated (generator i then runs in rank i's bundle). On CPU-only split runs, fractional num_cpus is enough
   (Ray does not pin threads) and no group is reserved, because reserved bundles would starve later actors of CPU.
 - Resources no node has: `check_feasible` fails at once on an embedded local Ray (it cannot grow), and after
-  `placement.wait_s` on a cluster (whose autoscaler may add a node), naming the role and what it asked for.
+  `placement.wait_s` on a cluster, naming the role and what it asked for; while it waits it asks the autoscaler
+  for the resources (request_resources). Labels are matched by equality (no `in(...)` / `!` selectors).
 """
 
 from __future__ import annotations
@@ -117,8 +118,20 @@ def check_feasible(
                 + f" (placement.{role}, {role}.num_cpus/num_gpus); nodes: {have}"
                 + (f"; waited {wait_s:.0f}s for one to join" if may_grow else "")
             )
+        _ask_autoscaler(
+            need
+        )  # nothing is pending yet: say what is needed, or min_workers=0 types never start
         log.warning("%s: waiting for a node with %s %s", role, need, labels or "")
         time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+
+
+def _ask_autoscaler(need: dict[str, float]) -> None:
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[need])
+    except Exception as e:  # no autoscaler (a fixed cluster): just wait
+        log.debug("request_resources: %s", e)
 
 
 def _fits(node: dict, need: dict[str, float], labels: dict[str, str]) -> bool:

@@ -146,12 +146,14 @@ class Generator:
 
     def receive_weights(self, manifest, rollback: bool = False) -> dict:
         """Take a broadcast of `manifest`'s buckets; loads only after every bucket's checksum matches rank 0's."""
+        start = time.perf_counter()
+        items, digest = self.weight_group.receive(
+            manifest
+        )  # first: the others wait on every member's receive
         if manifest.version <= self.version and not rollback:
             raise ValueError(
                 f"generator {self.replica}: weight version {manifest.version} is not newer than {self.version}"
             )
-        start = time.perf_counter()
-        items, digest = self.weight_group.receive(manifest)
         received = time.perf_counter()
         self.backend.load_weights(items)
         self.version = manifest.version
@@ -165,6 +167,8 @@ class Generator:
         }
 
     def leave_weight_group(self) -> None:
+        if getattr(self, "weight_group", None) is not None:
+            self.weight_group.close()
         self.weight_group = None
 
     def sequence_logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:

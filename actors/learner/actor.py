@@ -146,6 +146,8 @@ class Learner(DeepSpeedRank):
         return self.weight_group.send(tensors, specs, version)
 
     def leave_weight_group(self) -> None:
+        if getattr(self, "weight_group", None) is not None:
+            self.weight_group.close()
         self.weight_group = None
 
     def save_hf(self, path: str, tokenizer_path: str) -> str | None:

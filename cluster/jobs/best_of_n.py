@@ -40,7 +40,7 @@ def read_prompts(path: str, key: str, reference_key: str | None) -> tuple[list, 
         try:
             row = json.loads(line)
             prompt = row[key]
-            reference = str(row[reference_key]) if reference_key else ""
+            reference = "" if not reference_key or row[reference_key] is None else str(row[reference_key])
         except (ValueError, KeyError, TypeError) as e:
             skipped += 1
             print(f"{path}:{line_no}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
@@ -75,8 +75,9 @@ def best_of_n(args) -> dict:
     sampling = Sampling(n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     rollouts = generator.generate(encoded, sampling)
     results = []
-    for start in range(0, len(rollouts), args.batch):
-        chunk = rollouts[start : start + args.batch]
+    per_request = max(1, args.batch // args.n) * args.n  # a prompt's candidates go in one request
+    for start in range(0, len(rollouts), per_request):
+        chunk = rollouts[start : start + per_request]
         items = [
             {
                 "prompt": prompts[int(r.prompt.uid)],

@@ -137,7 +137,12 @@ def make_handler(service: RewardService, max_body: int):
                 self._send(HTTPStatus.NOT_FOUND, {"error": f"{self.path}: no such endpoint (POST /score)"})
                 return
             try:
-                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError as e:
+                    raise BadRequest("Content-Length: not an integer") from e
+                if length < 0:
+                    raise BadRequest("Content-Length: negative")
                 if length > max_body:
                     raise BadRequest(
                         f"body: {length} bytes, over serve.max_body_mb", HTTPStatus.REQUEST_ENTITY_TOO_LARGE
@@ -181,6 +186,13 @@ def start_service(cfg: TroupeConfig) -> tuple[ThreadingHTTPServer, RewardService
         resolve_model(cfg.model.policy), trust_remote_code=cfg.model.trust_remote_code
     )
     aggregation = build_aggregation(cfg.reward)
+    normalizer = getattr(aggregation, "normalizer", None)
+    if normalizer is not None and not normalizer.fitted() and not cfg.serve.aggregation_state:
+        raise ValueError(
+            "reward.aggregation=hierarchy needs fitted statistics to serve: give serve.aggregation_state (a run's "
+            "checkpoint-final/troupe_state.json), reward.hierarchy.mean/std, or a bundle that carries them; "
+            "otherwise a request's scores would depend on the other items in it"
+        )
     if cfg.serve.aggregation_state:
         state = json.loads(Path(cfg.serve.aggregation_state).read_text())
         if "reward_aggregation" not in state:

@@ -1,6 +1,6 @@
-"""The `troupe` console script end to end on a user's prompt files with Hydra overrides: metrics JSONL with eval
-rows and skipped-row counts, a quiet console, TensorBoard files, `troupe plot`, and a checkpoint that loads with
-transformers and with vLLM."""
+"""The `troupe` console script end to end on a user's prompt files with Hydra overrides (in run.mode=async):
+metrics JSONL with eval rows and skipped-row counts, a quiet console, TensorBoard files, `troupe plot`, and a
+checkpoint that loads with transformers and with vLLM."""
 
 import json
 import subprocess
@@ -57,6 +57,8 @@ def cli_run(tmp_path_factory):
         "data.answer_key=answer",
         "data.max_prompt_tokens=256",
         "eval.every=2",
+        "run.mode=async",  # the second batch is sampled while the first trains
+        "run.max_staleness=1",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -76,6 +78,8 @@ def test_cli_trains_on_a_prompt_file_counts_bad_rows_and_evaluates(cli_run):
         assert 0.0 <= row["eval/greedy/accuracy"] <= 1.0 and "eval/greedy/reward/mean" in row
         assert row["eval/greedy/response_tokens/mean"] > 0
     assert not any(k.startswith("eval/") for k in first)
+    assert first["staleness/max"] == 0 and last["staleness/max"] == 1  # async: one version behind
+    assert last["accounting/lost"] == 0 and last["accounting/trained"] == 8
     for row in (first, last):
         assert row["data/skipped/malformed_json"] == 1 and row["data/skipped/too_long"] == 1
         assert row["data/prompts"] == 6 and row["data/rows"] == 8

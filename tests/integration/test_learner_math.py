@@ -11,6 +11,7 @@ import torch
 
 from actors.learner.batch import RolloutBatch, pad_sequences
 from actors.learner.dpo import PreferencePair
+from actors.weight_buckets import unpack
 from cluster.learner_group import LearnerGroup, critic_group, critic_setup, policy_setup
 from cluster.runtime import learner_env
 from tests.integration.conftest import tiny_config
@@ -53,9 +54,10 @@ def _group(cfg, model_path, role_critic=False):
     return group
 
 
-def _one_step(model_path, dtype, world, micro, zero=2, share_prompts=True):
+def _one_step(model_path, dtype, world, micro, zero=2, share_prompts=True, batch=None, extra=()):
     """One optimizer step on the fixed batch: (metrics, the updated weights as float32)."""
     cfg = tiny_config(
+        *extra,
         f"learner.dtype={dtype}",
         f"learner.world_size={world}",
         f"learner.micro_batch_size={micro}",
@@ -70,8 +72,9 @@ def _one_step(model_path, dtype, world, micro, zero=2, share_prompts=True):
     )
     group = _group(cfg, model_path)
     try:
-        metrics, _ = group.train(_batch(), kl_coef=0.0)
-        weights = ray.get(group.export_weights(1), timeout=300).tensors
+        metrics, _ = group.train(batch or _batch(), kl_coef=0.0)
+        bundle = group.export_weights(1)
+        weights = dict(unpack(bundle.manifest, ray.get(list(bundle.buckets), timeout=300)))
     finally:
         group.shutdown()
     return metrics, {k: v.float() for k, v in weights.items()}
@@ -99,6 +102,35 @@ def test_token_mean_gradient_same_for_micro_batch_and_world_size_bf16_and_fp32(
         moved = torch.cat([(weights[k] - w_whole[k]).abs().flatten() for k in w_whole])
         limit = 5e-3 if dtype == "bfloat16" else 1e-4  # bf16 weights round at ~4e-3 near 1
         assert float((moved > limit).float().mean()) < 1e-3, name
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_stale_rows_are_weighted_by_the_truncated_importance_ratio_bf16_and_fp32(
+    ray_session, tiny_model_path, dtype
+):
+    """Rows from older weights (async) whose behaviour log-probs are far below the learner's: every token's weight
+    is the cap, so the policy loss is exactly tis_cap times the uncorrected one; fresh rows are not weighted."""
+    base = _batch()
+    stale = replace(
+        base,
+        weight_version=torch.full((8,), -1),
+        behaviour_logprobs=torch.full(base.action_mask.shape, -1000.0),
+    )
+    corrected, _ = _one_step(tiny_model_path, dtype, 1, 8, batch=stale, extra=("algo.tis_cap=2.0",))
+    plain, _ = _one_step(tiny_model_path, dtype, 1, 8, batch=stale, extra=("algo.tis_cap=0",))
+    fresh, _ = _one_step(
+        tiny_model_path, dtype, 1, 8, batch=replace(stale, weight_version=torch.zeros(8, dtype=torch.long))
+    )
+    assert corrected["stale_rows_frac"] == 1.0 and corrected["old_logprobs_forward"] == 1.0
+    assert corrected["tis/weight_mean"] == pytest.approx(2.0) and corrected[
+        "tis/truncated_frac"
+    ] == pytest.approx(1.0)
+    assert abs(plain["pg_loss"]) > 1e-4, "the uncorrected loss is ~0: the comparison would say nothing"
+    assert corrected["pg_loss"] == pytest.approx(
+        2.0 * plain["pg_loss"], rel=1e-3 if dtype == "float32" else 2e-2
+    )
+    assert "tis/weight_mean" not in plain and "tis/weight_mean" not in fresh  # fresh rows: tis_scope=stale
+    assert fresh["stale_rows_frac"] == 0.0
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

@@ -116,6 +116,13 @@ def test_best_of_n_keeps_the_highest_scored_sample(service, tmp_path, tiny_model
     assert summary["prompts"] == 2 and summary["skipped"] == 1
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2
-    for row in rows:
+    for row, answer in zip(rows, ("2", "6"), strict=True):
         assert len(row["rewards"]) == 3 and row["reward"] == max(row["rewards"])
+        # the kept text is the one that scored it: scoring it again through the service gives the same reward
+        status, again = _call(
+            url,
+            "/score",
+            {"items": [{"prompt": row["prompt"], "response": row["best"], "reference": answer}]},
+        )
+        assert status == 200 and again["results"][0]["reward"] == pytest.approx(row["reward"], abs=1e-6)
     assert summary["mean_best_reward"] >= summary["mean_first_sample_reward"]

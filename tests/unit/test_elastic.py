@@ -83,6 +83,16 @@ def test_unknown_pools_and_bad_files_are_refused_without_resizing(tmp_path, capl
         request_resize(tmp_path, {"generators": 0})
 
 
+def test_fixed_pools_are_left_alone_by_requests_and_the_autoscaler(tmp_path, caplog):
+    """Colocated generators live in the learner ranks' bundles: neither a request nor the policy resizes them."""
+    run = _run()
+    control = FleetControl(tmp_path, AutoscaleConfig(enabled=True, cooldown=0), fixed={"generators"})
+    request_resize(tmp_path, {"generators": 3})
+    busy = {"time/iteration": 1.0, "time/generate": 0.9, "time/score": 0.9}
+    assert control.targets(run, 0, busy) == {"reward.rules": 2}
+    assert "fixed in this run" in caplog.text
+
+
 def test_troupe_fleet_command_writes_the_request(tmp_path, capsys):
     assert main([str(tmp_path), "generators=2"]) == 0
     assert json.loads((tmp_path / "fleet.json").read_text())["sizes"] == {"generators": 2}

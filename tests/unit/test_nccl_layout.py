@@ -37,11 +37,14 @@ def test_pack_unpack_roundtrip_at_aligned_offsets(dtype, bucket_bytes):
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
-def test_a_tensor_out_of_layout_order_is_refused():
+def test_a_tensor_out_of_layout_order_or_dtype_is_refused():
     state = _state(torch.float32)
     specs = layout(state, 1 << 20)
     with pytest.raises(WeightTransferError, match="where the layout has embed"):
         pack_bucket(specs[0], iter(state[1:]), "cpu", 3)
+    as_half = [(n, t.half()) for n, t in state]  # same names and shapes, other bytes
+    with pytest.raises(WeightTransferError, match="float16 where the layout has embed .* float32"):
+        pack_bucket(specs[0], iter(as_half), "cpu", 3)
 
 
 def test_bucket_checksum_sees_a_changed_or_moved_word():
@@ -59,8 +62,9 @@ def test_bucket_checksum_sees_a_changed_or_moved_word():
 def test_auto_picks_nccl_only_for_split_gpu_runs_and_nccl_is_refused_elsewhere():
     assert nccl_enabled("auto", 1, 1, 1, "split")
     assert not nccl_enabled("auto", 0, 1, 1, "split")
+    assert not nccl_enabled("auto", 0.5, 1, 1, "split")  # two ranks on one GPU cannot share a communicator
     assert not nccl_enabled("auto", 1, 1, 2, "split")  # TP > 1: the engine's workers are other processes
     assert not nccl_enabled("auto", 1, 1, 1, "colocated")
     assert not nccl_enabled("object_store", 1, 1, 1, "split")
-    with pytest.raises(ConfigError, match="sync.transport=nccl needs generator.num_gpus > 0"):
+    with pytest.raises(ConfigError, match=r"sync.transport=nccl needs whole GPUs"):
         validate(tiny_config("sync.transport=nccl"))
