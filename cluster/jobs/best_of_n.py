@@ -105,6 +105,7 @@ def best_of_n(args) -> dict:
             row = {
                 "prompt": prompt,
                 "best": best_rollout.response_text,
+                "finish_reason": best_rollout.finish_reason,  # "length": cut at --max-new-tokens
                 "reward": best["reward"],
                 "objectives": best["objectives"],
                 "weights": best["weights"],

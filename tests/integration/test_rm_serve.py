@@ -122,7 +122,16 @@ def test_best_of_n_keeps_the_highest_scored_sample(service, tmp_path, tiny_model
         status, again = _call(
             url,
             "/score",
-            {"items": [{"prompt": row["prompt"], "response": row["best"], "reference": answer}]},
+            {
+                "items": [
+                    {
+                        "prompt": row["prompt"],
+                        "response": row["best"],
+                        "reference": answer,
+                        "finish_reason": row["finish_reason"],
+                    }
+                ]
+            },
         )
         assert status == 200 and again["results"][0]["reward"] == pytest.approx(row["reward"], abs=1e-6)
     assert summary["mean_best_reward"] >= summary["mean_first_sample_reward"]
