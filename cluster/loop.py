@@ -70,9 +70,8 @@ class RunState:
     seed: int | None = None  # run.deterministic: the seed of every request's sampling stream; None: unseeded
 
     def __post_init__(self) -> None:
-        self.generators.on_join = (
-            self.refit
-        )  # a new or replacement generator serves only with current weights
+        # a new or replacement generator serves only with the current weights
+        self.generators.on_join = self.refit
 
     def refit(self, member: Member) -> None:
         stale = self.last_bundle is None or self.last_bundle.version != self.version

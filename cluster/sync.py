@@ -41,19 +41,15 @@ def push_weights(
             generators.replace(m, "died during a weight sync")
             replaced += 1
             continue
-        except (GetTimeoutError, WeightTransferError) as e:
-            m.health = Health.STALE
-            stale += 1
-            log.warning("generator %d did not take weights v%d: %s", m.index, bundle.version, e)
-            continue
-        except RayTaskError as e:
-            if isinstance(e.cause, ObjectLostError):
+        except (GetTimeoutError, WeightTransferError, RayTaskError) as e:
+            cause = getattr(e, "cause", None) or e  # a RayTaskError carries the generator's exception
+            if isinstance(cause, ObjectLostError):
                 raise _lost(e) from e
-            if not isinstance(e.cause, WeightTransferError):
+            if not isinstance(cause, (GetTimeoutError, WeightTransferError)):
                 raise
-            m.health = Health.STALE
+            m.health = Health.STALE  # serves nothing until a later sync or a refit reaches it
             stale += 1
-            log.warning("generator %d refused weights v%d: %s", m.index, bundle.version, e.cause)
+            log.warning("generator %d did not take weights v%d: %s", m.index, bundle.version, cause)
             continue
         m.health = Health.HEALTHY
         loaded += 1

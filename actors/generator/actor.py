@@ -108,10 +108,7 @@ class Generator:
         actor run one at a time, so a generate call in flight finishes on the old weights first. Returns the
         version now held and the transfer's checksum, which the driver compares with what it sent.
         """
-        if bundle.version <= self.version and not rollback:
-            raise ValueError(
-                f"generator {self.replica}: weight version {bundle.version} is not newer than {self.version}"
-            )
+        self._check_newer(bundle.version, rollback)
         start = time.perf_counter()
         digest = ""
         if isinstance(bundle, BucketedWeights):
@@ -122,17 +119,29 @@ class Generator:
         else:
             fetched = start
             items = list(bundle.tensors.items())
-        verified = time.perf_counter()
+        return self._load(
+            items, bundle.version, digest, fetch_s=fetched - start, verify_s=time.perf_counter() - fetched
+        )
+
+    def _check_newer(self, version: int, rollback: bool) -> None:
+        if version <= self.version and not rollback:
+            raise ValueError(
+                f"generator {self.replica}: weight version {version} is not newer than {self.version}"
+            )
+
+    def _load(self, items, version: int, digest: str, fetch_s: float, verify_s: float) -> dict:
+        """Load checked weights; the report the driver compares with what it sent."""
+        start = time.perf_counter()
         self.backend.load_weights(items)
-        self.version = bundle.version
+        self.version = version
         self.stats["weight_loads"] += 1
-        done = time.perf_counter()
+        load_s = time.perf_counter() - start
         return {
-            "version": self.version,
+            "version": version,
             "checksum": digest,
-            "fetch_s": fetched - start,
-            "verify_s": verified - fetched,
-            "load_s": done - verified,
+            "fetch_s": fetch_s,
+            "verify_s": verify_s,
+            "load_s": load_s,
         }
 
     # GPU weight transfer over NCCL (actors/nccl_weights.py): generator i is rank 1 + i of the weight-update group.
@@ -147,24 +156,10 @@ class Generator:
     def receive_weights(self, manifest, rollback: bool = False) -> dict:
         """Take a broadcast of `manifest`'s buckets; loads only after every bucket's checksum matches rank 0's."""
         start = time.perf_counter()
-        items, digest = self.weight_group.receive(
-            manifest
-        )  # first: the others wait on every member's receive
-        if manifest.version <= self.version and not rollback:
-            raise ValueError(
-                f"generator {self.replica}: weight version {manifest.version} is not newer than {self.version}"
-            )
-        received = time.perf_counter()
-        self.backend.load_weights(items)
-        self.version = manifest.version
-        self.stats["weight_loads"] += 1
-        return {
-            "version": self.version,
-            "checksum": digest,
-            "fetch_s": received - start,
-            "verify_s": 0.0,
-            "load_s": time.perf_counter() - received,
-        }
+        # receive first, whatever the version: every member of the group waits on every other's receive
+        items, digest = self.weight_group.receive(manifest)
+        self._check_newer(manifest.version, rollback)
+        return self._load(items, manifest.version, digest, fetch_s=time.perf_counter() - start, verify_s=0.0)
 
     def leave_weight_group(self) -> None:
         if getattr(self, "weight_group", None) is not None:

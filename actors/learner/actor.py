@@ -28,7 +28,6 @@ from actors.learner.engine import (
 from actors.learner.pg_update import policy_gradient_update
 from actors.learner.rank import DeepSpeedRank
 from actors.learner.weights import full_state_dict, iter_full_state
-from actors.protocol import WeightBundle
 from actors.weight_buckets import BucketedWeights
 
 log = logging.getLogger("troupe.learner")
@@ -95,12 +94,16 @@ class Learner(DeepSpeedRank):
         sums = self.frozen_logprobs(batch, reference=False).sum(-1)
         return (sums[: len(pairs)] - sums[len(pairs) :]).tolist()
 
-    def export_weights(self, version: int) -> WeightBundle | None:
-        """Full HF-named state dict on rank 0 (every rank must call this: ZeRO-3 gathers collectively)."""
-        tensors = full_state_dict(
-            self.engine, self.spec.train.zero_stage, getattr(torch, self.export_dtype), self.rank == 0
-        )
-        return WeightBundle(version, tensors) if self.rank == 0 else None
+    def _exported(self):
+        """Rank 0: an iterator over the weights to export (HF names, the generators' dtype, no copies). Other
+        ranks take part in every ZeRO-3 gather here and get None: every rank must call it."""
+        dtype = getattr(torch, self.export_dtype)
+        tensors = iter_full_state(self.engine, self.spec.train.zero_stage, dtype, self.rank == 0)
+        if self.rank == 0:
+            return tensors
+        for _ in tensors:
+            pass
+        return None
 
     def export_buckets(self, version: int, bucket_bytes: int) -> BucketedWeights | None:
         """The full weights packed into checksummed buckets, each put in the object store by rank 0 as it fills
@@ -108,11 +111,8 @@ class Learner(DeepSpeedRank):
         gathers collectively). The object store's copy is the only one: the buckets are views of the weights."""
         import ray
 
-        dtype = getattr(torch, self.export_dtype)
-        tensors = iter_full_state(self.engine, self.spec.train.zero_stage, dtype, self.rank == 0)
-        if self.rank != 0:
-            for _ in tensors:  # take part in every gather
-                pass
+        tensors = self._exported()
+        if tensors is None:
             return None
         specs, refs = weight_buckets.pack(tensors, bucket_bytes, put=ray.put)
         return BucketedWeights(weight_buckets.WeightManifest(version, tuple(specs)), tuple(refs))
@@ -122,10 +122,8 @@ class Learner(DeepSpeedRank):
         """The buckets' layout of the exported weights (rank 0; every rank takes part in ZeRO-3's gathers)."""
         from actors import nccl_weights
 
-        dtype = getattr(torch, self.export_dtype)
-        tensors = iter_full_state(self.engine, self.spec.train.zero_stage, dtype, self.rank == 0)
-        specs = nccl_weights.layout(((n, t.detach()) for n, t in tensors), bucket_bytes)
-        return specs if self.rank == 0 else None
+        tensors = self._exported()
+        return None if tensors is None else nccl_weights.layout(tensors, bucket_bytes)
 
     def join_weight_group(self, host: str, port: int, world_size: int) -> bool:
         if self.rank != 0:
@@ -137,13 +135,8 @@ class Learner(DeepSpeedRank):
 
     def broadcast_weights(self, version: int, specs: list) -> str | None:
         """Rank 0 broadcasts the current weights over the weight-update group; returns the transfer's digest."""
-        dtype = getattr(torch, self.export_dtype)
-        tensors = iter_full_state(self.engine, self.spec.train.zero_stage, dtype, self.rank == 0)
-        if self.rank != 0:
-            for _ in tensors:  # take part in every gather
-                pass
-            return None
-        return self.weight_group.send(tensors, specs, version)
+        tensors = self._exported()
+        return None if tensors is None else self.weight_group.send(tensors, specs, version)
 
     def leave_weight_group(self) -> None:
         if getattr(self, "weight_group", None) is not None:
