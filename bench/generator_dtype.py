@@ -19,9 +19,8 @@ def measure(model: str, dtype: str, prompts: int, tokens: int) -> float:
     os.environ.update(
         VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind"
     )
+    from troupe.actors.models import resolve_model
     from vllm import LLM, SamplingParams
-
-    from actors.models import resolve_model
 
     llm = LLM(
         model=resolve_model(model),
@@ -48,7 +47,7 @@ def main() -> None:
     if args.one:
         print(json.dumps({"tok_s": measure(args.model, args.one, args.prompts, args.tokens)}))
         return
-    from actors.hardware import cpu_has_native_bf16, resolve_dtype
+    from troupe.actors.hardware import cpu_has_native_bf16, resolve_dtype
 
     results = {}
     for dtype in ("float32", "bfloat16"):

@@ -47,16 +47,15 @@ def evaluate(models: dict[str, str], eval_prompts: int, samples: int) -> dict[st
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
-
-    from actors.generator.actor import Generator
-    from actors.generator.config import GeneratorConfig
-    from actors.generator.sampling import Sampling
-    from actors.reward.aggregation import WeightedSum, score_rollouts
-    from actors.reward.shard import RewardShard, ShardSpec
-    from cluster.config import register
-    from cluster.data.prompts import build_prompt_sources
-    from cluster.driver import CONF_DIR
-    from cluster.runtime import generator_env
+    from troupe.actors.generator.actor import Generator
+    from troupe.actors.generator.config import GeneratorConfig
+    from troupe.actors.generator.sampling import Sampling
+    from troupe.actors.reward.aggregation import WeightedSum, score_rollouts
+    from troupe.actors.reward.shard import RewardShard, ShardSpec
+    from troupe.cluster.config.compose import CONF_DIR
+    from troupe.cluster.config.schema import register
+    from troupe.cluster.data.prompts import build_prompt_sources
+    from troupe.cluster.run.runtime import generator_env
 
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
@@ -99,7 +98,7 @@ def main() -> None:
     parser.add_argument("--algos", nargs="+", default=["grpo", "ppo", "dpo_online"])
     parser.add_argument("--out", default="outputs/bench-learning-check")
     args = parser.parse_args()
-    from actors.models import resolve_model
+    from troupe.actors.models import resolve_model
 
     root = Path(args.out).resolve()
     runs = {}

@@ -74,16 +74,16 @@ def in_process(model: str, out: Path) -> dict:
     import ray
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
-
-    from actors.models import resolve_model
-    from cluster.checkpoint import verify
-    from cluster.config import register
-    from cluster.driver import CONF_DIR, build_fleet
-    from cluster.durable import RunCheckpoints, driver_state
-    from cluster.job import Job
-    from cluster.loop import train
-    from cluster.metrics import rl_columns
-    from cluster.runtime import start_ray
+    from troupe.actors.models import resolve_model
+    from troupe.cluster.config.compose import CONF_DIR
+    from troupe.cluster.config.schema import register
+    from troupe.cluster.durability.checkpoint import verify
+    from troupe.cluster.durability.run_checkpoints import RunCheckpoints, driver_state
+    from troupe.cluster.observe.metrics import rl_columns
+    from troupe.cluster.run.driver import build_fleet
+    from troupe.cluster.run.job import Job
+    from troupe.cluster.run.loop import train
+    from troupe.cluster.run.runtime import start_ray
 
     register()
     overrides = [*MODELS[model], *COMMON, f"run.output_dir={out}", f"run.iterations={ITERATIONS}"]

@@ -42,9 +42,8 @@ def bt_probe(
 def fine_tune(stage: str, backbone: str, train, out: Path, args) -> Path:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
-
-    from cluster.driver import CONF_DIR
-    from cluster.jobs.reward_model import train_bt_or_haf
+    from troupe.cluster.config.compose import CONF_DIR
+    from troupe.cluster.jobs.reward_model import train_bt_or_haf
 
     overrides = [
         "job=rm_train",
@@ -119,13 +118,13 @@ def main() -> None:
 
 def frozen_models(args, out: Path, results: Results) -> dict:
     """Stage 1, stage 2, the BT probe and the ALaRM variants on frozen SmolLM2 features (one shared cache)."""
-    from actors.models import resolve_model
-    from actors.reward.alarm import Normalizer, consistency_rates, hierarchical_reward, select_aspects
-    from actors.reward.backbone import RewardBackbone
-    from actors.reward.bundle import BundleHeads, load_bundle
-    from cluster.data.ratings import load_ratings
-    from cluster.jobs.rm_eval import pairwise_report
-    from cluster.jobs.rm_training import pair_features, train_gating_stage, train_regression
+    from troupe.actors.models import resolve_model
+    from troupe.actors.reward.alarm import Normalizer, consistency_rates, hierarchical_reward, select_aspects
+    from troupe.actors.reward.backbone import RewardBackbone
+    from troupe.actors.reward.bundle import BundleHeads, load_bundle
+    from troupe.cluster.data.ratings import load_ratings
+    from troupe.cluster.jobs.rm_eval import pairwise_report
+    from troupe.cluster.jobs.rm_training import pair_features, train_gating_stage, train_regression
 
     backbone_path = resolve_model("builtin:smollm2-135m-instruct")
     cache = out / "cache"
@@ -211,10 +210,9 @@ def frozen_models(args, out: Path, results: Results) -> dict:
 def fine_tuned_models(args, out: Path, train, test, results: Results) -> None:
     """BT and HaF fine-tuned on the DeepSpeed learner group, each saved to results as it finishes."""
     import ray
-
-    from actors.models import resolve_model
-    from actors.reward.bundle import BundleScorer
-    from cluster.jobs.rm_eval import pairwise_report, score_pairs
+    from troupe.actors.models import resolve_model
+    from troupe.actors.reward.bundle import BundleScorer
+    from troupe.cluster.jobs.rm_eval import pairwise_report, score_pairs
 
     backbone_path = resolve_model("builtin:smollm2-135m-instruct")
     ft_train = train[: args.ft_pairs]

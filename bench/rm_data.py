@@ -17,7 +17,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from cluster.data.preferences import Preference, parse_transcript
+from troupe.cluster.data.preferences import Preference, parse_transcript
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VERBOSITY_CAP = 200.0  # words

@@ -37,9 +37,8 @@ COMMON = [
 def _config(model: str, out: Path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
-
-    from cluster.config import register
-    from cluster.driver import CONF_DIR
+    from troupe.cluster.config.compose import CONF_DIR
+    from troupe.cluster.config.schema import register
 
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
@@ -50,11 +49,10 @@ def _config(model: str, out: Path):
 
 def through_ray(model: str, repeats: int) -> dict:
     import ray
-
-    from actors.models import resolve_model
-    from cluster.driver import build_fleet
-    from cluster.runtime import start_ray
-    from cluster.sync import push_weights
+    from troupe.actors.models import resolve_model
+    from troupe.cluster.run.driver import build_fleet
+    from troupe.cluster.run.runtime import start_ray
+    from troupe.cluster.sync.object_store import push_weights
 
     out = Path(tempfile.mkdtemp(prefix="troupe-scale-"))
     cfg = _config(model, out)
@@ -105,11 +103,10 @@ def through_ray(model: str, repeats: int) -> dict:
 def in_process(model: str, repeats: int) -> dict:
     """The baseline: reload from tensors already in this process's memory."""
     from safetensors.torch import load_file
-
-    from actors.generator.actor import Generator
-    from actors.models import resolve_model
-    from actors.protocol import WeightBundle
-    from cluster.runtime import generator_env
+    from troupe.actors.generator.actor import Generator
+    from troupe.actors.models import resolve_model
+    from troupe.actors.protocol import WeightBundle
+    from troupe.cluster.run.runtime import generator_env
 
     cfg = _config(model, Path(tempfile.mkdtemp(prefix="troupe-scale-")))
     os.environ.update(generator_env(cfg.generator))

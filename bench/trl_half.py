@@ -110,9 +110,8 @@ def _apply_cpu_patches() -> None:
 def _reward_functions(spec: dict, eos_ids: set[int]):
     """troupe's rule objectives as TRL reward functions (TRL sums them with reward_weights = troupe's weights)."""
     import torch
-
-    from actors.protocol import Prompt, Rollout
-    from actors.reward.rules import RULES
+    from troupe.actors.protocol import Prompt, Rollout
+    from troupe.actors.reward.rules import RULES
 
     limit, temperature = spec["max_new_tokens"], spec["temperature"]
     unknown = sorted(set(spec["objectives"]) - set(RULES))
@@ -186,8 +185,7 @@ def run_trl(spec: dict) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, GenerationConfig, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-
-    from actors.tasks.arithmetic import chat_messages
+    from troupe.actors.tasks.arithmetic import chat_messages
 
     _apply_cpu_patches()
     import trl.generation.vllm_generation as vg

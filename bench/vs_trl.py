@@ -73,9 +73,8 @@ def troupe_overrides(model_ref: str, steps: int, out_dir: Path, extra: list[str]
 def compose_troupe(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
-
-    from cluster.config import register
-    from cluster.config_checks import validate
+    from troupe.cluster.config.checks import validate
+    from troupe.cluster.config.schema import register
 
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
@@ -86,8 +85,8 @@ def compose_troupe(overrides: list[str]):
 
 def build_spec(args) -> dict:
     """Everything both halves read: the composed troupe config is the one source of the shared settings."""
-    from actors.hardware import cpu_has_native_bf16, resolve_dtype
-    from actors.models import resolve_model
+    from troupe.actors.hardware import cpu_has_native_bf16, resolve_dtype
+    from troupe.actors.models import resolve_model
 
     model_ref = "builtin:tiny-llama" if args.tiny else "builtin:smollm2-135m-instruct"
     out_dir = RUN_DIR / "troupe-run"
@@ -132,7 +131,7 @@ def build_spec(args) -> dict:
 
 def expected_prompts(spec: dict, tokenizer) -> list:
     """troupe's PromptBatch for each step, exactly as its driver builds them (from the same composed config)."""
-    from cluster.data.prompts import build_prompt_sources
+    from troupe.cluster.data.prompts import build_prompt_sources
 
     source, _ = build_prompt_sources(compose_troupe(spec["troupe_overrides"]), tokenizer)
     return [source.next_batch() for _ in range(spec["steps"])]
@@ -146,8 +145,7 @@ def run_troupe(spec: dict) -> dict:
 
     import ray
     from transformers import AutoTokenizer
-
-    from cluster.driver import run
+    from troupe.cluster.run.driver import run
 
     logging.basicConfig(level=os.environ.get("TROUPE_LOG_LEVEL", "WARNING"))
     started = time.perf_counter()
@@ -214,7 +212,9 @@ def busy_processes(exclude: int | None = None) -> list[str]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if any(k in cmd for k in ("pytest", "cluster.driver", "bin/troupe", "bench.vs_trl --_half")):
+        if any(
+            k in cmd for k in ("pytest", "troupe.cluster.run.driver", "bin/troupe", "bench.vs_trl --_half")
+        ):
             found.append(f"{pid} {cmd.strip()[:100]}")
     return found
 

@@ -11,13 +11,12 @@ import time
 from collections.abc import Sequence
 
 import torch
-
-from actors import weight_buckets
-from actors.generator.config import GeneratorConfig
-from actors.generator.sampling import Sampling, prompt_seed
-from actors.hardware import node_id, placement_group_id, resolve_dtype
-from actors.protocol import Prompt, Rollout, WeightBundle
-from actors.weight_buckets import BucketedWeights
+from troupe.actors import weight_buckets
+from troupe.actors.generator.config import GeneratorConfig
+from troupe.actors.generator.sampling import Sampling, prompt_seed
+from troupe.actors.hardware import node_id, placement_group_id, resolve_dtype
+from troupe.actors.protocol import Prompt, Rollout, WeightBundle
+from troupe.actors.weight_buckets import BucketedWeights
 
 log = logging.getLogger("troupe.generator")
 
@@ -44,7 +43,7 @@ class Generator:
         self.dtype = resolve_dtype(config.dtype)
         seed = seed + 1000 * replica  # replicas must not draw identical samples
         if config.backend == "vllm":
-            from actors.generator.vllm_backend import VLLMBackend
+            from troupe.actors.generator.vllm_backend import VLLMBackend
 
             self.backend = VLLMBackend(
                 model_path,
@@ -57,7 +56,7 @@ class Generator:
                 trust_remote_code,
             )
         elif config.backend == "hf":
-            from actors.generator.hf_backend import HFBackend
+            from troupe.actors.generator.hf_backend import HFBackend
 
             self.backend = HFBackend(model_path, self.dtype, seed, trust_remote_code)
         else:
@@ -146,7 +145,7 @@ class Generator:
 
     # GPU weight transfer over NCCL (actors/nccl_weights.py): generator i is rank 1 + i of the weight-update group.
     def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> bool:
-        from actors.nccl_weights import WeightGroup
+        from troupe.actors.nccl_weights import WeightGroup
 
         self.weight_group = WeightGroup(
             host, port, rank, world_size, torch.device("cuda", torch.cuda.current_device())

@@ -8,8 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from actors.generator.sampling import Completion, Sampling
+from troupe.actors.generator.sampling import Completion, Sampling
 
 
 class HFBackend:

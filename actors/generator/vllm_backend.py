@@ -10,8 +10,7 @@ import os
 from collections.abc import Sequence
 
 import torch
-
-from actors.generator.sampling import Completion, Sampling
+from troupe.actors.generator.sampling import Completion, Sampling
 
 log = logging.getLogger("troupe.generator.vllm")
 
@@ -39,7 +38,7 @@ class VLLMBackend:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if not in_process:
             # Weights then cross a process boundary: the worker extension receives them as safetensors bytes.
-            kwargs["worker_extension_cls"] = "actors.generator.vllm_weight_sync.WeightSyncExtension"
+            kwargs["worker_extension_cls"] = "troupe.actors.generator.vllm_weight_sync.WeightSyncExtension"
         self._in_process = in_process
         self.llm = LLM(
             model=model_path,

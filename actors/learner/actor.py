@@ -11,24 +11,23 @@ import time
 from collections.abc import Sequence
 
 import torch
-
-from actors import weight_buckets
-from actors.learner import lora
-from actors.learner.batch import RolloutBatch, pair_batch
-from actors.learner.config import RankSetup
-from actors.learner.dpo import PreferencePair
-from actors.learner.dpo_update import dpo_update
-from actors.learner.engine import (
+from troupe.actors import weight_buckets
+from troupe.actors.learner import lora
+from troupe.actors.learner.batch import RolloutBatch, pair_batch
+from troupe.actors.learner.config import RankSetup
+from troupe.actors.learner.dpo import PreferencePair
+from troupe.actors.learner.dpo_update import dpo_update
+from troupe.actors.learner.engine import (
     build_engine,
     current_lr,
     frozen_reference,
     init_process_group,
     load_causal_lm,
 )
-from actors.learner.pg_update import policy_gradient_update
-from actors.learner.rank import DeepSpeedRank
-from actors.learner.weights import full_state_dict, iter_full_state
-from actors.weight_buckets import BucketedWeights
+from troupe.actors.learner.pg_update import policy_gradient_update
+from troupe.actors.learner.rank import DeepSpeedRank
+from troupe.actors.learner.weights import full_state_dict, iter_full_state
+from troupe.actors.weight_buckets import BucketedWeights
 
 log = logging.getLogger("troupe.learner")
 
@@ -120,7 +119,7 @@ class Learner(DeepSpeedRank):
     # GPU weight transfer over NCCL (actors/nccl_weights.py): rank 0 is rank 0 of the weight-update group.
     def weight_layout(self, bucket_bytes: int) -> list | None:
         """The buckets' layout of the exported weights (rank 0; every rank takes part in ZeRO-3's gathers)."""
-        from actors import nccl_weights
+        from troupe.actors import nccl_weights
 
         tensors = self._exported()
         return None if tensors is None else nccl_weights.layout(tensors, bucket_bytes)
@@ -128,7 +127,7 @@ class Learner(DeepSpeedRank):
     def join_weight_group(self, host: str, port: int, world_size: int) -> bool:
         if self.rank != 0:
             return False
-        from actors.nccl_weights import WeightGroup
+        from troupe.actors.nccl_weights import WeightGroup
 
         self.weight_group = WeightGroup(host, port, 0, world_size, self.engine.device)
         return True

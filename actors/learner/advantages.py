@@ -1,4 +1,10 @@
-"""Advantage estimators, by name: `algo.estimator` picks one; adding one is a function registered here.
+"""Advantage estimators: `algo.estimator` picks a registered one by name, or names your own by import path
+(`mypkg.adv:my_estimator`; from Python, the object itself). Yours is an `Estimator(fn, token_level=...,
+compares_group=..., needs_critic=...)`, or a bare function (then sequence-level, needing neither group nor critic):
+
+    def centred(inputs: AdvantageInputs, algo: AlgoConfig):
+        adv = inputs.rewards - inputs.rewards.mean()
+        return adv[:, None] * inputs.mask, None
 
 Each estimator maps `AdvantageInputs` (one learner rank's rows, whole prompt groups) to per-token advantages
 [B, T] and, where a critic learns from them, returns [B, T]. Sequence-level estimators put one number on every
@@ -12,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from actors.learner.config import AlgoConfig
-from actors.learner.grpo import group_advantages
-from actors.learner.ppo import gae, last_token_index
+from troupe.actors.learner.config import AlgoConfig
+from troupe.actors.learner.grpo import group_advantages
+from troupe.actors.learner.ppo import gae, last_token_index
+from troupe.actors.plugins import PluginError, load_object
 
 
 @dataclass(frozen=True)
@@ -53,10 +59,24 @@ def estimator(name: str, token_level: bool = False, compares_group: bool = False
     return register
 
 
+def lookup(ref) -> Estimator:
+    """A registered name, an import path or an object: the `Estimator` it means (errors name algo.estimator)."""
+    if isinstance(ref, str) and ref in ESTIMATORS:
+        return ESTIMATORS[ref]
+    if isinstance(ref, str) and ("." not in ref and ":" not in ref):
+        raise PluginError(
+            f"algo.estimator must be one of {sorted(ESTIMATORS)} or an import path (pkg.module:name), got {ref!r}"
+        )
+    found = load_object(ref, "algo.estimator")
+    if isinstance(found, Estimator):
+        return found
+    if callable(found):
+        return Estimator(found, token_level=False, compares_group=False, needs_critic=False)
+    raise PluginError(f"algo.estimator={ref!r} is a {type(found).__name__}, not an Estimator or a function")
+
+
 def estimate(algo: AlgoConfig, inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if algo.estimator not in ESTIMATORS:
-        raise ValueError(f"algo.estimator must be one of {sorted(ESTIMATORS)}, got {algo.estimator!r}")
-    return ESTIMATORS[algo.estimator].fn(inputs, algo)
+    return lookup(algo.estimator).fn(inputs, algo)
 
 
 def _per_token(sequence_advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

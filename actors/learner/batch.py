@@ -11,9 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
-
-from actors.learner.dpo import PreferencePair
-from actors.protocol import ScoredRollout
+from troupe.actors.learner.dpo import PreferencePair
+from troupe.actors.protocol import ScoredRollout
 
 _PER_ROW = ("rewards", "temperature", "weight_version")
 

@@ -1,12 +1,13 @@
 """Typed config of the trained roles (policy learner, PPO critic) and of the algorithm they run.
 
-These dataclasses are the Hydra schema's `learner`, `critic` and `algo` groups (composed by cluster/config.py) and
+These dataclasses are the Hydra schema's `learner`, `critic` and `algo` groups (composed by cluster/config/schema.py) and
 also what the ranks are built from: no field-by-field copies between config and actor. No Ray imports here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 
 @dataclass
@@ -92,7 +93,8 @@ class AlgoConfig:
     source: str = "rollouts"  # rollouts (generate + score each iteration) | dataset (offline preference file)
     # How rewards become per-token advantages: a name registered in actors/learner/advantages.py
     # (group, rloo, returns, gae, ...). gae needs critic=true.
-    estimator: str = "group"
+    # a registered name (actors/learner/advantages.py), an import path, or (Python API) an Estimator / function
+    estimator: Any = "group"
     estimator_args: dict[str, float] = field(
         default_factory=dict
     )  # extra numbers a registered estimator reads

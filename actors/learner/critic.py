@@ -10,12 +10,11 @@ import time
 
 import torch
 from torch import nn
-
-from actors.learner.batch import RolloutBatch
-from actors.learner.engine import build_engine, config_without_dropout, current_lr, init_process_group
-from actors.learner.ppo import explained_variance, value_loss
-from actors.learner.rank import DeepSpeedRank
-from actors.learner.step import micro_batches
+from troupe.actors.learner.batch import RolloutBatch
+from troupe.actors.learner.engine import build_engine, config_without_dropout, current_lr, init_process_group
+from troupe.actors.learner.ppo import explained_variance, value_loss
+from troupe.actors.learner.rank import DeepSpeedRank
+from troupe.actors.learner.step import micro_batches
 
 
 class ValueModel(nn.Module):

@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from actors.learner.batch import pair_batch, pair_lengths, pair_rows
-from actors.learner.dpo import PreferencePair, dpo_loss
-from actors.learner.logprobs import response_logprobs
+from troupe.actors.learner.batch import pair_batch, pair_lengths, pair_rows
+from troupe.actors.learner.dpo import PreferencePair, dpo_loss
+from troupe.actors.learner.logprobs import response_logprobs
 
 
 def dpo_update(learner, pairs: Sequence[PreferencePair]) -> dict:

@@ -12,8 +12,7 @@ import os
 import socket
 
 import torch
-
-from actors.learner.config import LearnerConfig, RankSetup
+from troupe.actors.learner.config import LearnerConfig, RankSetup
 
 SCHEDULES = ("constant", "linear", "cosine")
 

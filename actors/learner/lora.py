@@ -8,8 +8,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-
-from actors.learner.config import LoraConfig
+from troupe.actors.learner.config import LoraConfig
 
 _PREFIX = "base_model.model."
 

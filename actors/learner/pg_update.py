@@ -11,12 +11,11 @@ All log-probs are at each rollout's sampling temperature.
 from __future__ import annotations
 
 import torch
-
-from actors.learner.advantages import AdvantageInputs, estimate
-from actors.learner.batch import RolloutBatch
-from actors.learner.grpo import clipped_policy_loss, kl_penalty, truncated_importance_weights
-from actors.learner.logprobs import causal_lm, response_logprobs
-from actors.learner.ppo import masked_whiten
+from troupe.actors.learner.advantages import AdvantageInputs, estimate
+from troupe.actors.learner.batch import RolloutBatch
+from troupe.actors.learner.grpo import clipped_policy_loss, kl_penalty, truncated_importance_weights
+from troupe.actors.learner.logprobs import causal_lm, response_logprobs
+from troupe.actors.learner.ppo import masked_whiten
 
 
 def policy_gradient_update(

@@ -44,7 +44,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, distributed: bool = False
     mask = mask.float()
     stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
     if distributed:
-        from actors.learner.step import all_reduce_sum
+        from troupe.actors.learner.step import all_reduce_sum
 
         stats = all_reduce_sum(stats)
     total, sq, count = stats.tolist()

@@ -9,13 +9,12 @@ import os
 from collections.abc import Callable
 
 import torch
-
-from actors.hardware import node_id, resolve_dtype
-from actors.learner.batch import RolloutBatch
-from actors.learner.config import RankSetup
-from actors.learner.engine import free_port
-from actors.learner.logprobs import response_logprobs
-from actors.learner.step import (
+from troupe.actors.hardware import node_id, resolve_dtype
+from troupe.actors.learner.batch import RolloutBatch
+from troupe.actors.learner.config import RankSetup
+from troupe.actors.learner.engine import free_port
+from troupe.actors.learner.logprobs import response_logprobs
+from troupe.actors.learner.step import (
     StepNorm,
     global_counts,
     group_lengths,

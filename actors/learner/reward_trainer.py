@@ -7,19 +7,18 @@ import time
 from collections.abc import Sequence
 
 import torch
-
-from actors.learner.batch import pair_batch, pair_lengths, pair_rows
-from actors.learner.dpo import PreferencePair
-from actors.learner.engine import (
+from troupe.actors.learner.batch import pair_batch, pair_lengths, pair_rows
+from troupe.actors.learner.dpo import PreferencePair
+from troupe.actors.learner.engine import (
     build_engine,
     current_lr,
     frozen_reference,
     init_process_group,
     load_causal_lm,
 )
-from actors.learner.rank import DeepSpeedRank
-from actors.learner.weights import full_state_dict
-from actors.reward.haf import RewardLM, haf_loss
+from troupe.actors.learner.rank import DeepSpeedRank
+from troupe.actors.learner.weights import full_state_dict
+from troupe.actors.reward.haf import RewardLM, haf_loss
 
 
 def _sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, action: torch.Tensor) -> torch.Tensor:

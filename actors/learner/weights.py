@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-
-from actors.learner import lora
+from troupe.actors.learner import lora
 
 
 def iter_full_state(

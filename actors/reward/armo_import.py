@@ -47,9 +47,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from actors.reward.armo import GatingNetwork
-from actors.reward.bundle import BundleHeads, BundleInfo, save_bundle
+from troupe.actors.reward.armo import GatingNetwork
+from troupe.actors.reward.bundle import BundleHeads, BundleInfo, save_bundle
 
 # The 19 attributes in the order of the card's `attributes` list (and stage-2_train.py).
 PUBLISHED_OBJECTIVES = (
@@ -251,7 +250,7 @@ def _ids(out) -> list[int]:
 
 def check_positions(tokenizer, max_length: int, pad_token_id: int | None, where: str) -> None:
     """On probe chats, troupe's ids and read positions must equal the card's; else scores would differ."""
-    from actors.reward.backbone import encode
+    from troupe.actors.reward.backbone import encode
 
     pattern = tokenizer(GATE_PATTERN, add_special_tokens=False)["input_ids"]
     for prompt, response in PROBES:

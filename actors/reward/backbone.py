@@ -196,8 +196,7 @@ class RewardBackbone:
         trust_remote_code: bool = False,
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
-
-        from actors.hardware import resolve_dtype
+        from troupe.actors.hardware import resolve_dtype
 
         dtype = resolve_dtype(dtype)
         if dtype not in ("bfloat16", "float32"):

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-
-from actors.reward.armo import GatingNetwork, armo_score
+from troupe.actors.reward.armo import GatingNetwork, armo_score
 
 
 @dataclass
@@ -123,7 +122,7 @@ class BundleScorer:
     """Backbone + heads: scores (prompt messages, response) pairs with one forward pass for all heads."""
 
     def __init__(self, folder: str | Path, batch_size: int = 8, dtype: str = "float32") -> None:
-        from actors.reward.backbone import RewardBackbone
+        from troupe.actors.reward.backbone import RewardBackbone
 
         info, tensors = load_bundle(folder)
         self.heads = BundleHeads(info, tensors)

@@ -28,7 +28,7 @@ class Features(NamedTuple):
 
 
 def fingerprint(backbone_path: str, max_length: int, prompts, responses, dtype: str = "float32") -> str:
-    from actors.reward.backbone import ENCODING_VERSION
+    from troupe.actors.reward.backbone import ENCODING_VERSION
 
     h = hashlib.sha256(f"{backbone_path}|{max_length}|{dtype}|encoding{ENCODING_VERSION}".encode())
     for p, r in zip(prompts, responses, strict=True):

@@ -15,9 +15,8 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-
-from actors.protocol import Rollout
-from actors.reward.ifeval_checks import CHECKS, build_check
+from troupe.actors.protocol import Rollout
+from troupe.actors.reward.ifeval_checks import CHECKS, build_check
 
 log = logging.getLogger("troupe.reward")
 

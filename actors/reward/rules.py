@@ -12,10 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-from actors.protocol import Rollout
-from actors.reward.ifeval import IFEval, Instructions
-from actors.reward.math_answer import has_final_answer, is_correct
+from troupe.actors.protocol import Rollout
+from troupe.actors.reward.ifeval import IFEval, Instructions
+from troupe.actors.reward.math_answer import has_final_answer, is_correct
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-
-from actors.hardware import node_id
-from actors.protocol import Rollout
-from actors.reward.aggregation import token_key
-from actors.reward.rules import RULES
+from troupe.actors.hardware import node_id
+from troupe.actors.protocol import Rollout
+from troupe.actors.reward.aggregation import token_key
+from troupe.actors.reward.rules import RULES
 
 log = logging.getLogger("troupe.reward")
 
@@ -53,7 +52,7 @@ class RewardShard:
         self.spec = spec
         self.replica = replica
         self.objectives = build_objectives(spec.objectives)
-        from actors.reward.bundle import BundleScorer
+        from troupe.actors.reward.bundle import BundleScorer
 
         self.bundles = [BundleScorer(b, dtype=spec.dtype) for b in spec.bundles]
         self.stats = {"rollouts": 0, "batches": 0, "score_s": 0.0}

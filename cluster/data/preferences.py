@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from actors.learner.dpo import PreferencePair
+from troupe.actors.learner.dpo import PreferencePair
 
 _TURN = re.compile(r"\n\n(Human|Assistant): ")
 

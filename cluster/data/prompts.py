@@ -20,10 +20,10 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from actors.protocol import Prompt, PromptBatch
-from actors.tasks.arithmetic import ArithmeticTask, chat_messages
-from cluster.config import DataConfig, TaskConfig, TroupeConfig
-from cluster.data.records import BadRow, iter_rows
+from troupe.actors.protocol import Prompt, PromptBatch
+from troupe.actors.tasks.arithmetic import ArithmeticTask, chat_messages
+from troupe.cluster.config.schema import DataConfig, TaskConfig, TroupeConfig
+from troupe.cluster.data.records import BadRow, iter_rows
 
 log = logging.getLogger("troupe.data")
 BUILTIN_ARITHMETIC = "builtin:arithmetic"

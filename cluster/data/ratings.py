@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from actors.reward.armo import rescale
-from cluster.data.preferences import read_records
+from troupe.actors.reward.armo import rescale
+from troupe.cluster.data.preferences import read_records
 
 
 @dataclass(frozen=True)

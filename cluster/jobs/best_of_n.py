@@ -1,15 +1,14 @@
 """Best-of-N with the reward service: sample N responses per prompt from a policy, score them all through a
-running `troupe job=rm_serve`, keep the best. Writes one JSON line per prompt: the best response, its reward and
+running `troupe rm serve`, keep the best. Writes one JSON line per prompt: the best response, its reward and
 breakdown, and every candidate's reward.
 
-  .venv/bin/python -m cluster.jobs.best_of_n --url http://127.0.0.1:8008 --prompts prompts.jsonl \
-      --prompt-key question [--reference-key answer] --n 8 --out best.jsonl [--model ...] [--backend vllm|hf]
+  troupe best-of-n best_of_n.prompts=prompts.jsonl data.prompt_key=question [best_of_n.reference_key=answer] \
+      best_of_n.n=8 best_of_n.out=best.jsonl [model.policy=...] [generator.backend=vllm|hf]
 A prompt row without the key is skipped and counted (file:line on stderr); the service's 4xx names the field.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -50,20 +49,19 @@ def read_prompts(path: str, key: str, reference_key: str | None) -> tuple[list, 
     return rows, references, skipped
 
 
-def best_of_n(args) -> dict:
+def best_of_n(cfg) -> dict:
+    """`cfg`: the typed TroupeConfig (best_of_n.*, model.policy, generator.*, data.prompt_key, run.seed)."""
     from transformers import AutoTokenizer
+    from troupe.actors.generator.actor import Generator
+    from troupe.actors.generator.sampling import Sampling
+    from troupe.actors.models import resolve_model
+    from troupe.actors.protocol import Prompt
+    from troupe.cluster.run.runtime import generator_env
 
-    from actors.generator.actor import Generator
-    from actors.generator.config import GeneratorConfig
-    from actors.generator.sampling import Sampling
-    from actors.models import resolve_model
-    from actors.protocol import Prompt
-    from cluster.runtime import generator_env
-
-    prompts, references, skipped = read_prompts(args.prompts, args.prompt_key, args.reference_key)
-    config = GeneratorConfig(backend=args.backend, dtype=args.dtype, max_model_len=args.max_model_len)
-    os.environ.update(generator_env(config))
-    model_path = resolve_model(args.model)
+    b, g = cfg.best_of_n, cfg.generator
+    prompts, references, skipped = read_prompts(b.prompts, cfg.data.prompt_key, b.reference_key)
+    os.environ.update(generator_env(g))
+    model_path = resolve_model(cfg.model.policy)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encoded = []
     for i, p in enumerate(prompts):
@@ -71,11 +69,12 @@ def best_of_n(args) -> dict:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tuple(tokenizer(text, add_special_tokens=False).input_ids)
         encoded.append(Prompt(str(i), ids, text))
-    generator = Generator(config, model_path, seed=args.seed)
-    sampling = Sampling(n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    generator = Generator(g, model_path, seed=cfg.run.seed)
+    sampling = Sampling(n=b.n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens)
     rollouts = generator.generate(encoded, sampling)
+    Path(b.out).parent.mkdir(parents=True, exist_ok=True)
     results = []
-    per_request = max(1, args.batch // args.n) * args.n  # a prompt's candidates go in one request
+    per_request = max(1, b.batch // b.n) * b.n  # a prompt's candidates go in one request
     for start in range(0, len(rollouts), per_request):
         chunk = rollouts[start : start + per_request]
         items = [
@@ -83,18 +82,18 @@ def best_of_n(args) -> dict:
                 "prompt": prompts[int(r.prompt.uid)],
                 "response": r.response_text,
                 "finish_reason": r.finish_reason,
-                **({"reference": references[int(r.prompt.uid)]} if args.reference_key else {}),
+                **({"reference": references[int(r.prompt.uid)]} if b.reference_key else {}),
             }
             for r in chunk
         ]
-        results += post_score(args.url, items)
+        results += post_score(b.url, items)
     gains, bests = [], []
-    with open(args.out, "w") as out:
+    with open(b.out, "w") as out:
         for i, prompt in enumerate(prompts):
             group = list(
                 zip(
-                    rollouts[i * args.n : (i + 1) * args.n],
-                    results[i * args.n : (i + 1) * args.n],
+                    rollouts[i * b.n : (i + 1) * b.n],
+                    results[i * b.n : (i + 1) * b.n],
                     strict=True,
                 )
             )
@@ -115,40 +114,11 @@ def best_of_n(args) -> dict:
     summary = {
         "prompts": len(prompts),
         "skipped": skipped,
-        "n": args.n,
+        "n": b.n,
         "mean_best_reward": sum(bests) / max(len(bests), 1),
         "mean_first_sample_reward": sum(b - g for b, g in zip(bests, gains, strict=True))
         / max(len(bests), 1),
         "mean_gain_over_first_sample": sum(gains) / max(len(gains), 1),
-        "out": args.out,
+        "out": b.out,
     }
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--url", default="http://127.0.0.1:8008")
-    parser.add_argument("--prompts", required=True, help="a JSONL file of prompts")
-    parser.add_argument("--prompt-key", default="prompt")
-    parser.add_argument(
-        "--reference-key", default=None, help="the answer field, for objectives that check one"
-    )
-    parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--out", default="best_of_n.jsonl")
-    parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    parser.add_argument("--backend", default="vllm", choices=("vllm", "hf"))
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-model-len", type=int, default=1024)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--batch", type=int, default=64, help="items per request")
-    parser.add_argument("--seed", type=int, default=0)
-    summary = best_of_n(parser.parse_args(argv))
-    print(json.dumps(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

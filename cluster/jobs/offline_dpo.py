@@ -1,4 +1,4 @@
-"""`troupe algo=dpo_offline dataset.path=...`: DPO on a preference file with the learner group alone
+"""`troupe dpo dataset.path=...`: DPO on a preference file with the learner group alone
 (no generators, no reward shards). `run.iterations` passes over the file, `dataset.pairs_per_iteration` pairs
 per learner call; the reference is the frozen initial model.
 """
@@ -8,17 +8,16 @@ from __future__ import annotations
 import random
 import time
 
-from omegaconf import OmegaConf
-
-from actors.models import resolve_model
-from cluster.checkpoint import save_hf_checkpoint
-from cluster.config import TroupeConfig
-from cluster.data.preferences import load_preferences, tokenize
-from cluster.job import Job
-from cluster.learn import pad_to_multiple
-from cluster.learner_group import LearnerGroup, policy_setup
-from cluster.metrics import OFFLINE_DPO_COLUMNS
-from cluster.runtime import learner_env
+from troupe.actors.models import resolve_model
+from troupe.cluster.config.compose import config_record
+from troupe.cluster.config.schema import TroupeConfig
+from troupe.cluster.data.preferences import load_preferences, tokenize
+from troupe.cluster.durability.checkpoint import save_hf_checkpoint
+from troupe.cluster.fleet.learners import LearnerGroup, policy_setup
+from troupe.cluster.observe.metrics import OFFLINE_DPO_COLUMNS
+from troupe.cluster.run.job import Job
+from troupe.cluster.run.learn import pad_to_multiple
+from troupe.cluster.run.runtime import learner_env
 
 
 def load_pairs(cfg: TroupeConfig, model_path: str):
@@ -64,7 +63,7 @@ def run_offline_dpo(cfg: TroupeConfig) -> dict:
                 "passes": cfg.run.iterations,
                 "pairs": len(pairs),
                 "skipped": skipped,
-                "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+                "config": config_record(cfg),
             }
             checkpoint = save_hf_checkpoint(group, job.out_dir / "checkpoint-final", model_path, state)
         return job.finish(checkpoint=checkpoint, skipped=skipped)

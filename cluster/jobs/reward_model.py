@@ -1,9 +1,9 @@
-"""`troupe job=rm_train ...` and `troupe job=rm_eval ...`: reward-model training stages and pairwise evaluation.
+"""`troupe rm train ...` and `troupe rm eval ...`: reward-model training stages and pairwise evaluation.
 
-troupe job=rm_train rm.stage=regression rm.ratings_path=r.jsonl 'rm.scales={helpfulness: [1, 5]}'  [rm.scales_path=y]
-troupe job=rm_train rm.stage=gating rm.stage1=<bundle> dataset.path=pairs.jsonl rm.verbosity=length
-troupe job=rm_train rm.stage=bt|haf dataset.path=pairs.jsonl      (DeepSpeed learner group)
-troupe job=rm_eval rm.bundle=<bundle> dataset.path=test.jsonl [rm.subset_key=subset] [rm.max_length=N]
+troupe rm train rm.stage=regression rm.ratings_path=r.jsonl 'rm.scales={helpfulness: [1, 5]}'  [rm.scales_path=y]
+troupe rm train rm.stage=gating rm.stage1=<bundle> dataset.path=pairs.jsonl rm.verbosity=length
+troupe rm train rm.stage=bt|haf dataset.path=pairs.jsonl      (DeepSpeed learner group)
+troupe rm eval rm.bundle=<bundle> dataset.path=test.jsonl [rm.subset_key=subset] [rm.max_length=N]
 Every report counts the records the loader dropped (by reason) and the rows or pairs the truncation rule cut.
 """
 
@@ -14,23 +14,23 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from actors.learner.config import LoraConfig
-from actors.models import resolve_model
-from cluster.config import TroupeConfig
-from cluster.config_checks import ConfigError
-from cluster.data.preferences import load_preferences
-from cluster.data.ratings import load_ratings, resolve_scales
-from cluster.job import Job
-from cluster.metrics import RM_COLUMNS
+from troupe.actors.learner.config import LoraConfig
+from troupe.actors.models import resolve_model
+from troupe.cluster.config.checks import ConfigError
+from troupe.cluster.config.schema import TroupeConfig
+from troupe.cluster.data.preferences import load_preferences
+from troupe.cluster.data.ratings import load_ratings, resolve_scales
+from troupe.cluster.observe.metrics import RM_COLUMNS
+from troupe.cluster.run.job import Job
 
 
 def run_rm_job(cfg: TroupeConfig) -> dict:
     if cfg.job == "rm_serve":
-        from cluster.jobs.rm_serve import run_rm_serve
+        from troupe.cluster.jobs.rm_serve import run_rm_serve
 
         return run_rm_serve(cfg)
     if cfg.job == "rm_import":
-        from cluster.jobs.rm_import import run_rm_import
+        from troupe.cluster.jobs.rm_import import run_rm_import
 
         return run_rm_import(cfg)
     with Job(cfg, RM_COLUMNS) as job:
@@ -43,7 +43,7 @@ def run_rm_job(cfg: TroupeConfig) -> dict:
 def _train(cfg: TroupeConfig, job: Job) -> tuple[Path, dict]:
     rm = cfg.rm
     if rm.stage == "regression":
-        from cluster.jobs.rm_training import train_regression
+        from troupe.cluster.jobs.rm_training import train_regression
 
         scales = resolve_scales(rm.scales, rm.scales_path)
         ratings = load_ratings(rm.ratings_path, scales, cfg.dataset.prompt_key, rm.response_key)
@@ -64,8 +64,8 @@ def _train(cfg: TroupeConfig, job: Job) -> tuple[Path, dict]:
         )
         stats["scales"] = scales
     elif rm.stage == "gating":
-        from actors.reward.bundle import read_info
-        from cluster.jobs.rm_training import train_gating_stage
+        from troupe.actors.reward.bundle import read_info
+        from troupe.cluster.jobs.rm_training import train_gating_stage
 
         stage1_length = read_info(rm.stage1).max_length
         if rm.max_length is not None and rm.max_length != stage1_length:
@@ -119,11 +119,10 @@ def train_bt_or_haf(cfg: TroupeConfig, prefs=None, job: Job | None = None) -> tu
         with Job(cfg, RM_COLUMNS) as own:
             return train_bt_or_haf(cfg, prefs, own)
     from transformers import AutoTokenizer
-
-    from actors.learner.reward_trainer import RewardTrainer
-    from cluster.jobs.rm_training import save_reward_head_bundle, tokenize_for_rm, train_reward_head
-    from cluster.learner_group import LearnerGroup, policy_setup
-    from cluster.runtime import learner_env
+    from troupe.actors.learner.reward_trainer import RewardTrainer
+    from troupe.cluster.fleet.learners import LearnerGroup, policy_setup
+    from troupe.cluster.jobs.rm_training import save_reward_head_bundle, tokenize_for_rm, train_reward_head
+    from troupe.cluster.run.runtime import learner_env
 
     rm, lc = cfg.rm, cfg.learner
     backbone = resolve_model(rm.backbone, key="rm.backbone")
@@ -163,7 +162,7 @@ def train_bt_or_haf(cfg: TroupeConfig, prefs=None, job: Job | None = None) -> tu
 
 
 def evaluate_bundle(cfg: TroupeConfig, job: Job) -> dict:
-    from cluster.jobs.rm_eval import evaluate_bundle as evaluate
+    from troupe.cluster.jobs.rm_eval import evaluate_bundle as evaluate
 
     prefs, skipped = _prefs(cfg)
     return evaluate(cfg, job.out_dir, prefs, skipped)

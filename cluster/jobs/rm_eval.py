@@ -2,7 +2,7 @@
 of a `family/subset` name before "/"), per section as the example-weighted mean of its subsets, and the overall
 score as the mean of sections. Ties count as wrong.
 
-`evaluate_bundle` is `troupe job=rm_eval`: features come from the shared feature cache (`rm.cache`), so other
+`evaluate_bundle` is `troupe rm eval`: features come from the shared feature cache (`rm.cache`), so other
 bundles on the same backbone and other output keys (`rm.eval_key`) reuse them; it writes a JSON report (accuracies,
 the Spearman correlation of reward with response length, pairs dropped by the loader and cut by the truncation
 rule, the max_length used) and one JSONL row of scores per kept pair.
@@ -72,12 +72,12 @@ def score_pairs(scorer, prefs, key: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def evaluate_bundle(cfg, out_dir: Path, prefs, dropped: Mapping[str, int]) -> dict:
-    """`troupe job=rm_eval`: score `prefs` with rm.bundle at rm.max_length (else the bundle's), write the report
+    """`troupe rm eval`: score `prefs` with rm.bundle at rm.max_length (else the bundle's), write the report
     and the per-pair scores into `out_dir`, print a summary; returns the report."""
-    from actors.reward.armo import spearman
-    from actors.reward.backbone import RewardBackbone
-    from actors.reward.bundle import BundleHeads, load_bundle
-    from actors.reward.feature_cache import cached_features
+    from troupe.actors.reward.armo import spearman
+    from troupe.actors.reward.backbone import RewardBackbone
+    from troupe.actors.reward.bundle import BundleHeads, load_bundle
+    from troupe.actors.reward.feature_cache import cached_features
 
     rm = cfg.rm
     if rm.sections is not None and not isinstance(rm.sections, Mapping):

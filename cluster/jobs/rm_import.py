@@ -1,4 +1,4 @@
-"""`troupe job=rm_import rm.checkpoint=<folder> rm.output=<bundle dir> [rm.name=armo]`: turn a checkpoint laid out
+"""`troupe rm import rm.checkpoint=<folder> rm.output=<bundle dir> [rm.name=armo]`: turn a checkpoint laid out
 like RLHFlow/ArmoRM-Llama3-8B-v0.1 (a local folder) into a reward bundle that `reward.experts.<name>.bundle` serves.
 No Ray, no remote code: the tensors are read from safetensors (actors/reward/armo_import.py).
 """
@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 
-from cluster.config import TroupeConfig
-from cluster.job import Job
-from cluster.metrics import RM_COLUMNS
+from troupe.cluster.config.schema import TroupeConfig
+from troupe.cluster.observe.metrics import RM_COLUMNS
+from troupe.cluster.run.job import Job
 
 
 def run_rm_import(cfg: TroupeConfig) -> dict:
-    from actors.reward.armo_import import import_armo
+    from troupe.actors.reward.armo_import import import_armo
 
     rm = cfg.rm
     with Job(cfg, RM_COLUMNS) as job:

@@ -1,4 +1,4 @@
-"""`troupe job=rm_serve`: the run's reward fleet (shards + aggregation) served over HTTP, for annotation and
+"""`troupe rm serve`: the run's reward fleet (shards + aggregation) served over HTTP, for annotation and
 best-of-N outside training. Bound to loopback unless `serve.host` says otherwise.
 
 POST /score   {"items": [{"prompt": str | [{role, content}...], "response": str,
@@ -23,11 +23,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
-
-from actors.protocol import Rollout
-from actors.reward.aggregation import score_rollouts
-from cluster.config import TroupeConfig
-from cluster.data.prompts import SkipRow, prompt_encoder
+from troupe.actors.protocol import Rollout
+from troupe.actors.reward.aggregation import score_rollouts
+from troupe.cluster.config.schema import TroupeConfig
+from troupe.cluster.data.prompts import SkipRow, prompt_encoder
 
 log = logging.getLogger("troupe.rm_serve")
 
@@ -178,9 +177,8 @@ def start_service(cfg: TroupeConfig) -> tuple[ThreadingHTTPServer, RewardService
     """The fleet, the aggregation (with `serve.aggregation_state` loaded) and the HTTP server, serving in a thread.
     Ray must be started; the caller shuts both down."""
     from transformers import AutoTokenizer
-
-    from actors.models import resolve_model
-    from cluster.reward_model import build_aggregation, build_reward_fleet, reward_replicas
+    from troupe.actors.models import resolve_model
+    from troupe.cluster.fleet.reward_model import build_aggregation, build_reward_fleet, reward_replicas
 
     tokenizer = AutoTokenizer.from_pretrained(
         resolve_model(cfg.model.policy), trust_remote_code=cfg.model.trust_remote_code
@@ -214,7 +212,7 @@ def run_rm_serve(cfg: TroupeConfig) -> dict:
     """Serve until interrupted (Ctrl-C / SIGTERM)."""
     import signal
 
-    from cluster.runtime import start_ray
+    from troupe.cluster.run.runtime import start_ray
 
     start_ray(cfg.ray)
     server, service = start_service(cfg)

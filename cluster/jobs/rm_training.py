@@ -1,4 +1,4 @@
-"""Reward-model training stages, as functions (the `troupe job=rm_train` CLI and the bench call them):
+"""Reward-model training stages, as functions (the `troupe rm train` CLI and the bench call them):
 
   regression: ArmoRM stage 1 - ridge heads on frozen backbone features of rated responses
   gating:     ArmoRM stage 2 - verbosity debiasing + prompt-conditioned gate trained with Bradley-Terry; the
@@ -19,14 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-
-from actors.learner.dpo import PreferencePair
-from actors.reward import armo
-from actors.reward.backbone import RewardBackbone, encode
-from actors.reward.bundle import BundleInfo, load_bundle, save_bundle
-from actors.reward.feature_cache import cached_features
-from cluster.data.preferences import Preference
-from cluster.data.ratings import Ratings
+from troupe.actors.learner.dpo import PreferencePair
+from troupe.actors.reward import armo
+from troupe.actors.reward.backbone import RewardBackbone, encode
+from troupe.actors.reward.bundle import BundleInfo, load_bundle, save_bundle
+from troupe.actors.reward.feature_cache import cached_features
+from troupe.cluster.data.preferences import Preference
+from troupe.cluster.data.ratings import Ratings
 
 log = logging.getLogger("troupe.rm_training")
 
@@ -199,7 +198,7 @@ def train_reward_head(
     group, pairs: list[PreferencePair], epochs: int, per_call: int, rng, record=None
 ) -> list[dict]:
     """Bradley-Terry / HaF epochs over `pairs` on a LearnerGroup of RewardTrainer ranks; `record` gets each row."""
-    from cluster.learn import pad_to_multiple
+    from troupe.cluster.run.learn import pad_to_multiple
 
     history = []
     world = len(group.ranks)

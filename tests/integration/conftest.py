@@ -6,12 +6,12 @@ import pytest
 import ray
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-
-from actors.models import resolve_model
-from cluster.config import register
-from cluster.config_checks import validate
-from cluster.driver import CONF_DIR, build_fleet
-from cluster.runtime import check_capacity, start_ray
+from troupe.actors.models import resolve_model
+from troupe.cluster.config.checks import validate
+from troupe.cluster.config.compose import CONF_DIR
+from troupe.cluster.config.schema import register
+from troupe.cluster.run.driver import build_fleet
+from troupe.cluster.run.runtime import check_capacity, start_ray
 
 register()
 
@@ -55,8 +55,7 @@ def tiny_model_path(tiny_cfg):
 def tiny_prompts(tiny_cfg, tiny_model_path):
     """Chat-templated task prompts, without starting any actor."""
     from transformers import AutoTokenizer
-
-    from cluster.data.prompts import build_prompt_sources
+    from troupe.cluster.data.prompts import build_prompt_sources
 
     return build_prompt_sources(tiny_cfg, AutoTokenizer.from_pretrained(tiny_model_path))[0]
 

@@ -10,12 +10,12 @@ import threading
 import time
 
 import pytest
+from troupe.cluster.durability.checkpoint import complete, verify
+from troupe.cluster.durability.run_checkpoints import RunCheckpoints, Stopped, driver_state
+from troupe.cluster.observe.metrics import rl_columns
+from troupe.cluster.run.job import Job
+from troupe.cluster.run.loop import train
 
-from cluster.checkpoint import complete, verify
-from cluster.durable import RunCheckpoints, Stopped, driver_state
-from cluster.job import Job
-from cluster.loop import train
-from cluster.metrics import rl_columns
 from tests.integration.conftest import running_fleet, tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -157,9 +157,9 @@ def test_checkpoint_loads_with_transformers(cli_run):
 
 def test_checkpoint_loads_with_vllm_in_a_generator(cli_run, ray_session, tiny_prompts):
     """The trained checkpoint serves from a real vLLM Generator actor."""
-    from actors.generator.actor import Generator
-    from actors.generator.config import GeneratorConfig
-    from actors.generator.sampling import Sampling
+    from troupe.actors.generator.actor import Generator
+    from troupe.actors.generator.config import GeneratorConfig
+    from troupe.actors.generator.sampling import Sampling
 
     ckpt = str(cli_run[0] / "checkpoint-final")
     remote = ray.remote(Generator).options(

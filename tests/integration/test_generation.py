@@ -5,12 +5,11 @@ import pytest
 import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from actors.generator.actor import Generator
-from actors.generator.config import GeneratorConfig
-from actors.generator.sampling import Sampling
-from actors.protocol import Prompt, WeightBundle
-from cluster.runtime import generator_env
+from troupe.actors.generator.actor import Generator
+from troupe.actors.generator.config import GeneratorConfig
+from troupe.actors.generator.sampling import Sampling
+from troupe.actors.protocol import Prompt, WeightBundle
+from troupe.cluster.run.runtime import generator_env
 
 pytestmark = pytest.mark.integration
 

@@ -3,11 +3,10 @@
 import pytest
 import ray
 import torch
-
-from actors.generator.actor import Generator
-from actors.generator.config import GeneratorConfig
-from actors.generator.sampling import Sampling
-from actors.protocol import WeightBundle
+from troupe.actors.generator.actor import Generator
+from troupe.actors.generator.config import GeneratorConfig
+from troupe.actors.generator.sampling import Sampling
+from troupe.actors.protocol import WeightBundle
 
 pytestmark = pytest.mark.integration
 

@@ -4,11 +4,10 @@ from dataclasses import replace
 
 import pytest
 import ray
-
-from actors.weight_buckets import BucketedWeights
-from cluster.fleet import Health
-from cluster.loop import run_iteration
-from cluster.sync import push_weights
+from troupe.actors.weight_buckets import BucketedWeights
+from troupe.cluster.fleet.pool import Health
+from troupe.cluster.run.loop import run_iteration
+from troupe.cluster.sync.object_store import push_weights
 
 pytestmark = pytest.mark.integration
 

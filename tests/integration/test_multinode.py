@@ -21,12 +21,12 @@ ITERATIONS = 6
 def child(out: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
+    from troupe.actors.models import resolve_model
+    from troupe.cluster.fleet.elastic import request_resize
+    from troupe.cluster.run.driver import build_fleet
+    from troupe.cluster.run.loop import run_iteration
+    from troupe.cluster.run.runtime import start_ray
 
-    from actors.models import resolve_model
-    from cluster.driver import build_fleet
-    from cluster.elastic import request_resize
-    from cluster.loop import run_iteration
-    from cluster.runtime import start_ray
     from tests.integration.conftest import tiny_config
 
     cluster = Cluster(

@@ -6,11 +6,11 @@ import time
 
 import pytest
 import ray
+from troupe.cluster.config.checks import ConfigError, validate
+from troupe.cluster.config.schema import RolePlacement
+from troupe.cluster.fleet.placement import PlacementError, check_feasible, pool_options
+from troupe.cluster.run.loop import run_iteration
 
-from cluster.config import RolePlacement
-from cluster.config_checks import ConfigError, validate
-from cluster.loop import run_iteration
-from cluster.placement import PlacementError, check_feasible, pool_options
 from tests.integration.conftest import running_fleet, tiny_config
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,8 @@ import time
 
 import pytest
 from safetensors.torch import load_file
+from troupe.actors.models import resolve_model
 
-from actors.models import resolve_model
 from tests.integration.conftest import TINY_OVERRIDES
 from tests.integration.test_cli import TROUPE
 

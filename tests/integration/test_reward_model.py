@@ -9,17 +9,17 @@ import random
 import pytest
 import ray
 import torch
+from troupe.actors.protocol import Prompt, Rollout
+from troupe.actors.reward.aggregation import score_rollouts, token_key
+from troupe.actors.reward.bundle import BundleScorer
+from troupe.actors.reward.shard import RewardShard, ShardSpec
+from troupe.cluster.data.preferences import Preference
+from troupe.cluster.data.ratings import load_ratings
+from troupe.cluster.fleet.pool import Pool
+from troupe.cluster.fleet.reward_pools import RewardFleet
+from troupe.cluster.jobs.rm_training import train_gating_stage, train_regression
+from troupe.cluster.run.loop import run_iteration
 
-from actors.protocol import Prompt, Rollout
-from actors.reward.aggregation import score_rollouts, token_key
-from actors.reward.bundle import BundleScorer
-from actors.reward.shard import RewardShard, ShardSpec
-from cluster.data.preferences import Preference
-from cluster.data.ratings import load_ratings
-from cluster.fleet import Pool
-from cluster.jobs.rm_training import train_gating_stage, train_regression
-from cluster.loop import run_iteration
-from cluster.reward_fleet import RewardFleet
 from tests.integration.conftest import running_fleet, tiny_config
 
 pytestmark = pytest.mark.integration

@@ -6,9 +6,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+from troupe.cluster.jobs.best_of_n import main as best_of_n_main
+from troupe.cluster.jobs.rm_serve import start_service
 
-from cluster.jobs.best_of_n import main as best_of_n_main
-from cluster.jobs.rm_serve import start_service
 from tests.integration.conftest import tiny_config
 
 pytestmark = pytest.mark.integration

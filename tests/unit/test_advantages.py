@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
-
-from actors.learner.advantages import ESTIMATORS, AdvantageInputs, estimate, rloo_advantages
-from actors.learner.config import AlgoConfig
-from actors.learner.ppo import masked_whiten
+from troupe.actors.learner.advantages import ESTIMATORS, AdvantageInputs, estimate, rloo_advantages
+from troupe.actors.learner.config import AlgoConfig
+from troupe.actors.learner.ppo import masked_whiten
 
 
 def _inputs(rewards, group_size, width=3):

@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-
-from actors.reward.alarm import (
+from troupe.actors.reward.alarm import (
     HierarchyAggregation,
     Normalizer,
     consistency_rates,
@@ -13,8 +12,8 @@ from actors.reward.alarm import (
     select_aspects,
     token_level_reward,
 )
-from actors.reward.haf import haf_loss, last_index
-from cluster.jobs.rm_eval import pairwise_report
+from troupe.actors.reward.haf import haf_loss, last_index
+from troupe.cluster.jobs.rm_eval import pairwise_report
 
 
 def test_hierarchy_adds_aspects_only_above_threshold():

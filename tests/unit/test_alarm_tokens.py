@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
-
-from actors.protocol import Prompt, Rollout
-from actors.reward.aggregation import score_rollouts, token_key
-from actors.reward.alarm import HierarchyAggregation, Normalizer
-from actors.reward.bundle import BundleInfo, load_bundle, save_bundle, store_normalizer
-from actors.reward.shard import RewardShard, ShardSpec
-from cluster.config import ExpertConfig, HierarchyConfig, RewardConfig
-from cluster.reward_model import build_aggregation
+from troupe.actors.protocol import Prompt, Rollout
+from troupe.actors.reward.aggregation import score_rollouts, token_key
+from troupe.actors.reward.alarm import HierarchyAggregation, Normalizer
+from troupe.actors.reward.bundle import BundleInfo, load_bundle, save_bundle, store_normalizer
+from troupe.actors.reward.shard import RewardShard, ShardSpec
+from troupe.cluster.config.schema import ExpertConfig, HierarchyConfig, RewardConfig
+from troupe.cluster.fleet.reward_model import build_aggregation
 
 
 def _rollout(ids, i=0):

@@ -1,8 +1,7 @@
 """The arithmetic task: deterministic sampling, correct answers, robust answer extraction."""
 
 import pytest
-
-from actors.tasks.arithmetic import ArithmeticTask, extract_answer, has_answer_line
+from troupe.actors.tasks.arithmetic import ArithmeticTask, extract_answer, has_answer_line
 
 
 def test_sampling_is_deterministic_per_iteration_and_answers_are_right():

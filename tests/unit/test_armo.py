@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-
-from actors.reward import armo
+from troupe.actors.reward import armo
 
 
 def test_rescale_maps_scale_to_unit_interval_and_rejects_out_of_scale():

@@ -3,10 +3,9 @@
 import math
 
 import torch
-
-from actors.learner.grpo import truncated_importance_weights
-from actors.protocol import Prompt, Rollout
-from cluster.pipeline import stale_groups
+from troupe.actors.learner.grpo import truncated_importance_weights
+from troupe.actors.protocol import Prompt, Rollout
+from troupe.cluster.run.pipeline import stale_groups
 
 
 def test_weights_are_the_ratio_capped_and_detached():
@@ -29,7 +28,7 @@ def test_rows_out_of_scope_weigh_one_and_huge_ratios_do_not_overflow():
 
 def test_the_capped_weight_scales_the_policy_gradient():
     """d/dθ of w * (-ratio * A) at ratio 1 is -w * A * dlogp: the weight scales the gradient of each token."""
-    from actors.learner.grpo import clipped_policy_loss
+    from troupe.actors.learner.grpo import clipped_policy_loss
 
     logp = torch.zeros(1, 2, requires_grad=True)
     w = truncated_importance_weights(torch.zeros(1, 2), torch.log(torch.tensor([[0.5, 0.1]])), cap=3.0)

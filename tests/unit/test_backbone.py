@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-
-from actors.models import resolve_model
-from actors.reward.backbone import RewardBackbone, encode, gather_rows
+from troupe.actors.models import resolve_model
+from troupe.actors.reward.backbone import RewardBackbone, encode, gather_rows
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,8 @@
 """The columnar batch: response positions, per-token rewards, row subsets trimmed to their own length."""
 
 import torch
-
-from actors.learner.batch import from_scored, pad_sequences
-from actors.protocol import Prompt, RewardBreakdown, Rollout, ScoredRollout
+from troupe.actors.learner.batch import from_scored, pad_sequences
+from troupe.actors.protocol import Prompt, RewardBreakdown, Rollout, ScoredRollout
 
 
 def _scored(prompt_ids, response_ids, reward, token_rewards=None, temperature=0.7, version=0):

@@ -3,10 +3,9 @@
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-
-from cluster.config import TroupeConfig, register
-from cluster.config_checks import ConfigError, validate
-from cluster.driver import CONF_DIR
+from troupe.cluster.config.checks import ConfigError, validate
+from troupe.cluster.config.compose import CONF_DIR
+from troupe.cluster.config.schema import TroupeConfig, register
 
 register()
 
@@ -80,7 +79,7 @@ def test_algorithm_fields_say_what_runs():
 
 def test_dpo_reference_default_is_stated_once():
     """The schema's default is what the learner gets (no spec restating a different default)."""
-    from cluster.learner_group import policy_setup
+    from troupe.cluster.fleet.learners import policy_setup
 
     cfg = OmegaConf.to_object(_compose(overrides=["algo=dpo_online"]))
     assert policy_setup(cfg, "m").algo.dpo_reference == cfg.algo.dpo_reference == "previous"

@@ -12,10 +12,9 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-
-from cluster.config import register
-from cluster.config_checks import validate
-from cluster.driver import CONF_DIR
+from troupe.cluster.config.checks import validate
+from troupe.cluster.config.compose import CONF_DIR
+from troupe.cluster.config.schema import register
 
 DEPLOY = Path(__file__).resolve().parents[2] / "cluster" / "deploy"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "kuberay"

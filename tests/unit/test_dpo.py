@@ -5,8 +5,7 @@ import random
 
 import pytest
 import torch
-
-from actors.learner.dpo import PreferencePair, choose_pair, dpo_loss
+from troupe.actors.learner.dpo import PreferencePair, choose_pair, dpo_loss
 
 
 def _log_sigmoid(x):

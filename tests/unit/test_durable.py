@@ -5,9 +5,8 @@ import json
 import random
 
 import pytest
-
-from cluster.accounting import Ledger
-from cluster.checkpoint import (
+from troupe.cluster.durability.accounting import Ledger
+from troupe.cluster.durability.checkpoint import (
     CheckpointError,
     complete,
     find_checkpoint,
@@ -15,9 +14,9 @@ from cluster.checkpoint import (
     verify,
     write_checkpoint,
 )
-from cluster.durable import _jsonable, _tuples
-from cluster.faults import RetriesExhausted, RetryBudget, is_collective_failure
-from cluster.metrics import MetricsWriter
+from troupe.cluster.durability.faults import RetriesExhausted, RetryBudget, is_collective_failure
+from troupe.cluster.durability.run_checkpoints import _jsonable, _tuples
+from troupe.cluster.observe.metrics import MetricsWriter
 
 
 def _parts(payload: bytes):

@@ -4,8 +4,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-
-from cluster.elastic import (
+from troupe.cluster.fleet.elastic import (
     AutoscaleConfig,
     FleetControl,
     FleetRequestError,
@@ -15,8 +14,8 @@ from cluster.elastic import (
     parse_sizes,
     request_resize,
 )
-from cluster.fleet import Health, Member, Pool
-from cluster.reward_fleet import RewardFleet
+from troupe.cluster.fleet.pool import Health, Member, Pool
+from troupe.cluster.fleet.reward_pools import RewardFleet
 
 
 def _run(generators=1, rules=1):

@@ -1,9 +1,8 @@
 """DeepSpeed options and the learning-rate schedule, built from the spec (no engine started)."""
 
 import pytest
-
-from actors.learner.config import LearnerConfig
-from actors.learner.engine import ds_config, lr_factor
+from troupe.actors.learner.config import LearnerConfig
+from troupe.actors.learner.engine import ds_config, lr_factor
 
 
 def spec(**kw):
@@ -42,8 +41,7 @@ def test_lr_schedules():
 
 def test_dropout_is_switched_off_in_the_loaded_config(tmp_path):
     from transformers import GPT2Config
-
-    from actors.learner.engine import config_without_dropout
+    from troupe.actors.learner.engine import config_without_dropout
 
     GPT2Config(
         n_layer=1, n_embd=8, n_head=2, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1

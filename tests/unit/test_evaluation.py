@@ -5,11 +5,10 @@ import math
 
 import pytest
 import torch
-
-from actors.protocol import Prompt, RewardBreakdown, Rollout, ScoredRollout
-from cluster.config import MonitorConfig
-from cluster.evaluation import batch_stats, pearson
-from cluster.loop import _length_alarm, eval_due
+from troupe.actors.protocol import Prompt, RewardBreakdown, Rollout, ScoredRollout
+from troupe.cluster.config.schema import MonitorConfig
+from troupe.cluster.run.evaluation import batch_stats, pearson
+from troupe.cluster.run.loop import _length_alarm, eval_due
 
 
 def scored(n_tokens: int, reward: float, branch: str = "holistic", gate: float = 0.5) -> ScoredRollout:

@@ -4,10 +4,9 @@ and the progress bar goes to stderr. Tiny local model, no Ray."""
 
 import pytest
 import torch
-
-from actors.models import resolve_model
-from actors.reward.backbone import RewardBackbone
-from actors.reward.feature_cache import cached_features
+from troupe.actors.models import resolve_model
+from troupe.actors.reward.backbone import RewardBackbone
+from troupe.actors.reward.feature_cache import cached_features
 
 
 @pytest.fixture(scope="module")

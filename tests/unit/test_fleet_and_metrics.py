@@ -1,6 +1,6 @@
 """Work split across fleet members keeps order and balances sizes."""
 
-from cluster.fleet import split_evenly
+from troupe.cluster.fleet.pool import split_evenly
 
 
 def test_split_evenly_preserves_order_and_balances():
@@ -12,7 +12,7 @@ def test_split_evenly_preserves_order_and_balances():
 def test_metrics_jsonl_and_table_show_unmeasured_values_as_missing(tmp_path):
     import json
 
-    from cluster.metrics import TABLE_COLUMNS, MetricsWriter, table_header, table_row
+    from troupe.cluster.observe.metrics import TABLE_COLUMNS, MetricsWriter, table_header, table_row
 
     w = MetricsWriter(tmp_path / "m.jsonl")
     w.write({"iteration": 0, "train/kl": float("nan"), "reward/mean": 0.5})

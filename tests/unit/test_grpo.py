@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-
-from actors.learner.grpo import clipped_policy_loss, group_advantages, kl_penalty
+from troupe.actors.learner.grpo import clipped_policy_loss, group_advantages, kl_penalty
 
 
 def test_group_advantages_normalise_within_each_group():

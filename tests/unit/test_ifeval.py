@@ -5,11 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from actors.protocol import Prompt, Rollout
-from actors.reward.ifeval import IFEval, Instructions
-from actors.reward.ifeval_checks import CHECKS, build_check, count_sentences, count_words
-from actors.reward.shard import RewardShard, ShardSpec
+from troupe.actors.protocol import Prompt, Rollout
+from troupe.actors.reward.ifeval import IFEval, Instructions
+from troupe.actors.reward.ifeval_checks import CHECKS, build_check, count_sentences, count_words
+from troupe.actors.reward.shard import RewardShard, ShardSpec
 
 IFEVAL_DATA = Path("/work/shared/data/IFEval/data/input_data.jsonl")
 

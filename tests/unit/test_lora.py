@@ -3,9 +3,9 @@
 import copy
 
 import torch
+from troupe.actors.learner import lora
+from troupe.actors.learner.config import LoraConfig
 
-from actors.learner import lora
-from actors.learner.config import LoraConfig
 from tests.unit.tiny_models import tiny_lm
 
 

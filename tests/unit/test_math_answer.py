@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from actors.protocol import Prompt, Rollout
-from actors.reward.math_answer import (
+from troupe.actors.protocol import Prompt, Rollout
+from troupe.actors.reward.math_answer import (
     answers_match,
     extract_reference_answer,
     extract_reply_answer,
@@ -18,7 +17,7 @@ from actors.reward.math_answer import (
     is_correct,
     parse_number,
 )
-from actors.reward.rules import AnswerFormat, Correctness
+from troupe.actors.reward.rules import AnswerFormat, Correctness
 
 GSM8K_TRAIN = Path("/work/shared/data/grade-school-math/grade_school_math/data/train.jsonl")
 

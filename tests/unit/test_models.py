@@ -3,8 +3,7 @@
 import os
 
 import pytest
-
-from actors.models import resolve_model
+from troupe.actors.models import resolve_model
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,11 @@ pack/unpack for every dtype, the bucket checksum, and when auto picks NCCL. (The
 
 import pytest
 import torch
+from troupe.actors.nccl_weights import bucket_checksum, layout, offsets, pack_bucket, unpack_bucket
+from troupe.actors.weight_buckets import WeightTransferError
+from troupe.cluster.config.checks import ConfigError, validate
+from troupe.cluster.sync.nccl import nccl_enabled
 
-from actors.nccl_weights import bucket_checksum, layout, offsets, pack_bucket, unpack_bucket
-from actors.weight_buckets import WeightTransferError
-from cluster.config_checks import ConfigError, validate
-from cluster.nccl_sync import nccl_enabled
 from tests.integration.conftest import tiny_config
 
 

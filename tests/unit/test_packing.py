@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from troupe.actors.learner.batch import pad_sequences
+from troupe.actors.learner.logprobs import response_logprobs
+from troupe.actors.learner.packing import pack_groups
 
-from actors.learner.batch import pad_sequences
-from actors.learner.logprobs import response_logprobs
-from actors.learner.packing import pack_groups
 from tests.unit.tiny_models import tiny_lm
 
 
@@ -62,7 +62,7 @@ def test_a_wrong_packing_is_caught_by_the_agreement_check():
     """If responses could see each other (a plain causal mask over the packed sequence), the check rejects it."""
     from dataclasses import replace
 
-    from actors.learner.logprobs import _agree, _fused
+    from troupe.actors.learner.logprobs import _agree, _fused
 
     ids, att, action = _groups()
     model = tiny_lm()

@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-
-from actors.learner.ppo import AdaptiveKL, gae, masked_whiten, value_loss
+from troupe.actors.learner.ppo import AdaptiveKL, gae, masked_whiten, value_loss
 
 
 def test_gae_matches_hand_computation():

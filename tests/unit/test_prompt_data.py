@@ -7,16 +7,16 @@ import logging
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-
-from cluster.config import DataConfig, TaskConfig, register
-from cluster.data.prompts import (
+from troupe.cluster.config.compose import CONF_DIR
+from troupe.cluster.config.schema import DataConfig, TaskConfig, register
+from troupe.cluster.data.prompts import (
     DatasetCursor,
     PromptEncoder,
     PromptSet,
     eval_prompt_set,
     load_prompt_set,
 )
-from cluster.driver import CONF_DIR
+
 from tests.unit.tiny_models import llama3_style_tokenizer
 
 register()

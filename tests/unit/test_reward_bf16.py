@@ -4,11 +4,10 @@
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-
-from actors.models import resolve_model
-from actors.reward import armo
-from actors.reward.bundle import BundleHeads, BundleInfo, BundleScorer, save_bundle
-from actors.reward.haf import RewardLM, haf_loss
+from troupe.actors.models import resolve_model
+from troupe.actors.reward import armo
+from troupe.actors.reward.bundle import BundleHeads, BundleInfo, BundleScorer, save_bundle
+from troupe.actors.reward.haf import RewardLM, haf_loss
 
 
 def _sequence_logprobs(logits, ids, action):

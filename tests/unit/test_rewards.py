@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-
-from actors.protocol import Prompt, Rollout
-from actors.reward.aggregation import WeightedSum, score_rollouts
-from actors.reward.rules import AnswerFormat, Brevity, Correctness, NonRepetition
-from actors.reward.shard import RewardShard, ShardSpec
+from troupe.actors.protocol import Prompt, Rollout
+from troupe.actors.reward.aggregation import WeightedSum, score_rollouts
+from troupe.actors.reward.rules import AnswerFormat, Brevity, Correctness, NonRepetition
+from troupe.actors.reward.shard import RewardShard, ShardSpec
 
 
 def _rollout(text: str, n_tokens: int = 10, reason: str = "stop", reference: str = "7") -> Rollout:

@@ -5,12 +5,11 @@ gating bundle. Tiny local model, no Ray."""
 import pytest
 import torch
 from transformers import AutoTokenizer
-
-from actors.models import resolve_model
-from actors.reward.backbone import encode
-from actors.reward.bundle import BundleInfo, load_bundle, save_bundle
-from cluster.data.preferences import Preference
-from cluster.jobs.rm_training import tokenize_for_rm, train_gating_stage
+from troupe.actors.models import resolve_model
+from troupe.actors.reward.backbone import encode
+from troupe.actors.reward.bundle import BundleInfo, load_bundle, save_bundle
+from troupe.cluster.data.preferences import Preference
+from troupe.cluster.jobs.rm_training import tokenize_for_rm, train_gating_stage
 
 # Templates written for these tests in the style of Llama-3 and Gemma (content trimmed, own end-of-turn token).
 LLAMA3_STYLE = (

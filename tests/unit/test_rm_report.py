@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-
-from cluster.jobs.rm_eval import pairwise_report
+from troupe.cluster.jobs.rm_eval import pairwise_report
 
 CHOSEN = torch.tensor([1.0, 2.0, 0.0, 2.0, 5.0, 0.0])
 REJECTED = torch.tensor([0.0, 1.0, 1.0, 3.0, 1.0, 0.0])

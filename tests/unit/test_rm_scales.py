@@ -6,11 +6,10 @@ import json
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-
-from cluster.config import register
-from cluster.config_checks import validate
-from cluster.data.ratings import load_ratings, resolve_scales
-from cluster.driver import CONF_DIR
+from troupe.cluster.config.checks import validate
+from troupe.cluster.config.compose import CONF_DIR
+from troupe.cluster.config.schema import register
+from troupe.cluster.data.ratings import load_ratings, resolve_scales
 
 register()
 

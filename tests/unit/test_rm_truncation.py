@@ -4,9 +4,8 @@ middle of the last user turn; `Encoded.cut` says so. Tiny local tokenizer, no mo
 
 import pytest
 from transformers import AutoTokenizer
-
-from actors.models import resolve_model
-from actors.reward.backbone import encode, fit_prompt
+from troupe.actors.models import resolve_model
+from troupe.actors.reward.backbone import encode, fit_prompt
 
 # A template in the style of strict ones (Mistral, Gemma): roles after the system message must alternate.
 STRICT = (

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from troupe.actors.learner.batch import pad_sequences
+from troupe.actors.learner.logprobs import response_logprobs
+from troupe.actors.learner.step import LOSS_AGGREGATIONS, StepNorm, micro_batches, step_rows
 
-from actors.learner.batch import pad_sequences
-from actors.learner.logprobs import response_logprobs
-from actors.learner.step import LOSS_AGGREGATIONS, StepNorm, micro_batches, step_rows
 from tests.unit.tiny_models import tiny_lm
 
 

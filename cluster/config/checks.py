@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from actors.learner.advantages import ESTIMATORS
-from actors.learner.step import LOSS_AGGREGATIONS
-from cluster.config import TroupeConfig
+from troupe.actors.learner.advantages import lookup
+from troupe.actors.learner.step import LOSS_AGGREGATIONS
+from troupe.actors.plugins import PluginError
+from troupe.cluster.config.schema import TroupeConfig
 
 
 class ConfigError(ValueError):
@@ -18,7 +19,7 @@ def validate(cfg: TroupeConfig) -> None:
     _one_of("learner.dtype", lr.dtype, ("auto", "bfloat16", "float32"))
     _one_of("generator.dtype", g.dtype, ("auto", "bfloat16", "float32", "float16"))
     a = cfg.algo
-    _one_of("job", cfg.job, ("rl", "rm_train", "rm_eval", "rm_import", "rm_serve"))
+    _one_of("job", cfg.job, ("rl", "rm_train", "rm_eval", "rm_import", "rm_serve", "best_of_n"))
     _one_of("run.mode", cfg.run.mode, ("sync", "async"))
     pl = cfg.placement
     _one_of("sync.transport", cfg.sync.transport, ("auto", "object_store", "nccl"))
@@ -74,18 +75,22 @@ def validate(cfg: TroupeConfig) -> None:
         and not (cfg.rm.ratings_path and (cfg.rm.scales or cfg.rm.scales_path))
     ):
         raise ConfigError(
-            "job=rm_train rm.stage=regression needs rm.ratings_path and rm.scales or rm.scales_path"
+            "troupe rm train rm.stage=regression needs rm.ratings_path and rm.scales or rm.scales_path"
         )
     if cfg.job == "rm_train" and cfg.rm.stage == "gating" and not (cfg.rm.stage1 and cfg.dataset.path):
-        raise ConfigError("job=rm_train rm.stage=gating needs rm.stage1 (a stage-1 bundle) and dataset.path")
+        raise ConfigError(
+            "troupe rm train rm.stage=gating needs rm.stage1 (a stage-1 bundle) and dataset.path"
+        )
     if cfg.job == "rm_train" and cfg.rm.stage in ("bt", "haf") and not cfg.dataset.path:
-        raise ConfigError(f"job=rm_train rm.stage={cfg.rm.stage} needs dataset.path (a preference file)")
+        raise ConfigError(f"troupe rm train rm.stage={cfg.rm.stage} needs dataset.path (a preference file)")
     if cfg.job == "rm_eval" and not (cfg.rm.bundle and cfg.dataset.path):
-        raise ConfigError("job=rm_eval needs rm.bundle and dataset.path")
+        raise ConfigError("troupe rm eval needs rm.bundle and dataset.path")
     if cfg.job == "rm_import" and not cfg.rm.checkpoint:
         raise ConfigError(
-            "job=rm_import needs rm.checkpoint (a folder laid out like RLHFlow/ArmoRM-Llama3-8B-v0.1)"
+            "troupe rm import needs rm.checkpoint (a folder laid out like RLHFlow/ArmoRM-Llama3-8B-v0.1)"
         )
+    if cfg.job == "best_of_n" and not cfg.best_of_n.prompts:
+        raise ConfigError("troupe best-of-n needs best_of_n.prompts (a JSONL file of prompts)")
     if cfg.job != "rl":
         return
     _validate_algo(cfg)
@@ -152,14 +157,16 @@ def _validate_algo(cfg: TroupeConfig) -> None:
     a, g = cfg.algo, cfg.generator
     _one_of("algo.update", a.update, ("policy_gradient", "dpo"))
     _one_of("algo.source", a.source, ("rollouts", "dataset"))
-    _one_of("algo.estimator", a.estimator, tuple(sorted(ESTIMATORS)))
     _one_of("algo.kl_placement", a.kl_placement, ("loss", "reward"))
     _one_of("algo.kl_estimator", a.kl_estimator, ("k1", "k2", "k3"))
     _one_of("algo.loss_agg", a.loss_agg, LOSS_AGGREGATIONS)
     _one_of("algo.dpo_loss", a.dpo_loss, ("sigmoid", "ipo"))
     _one_of("algo.pair_strategy", a.pair_strategy, ("max_min", "max_random", "max_min_length"))
     _one_of("algo.dpo_reference", a.dpo_reference, ("initial", "previous"))
-    est = ESTIMATORS[a.estimator]
+    try:
+        est = lookup(a.estimator)
+    except PluginError as e:
+        raise ConfigError(str(e)) from e
     if a.kl_placement == "reward" and a.update == "policy_gradient" and not est.token_level:
         raise ConfigError(
             f"algo.kl_placement=reward needs a token-level estimator; algo.estimator={a.estimator} "

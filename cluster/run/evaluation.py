@@ -13,11 +13,10 @@ import math
 from dataclasses import replace
 
 import torch
-
-from actors.generator.sampling import Sampling
-from actors.protocol import Prompt, ScoredRollout
-from actors.reward.aggregation import score_rollouts
-from cluster.config import EvalConfig
+from troupe.actors.generator.sampling import Sampling
+from troupe.actors.protocol import Prompt, ScoredRollout
+from troupe.actors.reward.aggregation import score_rollouts
+from troupe.cluster.config.schema import EvalConfig
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation's sampling seeds, apart from the training batches' (seed + batch)
 

@@ -10,7 +10,7 @@ import math
 import sys
 from pathlib import Path
 
-from cluster.config import LoggingConfig
+from troupe.cluster.config.schema import LoggingConfig
 
 CONSOLE_LOGGERS = ("troupe",)
 OWN_HANDLER_LOGGERS = ("ray",)  # libraries that print through their own handlers, bypassing the root logger

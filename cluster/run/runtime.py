@@ -9,11 +9,10 @@ import logging
 import os
 
 import ray
-
-from actors.generator.config import GeneratorConfig
-from actors.learner.config import LearnerConfig
-from cluster.config import RayConfig, TroupeConfig
-from cluster.config_checks import ConfigError
+from troupe.actors.generator.config import GeneratorConfig
+from troupe.actors.learner.config import LearnerConfig
+from troupe.cluster.config.checks import ConfigError
+from troupe.cluster.config.schema import RayConfig, TroupeConfig
 
 log = logging.getLogger("troupe.cluster")
 
@@ -27,7 +26,7 @@ def start_ray(cfg: RayConfig, log_to_driver: bool = True) -> None:
         return
     env = {k: os.environ[k] for k in _PASSTHROUGH if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Quiet runs keep Ray's own logger as the caller routed it (cluster/run_log.py) instead of Ray's console set-up.
+    # Quiet runs keep Ray's own logger as the caller routed it (cluster/observe/run_log.py) instead of Ray's console set-up.
     kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=log_to_driver, configure_logging=log_to_driver)
     if cfg.address is None:
         # "local" always starts a fresh instance: a stale local Ray would otherwise reject num_cpus.

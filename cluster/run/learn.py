@@ -9,9 +9,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from actors.learner.batch import from_scored
-from actors.learner.dpo import PreferencePair, choose_pair
-from actors.protocol import ScoredRollout
+from troupe.actors.learner.batch import from_scored
+from troupe.actors.learner.dpo import PreferencePair, choose_pair
+from troupe.actors.protocol import ScoredRollout
 
 
 def learn_policy_gradient(run, scored: Sequence[ScoredRollout]) -> dict:

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.config import TroupeConfig
-from cluster.metrics import TABLE_COLUMNS, MetricsWriter, table_header, table_row
-from cluster.run_log import ScalarSinks, route_driver_logs
+from troupe.cluster.config.schema import TroupeConfig
+from troupe.cluster.observe.metrics import TABLE_COLUMNS, MetricsWriter, table_header, table_row
+from troupe.cluster.observe.run_log import ScalarSinks, route_driver_logs
 
 log = logging.getLogger("troupe.job")
 
@@ -65,8 +65,8 @@ class Job:
 
     def connect_ray(self) -> None:
         """Start or join Ray; with logging.quiet, actors' logs stay in files (<run dir>/logs/ray)."""
-        from cluster.run_log import link_ray_logs
-        from cluster.runtime import start_ray
+        from troupe.cluster.observe.run_log import link_ray_logs
+        from troupe.cluster.run.runtime import start_ray
 
         start_ray(self.cfg.ray, log_to_driver=not self.cfg.logging.quiet)
         link_ray_logs(self.log_dir)

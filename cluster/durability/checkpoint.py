@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cluster.learner_group import LearnerGroup
+from troupe.cluster.fleet.learners import LearnerGroup
 
 MANIFEST = "manifest.json"
 STATE = "state.json"

@@ -15,9 +15,9 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from actors.generator.sampling import Sampling
-from actors.protocol import PromptBatch, Rollout
-from cluster.fleet import PendingChunks, Pool
+from troupe.actors.generator.sampling import Sampling
+from troupe.actors.protocol import PromptBatch, Rollout
+from troupe.cluster.fleet.pool import PendingChunks, Pool
 
 
 @dataclass

@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray.exceptions import GetTimeoutError, RayActorError
-
-from actors.weight_buckets import WeightTransferError
-from cluster.config import AutoscaleConfig, PoolBounds
+from troupe.actors.weight_buckets import WeightTransferError
+from troupe.cluster.config.schema import AutoscaleConfig, PoolBounds
 
 log = logging.getLogger("troupe.elastic")
 

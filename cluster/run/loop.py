@@ -1,7 +1,7 @@
 """The run, top to bottom: iterations of generate -> score -> learn -> sync [-> evaluate], each phase timed,
 checkpointed when due; a lost learner or critic rank rolls the run back to its newest checkpoint and it goes on.
-In run.mode=async the generators sample the next batches while the learners train (cluster/pipeline.py); fleets
-may be resized between iterations (cluster/elastic.py).
+In run.mode=async the generators sample the next batches while the learners train (cluster/run/pipeline.py); fleets
+may be resized between iterations (cluster/fleet/elastic.py).
 
 Read top to bottom to see the whole algorithm. The fleets and groups hide Ray; this file holds the order.
 """
@@ -14,26 +14,26 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
-from actors.generator.sampling import Sampling
-from actors.learner.config import AlgoConfig
-from actors.learner.ppo import AdaptiveKL
-from actors.protocol import ScoredRollout
-from actors.reward.aggregation import Aggregation, score_rollouts
-from actors.weight_buckets import BucketedWeights
-from cluster.accounting import Ledger
-from cluster.config import EvalConfig, FaultsConfig, MonitorConfig
-from cluster.data.prompts import ArithmeticCursor, DatasetCursor, PromptSet
-from cluster.durable import RunCheckpoints, Stopped, driver_state
-from cluster.elastic import FleetControl
-from cluster.evaluation import batch_stats, evaluate
-from cluster.faults import RankLost, RetriesExhausted, RetryBudget
-from cluster.fleet import Member, Pool
-from cluster.learn import learn_dpo, learn_policy_gradient
-from cluster.learner_group import LearnerGroup
-from cluster.nccl_sync import NcclSync
-from cluster.pipeline import RolloutPipeline
-from cluster.reward_fleet import RewardFleet
-from cluster.sync import push_weights, refit
+from troupe.actors.generator.sampling import Sampling
+from troupe.actors.learner.config import AlgoConfig
+from troupe.actors.learner.ppo import AdaptiveKL
+from troupe.actors.protocol import ScoredRollout
+from troupe.actors.reward.aggregation import Aggregation, score_rollouts
+from troupe.actors.weight_buckets import BucketedWeights
+from troupe.cluster.config.schema import EvalConfig, FaultsConfig, MonitorConfig
+from troupe.cluster.data.prompts import ArithmeticCursor, DatasetCursor, PromptSet
+from troupe.cluster.durability.accounting import Ledger
+from troupe.cluster.durability.faults import RankLost, RetriesExhausted, RetryBudget
+from troupe.cluster.durability.run_checkpoints import RunCheckpoints, Stopped, driver_state
+from troupe.cluster.fleet.elastic import FleetControl
+from troupe.cluster.fleet.learners import LearnerGroup
+from troupe.cluster.fleet.pool import Member, Pool
+from troupe.cluster.fleet.reward_pools import RewardFleet
+from troupe.cluster.run.evaluation import batch_stats, evaluate
+from troupe.cluster.run.learn import learn_dpo, learn_policy_gradient
+from troupe.cluster.run.pipeline import RolloutPipeline
+from troupe.cluster.sync.nccl import NcclSync
+from troupe.cluster.sync.object_store import push_weights, refit
 
 log = logging.getLogger("troupe.loop")
 

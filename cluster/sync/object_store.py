@@ -14,10 +14,9 @@ import logging
 
 import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
-
-from actors.weight_buckets import BucketedWeights, WeightTransferError
-from cluster.faults import RankLost
-from cluster.fleet import Health, Member, Pool
+from troupe.actors.weight_buckets import BucketedWeights, WeightTransferError
+from troupe.cluster.durability.faults import RankLost
+from troupe.cluster.fleet.pool import Health, Member, Pool
 
 log = logging.getLogger("troupe.sync")
 

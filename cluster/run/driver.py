@@ -1,25 +1,24 @@
-"""The `troupe` entry point: validate the Hydra config, start or join Ray, build the fleet, run the loop,
-write metrics (JSONL) and a final HF checkpoint. User-facing output (table, paths) is printed here only.
+"""Runs a job from its typed config: validate it, start or join Ray, build the fleet, run the loop, write metrics
+(JSONL) and a final HF checkpoint. The CLI (cluster/cli.py) and the Python API (troupe.train, ...) both call `run`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import sys
 from pathlib import Path
 
-import hydra
 import ray
-from omegaconf import DictConfig, OmegaConf
-
-from actors.generator.actor import Generator
-from actors.generator.sampling import Sampling
-from actors.learner.ppo import AdaptiveKL
-from actors.models import resolve_model
-from cluster.checkpoint import (
+from troupe.actors.generator.actor import Generator
+from troupe.actors.generator.sampling import Sampling
+from troupe.actors.learner.ppo import AdaptiveKL
+from troupe.actors.models import resolve_model
+from troupe.cluster.config.checks import validate
+from troupe.cluster.config.compose import config_record
+from troupe.cluster.config.schema import TroupeConfig, register
+from troupe.cluster.data.prompts import build_prompt_sources
+from troupe.cluster.durability.checkpoint import (
     CheckpointError,
     checkpoints_root,
     complete,
@@ -28,29 +27,25 @@ from cluster.checkpoint import (
     set_aside_after,
     verify,
 )
-from cluster.config import TroupeConfig, register
-from cluster.config_checks import validate
-from cluster.data.prompts import build_prompt_sources
-from cluster.durable import (
+from troupe.cluster.durability.faults import RetryBudget
+from troupe.cluster.durability.run_checkpoints import (
     RunCheckpoints,
-    Stopped,
     driver_state,
     rejoin_generators,
     restore_driver_state,
 )
-from cluster.elastic import FleetControl
-from cluster.faults import RetryBudget
-from cluster.fleet import Pool
-from cluster.job import Job
-from cluster.jobs.offline_dpo import run_offline_dpo
-from cluster.learner_group import LearnerGroup, critic_group, critic_setup, policy_setup
-from cluster.loop import RunState, initial_eval, train
-from cluster.metrics import rl_columns
-from cluster.nccl_sync import NcclSync, nccl_enabled
-from cluster.pipeline import RolloutPipeline
-from cluster.placement import RankPlacement, pool_options
-from cluster.reward_model import build_aggregation, build_reward_fleet, reward_replicas
-from cluster.runtime import check_capacity, generator_env, learner_env
+from troupe.cluster.fleet.elastic import FleetControl
+from troupe.cluster.fleet.learners import LearnerGroup, critic_group, critic_setup, policy_setup
+from troupe.cluster.fleet.placement import RankPlacement, pool_options
+from troupe.cluster.fleet.pool import Pool
+from troupe.cluster.fleet.reward_model import build_aggregation, build_reward_fleet, reward_replicas
+from troupe.cluster.jobs.offline_dpo import run_offline_dpo
+from troupe.cluster.observe.metrics import rl_columns
+from troupe.cluster.run.job import Job
+from troupe.cluster.run.loop import RunState, initial_eval, train
+from troupe.cluster.run.pipeline import RolloutPipeline
+from troupe.cluster.run.runtime import check_capacity, generator_env, learner_env
+from troupe.cluster.sync.nccl import NcclSync, nccl_enabled
 
 log = logging.getLogger("troupe.driver")
 register()
@@ -183,8 +178,12 @@ def _generator_pool(cfg: TroupeConfig, model_path: str, budget: RetryBudget, ran
 def run(cfg: TroupeConfig) -> dict:
     """Run a whole job; returns paths and the last iteration's metrics."""
     validate(cfg)
+    if cfg.job == "best_of_n":
+        from troupe.cluster.jobs.best_of_n import best_of_n
+
+        return best_of_n(cfg)
     if cfg.job != "rl":
-        from cluster.jobs.reward_model import run_rm_job
+        from troupe.cluster.jobs.reward_model import run_rm_job
 
         return run_rm_job(cfg)
     if cfg.algo.source == "dataset":
@@ -241,7 +240,7 @@ def run(cfg: TroupeConfig) -> dict:
                 # The holistic normaliser's statistics: a resumed run or a served RM scores with the same ones.
                 "reward_aggregation": run_state.aggregation.state_dict(),
                 "data": run_state.pipeline.cursor_state(run_state.prompts),  # the cursor: epoch, position
-                "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+                "config": config_record(cfg),
             }
             checkpoint = save_hf_checkpoint(
                 run_state.learners, job.out_dir / "checkpoint-final", model_path, state
@@ -266,42 +265,9 @@ def _write_summary(out_dir: Path, run_state: RunState) -> None:
 
 
 def _table_columns(cfg: TroupeConfig) -> tuple:
-    from actors.reward.bundle import read_info
+    from troupe.actors.reward.bundle import read_info
 
     r = cfg.reward
     objectives = [read_info(e.bundle).name for e in r.experts.values()] + list(r.objectives)
     eval_mode = ("greedy" if cfg.eval.greedy else "sampled") if cfg.data.eval else None
     return rl_columns(objectives, r.aggregation == "hierarchy", eval_mode)
-
-
-CONF_DIR = str(
-    Path(__file__).resolve().parent.parent / "conf"
-)  # absolute: hydra would read "../conf" as a module
-
-
-def main() -> None:
-    """`troupe plot <run_dir>` draws a run's charts; `troupe fleet <run_dir> generators=N` resizes a running
-    troupe's pools; anything else is a Hydra-configured job."""
-    if len(sys.argv) > 1 and sys.argv[1] == "plot":
-        from cluster.plot import main as plot_main
-
-        sys.exit(plot_main(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "fleet":
-        from cluster.elastic import main as fleet_main
-
-        sys.exit(fleet_main(sys.argv[2:]))
-    hydra_main()
-
-
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
-def hydra_main(dcfg: DictConfig) -> None:
-    logging.basicConfig(level=os.environ.get("TROUPE_LOG_LEVEL", "WARNING"))
-    cfg: TroupeConfig = OmegaConf.to_object(dcfg)
-    try:
-        run(cfg)
-    except Stopped as stopped:  # SIGTERM/SIGINT: a checkpoint was written; exit as the signal would
-        print(f"troupe: {stopped}", file=sys.stderr, flush=True)
-        sys.exit(128 + stopped.signum)
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()

@@ -7,9 +7,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-
-from actors.protocol import Rollout
-from cluster.fleet import Pool
+from troupe.actors.protocol import Rollout
+from troupe.cluster.fleet.pool import Pool
 
 
 class RewardFleet:

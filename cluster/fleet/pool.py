@@ -20,9 +20,8 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
-
-from actors.weight_buckets import WeightTransferError
-from cluster.faults import RetryBudget
+from troupe.actors.weight_buckets import WeightTransferError
+from troupe.cluster.durability.faults import RetryBudget
 
 log = logging.getLogger("troupe.fleet")
 

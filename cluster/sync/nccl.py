@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-
-from actors.weight_buckets import WeightManifest
-from cluster.faults import RankLost
-from cluster.fleet import Health, Pool
-from cluster.learner_group import LearnerGroup
+from troupe.actors.weight_buckets import WeightManifest
+from troupe.cluster.durability.faults import RankLost
+from troupe.cluster.fleet.learners import LearnerGroup
+from troupe.cluster.fleet.pool import Health, Pool
 
 log = logging.getLogger("troupe.nccl_sync")
 

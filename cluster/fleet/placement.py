@@ -18,9 +18,8 @@ import time
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-from cluster.config import RolePlacement
-from cluster.config_checks import ConfigError
+from troupe.cluster.config.checks import ConfigError
+from troupe.cluster.config.schema import RolePlacement
 
 log = logging.getLogger("troupe.placement")
 

@@ -8,16 +8,15 @@ reward.hierarchy.warmup_samples samples. A resumed run restores it with `aggrega
 from __future__ import annotations
 
 import ray
-
-from actors.reward.aggregation import WeightedSum
-from actors.reward.alarm import HierarchyAggregation, Normalizer
-from actors.reward.bundle import read_info
-from actors.reward.shard import RewardShard, ShardSpec
-from cluster.config import RewardConfig, TroupeConfig
-from cluster.faults import RetryBudget
-from cluster.fleet import Pool
-from cluster.placement import pool_options
-from cluster.reward_fleet import RewardFleet
+from troupe.actors.reward.aggregation import WeightedSum
+from troupe.actors.reward.alarm import HierarchyAggregation, Normalizer
+from troupe.actors.reward.bundle import read_info
+from troupe.actors.reward.shard import RewardShard, ShardSpec
+from troupe.cluster.config.schema import RewardConfig, TroupeConfig
+from troupe.cluster.durability.faults import RetryBudget
+from troupe.cluster.fleet.placement import pool_options
+from troupe.cluster.fleet.pool import Pool
+from troupe.cluster.fleet.reward_pools import RewardFleet
 
 
 def build_reward_fleet(cfg: TroupeConfig, budget: RetryBudget | None = None) -> RewardFleet:

@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.checkpoint import verify, write_checkpoint
-from cluster.faults import RankLost
-from cluster.sync import push_weights
+from troupe.cluster.durability.checkpoint import verify, write_checkpoint
+from troupe.cluster.durability.faults import RankLost
+from troupe.cluster.sync.object_store import push_weights
 
 log = logging.getLogger("troupe.durable")
 

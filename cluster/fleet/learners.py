@@ -12,17 +12,16 @@ from dataclasses import replace
 
 import ray
 import torch
-
-from actors.learner.actor import Learner
-from actors.learner.batch import RolloutBatch
-from actors.learner.config import RankSetup
-from actors.learner.critic import Critic
-from actors.learner.dpo import PreferencePair
-from actors.weight_buckets import BucketedWeights
-from cluster.config import TroupeConfig
-from cluster.faults import gather
-from cluster.fleet import split_evenly
-from cluster.placement import RankPlacement
+from troupe.actors.learner.actor import Learner
+from troupe.actors.learner.batch import RolloutBatch
+from troupe.actors.learner.config import RankSetup
+from troupe.actors.learner.critic import Critic
+from troupe.actors.learner.dpo import PreferencePair
+from troupe.actors.weight_buckets import BucketedWeights
+from troupe.cluster.config.schema import TroupeConfig
+from troupe.cluster.durability.faults import gather
+from troupe.cluster.fleet.placement import RankPlacement
+from troupe.cluster.fleet.pool import split_evenly
 
 log = logging.getLogger("troupe.learner_group")
 
@@ -134,7 +133,7 @@ class LearnerGroup:
         collectively); the driver passes the small manifest-and-refs object on to the generators."""
         return self._each("export_buckets", version, int(bucket_mb * 2**20))[0]
 
-    # GPU weight sync over NCCL (cluster/nccl_sync.py): rank 0 joins the weight-update group as its rank 0.
+    # GPU weight sync over NCCL (cluster/sync/nccl.py): rank 0 joins the weight-update group as its rank 0.
     def weight_layout(self, bucket_bytes: int) -> list:
         return self._each("weight_layout", bucket_bytes)[0]
 

@@ -1,7 +1,7 @@
 """Typed schema of the Hydra config (conf/): dataclasses registered as structured configs.
 
 A wrong key or a value of the wrong type fails at start-up naming the key (OmegaConf struct mode); the cross-field
-checks (cluster/config_checks.py, `validate`) name the keys they relate. No Ray imports here.
+checks (cluster/config/checks.py, `validate`) name the keys they relate. No Ray imports here.
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-
-from actors.generator.config import GeneratorConfig
-from actors.learner.config import AlgoConfig, CriticConfig, LearnerConfig
+from troupe.actors.generator.config import GeneratorConfig
+from troupe.actors.learner.config import AlgoConfig, CriticConfig, LearnerConfig
 
 
 @dataclass
@@ -38,11 +37,11 @@ class RunConfig:
 
 @dataclass
 class SyncConfig:
-    """Weight transfer learner -> generators (cluster/sync.py)."""
+    """Weight transfer learner -> generators (cluster/sync/object_store.py)."""
 
     # Flat buffers of at most this size, each checksummed; the generator checks all of them before loading any.
     bucket_mb: float = 256
-    # auto: NCCL broadcast from learner rank 0 when generators and learners are on GPUs (cluster/nccl_sync.py),
+    # auto: NCCL broadcast from learner rank 0 when generators and learners are on GPUs (cluster/sync/nccl.py),
     # else the object store | object_store | nccl
     transport: str = "auto"
 
@@ -55,7 +54,7 @@ class PoolBounds:
 
 @dataclass
 class AutoscaleConfig:
-    """Grows and shrinks the generator pool and each reward pool between iterations (cluster/elastic.py)."""
+    """Grows and shrinks the generator pool and each reward pool between iterations (cluster/fleet/elastic.py)."""
 
     enabled: bool = False
     generators: PoolBounds = field(default_factory=PoolBounds)
@@ -69,7 +68,7 @@ class AutoscaleConfig:
 
 @dataclass
 class RolePlacement:
-    """Where one role's actors run (cluster/placement.py)."""
+    """Where one role's actors run (cluster/fleet/placement.py)."""
 
     # generator / reward pools: DEFAULT (Ray packs a node, then spreads) | SPREAD (over the nodes);
     # learner ranks (a placement group): PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
@@ -103,7 +102,7 @@ class PlacementConfig:
 
 @dataclass
 class ServeConfig:
-    """`troupe job=rm_serve`: the reward fleet over HTTP (cluster/jobs/rm_serve.py)."""
+    """`troupe rm serve`: the reward fleet over HTTP (cluster/jobs/rm_serve.py)."""
 
     host: str = "127.0.0.1"  # loopback unless the user opts in
     port: int = 8008  # 0: any free port (printed)
@@ -111,6 +110,19 @@ class ServeConfig:
     max_body_mb: int = 16
     # A run's checkpoint-final/troupe_state.json or a checkpoint's state.json: the normaliser statistics to score with
     aggregation_state: str | None = None
+
+
+@dataclass
+class BestOfNConfig:
+    """`troupe best-of-n`: N samples per prompt from model.policy (generator.* sets the engine and sampling), scored
+    by a running `troupe rm serve`, the best kept (cluster/jobs/best_of_n.py). Prompts are read by data.prompt_key."""
+
+    prompts: str | None = None  # a JSONL file
+    reference_key: str | None = None  # the answer field, for objectives that check one
+    n: int = 4
+    out: str = "${run.output_dir}/best_of_n.jsonl"
+    url: str = "http://127.0.0.1:8008"  # the reward service
+    batch: int = 64  # items per request (whole prompts)
 
 
 @dataclass
@@ -200,7 +212,7 @@ class LoggingConfig:
 
 @dataclass
 class FaultsConfig:
-    """Deadlines of remote calls and retry budgets per role (cluster/faults.py): a call past its deadline is a
+    """Deadlines of remote calls and retry budgets per role (cluster/durability/faults.py): a call past its deadline is a
     lost member; a role that loses more than its budget stops the run with a checkpoint and an error naming it."""
 
     generate_s: float = 600.0
@@ -236,7 +248,7 @@ class HierarchyConfig:
 class ExpertConfig:
     """A reward bundle served by its own pool of shards (reward.experts.<name>)."""
 
-    bundle: str = ""  # a folder written by `troupe job=rm_train`
+    bundle: str = ""  # a folder written by `troupe rm train`
     replicas: int = 1
     num_cpus: float = 0.0
     num_gpus: float = 0.0
@@ -256,7 +268,7 @@ class RewardConfig:
             "length": {"target_tokens": 64, "max_tokens": 256},
         }
     )
-    weights: dict[str, float] = field(
+    weights: dict[str, float | None] = field(
         default_factory=lambda: {"correctness": 1.0, "format": 0.2, "length": 0.1}
     )
     experts: dict[str, ExpertConfig] = field(default_factory=dict)  # backbone experts, one shard pool each
@@ -266,6 +278,7 @@ class RewardConfig:
     def __post_init__(self) -> None:
         # `<objective>: null` turns a default objective off: a config file can add keys to a dict, not delete them
         self.objectives = {k: v for k, v in self.objectives.items() if v is not None}
+        self.weights = {k: v for k, v in self.weights.items() if v is not None}
 
 
 @dataclass
@@ -285,7 +298,7 @@ class DatasetConfig:
 
 @dataclass
 class RmConfig:
-    """Reward-model jobs: `troupe job=rm_train rm.stage=regression|gating|bt|haf` and `troupe job=rm_eval`."""
+    """Reward-model jobs: `troupe rm train rm.stage=regression|gating|bt|haf` and `troupe rm eval`."""
 
     stage: str = "regression"
     name: str = "armo"  # the bundle's name = the objective key its scalar is served under
@@ -349,7 +362,10 @@ class TroupeConfig:
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
-    job: str = "rl"  # rl (the RLHF loop) | rm_train | rm_eval | rm_import | rm_serve
+    best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
+    # Set by the subcommand (cluster/cli.py): rl (troupe train / dpo) | rm_train | rm_eval | rm_import | rm_serve |
+    # best_of_n
+    job: str = "rl"
     # Continue a run: "latest" (the newest complete checkpoint under run.output_dir) or a checkpoint folder.
     resume: str | None = None
 

@@ -1,0 +1,261 @@
+"""The `troupe` command: one grammar, `troupe <command> [--config-name RECIPE] [key=value ...]`.
+
+    troupe train | dpo | rm train | rm eval | rm import | rm serve | rm data | best-of-n | plot | fleet
+
+The Hydra-configured commands take overrides of the typed schema after the subcommand; `troupe <overrides>` with no
+subcommand means `troupe train`. A config error prints its message alone and exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, fields
+
+DEPRECATED_JOBS = {"rl": "train", "rm_train": "rm train", "rm_eval": "rm eval", "rm_import": "rm import",
+                   "rm_serve": "rm serve"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # as typed: "rm eval"
+    job: str  # the schema's `job`
+    summary: str
+    example: str
+    prefix: tuple[str, ...] = ()  # overrides applied before the user's
+    sections: tuple[str, ...] = ()  # the config sections this command reads, listed first by --help
+
+
+COMMANDS = {
+    c.name: c
+    for c in (
+        Command(
+            "train",
+            "rl",
+            "RL training: generators sample, the reward fleet scores, the learners update (GRPO by default; "
+            "algo=ppo|rloo|dr_grpo|reinforce|reinforce_pp|dpo_online)",
+            "troupe train --config-name demo algo=rloo run.iterations=20",
+            sections=("run", "model", "data", "generator", "reward", "algo", "learner", "eval"),
+        ),
+        Command(
+            "dpo",
+            "rl",
+            "offline DPO on a preference file, with the learner group alone",
+            "troupe dpo dataset.path=pairs.jsonl run.iterations=2",
+            prefix=("algo=dpo_offline",),
+            sections=("dataset", "model", "learner", "algo", "run"),
+        ),
+        Command(
+            "rm train",
+            "rm_train",
+            "train a reward model: rm.stage=regression|gating (ArmoRM), probe (frozen linear Bradley-Terry), "
+            "bt|haf (fine-tuned on the learner group)",
+            "troupe rm train rm.stage=haf dataset.path=pairs.jsonl",
+            sections=("rm", "dataset", "learner", "run"),
+        ),
+        Command(
+            "rm eval",
+            "rm_eval",
+            "pairwise accuracy of a reward bundle on preference pairs (per subset, group and section)",
+            "troupe rm eval rm.bundle=outputs/troupe/rm-armo dataset.path=test.jsonl",
+            sections=("rm", "dataset", "run"),
+        ),
+        Command(
+            "rm import",
+            "rm_import",
+            "turn a local ArmoRM checkpoint (RLHFlow/ArmoRM-Llama3-8B-v0.1 layout) into a reward bundle",
+            "troupe rm import rm.checkpoint=ArmoRM-Llama3-8B-v0.1 rm.output=outputs/armorm",
+            sections=("rm",),
+        ),
+        Command(
+            "rm serve",
+            "rm_serve",
+            "serve the configured reward fleet over HTTP on loopback (POST /score, GET /health)",
+            "troupe rm serve --config-name demo serve.port=8008",
+            sections=("serve", "reward", "ray"),
+        ),
+        Command(
+            "best-of-n",
+            "best_of_n",
+            "sample N responses per prompt and keep the one a running `troupe rm serve` scores best",
+            "troupe best-of-n best_of_n.prompts=prompts.jsonl data.prompt_key=question best_of_n.n=8",
+            sections=("best_of_n", "model", "generator", "data"),
+        ),
+    )
+}
+PLAIN = {
+    "plot": "PNG charts of a run from its metrics.jsonl: troupe plot <run_dir>",
+    "fleet": "resize a running run's pools: troupe fleet <run_dir> generators=N reward.<pool>=M",
+    "rm data": "build reward-model files from public data: troupe rm data --help",
+}
+
+
+def usage() -> str:
+    width = max(len(n) for n in [*COMMANDS, *PLAIN]) + 2
+    lines = ["usage: troupe <command> [--config-name RECIPE] [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}{c.summary}" for name, c in COMMANDS.items()]
+    lines += [f"  {name:<{width}}{text}" for name, text in PLAIN.items()]
+    lines += ["", "`troupe <key=value ...>` with no command means `troupe train`.",
+              "`troupe <command> --help` lists its recipes, config groups and config sections."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def command_help(command: Command) -> str:
+    from troupe.cluster.config.compose import groups, recipes
+    from troupe.cluster.config.schema import TroupeConfig
+
+    sections = [f.name for f in fields(TroupeConfig) if f.name not in ("job",)]
+    first = [s for s in command.sections if s in sections]
+    lines = [
+        f"usage: troupe {command.name} [--config-name RECIPE] [key=value ...] [--print-config]",
+        "",
+        command.summary,
+        "",
+        f"example: {command.example}",
+        "",
+        f"recipes (--config-name): {', '.join(recipes())}",
+        "config groups (group=option):",
+        *(f"  {g}: {', '.join(options)}" for g, options in groups().items()),
+        f"config sections this command reads: {', '.join(first)}",
+        f"all sections: {', '.join(sections)}",
+        "Each section's keys, types and defaults: troupe.cluster.config.schema (print them with --print-config).",
+    ]
+    return "\n".join(lines)
+
+
+def split_command(argv: list[str]) -> tuple[str, list[str]]:
+    """("rm eval", rest) from the words before the first option or override; "train" when there are none."""
+    if argv and argv[0] in ("rm",) and len(argv) > 1 and f"rm {argv[1]}" in {*COMMANDS, *PLAIN}:
+        return f"rm {argv[1]}", argv[2:]
+    if argv and argv[0] == "rm":
+        return "rm", argv[1:]
+    if argv and (argv[0] in COMMANDS or argv[0] in PLAIN):
+        return argv[0], argv[1:]
+    if argv and not any(c in argv[0] for c in "=+~") and not argv[0].startswith("-"):
+        raise SystemExit(_fail(f"unknown command {argv[0]!r}\n\n{usage()}"))
+    return "train", argv
+
+
+def parse_options(args: list[str]) -> tuple[str, list[str], bool, bool]:
+    """(recipe, overrides, help, print_config)."""
+    from troupe.cluster.config.compose import DEFAULT_RECIPE
+
+    recipe, overrides, want_help, print_config = DEFAULT_RECIPE, [], False, False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-h", "--help"):
+            want_help = True
+        elif arg == "--print-config" or (arg == "--cfg" and i + 1 < len(args) and args[i + 1] == "job"):
+            print_config = True
+            i += arg == "--cfg"
+        elif arg in ("--config-name", "-cn"):
+            if i + 1 == len(args):
+                raise SystemExit(_fail(f"{arg} needs a recipe name"))
+            recipe = args[i + 1]
+            i += 1
+        elif arg.startswith("--config-name="):
+            recipe = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            raise SystemExit(
+                _fail(f"unknown option {arg!r} (options: --config-name, --print-config, --help)")
+            )
+        else:
+            overrides.append(arg)
+        i += 1
+    return recipe, overrides, want_help, print_config
+
+
+def resolve_deprecated(name: str, overrides: list[str]) -> tuple[str, list[str]]:
+    """Old spellings keep working with one line: `troupe job=rm_eval ...`, `troupe algo=dpo_offline ...`."""
+    jobs = [o for o in overrides if o.startswith("job=")]
+    if jobs and name != "train":
+        raise SystemExit(_fail(f"{jobs[0]}: the command sets the job; drop it (`troupe {name} ...`)"))
+    if jobs:
+        old = jobs[-1].split("=", 1)[1]
+        if old not in DEPRECATED_JOBS:
+            raise SystemExit(_fail(f"{jobs[-1]}: no such job; commands: {', '.join(COMMANDS)}"))
+        name = DEPRECATED_JOBS[old]
+        overrides = [o for o in overrides if not o.startswith("job=")]
+        print(f"troupe: `{jobs[-1]}` is deprecated; use `troupe {name} ...`", file=sys.stderr)
+    if name == "train" and "algo=dpo_offline" in overrides:
+        print("troupe: `algo=dpo_offline` is deprecated; use `troupe dpo ...`", file=sys.stderr)
+        name = "dpo"
+        overrides = [o for o in overrides if o != "algo=dpo_offline"]
+    return name, overrides
+
+
+def _fail(message: str) -> int:
+    print(f"troupe: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = split_command(argv)
+    if name == "plot":
+        from troupe.cluster.observe.plot import main as plot_main
+
+        return plot_main(rest)
+    if name == "fleet":
+        from troupe.cluster.fleet.elastic import main as fleet_main
+
+        return fleet_main(rest)
+    if name == "rm data":
+        from troupe.cluster.data.rm_data import main as rm_data_main
+
+        return rm_data_main(rest)
+    if name == "rm":
+        print("usage: troupe rm train | eval | import | serve | data [--help]")
+        return 2
+    return run_command(name, rest)
+
+
+def run_command(name: str, args: list[str]) -> int:
+    recipe, overrides, want_help, print_config = parse_options(args)
+    name, overrides = resolve_deprecated(name, overrides)
+    command = COMMANDS[name]
+    if want_help:
+        print(command_help(command))
+        return 0
+    from troupe.actors.plugins import PluginError
+    from troupe.cluster.config.checks import ConfigError
+    from troupe.cluster.config.compose import compose, config_record
+    from troupe.cluster.durability.checkpoint import CheckpointError
+    from troupe.cluster.durability.run_checkpoints import Stopped
+
+    logging.basicConfig(level=os.environ.get("TROUPE_LOG_LEVEL", "WARNING"))
+    try:
+        cfg = compose([*command.prefix, *overrides], recipe, adapt=command.job == "rl")
+        cfg.job = command.job
+        if print_config:
+            import yaml
+
+            print(yaml.safe_dump(config_record(cfg), sort_keys=False))
+            return 0
+        from troupe.cluster.run.driver import run
+
+        result = run(cfg)
+        if command.job == "best_of_n":
+            print(json.dumps(result))
+        return 0
+    except (ConfigError, PluginError, CheckpointError) as e:
+        if os.environ.get("TROUPE_TRACEBACK"):
+            raise
+        return _fail(str(e))
+    except Stopped as stopped:  # SIGTERM/SIGINT: a checkpoint was written; exit as the signal would
+        print(f"troupe: {stopped}", file=sys.stderr, flush=True)
+        return 128 + stopped.signum
+    finally:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The typed config schema and its cross-field checks."""

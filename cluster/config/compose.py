@@ -1,0 +1,119 @@
+"""From a recipe and Hydra-style overrides to the typed config: the one path the CLI, the Python API, the tests and
+the benchmarks take. Errors come out as `ConfigError`s carrying the message alone (no Hydra banner, no traceback).
+
+A recipe is a file in troupe.conf (`config`, `demo`, `gsm8k`, ...); config groups are its folders (`algo=ppo`,
+`reward=open`, `autoscale=backlog`). A prompt file without answers (`data.answer_key` unset) and a command line
+that chooses no reward gets `reward=open`, since the default reward checks answers.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from troupe.cluster.config.checks import ConfigError
+from troupe.cluster.config.schema import TroupeConfig, register
+
+# absolute: Hydra would read a relative path as a module; inside a wheel this is site-packages/troupe/conf
+CONF_DIR = str(Path(str(resources.files("troupe.conf"))).resolve())
+DEFAULT_RECIPE = "config"
+
+
+def recipes() -> list[str]:
+    """The recipe names (`--config-name`), the defaults first."""
+    names = sorted(p.stem for p in Path(CONF_DIR).glob("*.yaml") if p.stem != DEFAULT_RECIPE)
+    return [DEFAULT_RECIPE, *names]
+
+
+def groups() -> dict[str, list[str]]:
+    """{config group: its options}, e.g. {"algo": ["dpo_offline", "grpo", ...]}."""
+    return {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in sorted(Path(CONF_DIR).iterdir())
+        if d.is_dir() and not d.name.startswith("_")
+    }
+
+
+def _answers(overrides: Sequence[str], composed) -> bool:
+    data = composed.data
+    return data.train == "builtin:arithmetic" or data.answer_key is not None
+
+
+def _sets_reward(overrides: Sequence[str]) -> bool:
+    return any(o.lstrip("+~").startswith("reward") for o in overrides)
+
+
+def compose(overrides: Sequence[str] = (), recipe: str = DEFAULT_RECIPE, adapt: bool = True) -> TroupeConfig:
+    """The typed config of `recipe` with `overrides` applied. `adapt`: pick the reward from the data (see above)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    register()
+    if recipe not in recipes():
+        raise ConfigError(f"--config-name {recipe}: no such recipe; recipes: {', '.join(recipes())}")
+    overrides = list(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            composed = hydra_compose(config_name=recipe, overrides=overrides)
+            if adapt and not _sets_reward(overrides) and not _answers(overrides, composed):
+                if (
+                    OmegaConf.select(composed, "reward.objectives.correctness") is not None
+                    and recipe == "config"
+                ):
+                    print(
+                        "troupe: data.train has no answers (data.answer_key unset): rewarding with reward=open "
+                        "(length, repetition); choose with reward=answers|open or reward.*",
+                        file=sys.stderr,
+                    )
+                    composed = hydra_compose(config_name=recipe, overrides=[*overrides, "reward=open"])
+            return OmegaConf.to_object(composed)
+    except (HydraException, OmegaConfBaseException, ValueError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(_message(e)) from e
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _message(e: BaseException) -> str:
+    """Hydra wraps the useful line ("Key 'x' is not in struct") in its own; keep both, drop the rest."""
+    lines = [str(e).strip().splitlines()[0]] if str(e).strip() else [type(e).__name__]
+    cause = e.__cause__ or e.__context__
+    if cause is not None and str(cause).strip():
+        detail = str(cause).strip().splitlines()
+        lines += [
+            line
+            for line in detail
+            if line.strip() and not any(k in line for k in ("full_key", "object_type", "reference_type"))
+        ][:2]
+    return "\n".join(dict.fromkeys(lines))
+
+
+def checked(cfg: TroupeConfig) -> TroupeConfig:
+    """A typed config built or changed in Python, type-checked like a composed one (Python objects are allowed
+    where the config takes code)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.structured(cfg, flags={"allow_objects": True}))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_message(e)) from e
+
+
+def config_record(cfg: TroupeConfig) -> dict:
+    """The config as plain data (checkpoints, trackers): Python objects given through the API as import paths."""
+    from troupe.actors.plugins import describe
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return describe(value)
+
+    return plain(OmegaConf.to_container(OmegaConf.structured(cfg, flags={"allow_objects": True})))
