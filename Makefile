@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 
 venv: $(STAMP)
 
-$(STAMP): requirements/cpu.txt requirements/cpu-lock.txt pyproject.toml
+$(STAMP): requirements/cpu-lock.txt requirements/cpu-pins.in pyproject.toml scripts/install_cpu.sh
 	bash scripts/install_cpu.sh $(PY) $(VENV)
 	touch $(STAMP)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
+
 from troupe.actors.weight_buckets import BucketSpec, Slot, WeightManifest, WeightTransferError, digest
 
 _ALIGN = 8  # bytes: every tensor starts on an int64 boundary, so a bucket's checksum reads it as int64 words

@@ -19,8 +19,9 @@ def measure(model: str, dtype: str, prompts: int, tokens: int) -> float:
     os.environ.update(
         VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind"
     )
-    from troupe.actors.models import resolve_model
     from vllm import LLM, SamplingParams
+
+    from troupe.actors.models import resolve_model
 
     llm = LLM(
         model=resolve_model(model),

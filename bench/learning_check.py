@@ -47,6 +47,7 @@ def evaluate(models: dict[str, str], eval_prompts: int, samples: int) -> dict[st
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
+
     from troupe.actors.generator.actor import Generator
     from troupe.actors.generator.config import GeneratorConfig
     from troupe.actors.generator.sampling import Sampling

@@ -74,6 +74,7 @@ def in_process(model: str, out: Path) -> dict:
     import ray
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
+
     from troupe.actors.models import resolve_model
     from troupe.cluster.config.compose import CONF_DIR
     from troupe.cluster.config.schema import register

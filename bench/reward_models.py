@@ -42,6 +42,7 @@ def bt_probe(
 def fine_tune(stage: str, backbone: str, train, out: Path, args) -> Path:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
+
     from troupe.cluster.config.compose import CONF_DIR
     from troupe.cluster.jobs.reward_model import train_bt_or_haf
 
@@ -210,6 +211,7 @@ def frozen_models(args, out: Path, results: Results) -> dict:
 def fine_tuned_models(args, out: Path, train, test, results: Results) -> None:
     """BT and HaF fine-tuned on the DeepSpeed learner group, each saved to results as it finishes."""
     import ray
+
     from troupe.actors.models import resolve_model
     from troupe.actors.reward.bundle import BundleScorer
     from troupe.cluster.jobs.rm_eval import pairwise_report, score_pairs

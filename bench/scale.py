@@ -37,6 +37,7 @@ COMMON = [
 def _config(model: str, out: Path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
+
     from troupe.cluster.config.compose import CONF_DIR
     from troupe.cluster.config.schema import register
 
@@ -49,6 +50,7 @@ def _config(model: str, out: Path):
 
 def through_ray(model: str, repeats: int) -> dict:
     import ray
+
     from troupe.actors.models import resolve_model
     from troupe.cluster.run.driver import build_fleet
     from troupe.cluster.run.runtime import start_ray
@@ -103,6 +105,7 @@ def through_ray(model: str, repeats: int) -> dict:
 def in_process(model: str, repeats: int) -> dict:
     """The baseline: reload from tensors already in this process's memory."""
     from safetensors.torch import load_file
+
     from troupe.actors.generator.actor import Generator
     from troupe.actors.models import resolve_model
     from troupe.actors.protocol import WeightBundle

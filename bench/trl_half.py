@@ -110,6 +110,7 @@ def _apply_cpu_patches() -> None:
 def _reward_functions(spec: dict, eos_ids: set[int]):
     """troupe's rule objectives as TRL reward functions (TRL sums them with reward_weights = troupe's weights)."""
     import torch
+
     from troupe.actors.protocol import Prompt, Rollout
     from troupe.actors.reward.rules import RULES
 
@@ -185,6 +186,7 @@ def run_trl(spec: dict) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, GenerationConfig, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
+
     from troupe.actors.tasks.arithmetic import chat_messages
 
     _apply_cpu_patches()

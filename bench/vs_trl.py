@@ -73,6 +73,7 @@ def troupe_overrides(model_ref: str, steps: int, out_dir: Path, extra: list[str]
 def compose_troupe(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
+
     from troupe.cluster.config.checks import validate
     from troupe.cluster.config.schema import register
 
@@ -145,6 +146,7 @@ def run_troupe(spec: dict) -> dict:
 
     import ray
     from transformers import AutoTokenizer
+
     from troupe.cluster.run.driver import run
 
     logging.basicConfig(level=os.environ.get("TROUPE_LOG_LEVEL", "WARNING"))

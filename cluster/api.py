@@ -19,6 +19,8 @@ def compose(*overrides: str, recipe: str = DEFAULT_RECIPE, job: str = "rl") -> T
 
 
 def _run(job: str, config: TroupeConfig | str | None, overrides: tuple[str, ...], recipe: str) -> dict:
+    import ray
+
     from troupe.cluster.run.driver import run
 
     if isinstance(config, TroupeConfig):
@@ -28,12 +30,11 @@ def _run(job: str, config: TroupeConfig | str | None, overrides: tuple[str, ...]
         cfg.job = "rl" if job == "dpo" else job
     else:
         cfg = compose(*([config] if config else []), *overrides, recipe=recipe, job=job)
+    ours = not ray.is_initialized()  # a Ray the caller started stays up
     try:
         return run(cfg)
     finally:
-        import ray
-
-        if ray.is_initialized():
+        if ours and ray.is_initialized():
             ray.shutdown()
 
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 
 import torch
+
 from troupe.actors import weight_buckets
 from troupe.actors.generator.config import GeneratorConfig
 from troupe.actors.generator.sampling import Sampling, prompt_seed

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from troupe.actors.generator.sampling import Completion, Sampling
 
 

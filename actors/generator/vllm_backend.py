@@ -10,6 +10,7 @@ import os
 from collections.abc import Sequence
 
 import torch
+
 from troupe.actors.generator.sampling import Completion, Sampling
 
 log = logging.getLogger("troupe.generator.vllm")

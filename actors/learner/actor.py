@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 
 import torch
+
 from troupe.actors import weight_buckets
 from troupe.actors.learner import lora
 from troupe.actors.learner.batch import RolloutBatch, pair_batch

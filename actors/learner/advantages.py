@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from troupe.actors.learner.config import AlgoConfig
 from troupe.actors.learner.grpo import group_advantages
 from troupe.actors.learner.ppo import gae, last_token_index

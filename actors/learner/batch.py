@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
+
 from troupe.actors.learner.dpo import PreferencePair
 from troupe.actors.protocol import ScoredRollout
 

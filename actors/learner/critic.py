@@ -10,6 +10,7 @@ import time
 
 import torch
 from torch import nn
+
 from troupe.actors.learner.batch import RolloutBatch
 from troupe.actors.learner.engine import build_engine, config_without_dropout, current_lr, init_process_group
 from troupe.actors.learner.ppo import explained_variance, value_loss

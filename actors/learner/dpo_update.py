@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from troupe.actors.learner.batch import pair_batch, pair_lengths, pair_rows
 from troupe.actors.learner.dpo import PreferencePair, dpo_loss
 from troupe.actors.learner.logprobs import response_logprobs

@@ -12,6 +12,7 @@ import os
 import socket
 
 import torch
+
 from troupe.actors.learner.config import LearnerConfig, RankSetup
 
 SCHEDULES = ("constant", "linear", "cosine")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
 from troupe.actors.learner.packing import Packed, pack_groups
 
 GREEDY_EPS = 1e-5  # vLLM samples greedily below this temperature and reports log-probs at T = 1

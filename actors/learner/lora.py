@@ -8,6 +8,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+
 from troupe.actors.learner.config import LoraConfig
 
 _PREFIX = "base_model.model."

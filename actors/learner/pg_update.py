@@ -11,6 +11,7 @@ All log-probs are at each rollout's sampling temperature.
 from __future__ import annotations
 
 import torch
+
 from troupe.actors.learner.advantages import AdvantageInputs, estimate
 from troupe.actors.learner.batch import RolloutBatch
 from troupe.actors.learner.grpo import clipped_policy_loss, kl_penalty, truncated_importance_weights

@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 
 import torch
+
 from troupe.actors.hardware import node_id, resolve_dtype
 from troupe.actors.learner.batch import RolloutBatch
 from troupe.actors.learner.config import RankSetup

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 
 import torch
+
 from troupe.actors.learner.batch import pair_batch, pair_lengths, pair_rows
 from troupe.actors.learner.dpo import PreferencePair
 from troupe.actors.learner.engine import (

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
 from troupe.actors.protocol import RewardBreakdown, Rollout, ScoredRollout
 
 TOKEN_PREFIX = "tokens/"

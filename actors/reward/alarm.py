@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from troupe.actors.reward.aggregation import Aggregated, split_tokens, token_key
 
 MIN_STD = 1e-6  # relative to max(1, |mean|): a holistic std below this is refused

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
 from troupe.actors.reward.armo import GatingNetwork
 from troupe.actors.reward.bundle import BundleHeads, BundleInfo, save_bundle
 

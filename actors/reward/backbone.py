@@ -196,6 +196,7 @@ class RewardBackbone:
         trust_remote_code: bool = False,
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
+
         from troupe.actors.hardware import resolve_dtype
 
         dtype = resolve_dtype(dtype)

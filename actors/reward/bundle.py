@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
 from troupe.actors.reward.armo import GatingNetwork, armo_score
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from troupe.actors.learner.dpo import dpo_loss
 
 

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+
 from troupe.actors.protocol import Rollout
 from troupe.actors.reward.ifeval_checks import CHECKS, build_check
 

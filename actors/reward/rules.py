@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from troupe.actors.protocol import Rollout
 from troupe.actors.reward.ifeval import IFEval, Instructions
 from troupe.actors.reward.math_answer import has_final_answer, is_correct

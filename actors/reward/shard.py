@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from troupe.actors.hardware import node_id
 from troupe.actors.protocol import Rollout
 from troupe.actors.reward.aggregation import token_key

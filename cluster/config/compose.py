@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
 from troupe.cluster.config.checks import ConfigError
 from troupe.cluster.config.schema import TroupeConfig, register
 

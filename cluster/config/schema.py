@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+
 from troupe.actors.generator.config import GeneratorConfig
 from troupe.actors.learner.config import AlgoConfig, CriticConfig, LearnerConfig
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from troupe.actors.reward.armo import rescale
 from troupe.cluster.data.preferences import read_records
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray.exceptions import GetTimeoutError, RayActorError
+
 from troupe.actors.weight_buckets import WeightTransferError
 from troupe.cluster.config.schema import AutoscaleConfig, PoolBounds
 

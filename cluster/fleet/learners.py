@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import ray
 import torch
+
 from troupe.actors.learner.actor import Learner
 from troupe.actors.learner.batch import RolloutBatch
 from troupe.actors.learner.config import RankSetup

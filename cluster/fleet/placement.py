@@ -18,6 +18,7 @@ import time
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
 from troupe.cluster.config.checks import ConfigError
 from troupe.cluster.config.schema import RolePlacement
 

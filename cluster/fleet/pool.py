@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
+
 from troupe.actors.weight_buckets import WeightTransferError
 from troupe.cluster.durability.faults import RetryBudget
 

@@ -8,6 +8,7 @@ reward.hierarchy.warmup_samples samples. A resumed run restores it with `aggrega
 from __future__ import annotations
 
 import ray
+
 from troupe.actors.reward.aggregation import WeightedSum
 from troupe.actors.reward.alarm import HierarchyAggregation, Normalizer
 from troupe.actors.reward.bundle import read_info

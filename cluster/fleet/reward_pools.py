@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
 from troupe.actors.protocol import Rollout
 from troupe.cluster.fleet.pool import Pool
 

@@ -52,6 +52,7 @@ def read_prompts(path: str, key: str, reference_key: str | None) -> tuple[list, 
 def best_of_n(cfg) -> dict:
     """`cfg`: the typed TroupeConfig (best_of_n.*, model.policy, generator.*, data.prompt_key, run.seed)."""
     from transformers import AutoTokenizer
+
     from troupe.actors.generator.actor import Generator
     from troupe.actors.generator.sampling import Sampling
     from troupe.actors.models import resolve_model

@@ -119,6 +119,7 @@ def train_bt_or_haf(cfg: TroupeConfig, prefs=None, job: Job | None = None) -> tu
         with Job(cfg, RM_COLUMNS) as own:
             return train_bt_or_haf(cfg, prefs, own)
     from transformers import AutoTokenizer
+
     from troupe.actors.learner.reward_trainer import RewardTrainer
     from troupe.cluster.fleet.learners import LearnerGroup, policy_setup
     from troupe.cluster.jobs.rm_training import save_reward_head_bundle, tokenize_for_rm, train_reward_head

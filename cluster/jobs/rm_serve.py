@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
+
 from troupe.actors.protocol import Rollout
 from troupe.actors.reward.aggregation import score_rollouts
 from troupe.cluster.config.schema import TroupeConfig
@@ -177,6 +178,7 @@ def start_service(cfg: TroupeConfig) -> tuple[ThreadingHTTPServer, RewardService
     """The fleet, the aggregation (with `serve.aggregation_state` loaded) and the HTTP server, serving in a thread.
     Ray must be started; the caller shuts both down."""
     from transformers import AutoTokenizer
+
     from troupe.actors.models import resolve_model
     from troupe.cluster.fleet.reward_model import build_aggregation, build_reward_fleet, reward_replicas
 

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
 from troupe.actors.learner.dpo import PreferencePair
 from troupe.actors.reward import armo
 from troupe.actors.reward.backbone import RewardBackbone, encode

@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import ray
+
 from troupe.actors.generator.actor import Generator
 from troupe.actors.generator.sampling import Sampling
 from troupe.actors.learner.ppo import AdaptiveKL

@@ -13,6 +13,7 @@ import math
 from dataclasses import replace
 
 import torch
+
 from troupe.actors.generator.sampling import Sampling
 from troupe.actors.protocol import Prompt, ScoredRollout
 from troupe.actors.reward.aggregation import score_rollouts

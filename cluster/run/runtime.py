@@ -9,6 +9,7 @@ import logging
 import os
 
 import ray
+
 from troupe.actors.generator.config import GeneratorConfig
 from troupe.actors.learner.config import LearnerConfig
 from troupe.cluster.config.checks import ConfigError

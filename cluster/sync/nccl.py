@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
 from troupe.actors.weight_buckets import WeightManifest
 from troupe.cluster.durability.faults import RankLost
 from troupe.cluster.fleet.learners import LearnerGroup

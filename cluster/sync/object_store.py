@@ -14,6 +14,7 @@ import logging
 
 import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
+
 from troupe.actors.weight_buckets import BucketedWeights, WeightTransferError
 from troupe.cluster.durability.faults import RankLost
 from troupe.cluster.fleet.pool import Health, Member, Pool

@@ -6,6 +6,7 @@ import pytest
 import ray
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
 from troupe.actors.models import resolve_model
 from troupe.cluster.config.checks import validate
 from troupe.cluster.config.compose import CONF_DIR
@@ -55,6 +56,7 @@ def tiny_model_path(tiny_cfg):
 def tiny_prompts(tiny_cfg, tiny_model_path):
     """Chat-templated task prompts, without starting any actor."""
     from transformers import AutoTokenizer
+
     from troupe.cluster.data.prompts import build_prompt_sources
 
     return build_prompt_sources(tiny_cfg, AutoTokenizer.from_pretrained(tiny_model_path))[0]

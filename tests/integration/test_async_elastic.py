@@ -4,11 +4,11 @@ importance weights, groups past the staleness bound sampled again, and a generat
 
 import pytest
 import ray
+
+from tests.integration.conftest import running_fleet, tiny_config
 from troupe.cluster.fleet.elastic import request_resize
 from troupe.cluster.fleet.pool import Health
 from troupe.cluster.run.loop import run_iteration
-
-from tests.integration.conftest import running_fleet, tiny_config
 
 pytestmark = pytest.mark.integration
 

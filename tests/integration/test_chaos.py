@@ -10,13 +10,13 @@ import threading
 import time
 
 import pytest
+
+from tests.integration.conftest import running_fleet, tiny_config
 from troupe.cluster.durability.checkpoint import complete, verify
 from troupe.cluster.durability.run_checkpoints import RunCheckpoints, Stopped, driver_state
 from troupe.cluster.observe.metrics import rl_columns
 from troupe.cluster.run.job import Job
 from troupe.cluster.run.loop import train
-
-from tests.integration.conftest import running_fleet, tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -3,11 +3,11 @@ merged LoRA weights synced into vLLM."""
 
 import pytest
 import ray
+
+from tests.integration.conftest import running_fleet, tiny_config
 from troupe.actors.reward.aggregation import score_rollouts
 from troupe.cluster.run.learn import build_pairs
 from troupe.cluster.run.loop import run_iteration
-
-from tests.integration.conftest import running_fleet, tiny_config
 
 pytestmark = pytest.mark.integration
 

@@ -5,6 +5,7 @@ import pytest
 import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from troupe.actors.generator.actor import Generator
 from troupe.actors.generator.config import GeneratorConfig
 from troupe.actors.generator.sampling import Sampling

@@ -3,6 +3,7 @@
 import pytest
 import ray
 import torch
+
 from troupe.actors.generator.actor import Generator
 from troupe.actors.generator.config import GeneratorConfig
 from troupe.actors.generator.sampling import Sampling

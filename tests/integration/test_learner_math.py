@@ -8,13 +8,13 @@ from dataclasses import replace
 import pytest
 import ray
 import torch
+
+from tests.integration.conftest import tiny_config
 from troupe.actors.learner.batch import RolloutBatch, pad_sequences
 from troupe.actors.learner.dpo import PreferencePair
 from troupe.actors.weight_buckets import unpack
 from troupe.cluster.fleet.learners import LearnerGroup, critic_group, critic_setup, policy_setup
 from troupe.cluster.run.runtime import learner_env
-
-from tests.integration.conftest import tiny_config
 
 pytestmark = pytest.mark.integration
 

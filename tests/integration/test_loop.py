@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import ray
+
 from troupe.actors.weight_buckets import BucketedWeights
 from troupe.cluster.fleet.pool import Health
 from troupe.cluster.run.loop import run_iteration

@@ -21,13 +21,13 @@ ITERATIONS = 6
 def child(out: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
+
+    from tests.integration.conftest import tiny_config
     from troupe.actors.models import resolve_model
     from troupe.cluster.fleet.elastic import request_resize
     from troupe.cluster.run.driver import build_fleet
     from troupe.cluster.run.loop import run_iteration
     from troupe.cluster.run.runtime import start_ray
-
-    from tests.integration.conftest import tiny_config
 
     cluster = Cluster(
         initialize_head=True,

@@ -6,12 +6,12 @@ import time
 
 import pytest
 import ray
+
+from tests.integration.conftest import running_fleet, tiny_config
 from troupe.cluster.config.checks import ConfigError, validate
 from troupe.cluster.config.schema import RolePlacement
 from troupe.cluster.fleet.placement import PlacementError, check_feasible, pool_options
 from troupe.cluster.run.loop import run_iteration
-
-from tests.integration.conftest import running_fleet, tiny_config
 
 pytestmark = pytest.mark.integration
 

@@ -3,11 +3,11 @@
 import math
 
 import pytest
+
+from tests.integration.conftest import running_fleet, tiny_config
 from troupe.actors.learner.batch import from_scored
 from troupe.actors.protocol import RewardBreakdown, ScoredRollout
 from troupe.cluster.run.loop import run_iteration
-
-from tests.integration.conftest import running_fleet, tiny_config
 
 pytestmark = pytest.mark.integration
 

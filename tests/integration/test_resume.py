@@ -9,10 +9,10 @@ import time
 
 import pytest
 from safetensors.torch import load_file
-from troupe.actors.models import resolve_model
 
 from tests.integration.conftest import TINY_OVERRIDES
 from tests.integration.test_cli import TROUPE
+from troupe.actors.models import resolve_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

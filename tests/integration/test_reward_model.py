@@ -9,6 +9,8 @@ import random
 import pytest
 import ray
 import torch
+
+from tests.integration.conftest import running_fleet, tiny_config
 from troupe.actors.protocol import Prompt, Rollout
 from troupe.actors.reward.aggregation import score_rollouts, token_key
 from troupe.actors.reward.bundle import BundleScorer
@@ -19,8 +21,6 @@ from troupe.cluster.fleet.pool import Pool
 from troupe.cluster.fleet.reward_pools import RewardFleet
 from troupe.cluster.jobs.rm_training import train_gating_stage, train_regression
 from troupe.cluster.run.loop import run_iteration
-
-from tests.integration.conftest import running_fleet, tiny_config
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""The reward service (`troupe job=rm_serve`): the reward fleet over HTTP on loopback, per-objective breakdowns that
+"""The reward service (`troupe rm serve`): the reward fleet over HTTP on loopback, per-objective breakdowns that
 match the aggregation, 4xx answers that name the field at fault, and best-of-N through it."""
 
 import json
@@ -6,10 +6,10 @@ import urllib.error
 import urllib.request
 
 import pytest
-from troupe.cluster.jobs.best_of_n import main as best_of_n_main
-from troupe.cluster.jobs.rm_serve import start_service
 
+import troupe
 from tests.integration.conftest import tiny_config
+from troupe.cluster.jobs.rm_serve import start_service
 
 pytestmark = pytest.mark.integration
 
@@ -103,16 +103,23 @@ def test_malformed_json_and_unknown_paths(service):
     assert status == 404 and "POST /score" in answer["error"]
 
 
-def test_best_of_n_keeps_the_highest_scored_sample(service, tmp_path, tiny_model_path, capsys):
+def test_best_of_n_keeps_the_highest_scored_sample(service, tmp_path, tiny_model_path):
     url, _, _ = service
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"q": "What is 1 + 1?", "a": 2}\n{"no_q": 1}\n{"q": "What is 4 + 2?", "a": 6}\n')
     out = tmp_path / "best.jsonl"
-    args = ["--url", url, "--prompts", str(prompts), "--prompt-key", "q", "--reference-key", "a"]
-    args += ["--n", "3", "--out", str(out)]
-    args += ["--model", tiny_model_path, "--backend", "hf", "--dtype", "float32", "--max-new-tokens", "12"]
-    assert best_of_n_main(args) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = troupe.best_of_n(  # `troupe best-of-n <these overrides>` on the command line
+        f"best_of_n.url={url}",
+        f"best_of_n.prompts={prompts}",
+        "data.prompt_key=q",
+        "best_of_n.reference_key=a",
+        "best_of_n.n=3",
+        f"best_of_n.out={out}",
+        f"model.policy={tiny_model_path}",
+        "generator.backend=hf",
+        "generator.dtype=float32",
+        "generator.max_new_tokens=12",
+    )
     assert summary["prompts"] == 2 and summary["skipped"] == 1
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.integration.conftest import TINY_OVERRIDES, tiny_config
 from troupe.actors.reward.bundle import BundleScorer
 from troupe.cluster.data.preferences import load_preferences
 from troupe.cluster.jobs.reward_model import train_bt_or_haf
-
-from tests.integration.conftest import TINY_OVERRIDES, tiny_config
 
 pytestmark = pytest.mark.integration
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from troupe.actors.learner.advantages import ESTIMATORS, AdvantageInputs, estimate, rloo_advantages
 from troupe.actors.learner.config import AlgoConfig
 from troupe.actors.learner.ppo import masked_whiten

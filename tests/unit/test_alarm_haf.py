@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from troupe.actors.reward.alarm import (
     HierarchyAggregation,
     Normalizer,

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+
 from troupe.actors.protocol import Prompt, Rollout
 from troupe.actors.reward.aggregation import score_rollouts, token_key
 from troupe.actors.reward.alarm import HierarchyAggregation, Normalizer

@@ -1,6 +1,7 @@
 """The arithmetic task: deterministic sampling, correct answers, robust answer extraction."""
 
 import pytest
+
 from troupe.actors.tasks.arithmetic import ArithmeticTask, extract_answer, has_answer_line
 
 

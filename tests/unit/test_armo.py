@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from troupe.actors.reward import armo
 
 

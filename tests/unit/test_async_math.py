@@ -3,6 +3,7 @@
 import math
 
 import torch
+
 from troupe.actors.learner.grpo import truncated_importance_weights
 from troupe.actors.protocol import Prompt, Rollout
 from troupe.cluster.run.pipeline import stale_groups

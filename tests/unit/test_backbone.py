@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from troupe.actors.models import resolve_model
 from troupe.actors.reward.backbone import RewardBackbone, encode, gather_rows
 

@@ -1,6 +1,7 @@
 """The columnar batch: response positions, per-token rewards, row subsets trimmed to their own length."""
 
 import torch
+
 from troupe.actors.learner.batch import from_scored, pad_sequences
 from troupe.actors.protocol import Prompt, RewardBreakdown, Rollout, ScoredRollout
 

@@ -3,6 +3,7 @@
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
 from troupe.cluster.config.checks import ConfigError, validate
 from troupe.cluster.config.compose import CONF_DIR
 from troupe.cluster.config.schema import TroupeConfig, register

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
 from troupe.cluster.config.checks import validate
 from troupe.cluster.config.compose import CONF_DIR
 from troupe.cluster.config.schema import register

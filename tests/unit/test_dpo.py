@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+
 from troupe.actors.learner.dpo import PreferencePair, choose_pair, dpo_loss
 
 

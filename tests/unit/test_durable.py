@@ -5,6 +5,7 @@ import json
 import random
 
 import pytest
+
 from troupe.cluster.durability.accounting import Ledger
 from troupe.cluster.durability.checkpoint import (
     CheckpointError,

@@ -4,6 +4,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+
 from troupe.cluster.fleet.elastic import (
     AutoscaleConfig,
     FleetControl,

@@ -1,6 +1,7 @@
 """DeepSpeed options and the learning-rate schedule, built from the spec (no engine started)."""
 
 import pytest
+
 from troupe.actors.learner.config import LearnerConfig
 from troupe.actors.learner.engine import ds_config, lr_factor
 
@@ -41,6 +42,7 @@ def test_lr_schedules():
 
 def test_dropout_is_switched_off_in_the_loaded_config(tmp_path):
     from transformers import GPT2Config
+
     from troupe.actors.learner.engine import config_without_dropout
 
     GPT2Config(

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+
 from troupe.actors.protocol import Prompt, RewardBreakdown, Rollout, ScoredRollout
 from troupe.cluster.config.schema import MonitorConfig
 from troupe.cluster.run.evaluation import batch_stats, pearson

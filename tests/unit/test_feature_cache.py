@@ -4,6 +4,7 @@ and the progress bar goes to stderr. Tiny local model, no Ray."""
 
 import pytest
 import torch
+
 from troupe.actors.models import resolve_model
 from troupe.actors.reward.backbone import RewardBackbone
 from troupe.actors.reward.feature_cache import cached_features

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from troupe.actors.learner.grpo import clipped_policy_loss, group_advantages, kl_penalty
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from troupe.actors.protocol import Prompt, Rollout
 from troupe.actors.reward.ifeval import IFEval, Instructions
 from troupe.actors.reward.ifeval_checks import CHECKS, build_check, count_sentences, count_words

@@ -3,10 +3,10 @@ fp32, equal to a plain log_softmax over the full logits."""
 
 import pytest
 import torch
-from troupe.actors.learner.batch import pad_sequences
-from troupe.actors.learner.logprobs import response_logprobs
 
 from tests.unit.tiny_models import tiny_lm
+from troupe.actors.learner.batch import pad_sequences
+from troupe.actors.learner.logprobs import response_logprobs
 
 
 def _batch():

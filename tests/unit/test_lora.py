@@ -3,10 +3,10 @@
 import copy
 
 import torch
-from troupe.actors.learner import lora
-from troupe.actors.learner.config import LoraConfig
 
 from tests.unit.tiny_models import tiny_lm
+from troupe.actors.learner import lora
+from troupe.actors.learner.config import LoraConfig
 
 
 def test_merged_state_dict_matches_peft_merge():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from troupe.actors.protocol import Prompt, Rollout
 from troupe.actors.reward.math_answer import (
     answers_match,

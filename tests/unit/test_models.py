@@ -3,6 +3,7 @@
 import os
 
 import pytest
+
 from troupe.actors.models import resolve_model
 
 

@@ -3,12 +3,12 @@ pack/unpack for every dtype, the bucket checksum, and when auto picks NCCL. (The
 
 import pytest
 import torch
+
+from tests.integration.conftest import tiny_config
 from troupe.actors.nccl_weights import bucket_checksum, layout, offsets, pack_bucket, unpack_bucket
 from troupe.actors.weight_buckets import WeightTransferError
 from troupe.cluster.config.checks import ConfigError, validate
 from troupe.cluster.sync.nccl import nccl_enabled
-
-from tests.integration.conftest import tiny_config
 
 
 def _state(dtype):

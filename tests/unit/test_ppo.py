@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from troupe.actors.learner.ppo import AdaptiveKL, gae, masked_whiten, value_loss
 
 

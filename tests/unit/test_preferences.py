@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from troupe.cluster.data.preferences import SkipRecord, load_preferences, parse_transcript, to_preference
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

@@ -7,6 +7,8 @@ import logging
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
+from tests.unit.tiny_models import llama3_style_tokenizer
 from troupe.cluster.config.compose import CONF_DIR
 from troupe.cluster.config.schema import DataConfig, TaskConfig, register
 from troupe.cluster.data.prompts import (
@@ -16,8 +18,6 @@ from troupe.cluster.data.prompts import (
     eval_prompt_set,
     load_prompt_set,
 )
-
-from tests.unit.tiny_models import llama3_style_tokenizer
 
 register()
 

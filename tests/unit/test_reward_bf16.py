@@ -4,6 +4,7 @@
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+
 from troupe.actors.models import resolve_model
 from troupe.actors.reward import armo
 from troupe.actors.reward.bundle import BundleHeads, BundleInfo, BundleScorer, save_bundle

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from troupe.actors.protocol import Prompt, Rollout
 from troupe.actors.reward.aggregation import WeightedSum, score_rollouts
 from troupe.actors.reward.rules import AnswerFormat, Brevity, Correctness, NonRepetition

@@ -5,6 +5,7 @@ gating bundle. Tiny local model, no Ray."""
 import pytest
 import torch
 from transformers import AutoTokenizer
+
 from troupe.actors.models import resolve_model
 from troupe.actors.reward.backbone import encode
 from troupe.actors.reward.bundle import BundleInfo, load_bundle, save_bundle

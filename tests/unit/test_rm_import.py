@@ -10,13 +10,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+from tests.unit.tiny_models import llama3_style_tokenizer, tiny_llama_config
 from troupe.actors.protocol import Prompt, Rollout
 from troupe.actors.reward.bundle import BundleScorer, read_info
 from troupe.actors.reward.shard import RewardShard, ShardSpec
 from troupe.cluster.config.compose import CONF_DIR
 from troupe.cluster.run.driver import run
-
-from tests.unit.tiny_models import llama3_style_tokenizer, tiny_llama_config
 
 K, HIDDEN, GATE_HIDDEN, N_HIDDEN, TEMPERATURE, LOGIT_SCALE = 5, 32, 16, 2, 3.0, 1.7
 CHATS = [

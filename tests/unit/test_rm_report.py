@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from troupe.cluster.jobs.rm_eval import pairwise_report
 
 CHOSEN = torch.tensor([1.0, 2.0, 0.0, 2.0, 5.0, 0.0])

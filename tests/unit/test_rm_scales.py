@@ -6,6 +6,7 @@ import json
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
 from troupe.cluster.config.checks import validate
 from troupe.cluster.config.compose import CONF_DIR
 from troupe.cluster.config.schema import register

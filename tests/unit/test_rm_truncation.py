@@ -4,6 +4,7 @@ middle of the last user turn; `Encoded.cut` says so. Tiny local tokenizer, no mo
 
 import pytest
 from transformers import AutoTokenizer
+
 from troupe.actors.models import resolve_model
 from troupe.actors.reward.backbone import encode, fit_prompt
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+
+from tests.unit.tiny_models import tiny_lm
 from troupe.actors.learner.batch import pad_sequences
 from troupe.actors.learner.logprobs import response_logprobs
 from troupe.actors.learner.step import LOSS_AGGREGATIONS, StepNorm, micro_batches, step_rows
-
-from tests.unit.tiny_models import tiny_lm
 
 
 def _rows():

@@ -4,6 +4,7 @@ its manifest is refused before anything is unpacked."""
 import numpy as np
 import pytest
 import torch
+
 from troupe.actors import weight_buckets as wb
 
 
