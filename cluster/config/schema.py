@@ -208,6 +208,10 @@ class LoggingConfig:
         None  # set to log to Weights & Biases too (needs `wandb` installed and a login)
     )
     wandb_mode: str = "online"  # online | offline
+    # Set to log to MLflow too (needs `mlflow` or `mlflow-skinny`): "file:./mlruns", "sqlite:///mlflow.db",
+    # "http://host:5000". Params are the flattened config (learner.lr, ...); resume=... continues the same MLflow run.
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "troupe"
     quiet: bool = True  # Ray, vLLM and DeepSpeed logs go to <run dir>/logs/, not the console
 
 
@@ -294,12 +298,17 @@ class DatasetConfig:
     # (bt / haf / regression) uses it when rm.max_length is unset.
     max_length: int = 512
     max_pairs: int | None = None
+    # Reward-model jobs (rm train / rm eval): which pairs max_pairs / max_pairs_per_subset keep: "first" (file
+    # order) or "random" (seeded by run.seed, kept in file order); max_pairs_per_subset caps each rm.subset_key
+    # value, before max_pairs. The pairs left out are counted in the report's `dropped`.
+    sample: str = "first"
+    max_pairs_per_subset: int | None = None
     pairs_per_iteration: int = 64  # offline DPO: pairs per learner call (one row of the metrics table)
 
 
 @dataclass
 class RmConfig:
-    """Reward-model jobs: `troupe rm train rm.stage=regression|gating|bt|haf` and `troupe rm eval`."""
+    """Reward-model jobs: `troupe rm train rm.stage=regression|gating|probe|bt|haf` and `troupe rm eval`."""
 
     stage: str = "regression"
     name: str = "armo"  # the bundle's name = the objective key its scalar is served under
@@ -328,6 +337,12 @@ class RmConfig:
     gating_layers: int = 3
     gating_temperature: float = 10.0
     gating_dropout: float = 0.2
+    # gating / probe: a Bradley-Terry loss that ends at chance (log 2) fails the job and marks the bundle failed
+    # (serving refuses it); true keeps such a bundle as a usable one (rm eval of a failed bundle needs it too)
+    allow_chance: bool = False
+    # probe: a Bradley-Terry linear head on frozen backbone features of the response (L-BFGS, L2 penalty)
+    probe_l2: float = 1e-3
+    probe_steps: int = 500
     # bt / haf: trained on the learner group (learner.* sets DeepSpeed, lr, micro-batches)
     haf_alpha: float = 0.2  # HaF's policy-loss weight; rm.stage=bt forces 0
     haf_beta: float = 0.1

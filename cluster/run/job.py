@@ -52,7 +52,7 @@ class Job:
     def start(self, banner: str) -> None:
         """Open the metrics file and show the banner and the table header (after the slow start-up)."""
         self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl")
-        self.sinks = ScalarSinks(self.cfg.logging, self.out_dir, self.cfg.run.name)
+        self.sinks = scalar_sinks(self.cfg, self.out_dir)
         if self.show:
             print(banner, flush=True)
             print(table_header(self.columns), flush=True)
@@ -116,9 +116,20 @@ class Job:
         if self.metrics is not None:
             self.metrics.close()
         if self.sinks is not None:
-            self.sinks.close()
+            self.sinks.close(failed=exc[0] is not None)
         for resource, method in reversed(self._teardown):
             try:
                 getattr(resource, method)()
             except Exception:  # one failed teardown must not leave the rest running
                 log.exception("teardown of %s failed", type(resource).__name__)
+
+
+def scalar_sinks(cfg: TroupeConfig, out_dir: Path) -> ScalarSinks:
+    """TensorBoard, W&B and MLflow for a job writing to `out_dir`: the trackers get the whole config as plain data
+    (`config_record`); a resumed job (`cfg.resume` set) continues the W&B and MLflow runs stored in the folder."""
+    config = None
+    if cfg.logging.wandb_project or cfg.logging.mlflow_tracking_uri:
+        from troupe.cluster.config.compose import config_record
+
+        config = config_record(cfg)
+    return ScalarSinks(cfg.logging, out_dir, cfg.run.name, config=config, resume=bool(cfg.resume))
