@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import fields, is_dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -84,22 +85,30 @@ def compose(overrides: Sequence[str] = (), recipe: str = DEFAULT_RECIPE, adapt: 
 
 
 def _message(e: BaseException) -> str:
-    """Hydra wraps the useful line ("Key 'x' is not in struct") in its own; keep both, drop the rest."""
-    lines = [str(e).strip().splitlines()[0]] if str(e).strip() else [type(e).__name__]
-    cause = e.__cause__ or e.__context__
-    if cause is not None and str(cause).strip():
-        detail = str(cause).strip().splitlines()
-        lines += [
-            line
-            for line in detail
-            if line.strip() and not any(k in line for k in ("full_key", "object_type", "reference_type"))
-        ][:2]
-    return "\n".join(dict.fromkeys(lines))
+    """Hydra wraps the useful line ("Key 'x' is not in struct") in its own; keep both, name the key, drop the rest."""
+    chain = [e] + ([e.__cause__ or e.__context__] if (e.__cause__ or e.__context__) else [])
+    lines = []
+    for exc in chain:
+        for line in str(exc).strip().splitlines()[:3]:
+            if line.strip() and "$" not in line and not any(
+                k in line for k in ("full_key", "object_type", "reference_type")
+            ):
+                lines.append(line.strip())
+    key = next((getattr(x, "full_key", None) for x in chain if getattr(x, "full_key", None)), None)
+    message = "\n".join(dict.fromkeys(lines)) or type(e).__name__
+    return f"{key}: {message}" if key and key not in message else message
 
 
 def checked(cfg: TroupeConfig) -> TroupeConfig:
     """A typed config built or changed in Python, type-checked like a composed one (Python objects are allowed
     where the config takes code)."""
+    for section in fields(cfg):  # one section at a time, so an error names its full key (run.iterations)
+        value = getattr(cfg, section.name)
+        if is_dataclass(value):
+            try:
+                OmegaConf.structured(value, flags={"allow_objects": True})
+            except OmegaConfBaseException as e:
+                raise ConfigError(f"{section.name}.{_message(e)}") from e
     try:
         return OmegaConf.to_object(OmegaConf.structured(cfg, flags={"allow_objects": True}))
     except OmegaConfBaseException as e:
