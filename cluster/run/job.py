@@ -17,7 +17,8 @@ from pathlib import Path
 
 from troupe.cluster.config.schema import TroupeConfig
 from troupe.cluster.observe.metrics import TABLE_COLUMNS, MetricsWriter, table_header, table_row
-from troupe.cluster.observe.run_log import ScalarSinks, route_driver_logs
+from troupe.cluster.observe.run_log import route_driver_logs
+from troupe.cluster.observe.trackers import ScalarSinks
 
 log = logging.getLogger("troupe.job")
 

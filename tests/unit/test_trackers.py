@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from troupe.cluster.config.compose import compose
-from troupe.cluster.observe.run_log import TRACKERS_FILE, ScalarSinks, mlflow_key, mlflow_params
+from troupe.cluster.observe.trackers import TRACKERS_FILE, ScalarSinks, mlflow_key, mlflow_params
 from troupe.cluster.run.job import Job
 
 
