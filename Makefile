@@ -21,7 +21,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m "not integration and not slow"
 
 demo: $(STAMP)
-	$(BIN)/troupe --config-name demo
+	$(BIN)/troupe train --config-name demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -54,6 +54,12 @@ bench-scale: $(STAMP)
 .PHONY: bench-trl
 bench-trl: $(STAMP)
 	$(BIN)/python -m bench.vs_trl $(BENCH_ARGS)
+
+# every benchmark's --smoke mode (tiny model, a step or two, temporary outputs): exits non-zero if any broke.
+# One benchmark: .venv/bin/python -m bench.<name> --smoke [--out FOLDER]
+.PHONY: bench-smoke
+bench-smoke: $(STAMP)
+	$(BIN)/python -m pytest -q tests/integration/test_bench_smoke.py --durations=0
 
 clean-venv:
 	rm -rf $(VENV)

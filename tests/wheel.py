@@ -18,11 +18,24 @@ def build_wheel(work: Path) -> Path:
             shutil.copy2(ROOT / name, source / name)
     for new in ("troupe", "actors", "cluster", "conf"):  # a new module not yet committed counts too
         for path in (ROOT / new).rglob("*"):
-            if path.is_file() and "__pycache__" not in path.parts and not (source / path.relative_to(ROOT)).exists():
+            if (
+                path.is_file()
+                and "__pycache__" not in path.parts
+                and not (source / path.relative_to(ROOT)).exists()
+            ):
                 (source / path.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, source / path.relative_to(ROOT))
     subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(work / "dist"), str(source)],
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(work / "dist"),
+            str(source),
+        ],
         check=True,
         capture_output=True,
         timeout=600,

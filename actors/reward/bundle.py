@@ -4,7 +4,9 @@ Layout of a bundle folder:
   bundle.json        name, backbone (path; relative paths are inside the bundle), max_length, objectives,
                      verbosity objective, gating config, whether a scalar reward head exists, fit statistics,
                      normalizers {output key: holistic Normalizer.state_dict()} (`store_normalizer`), so an ALaRM
-                     hierarchy serving this bundle z-normalises with the statistics it was used with
+                     hierarchy serving this bundle z-normalises with the statistics it was used with, and `failed`
+                     (why training failed, e.g. a loss at chance): such a bundle is kept for inspection only and
+                     `read_info` / `load_bundle` refuse it unless called with allow_failed=True
   heads.safetensors  regression [K, d] (ArmoRM stage 1), transform [K, K] M and lambda [K] (debiasing:
                      (r M)_i = r_i - lambda_i r_v), gating.* (stage 2), reward_head.weight/bias (BT / HaF)
 One backbone forward serves every head: `BundleScorer.score` returns all of them from the same features. The
@@ -35,20 +37,32 @@ class BundleInfo:
     reward_head: bool = False
     stats: dict = field(default_factory=dict)  # how it was fitted (alphas, MSE, lambdas, correlations, ...)
     normalizers: dict = field(default_factory=dict)  # {output key: Normalizer.state_dict()} for ALaRM
+    failed: str | None = None  # why training failed (serving refuses the bundle); None: a usable bundle
 
 
-def read_info(folder: str | Path) -> BundleInfo:
-    """bundle.json only (no tensors)."""
+class FailedBundle(ValueError):
+    """A bundle whose training failed (bundle.json "failed"): refused for serving and scoring."""
+
+
+def read_info(folder: str | Path, allow_failed: bool = False) -> BundleInfo:
+    """bundle.json only (no tensors). A bundle marked failed raises FailedBundle unless `allow_failed`."""
     meta = Path(folder) / "bundle.json"
     if not meta.exists():
         raise FileNotFoundError(f"{folder} is not a reward bundle (no bundle.json)")
-    return BundleInfo(**json.loads(meta.read_text()))
+    info = BundleInfo(**json.loads(meta.read_text()))
+    if info.failed and not allow_failed:
+        raise FailedBundle(
+            f"reward bundle {folder} is marked failed and is not served: {info.failed}. It was kept for "
+            f"inspection only (bundle.json 'failed', 'stats'); retrain it, or retrain with rm.allow_chance=true "
+            f"to accept a chance-level model"
+        )
+    return info
 
 
 def store_normalizer(folder: str | Path, key: str, state: dict) -> Path:
     """Record holistic-normaliser statistics (`Normalizer.state_dict()`) for output `key` in bundle.json."""
     meta = Path(folder) / "bundle.json"
-    info = read_info(folder)
+    info = read_info(folder, allow_failed=True)
     info.normalizers[key] = dict(state)
     tmp = meta.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(info), indent=2, default=float))
@@ -66,9 +80,9 @@ def save_bundle(folder: str | Path, info: BundleInfo, tensors: dict[str, torch.T
     return folder
 
 
-def load_bundle(folder: str | Path) -> tuple[BundleInfo, dict[str, torch.Tensor]]:
+def load_bundle(folder: str | Path, allow_failed: bool = False) -> tuple[BundleInfo, dict[str, torch.Tensor]]:
     folder = Path(folder)
-    info = read_info(folder)
+    info = read_info(folder, allow_failed)
     if not Path(info.backbone).is_absolute() and (folder / info.backbone).exists():
         info.backbone = str((folder / info.backbone).resolve())
     return info, load_file(str(folder / "heads.safetensors"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from troupe.actors.learner.advantages import lookup
 from troupe.actors.learner.step import LOSS_AGGREGATIONS
 from troupe.actors.plugins import PluginError
@@ -53,7 +55,8 @@ def validate(cfg: TroupeConfig) -> None:
         )
     if cfg.sync.bucket_mb <= 0:
         raise ConfigError(f"sync.bucket_mb must be > 0, got {cfg.sync.bucket_mb}")
-    _one_of("rm.stage", cfg.rm.stage, ("regression", "gating", "bt", "haf"))
+    _one_of("rm.stage", cfg.rm.stage, ("regression", "gating", "probe", "bt", "haf"))
+    _check_rm_dataset(cfg)
     if cfg.job == "rl" and cfg.algo.source == "rollouts" and not d.train:
         raise ConfigError(
             "data.train is empty: give a prompt file (.jsonl/.json/.parquet), a datasets folder, a hub id "
@@ -79,9 +82,20 @@ def validate(cfg: TroupeConfig) -> None:
         )
     if cfg.job == "rm_train" and cfg.rm.stage == "gating" and not (cfg.rm.stage1 and cfg.dataset.path):
         raise ConfigError(
-            "troupe rm train rm.stage=gating needs rm.stage1 (a stage-1 bundle) and dataset.path"
+            "troupe rm train rm.stage=gating needs rm.stage1 (the stage-1 bundle folder, printed by stage 1 as "
+            "'reward bundle: ...'; stage 1 writes rm.output, default outputs/troupe/rm-armo) and dataset.path "
+            "(a preference file: troupe rm data pairs ...)"
         )
-    if cfg.job == "rm_train" and cfg.rm.stage in ("bt", "haf") and not cfg.dataset.path:
+    if (
+        cfg.job == "rm_train"
+        and cfg.rm.stage == "gating"
+        and Path(cfg.rm.output).resolve() == Path(cfg.rm.stage1).resolve()
+    ):
+        raise ConfigError(
+            f"rm.output={cfg.rm.output} is the stage-1 bundle rm.stage1: stage 2 would overwrite it; give stage 2 "
+            "its own rm.output (e.g. rm.output=outputs/armo2)"
+        )
+    if cfg.job == "rm_train" and cfg.rm.stage in ("probe", "bt", "haf") and not cfg.dataset.path:
         raise ConfigError(f"troupe rm train rm.stage={cfg.rm.stage} needs dataset.path (a preference file)")
     if cfg.job == "rm_eval" and not (cfg.rm.bundle and cfg.dataset.path):
         raise ConfigError("troupe rm eval needs rm.bundle and dataset.path")
@@ -218,6 +232,26 @@ def _check_durability(cfg: TroupeConfig) -> None:
             raise ConfigError(f"faults.retries.{role} must be >= 0, got {n}")
     if cfg.resume is not None and (cfg.job != "rl" or cfg.algo.source != "rollouts"):
         raise ConfigError("resume= continues an RL run (job=rl with generated rollouts)")
+
+
+def _check_rm_dataset(cfg: TroupeConfig) -> None:
+    d = cfg.dataset
+    _one_of("dataset.sample", d.sample, ("first", "random"))
+    for key, value in (
+        ("dataset.max_pairs", d.max_pairs),
+        ("dataset.max_pairs_per_subset", d.max_pairs_per_subset),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be >= 1 (unset: all pairs), got {value}")
+    if d.max_pairs_per_subset is not None and not cfg.rm.subset_key:
+        raise ConfigError(
+            "dataset.max_pairs_per_subset needs rm.subset_key (the record field naming the subset)"
+        )
+    if cfg.job == "rl" and (d.sample != "first" or d.max_pairs_per_subset is not None):
+        raise ConfigError(
+            "dataset.sample and dataset.max_pairs_per_subset apply to the reward-model jobs (rm train / rm eval); "
+            "offline DPO takes the first dataset.max_pairs pairs"
+        )
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -90,8 +90,10 @@ def _message(e: BaseException) -> str:
     lines = []
     for exc in chain:
         for line in str(exc).strip().splitlines()[:3]:
-            if line.strip() and "$" not in line and not any(
-                k in line for k in ("full_key", "object_type", "reference_type")
+            if (
+                line.strip()
+                and "$" not in line
+                and not any(k in line for k in ("full_key", "object_type", "reference_type"))
             ):
                 lines.append(line.strip())
     key = next((getattr(x, "full_key", None) for x in chain if getattr(x, "full_key", None)), None)

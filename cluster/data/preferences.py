@@ -7,13 +7,16 @@ Accepted record shapes (keys configurable):
   hh-rlhf transcripts: {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}
 A record missing a key fails naming the file and line; an empty response, identical responses, chat pairs whose
 conversations differ before the compared turn, and records past `max_pairs` are skipped and counted by reason, so
-kept + skipped is every record of the file.
+kept + skipped is every record of the file. Subsampling (`max_pairs`, `max_pairs_per_subset`): sample="first"
+keeps the first pairs in file order, "random" a seeded random choice (kept in file order); the per-subset cap
+applies first (counted as over_max_pairs_per_subset), then max_pairs (over_max_pairs).
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -115,6 +118,40 @@ def load_preferences(
     rejected_key: str = "rejected",
     max_pairs: int | None = None,
     subset_key: str | None = None,
+    sample: str = "first",
+    seed: int = 0,
+    max_pairs_per_subset: int | None = None,
+) -> tuple[list[Preference], Counter]:
+    if sample not in ("first", "random"):
+        raise ValueError(f"sample must be 'first' or 'random', got {sample!r}")
+    if max_pairs_per_subset is not None and subset_key is None:
+        raise ValueError("max_pairs_per_subset needs subset_key (the field naming each record's subset)")
+    if sample == "first" and max_pairs_per_subset is None:
+        return _load(path, prompt_key, chosen_key, rejected_key, max_pairs, subset_key)
+    prefs, skipped = _load(path, prompt_key, chosen_key, rejected_key, None, subset_key)
+    rng = random.Random(seed)
+
+    def choose(indices: list[int], n: int) -> list[int]:
+        return indices[:n] if sample == "first" else sorted(rng.sample(indices, n))
+
+    keep = list(range(len(prefs)))
+    if max_pairs_per_subset is not None:
+        by_subset: dict[str, list[int]] = {}
+        for i in keep:
+            by_subset.setdefault(prefs[i].subset, []).append(i)
+        keep = sorted(
+            i for idx in by_subset.values() for i in choose(idx, min(max_pairs_per_subset, len(idx)))
+        )
+        if len(prefs) > len(keep):
+            skipped["over_max_pairs_per_subset"] += len(prefs) - len(keep)
+    if max_pairs is not None and len(keep) > max_pairs:
+        skipped["over_max_pairs"] += len(keep) - max_pairs
+        keep = choose(keep, max_pairs)
+    return [prefs[i] for i in keep], skipped
+
+
+def _load(
+    path, prompt_key, chosen_key, rejected_key, max_pairs, subset_key
 ) -> tuple[list[Preference], Counter]:
     skipped: Counter = Counter()
     out = []

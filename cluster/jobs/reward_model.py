@@ -2,15 +2,21 @@
 
 troupe rm train rm.stage=regression rm.ratings_path=r.jsonl 'rm.scales={helpfulness: [1, 5]}'  [rm.scales_path=y]
 troupe rm train rm.stage=gating rm.stage1=<bundle> dataset.path=pairs.jsonl rm.verbosity=length
+troupe rm train rm.stage=probe dataset.path=pairs.jsonl      (frozen linear Bradley-Terry probe)
 troupe rm train rm.stage=bt|haf dataset.path=pairs.jsonl      (DeepSpeed learner group)
 troupe rm eval rm.bundle=<bundle> dataset.path=test.jsonl [rm.subset_key=subset] [rm.max_length=N]
-Every report counts the records the loader dropped (by reason) and the rows or pairs the truncation rule cut.
+              [dataset.max_pairs=N] [dataset.max_pairs_per_subset=N] [dataset.sample=first|random]
+Every report counts the records the loader dropped (by reason) and the rows or pairs the truncation rule cut;
+every training stage warns when the rule cut any, and prints the exact next command(s) (`next: troupe ...`).
+A gating or probe stage whose Bradley-Terry loss stays at chance fails (the bundle is marked failed) unless
+rm.allow_chance=true.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,11 +39,21 @@ def run_rm_job(cfg: TroupeConfig) -> dict:
         from troupe.cluster.jobs.rm_import import run_rm_import
 
         return run_rm_import(cfg)
+    from troupe.actors.reward.bundle import FailedBundle
+    from troupe.cluster.jobs.rm_training import ChanceLevel
+
     with Job(cfg, RM_COLUMNS) as job:
-        folder, stats = _train(cfg, job) if cfg.job == "rm_train" else (None, evaluate_bundle(cfg, job))
+        try:
+            folder, stats = _train(cfg, job) if cfg.job == "rm_train" else (None, evaluate_bundle(cfg, job))
+        except (ChanceLevel, FailedBundle) as e:  # the CLI prints a ConfigError's message alone, exit 2
+            raise ConfigError(str(e)) from e
         if folder is not None:
             print(f"reward bundle: {folder}\n{json.dumps(stats, indent=2, default=str)}", flush=True)
-        return job.finish(bundle=folder, report=stats.get("path")) | {"stats": stats}
+        result = job.finish(bundle=folder, report=stats.get("path")) | {"stats": stats}
+        if folder is not None:
+            for line in next_commands(cfg, folder, stats):
+                print(f"next: {line}", flush=True)
+        return result
 
 
 def _train(cfg: TroupeConfig, job: Job) -> tuple[Path, dict]:
@@ -61,6 +77,7 @@ def _train(cfg: TroupeConfig, job: Job) -> tuple[Path, dict]:
             train_length(cfg),
             seed=cfg.run.seed,
             progress=cfg.run.progress_bar,
+            report=True,
         )
         stats["scales"] = scales
     elif rm.stage == "gating":
@@ -91,6 +108,32 @@ def _train(cfg: TroupeConfig, job: Job) -> tuple[Path, dict]:
             rm.gating_dropout,
             cfg.run.seed,
             progress=cfg.run.progress_bar,
+            report=True,
+            allow_chance=rm.allow_chance,
+        )
+        stats["dropped"] = skipped
+    elif rm.stage == "probe":
+        from troupe.cluster.jobs.rm_training import train_probe_stage
+
+        prefs, skipped = _prefs(cfg)
+        max_length = train_length(cfg)
+        print(
+            f"probe: {len(prefs)} pairs (dropped {skipped}), max_length {max_length}, features cached in "
+            f"{rm.cache}",
+            flush=True,
+        )
+        folder, stats = train_probe_stage(
+            resolve_model(rm.backbone, key="rm.backbone"),
+            prefs,
+            rm.name,
+            rm.output,
+            rm.cache,
+            max_length,
+            rm.probe_l2,
+            rm.probe_steps,
+            progress=cfg.run.progress_bar,
+            report=True,
+            allow_chance=rm.allow_chance,
         )
         stats["dropped"] = skipped
     else:
@@ -101,7 +144,15 @@ def _train(cfg: TroupeConfig, job: Job) -> tuple[Path, dict]:
 def _prefs(cfg: TroupeConfig):
     d = cfg.dataset
     prefs, skipped = load_preferences(
-        d.path, d.prompt_key, d.chosen_key, d.rejected_key, d.max_pairs, cfg.rm.subset_key
+        d.path,
+        d.prompt_key,
+        d.chosen_key,
+        d.rejected_key,
+        d.max_pairs,
+        cfg.rm.subset_key,
+        d.sample,
+        cfg.run.seed,
+        d.max_pairs_per_subset,
     )
     if not prefs:
         raise ValueError(f"{d.path}: no usable preference pairs (skipped: {dict(skipped)})")
@@ -122,7 +173,12 @@ def train_bt_or_haf(cfg: TroupeConfig, prefs=None, job: Job | None = None) -> tu
 
     from troupe.actors.learner.reward_trainer import RewardTrainer
     from troupe.cluster.fleet.learners import LearnerGroup, policy_setup
-    from troupe.cluster.jobs.rm_training import save_reward_head_bundle, tokenize_for_rm, train_reward_head
+    from troupe.cluster.jobs.rm_training import (
+        save_reward_head_bundle,
+        tokenize_for_rm,
+        train_reward_head,
+        warn_cut,
+    )
     from troupe.cluster.run.runtime import learner_env
 
     rm, lc = cfg.rm, cfg.learner
@@ -132,6 +188,7 @@ def train_bt_or_haf(cfg: TroupeConfig, prefs=None, job: Job | None = None) -> tu
         prefs, skipped = _prefs(cfg)
     max_length = train_length(cfg)
     pairs, cut = tokenize_for_rm(prefs, AutoTokenizer.from_pretrained(backbone), max_length)
+    warn_cut(cut, len(pairs), "pairs (either side)", max_length)
     per_call = max(cfg.dataset.pairs_per_iteration, lc.world_size)
     steps = rm.epochs * -(-len(pairs) // per_call) * lc.mini_batches
     alpha = rm.haf_alpha if rm.stage == "haf" else 0.0
@@ -160,6 +217,74 @@ def train_bt_or_haf(cfg: TroupeConfig, prefs=None, job: Job | None = None) -> tu
     }
     folder = save_reward_head_bundle(group, rm.output, rm.name, backbone, max_length, {rm.stage: stats})
     return folder, stats
+
+
+def _arg(path) -> str:
+    return shlex.quote(str(path))
+
+
+def _eval_pairs(cfg: TroupeConfig) -> str:
+    """The preference file to suggest for `rm eval`: the held-out twin of dataset.path (`*train*` -> `*test*`)
+    when it exists, else dataset.path itself, else the file `troupe rm data pairs --split test` writes."""
+    path = cfg.dataset.path
+    if not path:
+        return "test.jsonl"
+    twin = Path(path).with_name(Path(path).name.replace("train", "test"))
+    return str(twin) if twin != Path(path) and twin.exists() else str(path)
+
+
+def _carried(cfg: TroupeConfig) -> list[str]:
+    """Overrides the next command needs to find this run's feature cache when it is not the default."""
+    out = []
+    if Path(cfg.rm.cache) != Path(cfg.run.output_dir) / "feature-cache":
+        out.append(f"rm.cache={_arg(cfg.rm.cache)}")
+    return out
+
+
+def next_commands(cfg: TroupeConfig, folder, stats: dict) -> list[str]:
+    """The exact commands that continue from the bundle a training stage just wrote."""
+    from troupe.actors.reward.bundle import read_info
+
+    rm = cfg.rm
+    info = read_info(folder)
+    run = [f"run.output_dir={_arg(cfg.run.output_dir)}"] if cfg.run.output_dir != "outputs/troupe" else []
+    carry = run + _carried(cfg)
+    test = _eval_pairs(cfg)
+    subset = [f"rm.subset_key={rm.subset_key}"] if rm.subset_key else ["rm.subset_key=subset"]
+    out = []
+    if rm.stage == "regression":
+        verbosity = ["rm.verbosity=verbosity"] if "verbosity" in info.objectives else []
+        stage2 = Path(folder).with_name(Path(folder).name + "-gating")
+        out.append(
+            " ".join(
+                ["troupe rm train rm.stage=gating", f"rm.stage1={_arg(folder)}", f"rm.output={_arg(stage2)}"]
+                + [f"dataset.path={_arg(cfg.dataset.path or 'pairs.jsonl')}"]
+                + verbosity
+                + carry
+            )
+        )
+        key = [f"rm.eval_key={info.name}/{info.objectives[0]}"] if info.objectives else []
+        out.append(
+            " ".join(
+                ["troupe rm eval", f"rm.bundle={_arg(folder)}", f"dataset.path={_arg(test)}"]
+                + key
+                + subset
+                + carry
+            )
+        )
+    else:
+        out.append(
+            " ".join(
+                ["troupe rm eval", f"rm.bundle={_arg(folder)}", f"dataset.path={_arg(test)}"] + subset + carry
+            )
+        )
+    if rm.stage == "gating":  # the RLHF demo with this bundle as the holistic reward of the ALaRM hierarchy
+        holistic = [] if info.name == "armo" else [f"reward.hierarchy.holistic={info.name}"]
+        out.append(
+            " ".join(["troupe train --config-name demo_hierarchical", f"reward.experts.armo.bundle={_arg(folder)}"]
+                     + holistic)
+        )  # fmt: skip
+    return out
 
 
 def evaluate_bundle(cfg: TroupeConfig, job: Job) -> dict:

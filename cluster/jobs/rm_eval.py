@@ -84,16 +84,32 @@ def evaluate_bundle(cfg, out_dir: Path, prefs, dropped: Mapping[str, int]) -> di
         raise ValueError(
             f"rm.sections must map each section to a list of subsets or groups, got {rm.sections!r}"
         )
-    info, tensors = load_bundle(rm.bundle)
+    info, tensors = load_bundle(rm.bundle, allow_failed=rm.allow_chance)
     heads = BundleHeads(info, tensors)
     max_length = rm.max_length if rm.max_length is not None else info.max_length
     key = rm.eval_key or info.name
     backbone = RewardBackbone(info.backbone, max_length=max_length)
     n = len(prefs)
-    print(f"rm_eval: {n} pairs, bundle {rm.bundle}, max_length {max_length}, cache {rm.cache}", flush=True)
+    d = cfg.dataset
+    sample = {
+        "sample": d.sample,
+        "seed": cfg.run.seed if d.sample == "random" else None,
+        "max_pairs": d.max_pairs,
+        "max_pairs_per_subset": d.max_pairs_per_subset,
+        "subset_key": rm.subset_key,
+    }
+    print(
+        f"rm_eval: {n} pairs ({_describe(sample)}), bundle {rm.bundle}, max_length {max_length}, cache {rm.cache}",
+        flush=True,
+    )
     responses = [p.chosen for p in prefs] + [p.rejected for p in prefs]
     feats = cached_features(
-        backbone, [p.prompt for p in prefs] * 2, responses, rm.cache, progress=cfg.run.progress_bar
+        backbone,
+        [p.prompt for p in prefs] * 2,
+        responses,
+        rm.cache,
+        progress=cfg.run.progress_bar,
+        report=True,
     )
     outputs = heads.apply(feats.response, feats.prompt)
     if key not in outputs:
@@ -118,6 +134,7 @@ def evaluate_bundle(cfg, out_dir: Path, prefs, dropped: Mapping[str, int]) -> di
         # how much the reward follows length alone, over every scored response (chosen and rejected)
         "length_spearman": spearman(outputs[key], lengths) if n > 1 else None,
         "dropped": dict(dropped),
+        "sample": sample,
         "cut": int(cut.sum()),
         "cache": feats.stats,
         "path": str(out_dir / f"{stem}.json"),
@@ -127,6 +144,20 @@ def evaluate_bundle(cfg, out_dir: Path, prefs, dropped: Mapping[str, int]) -> di
     Path(report["path"]).write_text(json.dumps(report, indent=2))
     _print(report)
     return report
+
+
+def _describe(sample: dict) -> str:
+    if sample["max_pairs"] is None and sample["max_pairs_per_subset"] is None:
+        return "all pairs"
+    parts = [
+        f"dataset.sample={sample['sample']}"
+        + (f" seed {sample['seed']}" if sample["seed"] is not None else "")
+    ]
+    if sample["max_pairs_per_subset"] is not None:
+        parts.append(f"at most {sample['max_pairs_per_subset']} per {sample['subset_key']}")
+    if sample["max_pairs"] is not None:
+        parts.append(f"at most {sample['max_pairs']} in all")
+    return ", ".join(parts)
 
 
 def _write_pairs(path: Path, prefs, subsets, chosen, rejected, cut) -> None:

@@ -3,8 +3,12 @@
   regression: ArmoRM stage 1 - ridge heads on frozen backbone features of rated responses
   gating:     ArmoRM stage 2 - verbosity debiasing + prompt-conditioned gate trained with Bradley-Terry; the
               bundle stores the transform M and lambda itself ((r M)_i = r_i - lambda_i r_v)
+  probe:      a Bradley-Terry linear head on frozen backbone features of the response (`bt_probe`), on the same
+              feature cache; the bundle is a reward head on the unchanged backbone
   bt / haf:   Bradley-Terry or HaF-RM on the DeepSpeed learner group (body + reward head [+ LM head])
-Each writes a reward bundle (actors/reward/bundle.py) that reward shards load. The backbone stages take a compute
+Each writes a reward bundle (actors/reward/bundle.py) that reward shards load. A Bradley-Terry loss that ends at
+chance (log 2) fails the gating and probe stages (`ChanceLevel`; the bundle is written marked failed, which
+serving refuses) unless `allow_chance`. Every stage warns on stderr when the truncation rule cut rows or pairs. The backbone stages take a compute
 `dtype` (bfloat16 or float32); BT / HaF train in learner.dtype. `tokenize_for_rm` encodes exactly as serving does.
 Every stage's stats say how many rows or pairs the truncation rule cut; `progress` shows tqdm bars on stderr.
 """
@@ -29,6 +33,45 @@ from troupe.cluster.data.preferences import Preference
 from troupe.cluster.data.ratings import Ratings
 
 log = logging.getLogger("troupe.rm_training")
+CHANCE = math.log(2)  # the Bradley-Terry loss of a model that cannot tell chosen from rejected
+
+
+class ChanceLevel(RuntimeError):
+    """A Bradley-Terry stage whose loss stayed at chance; `folder` holds the bundle, marked failed."""
+
+    def __init__(self, message: str, folder: Path) -> None:
+        super().__init__(message)
+        self.folder = folder
+
+
+def at_chance(losses) -> bool:
+    """The loss over the last tenth of training (at least one step) is within 1% of log 2, or above it."""
+    tail = list(losses)[-max(1, len(losses) // 10) :]
+    return sum(tail) / len(tail) > 0.99 * CHANCE
+
+
+def warn_cut(cut: int, total: int, what: str, max_length: int, advice: str | None = None) -> None:
+    """The truncation rule cut `cut` of `total` rows or pairs: say so on stderr."""
+    if not cut:
+        return
+    advice = advice or f"raise rm.max_length (now {max_length}) to keep more of each prompt and response"
+    message = (
+        f"warning: the truncation rule cut {cut} of {total} {what} ({100 * cut / max(1, total):.0f}%) to "
+        f"max_length {max_length}; {advice}"
+    )
+    print(message, file=sys.stderr, flush=True)
+
+
+def _fail_at_chance(folder: Path, info: BundleInfo, tensors: dict, stage: str, first: float, last: float,
+                    advice: str) -> ChanceLevel:  # fmt: skip
+    message = (
+        f"{stage}: the Bradley-Terry loss stayed at chance ({first:.3f} -> {last:.3f}; log 2 = {CHANCE:.3f}): the "
+        f"model does not rank chosen over rejected responses. Try {advice}. The bundle in {folder} is marked "
+        f"failed (serving refuses it); rm.allow_chance=true keeps a chance-level bundle as a usable one"
+    )
+    info.failed = message
+    save_bundle(folder, info, tensors)
+    return ChanceLevel(message, Path(folder))
 
 
 def train_regression(
@@ -42,9 +85,13 @@ def train_regression(
     seed: int = 0,
     dtype: str = "float32",
     progress: bool = False,
+    report: bool = False,
 ) -> tuple[Path, dict]:
     backbone = RewardBackbone(backbone_path, dtype=dtype, max_length=max_length)
-    feats = cached_features(backbone, ratings.prompts, ratings.responses, cache, progress=progress)
+    feats = cached_features(
+        backbone, ratings.prompts, ratings.responses, cache, progress=progress, report=report
+    )
+    warn_cut(feats.stats["rows_cut"], len(ratings.responses), "rated responses", max_length)
     w, alphas, mses, rows = armo.fit_objectives(
         feats.response, ratings.labels, val_fraction=val_fraction, seed=seed
     )
@@ -66,13 +113,17 @@ def train_regression(
 
 
 def pair_features(
-    backbone: RewardBackbone, prefs: list[Preference], cache: str | Path, progress: bool = False
+    backbone: RewardBackbone,
+    prefs: list[Preference],
+    cache: str | Path,
+    progress: bool = False,
+    report: bool = False,
 ):
     """(prompt [P, d], chosen [P, d], rejected [P, d], cut [P] bool, cache stats) from one forward per response,
     cached; a pair counts as cut when either side was."""
     prompts = [p.prompt for p in prefs] * 2
     responses = [p.chosen for p in prefs] + [p.rejected for p in prefs]
-    f = cached_features(backbone, prompts, responses, cache, progress=progress)
+    f = cached_features(backbone, prompts, responses, cache, progress=progress, report=report)
     n = len(prefs)
     return f.prompt[:n], f.response[:n], f.response[n:], f.cut[:n] | f.cut[n:], f.stats
 
@@ -109,12 +160,24 @@ def train_gating_stage(
     seed: int = 0,
     dtype: str = "float32",
     progress: bool = False,
+    report: bool = False,
+    allow_chance: bool = False,
 ) -> tuple[Path, dict]:
-    """`dtype` (auto | bfloat16 | float32): the backbone's and the gate's compute dtype (features are float32)."""
+    """`dtype` (auto | bfloat16 | float32): the backbone's and the gate's compute dtype (features are float32).
+    A Bradley-Terry loss at chance raises ChanceLevel (the bundle is written marked failed) unless
+    `allow_chance`."""
     info, tensors = load_bundle(stage1)
     w = tensors["regression"]
     backbone = RewardBackbone(info.backbone, dtype=dtype, max_length=info.max_length)
-    prompt, chosen, rejected, cut, cache_stats = pair_features(backbone, prefs, cache, progress)
+    prompt, chosen, rejected, cut, cache_stats = pair_features(backbone, prefs, cache, progress, report)
+    warn_cut(
+        int(cut.sum()),
+        len(prefs),
+        "pairs (either side)",
+        info.max_length,
+        f"the gate reads features at stage 1's max_length ({info.max_length}): retrain stage 1 with a larger "
+        "rm.max_length",
+    )
     stats: dict = {
         "pairs": len(prefs),
         "cut": int(cut.sum()),
@@ -154,13 +217,8 @@ def train_gating_stage(
             getattr(torch, backbone.dtype),
         )
     stats["bt_loss_first_last"] = (losses[0], losses[-1])
-    if losses[-1] > 0.99 * math.log(2):  # chance level: the gate did not learn (it may have collapsed)
-        log.warning(
-            "gating: Bradley-Terry loss %.3f -> %.3f stayed at chance (log 2 = 0.693); try another "
-            "run.seed, more pairs or another rm.gating_temperature",
-            losses[0],
-            losses[-1],
-        )
+    chance = at_chance(losses)  # the gate did not learn (it may have collapsed)
+    stats["at_chance"] = chance
     stats["logit_scale"] = float(gate.logit_scale.detach())
     new = BundleInfo(
         info.name,
@@ -174,7 +232,92 @@ def train_gating_stage(
     # lambda itself ((r M)_i = r_i - lambda_i r_v); zeros when there is no verbosity objective
     heads = {"regression": w, "transform": transform, "lambda": lam}
     heads |= {f"gating.{k}": t for k, t in gate.state_dict().items()}
+    if chance and not allow_chance:
+        raise _fail_at_chance(
+            Path(out),
+            new,
+            heads,
+            "stage 2 (gating)",
+            losses[0],
+            losses[-1],
+            "another run.seed, more pairs, a lower rm.gating_temperature (now "
+            f"{temperature:g}) or rm.gating_lr (now {lr:g}), more rm.gating_steps (now {steps}); check that stage 1's "
+            "objectives tell the pairs apart (troupe rm eval rm.bundle=<stage 1> rm.eval_key=<name>/<objective>), "
+            "or compare with rm.stage=probe",
+        )
+    if chance:
+        log.warning(
+            "gating: Bradley-Terry loss %.3f -> %.3f at chance, kept (allow_chance)", losses[0], losses[-1]
+        )
     return save_bundle(out, new, heads), stats
+
+
+def bt_probe(
+    chosen: torch.Tensor, rejected: torch.Tensor, l2: float = 1e-3, steps: int = 500
+) -> torch.Tensor:
+    """Bradley-Terry linear head on frozen features: argmin -log s(w.(h_w - h_l)) + l2 |w|^2."""
+    diff = chosen - rejected
+    w = torch.zeros(diff.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = -torch.nn.functional.logsigmoid(diff @ w).mean() + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach()
+
+
+def train_probe_stage(
+    backbone_path: str,
+    prefs: list[Preference],
+    name: str,
+    out: str | Path,
+    cache: str | Path,
+    max_length: int = 512,
+    l2: float = 1e-3,
+    steps: int = 500,
+    dtype: str = "float32",
+    progress: bool = False,
+    report: bool = False,
+    allow_chance: bool = False,
+) -> tuple[Path, dict]:
+    """The frozen Bradley-Terry linear probe (`bt_probe` on the response features of both sides of each pair,
+    from the shared feature cache) as a bundle: a scalar reward head served under `name` on the frozen backbone.
+    A loss at chance raises ChanceLevel (the bundle is written marked failed) unless `allow_chance`."""
+    backbone = RewardBackbone(backbone_path, dtype=dtype, max_length=max_length)
+    _, chosen, rejected, cut, cache_stats = pair_features(backbone, prefs, cache, progress, report)
+    warn_cut(int(cut.sum()), len(prefs), "pairs (either side)", max_length)
+    w = bt_probe(chosen, rejected, l2, steps)
+    margin = (chosen - rejected) @ w
+    last = float(-torch.nn.functional.logsigmoid(margin).mean())
+    stats = {
+        "pairs": len(prefs),
+        "cut": int(cut.sum()),
+        "max_length": max_length,
+        "l2": l2,
+        "steps": steps,
+        "bt_loss_first_last": (CHANCE, last),  # w = 0 scores every pair at chance
+        "train_accuracy": float((margin > 0).float().mean()),
+        "cache": cache_stats,
+    }
+    info = BundleInfo(name, backbone_path, max_length, [], reward_head=True, stats={"probe": stats})
+    heads = {"reward_head.weight": w[None, :], "reward_head.bias": torch.zeros(1)}
+    stats["at_chance"] = last > 0.99 * CHANCE
+    if stats["at_chance"] and not allow_chance:
+        raise _fail_at_chance(
+            Path(out),
+            info,
+            heads,
+            "probe",
+            CHANCE,
+            last,
+            f"more pairs, a smaller rm.probe_l2 (now {l2:g}), a larger rm.max_length (now {max_length}) or "
+            "another rm.backbone",
+        )
+    return save_bundle(out, info, heads), stats
 
 
 def tokenize_for_rm(prefs: list[Preference], tokenizer, max_length: int) -> tuple[list[PreferencePair], int]:

@@ -24,7 +24,9 @@ def _inputs():
     return AdvantageInputs(rewards, torch.zeros(2, 3), mask, group_size=2)
 
 
-@pytest.mark.parametrize("ref", ["tests.unit.test_plugins:doubled", "tests.unit.test_plugins.doubled", doubled])
+@pytest.mark.parametrize(
+    "ref", ["tests.unit.test_plugins:doubled", "tests.unit.test_plugins.doubled", doubled]
+)
 def test_a_path_or_the_object_resolve_to_the_same_code(ref):
     assert load_object(ref, "algo.estimator") is doubled
     advantages, _ = estimate(AlgoConfig(estimator=ref), _inputs())
