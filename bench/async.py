@@ -6,6 +6,8 @@ overlap, are left out), samples per second over them, each phase's mean exposed 
 of the trained rollouts, the truncated importance weights, and the reward of the last iterations (learning should
 not suffer from one step of lag).
 Run: .venv/bin/python -m bench.async [--iterations 8] [--config demo]
+Smoke: .venv/bin/python -m bench.async --smoke [--out FOLDER]: the tiny model (the integration tests' settings),
+2 iterations per mode, results.json and the runs under FOLDER (temporary by default).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.troupe_run import run_troupe
+from bench.troupe_run import SMOKE_OVERRIDES, run_troupe, smoke_out
 
 PHASES = ("generate", "score", "learn", "sync")
 
@@ -54,10 +56,17 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--config", default="demo")
     parser.add_argument("--out", default="bench/results/async.json")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny model, 2 iterations per mode (--out: a folder)"
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs")
     args = parser.parse_args()
     results = {}
     root = Path(tempfile.mkdtemp(prefix="troupe-async-"))
+    if args.smoke:  # two iterations: the first is left out of the steady window, so one remains
+        root = smoke_out(None if args.out == parser.get_default("out") else args.out, "async")
+        args.out, args.iterations = str(root / "results.json"), 2
+        args.overrides = [*SMOKE_OVERRIDES, *args.overrides]
     for mode in ("sync", "async"):
         overrides = [
             f"run.iterations={args.iterations}",
@@ -86,6 +95,7 @@ def main() -> None:
             f"{r['score_s']:.2f} | {r['learn_s']:.2f} | {r['sync_s']:.2f} | {lag} | {tis} | {r['reward_last3']:.3f} |"
         )
     print(f"async / sync throughput: {results['speedup']:.2f}x")
+    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 Why: `dtype: auto` picks bfloat16 only where the hardware has it natively (GPUs, AMX/AVX512-BF16 CPUs).
 Run: .venv/bin/python -m bench.generator_dtype [--model builtin:smollm2-135m-instruct] [--prompts 16]
+     [--out results.json] [--smoke: tiny model, 2 prompts x 8 tokens]
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def measure(model: str, dtype: str, prompts: int, tokens: int) -> float:
@@ -43,8 +45,17 @@ def main() -> None:
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--out", help="results as JSON")
+    ap.add_argument(
+        "--smoke", action="store_true", help="the same code path on the tiny model, 2 prompts x 8 tokens"
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.smoke and not args.one:
+        from bench.troupe_run import SMOKE_MODEL, smoke_out
+
+        args.model, args.prompts, args.tokens = SMOKE_MODEL, 2, 8
+        args.out = str(smoke_out(args.out, "generator-dtype") / "results.json")
     if args.one:
         print(json.dumps({"tok_s": measure(args.model, args.one, args.prompts, args.tokens)}))
         return
@@ -65,8 +76,10 @@ def main() -> None:
             "--tokens",
             str(args.tokens),
         ]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        results[dtype] = json.loads(out)["tok_s"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"bench/generator_dtype: the {dtype} run failed:\n{proc.stderr[-3000:]}")
+        results[dtype] = json.loads(proc.stdout.strip().splitlines()[-1])["tok_s"]
     print(
         f"model {args.model}, {args.prompts} prompts x n=2 x {args.tokens} tokens; native bf16: {cpu_has_native_bf16()}"
     )
@@ -74,6 +87,19 @@ def main() -> None:
     for dtype, tps in results.items():
         print(f"{dtype:<10} {tps:>8.0f} {tps / results['float32']:>8.2f}")
     print(f"auto resolves to: {resolve_dtype('auto')}")
+    if args.out:
+        summary = {
+            "model": args.model,
+            "prompts": args.prompts,
+            "tokens": args.tokens,
+            "native_bf16": cpu_has_native_bf16(),
+            "tok_s": results,
+            "vs_fp32": {d: t / results["float32"] for d, t in results.items()},
+            "auto": resolve_dtype("auto"),
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+        print(f"results: {args.out}")
 
 
 if __name__ == "__main__":

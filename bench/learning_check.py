@@ -4,6 +4,8 @@ number of generated samples, then task accuracy and mean reward before and after
 A benchmark, not a test. Each algorithm runs `troupe --config-name demo algo=<name>` in a fresh process (its own
 embedded Ray); the evaluation samples every checkpoint (and the base model) with one vLLM Generator actor at a time.
 Run: .venv/bin/python -m bench.learning_check [--iterations 4] [--eval-prompts 32] [--algos grpo ppo dpo_online]
+Smoke: .venv/bin/python -m bench.learning_check --smoke [--out FOLDER] [--algos ...]: the tiny model (the integration
+tests' settings), 1 iteration of GRPO, 4 held-out prompts x 2 samples, under FOLDER (temporary by default).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.troupe_run import run_troupe
+from bench.troupe_run import SMOKE_MODEL, SMOKE_OVERRIDES, run_troupe, smoke_out
 
 EXTRA = {
     "grpo": [],
@@ -21,8 +23,9 @@ EXTRA = {
 }
 
 
-def train(algo: str, iterations: int, out: Path) -> tuple[Path, float, dict]:
+def train(algo: str, iterations: int, out: Path, extra: tuple[str, ...] = ()) -> tuple[Path, float, dict]:
     overrides = [
+        *extra,
         f"algo={algo}",
         "algo.kl_coef=0.0",  # the same (no) reference for all three: the comparison is the estimator
         f"run.iterations={iterations}",
@@ -40,7 +43,9 @@ def train(algo: str, iterations: int, out: Path) -> tuple[Path, float, dict]:
     )
 
 
-def evaluate(models: dict[str, str], eval_prompts: int, samples: int) -> dict[str, dict]:
+def evaluate(
+    models: dict[str, str], eval_prompts: int, samples: int, extra: tuple[str, ...] = ()
+) -> dict[str, dict]:
     """Accuracy and mean weighted reward of each model on the same held-out prompts (task seed 12345)."""
     import ray
     import torch
@@ -63,7 +68,7 @@ def evaluate(models: dict[str, str], eval_prompts: int, samples: int) -> dict[st
         cfg = OmegaConf.to_object(
             compose(
                 config_name="demo",
-                overrides=[f"data.prompts_per_iteration={eval_prompts}", "task.seed=12345"],
+                overrides=[*extra, f"data.prompts_per_iteration={eval_prompts}", "task.seed=12345"],
             )
         )
     ray.init(num_cpus=2, include_dashboard=False)
@@ -78,7 +83,7 @@ def evaluate(models: dict[str, str], eval_prompts: int, samples: int) -> dict[st
         gen = (
             ray.remote(Generator)
             .options(num_cpus=1, runtime_env={"env_vars": generator_env(cfg.generator)})
-            .remote(GeneratorConfig(max_model_len=1024), path, 0)
+            .remote(GeneratorConfig(max_model_len=cfg.generator.max_model_len), path, 0)
         )
         rollouts = ray.get(gen.generate.remote(list(prompts), sampling))
         ray.kill(gen)
@@ -98,17 +103,32 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=4)
     parser.add_argument("--algos", nargs="+", default=["grpo", "ppo", "dpo_online"])
     parser.add_argument("--out", default="outputs/bench-learning-check")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny model, 1 iteration, 4 x 2 held-out answers, GRPO unless --algos",
+    )
     args = parser.parse_args()
     from troupe.actors.models import resolve_model
 
+    model, extra = "builtin:smollm2-135m-instruct", ()
+    if args.smoke:
+        model = SMOKE_MODEL
+        extra = (*SMOKE_OVERRIDES, "data.eval=null")
+        args.iterations, args.eval_prompts, args.eval_samples = 1, 4, 2
+        if args.algos == parser.get_default("algos"):
+            args.algos = ["grpo"]
+        args.out = str(
+            smoke_out(None if args.out == parser.get_default("out") else args.out, "learning-check")
+        )
     root = Path(args.out).resolve()
     runs = {}
     for algo in args.algos:
-        ckpt, wall, info = train(algo, args.iterations, root / algo)
+        ckpt, wall, info = train(algo, args.iterations, root / algo, extra)
         runs[algo] = (str(ckpt), wall, info)
         print(f"trained {algo}: {wall:.0f}s {info}", flush=True)
-    models = {"base": resolve_model("builtin:smollm2-135m-instruct")} | {a: r[0] for a, r in runs.items()}
-    scores = evaluate(models, args.eval_prompts, args.eval_samples)
+    models = {"base": resolve_model(model)} | {a: r[0] for a, r in runs.items()}
+    scores = evaluate(models, args.eval_prompts, args.eval_samples, extra)
     base = scores["base"]
     print(
         f"\nheld-out: {args.eval_prompts} prompts x {args.eval_samples} samples, T=0.7; "
@@ -124,6 +144,7 @@ def main() -> None:
             f"{base['reward']:>13.3f} {s['reward']:>12.3f} {wall:>7.0f}"
         )
     (root / "results.json").write_text(json.dumps({"scores": scores, "runs": runs}, indent=2))
+    print(f"results: {root / 'results.json'}")
 
 
 if __name__ == "__main__":

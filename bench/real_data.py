@@ -9,6 +9,9 @@ samples, over several seeds (mean, standard deviation and each seed's value).
 Each seed is one `troupe` run in a fresh process (its own embedded Ray); its metrics.jsonl holds the evaluation
 before the first iteration (iteration -1) and after the last. Skips (exit 0, with the reason) without ../shared/data.
 Run: .venv/bin/python -m bench.real_data [--part gsm8k chat] [--seeds 0 1 2] [--samples 256]
+Smoke: .venv/bin/python -m bench.real_data --smoke [--out FOLDER] [--bundle B]: the tiny model (the integration
+tests' settings), one seed, one iteration of 2 prompts x 2 samples, 4 held-out prompts, under FOLDER (temporary by
+default); the chat part runs when --bundle names a bundle (the smoke bundle of `bench.reward_models --smoke` will do).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import statistics
 from pathlib import Path
 
 from bench.rm_data import DATA
-from bench.troupe_run import run_troupe
+from bench.troupe_run import SMOKE_OVERRIDES, run_troupe, smoke_out
 
 GSM8K = DATA / "grade-school-math" / "grade_school_math" / "data" / "train.jsonl"
 ARENA_HARD = DATA / "arena-hard-auto" / "data" / "arena-hard-v0.1" / "question.jsonl"
@@ -70,6 +73,7 @@ def run_part(part: str, args, out: Path, results: dict) -> None:
     per_iteration = args.prompts_per_iteration * args.samples_per_prompt
     iterations = max(1, args.samples // per_iteration)
     overrides = [
+        *args.overrides,
         f"data.train={train_file}",
         f"data.eval={dev_file}",
         f"eval.prompts={args.dev}",
@@ -150,10 +154,19 @@ def main() -> int:
         "--bundle", default="outputs/bench-rm/stage2", help="the ArmoRM bundle (make bench-rm)"
     )
     parser.add_argument("--out", default="outputs/bench-real")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny model, 1 seed, 1 iteration of 2 x 2, 4 held-out prompts"
+    )
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     if not DATA.is_dir():
         print(f"skipped: {DATA} is absent (the public data this benchmark reads)")
         return 0
+    if args.smoke:
+        args.out = str(smoke_out(None if args.out == parser.get_default("out") else args.out, "real"))
+        args.seeds, args.samples, args.dev = [0], 4, 4
+        args.prompts_per_iteration, args.samples_per_prompt = 2, 2
+        args.overrides = [*SMOKE_OVERRIDES, *args.overrides]
     if "chat" in args.part and not (Path(args.bundle) / "bundle.json").is_file():
         print(f"chat part skipped: no bundle at {args.bundle}; run `make bench-rm` first")
         args.part = [p for p in args.part if p != "chat"]
@@ -164,6 +177,7 @@ def main() -> int:
         run_part(part, args, out, results)
     for part in args.part:
         print("\n" + table(part, results[part]))
+    print(f"results: {results_file}")
     return 0
 
 

@@ -7,6 +7,8 @@ The driver kill is a `troupe` process killed with SIGKILL after its first checkp
 `resume=latest`: its cost is the restart's time to its first new row minus a fresh run's time to its first row.
 Checkpoint write time, read time (checksums + DeepSpeed load into the ranks) and size come from the same runs.
 Run: .venv/bin/python -m bench.recovery [--models tiny smollm2] [--skip-driver]
+Smoke: .venv/bin/python -m bench.recovery --smoke [--out FOLDER] [--skip-driver]: the tiny model only, every kill,
+results.json under FOLDER (temporary by default).
 """
 
 from __future__ import annotations
@@ -216,7 +218,15 @@ def main() -> int:
     parser.add_argument("--skip-driver", action="store_true", help="skip the SIGKILL + resume=latest runs")
     parser.add_argument("--out", default="outputs/bench-recovery")
     parser.add_argument("--table", action="store_true", help="print the table of the last results.json only")
+    parser.add_argument(
+        "--smoke", action="store_true", help="the tiny model only (--out: temporary by default)"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        from bench.troupe_run import smoke_out
+
+        args.models = ["tiny"]
+        args.out = str(smoke_out(None if args.out == parser.get_default("out") else args.out, "recovery"))
     if args.table:
         print(table(json.loads((Path(args.out) / "results.json").read_text())))
         return 0
@@ -232,6 +242,7 @@ def main() -> int:
             results[model].update(driver_kill(model, work))
         (out / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + table(results))
+    print(f"results: {out / 'results.json'}")
     return 0
 
 

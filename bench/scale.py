@@ -9,6 +9,8 @@ run (SmolLM2-135M by default; real Ray, vLLM, DeepSpeed).
 3. The baseline: a `Generator` in this process loads a state dict already in its memory (vLLM's reload_weights
    and the prefix-cache reset), what a trainer that shares the engine's process pays.
 Run: .venv/bin/python -m bench.scale [--model smollm2|tiny] [--repeats 5]
+Smoke: .venv/bin/python -m bench.scale --smoke [--out FOLDER]: the tiny model, 1 repeat after the warm-up,
+results.json under FOLDER (temporary by default).
 """
 
 from __future__ import annotations
@@ -134,7 +136,13 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", choices=sorted(MODELS))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="bench/results/scale.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 1 repeat (--out: a folder)")
     args = parser.parse_args()
+    if args.smoke:
+        from bench.troupe_run import smoke_out
+
+        folder = smoke_out(None if args.out == parser.get_default("out") else args.out, "scale")
+        args.model, args.repeats, args.out = "tiny", 1, str(folder / "results.json")
     result = {
         "model": args.model,
         **through_ray(args.model, args.repeats),
@@ -161,6 +169,7 @@ def main() -> None:
         f"again later: {result['add_generator_refit_s']:.1f} s (holds the current version: "
         f"{result['new_member_version_ok']})"
     )
+    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":

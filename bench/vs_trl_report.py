@@ -24,14 +24,14 @@ TRL_PHASES = (
 # ----------------------------------------------------------------------------------------------------------- install
 
 
-def matmul_peak(dtype_name: str, threads: int = 2) -> float:
-    """Best TFLOP/s of torch square matmuls (2048 and 4096) with `threads` threads."""
+def matmul_peak(dtype_name: str, threads: int = 2, sizes=((2048, 4), (4096, 2))) -> float:
+    """Best TFLOP/s of torch square matmuls (2048 and 4096; (n, repeats) pairs) with `threads` threads."""
     import torch
 
     torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
     best = 0.0
-    for n, reps in ((2048, 4), (4096, 2)):
+    for n, reps in sizes:
         a = torch.randn(n, n, dtype=dtype)
         b = torch.randn(n, n, dtype=dtype)
         torch.mm(a, b)  # warm-up
@@ -70,7 +70,8 @@ def summarise(half: dict, params: int, peaks: dict) -> dict:
     trained = sum(s["prompt_tokens"] + s["completion_tokens"] for s in window)
     flops = (6 + 2 * half["extra_forwards"]) * params * trained
     tflops = flops / learn_s / 1e12 if learn_s > 0 else float("nan")
-    peak = peaks["bfloat16"] if "bfloat16" in half["learner_dtype"] else peaks["float32"]
+    bf16 = "bfloat16" in half["learner_dtype"]
+    peak = peaks["bfloat16"] if bf16 else peaks["float32"]
     phases = {
         p: statistics.median(s[f"{p}_s"] for s in window) for p in ("generate", "score", "learn", "sync")
     }
@@ -86,7 +87,7 @@ def summarise(half: dict, params: int, peaks: dict) -> dict:
         "median_phase_s": phases,
         "learn_tflops": tflops,
         "learn_peak_fraction": tflops / peak,
-        "learn_peak_dtype": "bfloat16" if peak == peaks["bfloat16"] else "float32",
+        "learn_peak_dtype": "bfloat16" if bf16 else "float32",
         "reward_mean_first_last": (steps[0]["reward_mean"], steps[-1]["reward_mean"]),
     }
 
@@ -117,7 +118,13 @@ def report(
     )
     print(
         f"machine: {os.cpu_count()} CPUs, {_cpu_model()}, native bf16: {'yes' if spec['native_bf16'] else 'no'}; "
-        f"torch matmul peak with 2 threads: bf16 {peaks['bfloat16']:.3f} TFLOP/s, fp32 {peaks['float32']:.3f} TFLOP/s"
+        "torch matmul peak with 2 threads: bf16 "
+        + (
+            f"{peaks['bfloat16']:.3f} TFLOP/s"
+            if peaks["bfloat16"] is not None
+            else "not measured (no half uses it)"
+        )
+        + f", fp32 {peaks['float32']:.3f} TFLOP/s"
     )
     if install:
         print(

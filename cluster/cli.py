@@ -115,7 +115,7 @@ def command_help(command: Command) -> str:
         "",
         f"example: {command.example}",
         "",
-        f"recipes (--config-name): {', '.join(recipes())}",
+        f"recipes (--config-name): {', '.join(recipes())}, or the path of your own .yaml (defaults: [demo, _self_])",
         "config groups (group=option):",
         *(f"  {g}: {', '.join(options)}" for g, options in groups().items()),
         f"config sections this command reads: {', '.join(first)}",

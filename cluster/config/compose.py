@@ -1,7 +1,8 @@
 """From a recipe and Hydra-style overrides to the typed config: the one path the CLI, the Python API, the tests and
 the benchmarks take. Errors come out as `ConfigError`s carrying the message alone (no Hydra banner, no traceback).
 
-A recipe is a file in troupe.conf (`config`, `demo`, `gsm8k`, ...); config groups are its folders (`algo=ppo`,
+A recipe is a file in troupe.conf (`config`, `demo`, `gsm8k`, ...) or a path to the user's own YAML file, which
+can start from troupe's (`defaults: [demo, _self_]`); config groups are its folders (`algo=ppo`,
 `reward=open`, `autoscale=backlog`). A prompt file without answers (`data.answer_key` unset) and a command line
 that chooses no reward gets `reward=open`, since the default reward checks answers.
 """
@@ -57,13 +58,22 @@ def compose(overrides: Sequence[str] = (), recipe: str = DEFAULT_RECIPE, adapt: 
     from hydra.errors import HydraException
 
     register()
-    if recipe not in recipes():
-        raise ConfigError(f"--config-name {recipe}: no such recipe; recipes: {', '.join(recipes())}")
+    config_dir, search = CONF_DIR, []
+    if recipe.endswith((".yaml", ".yml")) or "/" in recipe:  # the user's own recipe file
+        path = Path(recipe).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"--config-name {recipe}: no such file")
+        # troupe's recipes stay on the search path, so the file can start from them (defaults: [config, _self_])
+        config_dir, recipe, search = str(path.parent), path.stem, [f"hydra.searchpath=[file://{CONF_DIR}]"]
+    elif recipe not in recipes():
+        raise ConfigError(
+            f"--config-name {recipe}: no such recipe; recipes: {', '.join(recipes())}, or a path to your own .yaml"
+        )
     overrides = list(overrides)
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            composed = hydra_compose(config_name=recipe, overrides=overrides)
+        with initialize_config_dir(config_dir=config_dir, version_base=None):
+            composed = hydra_compose(config_name=recipe, overrides=[*search, *overrides])
             if adapt and not _sets_reward(overrides) and not _answers(overrides, composed):
                 if (
                     OmegaConf.select(composed, "reward.objectives.correctness") is not None
@@ -74,7 +84,9 @@ def compose(overrides: Sequence[str] = (), recipe: str = DEFAULT_RECIPE, adapt: 
                         "(length, repetition); choose with reward=answers|open or reward.*",
                         file=sys.stderr,
                     )
-                    composed = hydra_compose(config_name=recipe, overrides=[*overrides, "reward=open"])
+                    composed = hydra_compose(
+                        config_name=recipe, overrides=[*search, *overrides, "reward=open"]
+                    )
             return OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException, ValueError, TypeError) as e:
         if isinstance(e, ConfigError):

@@ -83,3 +83,12 @@ def test_recipes_and_groups_come_from_the_installed_configs():
     assert {"algo", "reward", "autoscale"} <= set(groups()) and "ppo" in groups()["algo"]
     with pytest.raises(ConfigError, match="no such recipe"):
         compose([], recipe="nope")
+
+
+def test_a_recipe_of_the_users_own_starts_from_troupes(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("defaults:\n  - demo\n  - _self_\nrun:\n  iterations: 7\n")
+    cfg = compose(["algo=rloo"], recipe=str(recipe))
+    assert cfg.run.iterations == 7 and cfg.run.name == "demo" and cfg.algo.name == "rloo"
+    with pytest.raises(ConfigError, match="no such file"):
+        compose([], recipe=str(tmp_path / "missing.yaml"))
