@@ -29,7 +29,10 @@ def fine_tune(stage: str, backbone: str, train, out: Path, args) -> Path:
     from omegaconf import OmegaConf
 
     from troupe.cluster.config.compose import CONF_DIR
+    from troupe.cluster.config.schema import register
     from troupe.cluster.jobs.reward_model import train_bt_or_haf
+
+    register()  # the structured schema the config's defaults name (troupe_schema)
 
     overrides = [
         "job=rm_train",

@@ -68,6 +68,7 @@ def troupe_overrides(model_ref: str, steps: int, out_dir: Path, extra: list[str]
         "run.print_table=false",
         "run.progress_bar=false",
         "run.save_checkpoint=false",
+        "data.eval=null",  # no held-out evaluation: TRL runs none, and its rows are not training steps
         f"run.output_dir={out_dir}",
         *extra,
     ]
@@ -163,6 +164,7 @@ def run_troupe(spec: dict) -> dict:
         if ray.is_initialized():
             ray.shutdown()
     records = [json.loads(line) for line in Path(result["metrics"]).read_text().splitlines() if line.strip()]
+    records = [r for r in records if r.get("iteration", -1) >= 0]  # training rows (an evaluation row has -1)
     if len(records) != spec["steps"]:
         raise SystemExit(
             f"bench/vs_trl: troupe wrote {len(records)} metric lines for {spec['steps']} iterations"

@@ -194,6 +194,10 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if (
+        os.getcwd() not in sys.path
+    ):  # user code named by import path (algo.estimator=myadv:fn), as `python -m` finds it
+        sys.path.insert(0, os.getcwd())
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0 if argv else 2

@@ -187,7 +187,7 @@ def start_service(cfg: TroupeConfig) -> tuple[ThreadingHTTPServer, RewardService
     )
     aggregation = build_aggregation(cfg.reward)
     normalizer = getattr(aggregation, "normalizer", None)
-    if normalizer is not None and not normalizer.fitted() and not cfg.serve.aggregation_state:
+    if normalizer is not None and not normalizer.fitted and not cfg.serve.aggregation_state:
         raise ValueError(
             "reward.aggregation=hierarchy needs fitted statistics to serve: give serve.aggregation_state (a run's "
             "checkpoint-final/troupe_state.json), reward.hierarchy.mean/std, or a bundle that carries them; "
