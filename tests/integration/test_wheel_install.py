@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import TINY_OVERRIDES
+from tests.wheel import build_wheel
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,22 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("wheel-install")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "build",
-            "--wheel",
-            "--no-isolation",
-            "--outdir",
-            str(work / "dist"),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    (wheel,) = (work / "dist").glob("troupe_rlhf-*.whl")
+    wheel = build_wheel(work)  # from a copy of the tracked files: no stale build/ folder leaks in
     env_dir = work / "env"
     venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
