@@ -61,7 +61,16 @@ def _greedy(row: dict) -> dict:
     return {k.removeprefix("eval/greedy/"): v for k, v in row.items() if k.startswith("eval/greedy/")}
 
 
-def spread(values: list[float]) -> str:
+def defined(value: float | None) -> bool:
+    """False for a metric with no value in a run (logged as null or NaN)."""
+    return value is not None and value == value
+
+
+def spread(values: list[float | None]) -> str:
+    """Mean ± sd over seeds; a metric undefined in a seed (a correlation of constant rewards) is left out."""
+    values = [v for v in values if defined(v)]
+    if not values:
+        return "n/a"
     mean = statistics.fmean(values)
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{mean:.3f} ± {sd:.3f}"
@@ -129,10 +138,9 @@ def table(part: str, runs: dict) -> str:
     for key in keys:
         b = [r[key] for r in befores]
         a = [r[key] for r in afters]
-        d = [y - x for x, y in zip(b, a, strict=True)]
-        lines.append(
-            f"| {key} | {spread(b)} | {spread(a)} | {spread(d)} | {', '.join(f'{v:.3f}' for v in a)} |"
-        )
+        d = [y - x if defined(x) and defined(y) else None for x, y in zip(b, a, strict=True)]
+        per_seed = ", ".join(f"{v:.3f}" if defined(v) else "n/a" for v in a)
+        lines.append(f"| {key} | {spread(b)} | {spread(a)} | {spread(d)} | {per_seed} |")
     walls = [s["wall_s"] for s in seeds.values()]
     samples = {s["samples"] for s in seeds.values()}
     lines.append(

@@ -40,8 +40,22 @@ def start_ray(cfg: RayConfig, log_to_driver: bool = True) -> None:
             **kwargs,
         )
     else:
+        _follow_cluster_token()
         ray.init(address=cfg.address, **kwargs)
     log.info("ray resources: %s", ray.cluster_resources())
+
+
+def _follow_cluster_token() -> None:
+    """`ray start --head` turns on token authentication when a token exists on the machine (a local `ray.init()`
+    leaves one in ~/.ray/auth_token), but a client with RAY_AUTH_MODE unset sends none and is refused. Take the
+    same decision `ray start` takes; a client sending a token also joins a cluster without authentication."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:
+        return  # a Ray without token authentication
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # RAY_AUTH_MODE, when set, decides
 
 
 def generator_env(cfg: GeneratorConfig) -> dict[str, str]:

@@ -71,7 +71,7 @@ def test_prefix_cache_reset_after_weight_load_bf16_and_fp32(ray_session, tiny_mo
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_rollout_logprobs_are_at_the_sampling_temperature_bf16_and_fp32(ray_session, tiny_model_path, dtype):
-    temperature = 0.7
+    temperature = 0.5
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
     ids = tok.apply_chat_template(
         [{"role": "user", "content": "Count to ten."}], add_generation_prompt=True, tokenize=True
@@ -87,7 +87,8 @@ def test_rollout_logprobs_are_at_the_sampling_temperature_bf16_and_fp32(ray_sess
         )
     finally:
         ray.kill(gen)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    # The reference runs in the engine's dtype, so bf16 rounding of the logits is on both sides.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=getattr(torch, dtype)).eval()
     errors = {temperature: [], 1.0: []}
     for r in rollouts:
         assert r.temperature == temperature
@@ -98,4 +99,7 @@ def test_rollout_logprobs_are_at_the_sampling_temperature_bf16_and_fp32(ray_sess
             ref = (logits / t).log_softmax(-1).gather(-1, torch.tensor(r.response_ids)[:, None]).squeeze(-1)
             errors[t].append((ref - r.logprobs).abs().mean())
     at_sampling, at_one = torch.stack(errors[temperature]).mean(), torch.stack(errors[1.0]).mean()
+    print(f"{dtype}: error at T={temperature} {float(at_sampling):.4f}, at T=1 {float(at_one):.4f}")
     assert at_sampling < 0.5 * at_one, (at_sampling, at_one)
+    if dtype == "float32":  # no rounding to hide behind: the same numbers up to kernel order
+        assert at_sampling < 1e-3, at_sampling

@@ -110,7 +110,7 @@ def _elsewhere(command: str) -> str | None:
 
 
 def _runnable(command: str) -> bool:
-    return command.startswith(("troupe ", "curl ", "python:", "make demo", "make lint"))
+    return command.startswith(("troupe ", "curl ", "python:", "make demo", "make lint", "ray start ", "ray stop"))
 
 
 def test_every_readme_command_is_run_or_covered():
@@ -222,6 +222,40 @@ def _serve(folder: Path, command: str):
     raise AssertionError(f"{command}: no /health answer within 300 s")
 
 
+def _ray_head(folder: Path, command: str):
+    """`ray start --head` held in the foreground (--block), so the test stops this cluster alone: a plain
+    `ray stop` would also end the suite's own Ray on this machine. Up once it says it blocks (`ray status`
+    cannot tell: it does not read the token Ray 2.60 sets on local clusters)."""
+    log = folder / "ray-head.log"
+    with log.open("w") as out:
+        head = subprocess.Popen(
+            [*shlex.split(command), "--block", "--disable-usage-stats"],
+            cwd=folder,
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert head.poll() is None, f"{command} exited: {log.read_text()[-3000:]}"
+        if "block forever" in log.read_text():
+            return head
+        time.sleep(1)
+    os.killpg(head.pid, signal.SIGKILL)
+    raise AssertionError(f"{command}: not up within 120 s: {log.read_text()[-3000:]}")
+
+
+def _stop(process: subprocess.Popen | None, sig: int) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 SECTIONS = {name: commands for name, commands in sections().items() if any(_runnable(c) for c in commands)}
 
 
@@ -236,19 +270,20 @@ def test_readme_section_runs_as_written(section, tmp_path):
     if SHARED_DATA.exists():
         (tmp_path / "shared").symlink_to(SHARED_DATA.parent, target_is_directory=True)
     _fixtures(work)
-    server = None
+    server = head = None
     try:
         for command in commands:
             if command.startswith("troupe rm serve"):
                 server = _serve(work, command)
-                continue
-            proc = _run(work, command)
-            if command.startswith("curl "):
-                assert json.loads(proc.stdout)["results"][0]["objectives"], proc.stdout
+            elif command.startswith("ray start "):
+                head = _ray_head(work, command)
+            elif command == "ray stop":
+                _stop(head, signal.SIGTERM)
+                head = None
+            else:
+                proc = _run(work, command)
+                if command.startswith("curl "):
+                    assert json.loads(proc.stdout)["results"][0]["objectives"], proc.stdout
     finally:
-        if server is not None:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        _stop(server, signal.SIGINT)
+        _stop(head, signal.SIGTERM)
