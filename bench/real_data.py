@@ -68,12 +68,13 @@ def defined(value: float | None) -> bool:
 
 def spread(values: list[float | None]) -> str:
     """Mean ± sd over seeds; a metric undefined in a seed (a correlation of constant rewards) is left out."""
+    seeds = len(values)
     values = [v for v in values if defined(v)]
     if not values:
         return "n/a"
     mean = statistics.fmean(values)
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {sd:.3f}"
+    return f"{mean:.3f} ± {sd:.3f}" + (f" ({len(values)}/{seeds} seeds)" if len(values) < seeds else "")
 
 
 def run_part(part: str, args, out: Path, results: dict) -> None:
@@ -117,7 +118,7 @@ def run_part(part: str, args, out: Path, results: dict) -> None:
 
 def _headline(part: str, row: dict) -> str:
     key = HEADLINE[part]
-    return f"{key} {row[key]:.3f}"
+    return f"{key} {row[key]:.3f}" if defined(row.get(key)) else f"{key} n/a"
 
 
 def table(part: str, runs: dict) -> str:

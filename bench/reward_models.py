@@ -129,7 +129,7 @@ def frozen_models(args, out: Path, results: Results) -> dict:
 
     backbone_path = resolve_model(args.backbone)
     cache = out / "cache"
-    rows = ratings_rows(DATA)
+    rows, _ = ratings_rows(DATA)  # what it dropped: `troupe rm data ratings` prints it
     if args.max_ratings is not None:
         rows = random.Random(0).sample(rows, min(args.max_ratings, len(rows)))
     ratings_file = out / "ratings.jsonl"

@@ -29,13 +29,13 @@ def run_troupe(config: str, overrides: list[str], out: Path) -> tuple[list[dict]
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()], wall
 
 
-# `--smoke`: the tiny model at the integration tests' settings (tests/integration/conftest.py TINY_OVERRIDES), so a
+# `--smoke`: the tiny model (the integration tests start from these: tests/integration/conftest.py), so a
 # benchmark's whole code path runs in about a minute and a broken one exits non-zero.
 SMOKE_MODEL = "builtin:tiny-llama"
 SMOKE_OVERRIDES = [
     f"model.policy={SMOKE_MODEL}",
     "data.prompts_per_iteration=4",
-    "generator.samples_per_prompt=4",
+    "generator.samples_per_prompt=4",  # groups of 4: some group almost surely has unequal rewards
     "generator.max_new_tokens=16",
     "generator.max_model_len=512",
     "generator.num_cpus=0.5",

@@ -32,7 +32,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.trl_half import check_rendering, ensure_trl, installed_trl, run_trl  # noqa: E402
+from bench.trl_half import check_rendering, run_trl  # noqa: E402
+from bench.trl_install import ensure_trl, installed_trl  # noqa: E402
 from bench.vs_trl_report import _cpu_model, matmul_params, matmul_peak, report, summarise  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -138,33 +138,56 @@ def split_command(argv: list[str]) -> tuple[str, list[str]]:
     return "train", argv
 
 
+# options that take a value: Hydra's long and short spellings
+VALUE_OPTIONS = {
+    "--config-name": "recipe",
+    "-cn": "recipe",
+    "--config-path": "config_path",
+    "-cp": "config_path",
+}
+
+
 def parse_options(args: list[str]) -> tuple[str, list[str], bool, bool]:
-    """(recipe, overrides, help, print_config)."""
+    """(recipe, overrides, help, print_config). `--config-path DIR --config-name NAME` names DIR/NAME.yaml."""
     from troupe.cluster.config.compose import DEFAULT_RECIPE
 
-    recipe, overrides, want_help, print_config = DEFAULT_RECIPE, [], False, False
+    values, overrides, want_help, print_config = (
+        {"recipe": DEFAULT_RECIPE, "config_path": None},
+        [],
+        False,
+        False,
+    )
     i = 0
     while i < len(args):
         arg = args[i]
+        option, has_value, value = arg.partition("=") if arg.startswith("--") else (arg, False, None)
         if arg in ("-h", "--help"):
             want_help = True
         elif arg == "--print-config" or (arg == "--cfg" and i + 1 < len(args) and args[i + 1] == "job"):
             print_config = True
             i += arg == "--cfg"
-        elif arg in ("--config-name", "-cn"):
-            if i + 1 == len(args):
-                raise SystemExit(_fail(f"{arg} needs a recipe name"))
-            recipe = args[i + 1]
-            i += 1
-        elif arg.startswith("--config-name="):
-            recipe = arg.split("=", 1)[1]
+        elif option in VALUE_OPTIONS:
+            if not has_value:
+                if i + 1 == len(args):
+                    raise SystemExit(_fail(f"{arg} needs a value"))
+                i, value = i + 1, args[i + 1]
+            values[VALUE_OPTIONS[option]] = value
         elif arg.startswith("-"):
             raise SystemExit(
-                _fail(f"unknown option {arg!r} (options: --config-name, --print-config, --help)")
+                _fail(
+                    f"unknown option {arg!r} (options: --config-name, --config-path, --print-config, --help)"
+                )
             )
         else:
             overrides.append(arg)
         i += 1
+    recipe, config_path = values["recipe"], values["config_path"]
+    if config_path is not None and recipe == DEFAULT_RECIPE:
+        raise SystemExit(
+            _fail(f"--config-path {config_path} needs --config-name: the name of your recipe file there")
+        )
+    if config_path is not None:
+        recipe = os.path.join(config_path, recipe if recipe.endswith((".yaml", ".yml")) else f"{recipe}.yaml")
     return recipe, overrides, want_help, print_config
 
 
@@ -199,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     ):  # user code named by import path (algo.estimator=myadv:fn), as `python -m` finds it
         sys.path.insert(0, os.getcwd())
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
+        print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     name, rest = split_command(argv)
     if name == "plot":
@@ -215,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return rm_data_main(rest)
     if name == "rm":
-        print("usage: troupe rm train | eval | import | serve | data [--help]")
+        print("usage: troupe rm train | eval | import | serve | data [--help]", file=sys.stderr)
         return 2
     return run_command(name, rest)
 
@@ -224,6 +247,18 @@ def run_command(name: str, args: list[str]) -> int:
     recipe, overrides, want_help, print_config = parse_options(args)
     name, overrides = resolve_deprecated(name, overrides)
     command = COMMANDS[name]
+    chosen_algo = [
+        o
+        for o in overrides
+        if o.lstrip("+").startswith(("algo=", "algo.name=")) and not o.endswith("=dpo_offline")
+    ]
+    if name == "dpo" and chosen_algo:
+        raise SystemExit(
+            _fail(
+                f"{chosen_algo[0]}: `troupe dpo` is offline DPO (algo=dpo_offline); for online algorithms use "
+                "`troupe train " + chosen_algo[0] + "`"
+            )  # fmt: skip
+        )
     if want_help:
         print(command_help(command))
         return 0

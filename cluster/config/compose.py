@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from troupe.cluster.config.checks import ConfigError
-from troupe.cluster.config.schema import TroupeConfig, register
+from troupe.cluster.config.schema import RewardConfig, TroupeConfig, register
 
 # absolute: Hydra would read a relative path as a module; inside a wheel this is site-packages/troupe/conf
 CONF_DIR = str(Path(str(resources.files("troupe.conf"))).resolve())
@@ -41,13 +41,28 @@ def groups() -> dict[str, list[str]]:
     }
 
 
-def _answers(overrides: Sequence[str], composed) -> bool:
+def _answers(composed) -> bool:
     data = composed.data
     return data.train == "builtin:arithmetic" or data.answer_key is not None
 
 
-def _sets_reward(overrides: Sequence[str]) -> bool:
-    return any(o.lstrip("+~").startswith("reward") for o in overrides)
+# reward keys that size or place the reward fleet: setting them chooses no reward
+_REWARD_SIZING = ("shards", "num_cpus", "batch_size")
+
+
+def _default_reward(composed, overrides: Sequence[str]) -> bool:
+    """The reward nobody chose: the schema's reward section (sizing aside), and no command-line override of it
+    (`reward=...`, `reward.weights.x=...`, `+reward.experts=...`)."""
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        if key == "reward" or (key.startswith("reward.") and key.split(".")[1] not in _REWARD_SIZING):
+            return False
+
+    def choice(section) -> dict:
+        plain = OmegaConf.to_container(section)
+        return {k: v for k, v in plain.items() if k not in _REWARD_SIZING}
+
+    return choice(composed.reward) == choice(OmegaConf.structured(RewardConfig))
 
 
 def compose(overrides: Sequence[str] = (), recipe: str = DEFAULT_RECIPE, adapt: bool = True) -> TroupeConfig:
@@ -63,6 +78,19 @@ def compose(overrides: Sequence[str] = (), recipe: str = DEFAULT_RECIPE, adapt: 
         path = Path(recipe).expanduser().resolve()
         if not path.is_file():
             raise ConfigError(f"--config-name {recipe}: no such file")
+        # Hydra searches the user's folder first: a file or folder there named like one of troupe's would stand in
+        # for it (and `defaults: [demo]` in a demo.yaml would recurse)
+        clashes = sorted(
+            p.name
+            for p in path.parent.iterdir()
+            if (p.suffix in (".yaml", ".yml") and p.stem in recipes()) or (p.is_dir() and p.name in groups())
+        )
+        if clashes:
+            raise ConfigError(
+                f"--config-name {recipe}: {path.parent} holds {', '.join(clashes)}, named like troupe's own recipes "
+                f"or config groups ({', '.join(recipes())}; {', '.join(groups())}), which Hydra would read instead "
+                f"of troupe's: rename them (e.g. my_{clashes[0]}) or move your recipe to a folder of its own"
+            )
         # troupe's recipes stay on the search path, so the file can start from them (defaults: [config, _self_])
         config_dir, recipe, search = str(path.parent), path.stem, [f"hydra.searchpath=[file://{CONF_DIR}]"]
     elif recipe not in recipes():
@@ -74,19 +102,13 @@ def compose(overrides: Sequence[str] = (), recipe: str = DEFAULT_RECIPE, adapt: 
     try:
         with initialize_config_dir(config_dir=config_dir, version_base=None):
             composed = hydra_compose(config_name=recipe, overrides=[*search, *overrides])
-            if adapt and not _sets_reward(overrides) and not _answers(overrides, composed):
-                if (
-                    OmegaConf.select(composed, "reward.objectives.correctness") is not None
-                    and recipe == "config"
-                ):
-                    print(
-                        "troupe: data.train has no answers (data.answer_key unset): rewarding with reward=open "
-                        "(length, repetition); choose with reward=answers|open or reward.*",
-                        file=sys.stderr,
-                    )
-                    composed = hydra_compose(
-                        config_name=recipe, overrides=[*search, *overrides, "reward=open"]
-                    )
+            if adapt and not _answers(composed) and _default_reward(composed, overrides):
+                print(
+                    "troupe: data.train has no answers (data.answer_key unset): rewarding with reward=open "
+                    "(length, repetition); choose with reward=answers|open or reward.*",
+                    file=sys.stderr,
+                )
+                composed = hydra_compose(config_name=recipe, overrides=[*search, *overrides, "reward=open"])
             return OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException, ValueError, TypeError) as e:
         if isinstance(e, ConfigError):

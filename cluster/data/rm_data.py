@@ -79,52 +79,137 @@ def _file(data_dir: str | Path, relative: str) -> Path:
     return path
 
 
+MAX_LINE_CHARS = 1_000_000  # a longer line is skipped and counted (no source has one)
+MAX_SCORES_CHARS = 10_000  # a `scores` field written as a Python literal: parsed only up to this size
+
+
+class Dropped(Counter):
+    """Records skipped while reading, by reason, with where the first of each reason was."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: dict[str, str] = {}
+
+    def add(self, reason: str, where: str) -> None:
+        self[reason] += 1
+        self.first.setdefault(reason, where)
+
+    def report(self) -> dict:
+        return {k: f"{n} (first: {self.first[k]})" if k in self.first else n for k, n in self.items()}
+
+
 def _scores(value) -> dict:
-    return value if isinstance(value, dict) else ast.literal_eval(value)
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str) or len(value) > MAX_SCORES_CHARS:
+        raise ValueError("scores is neither a mapping nor a short literal")
+    parsed = ast.literal_eval(value)
+    if not isinstance(parsed, dict):
+        raise ValueError("scores is not a mapping")
+    return parsed
 
 
-def ratings_rows(data_dir: str | Path, max_d2t: int = 300, seed: int = 0) -> list[dict]:
-    """Every rated response (Topical-Chat, `max_d2t` random data-to-text rows, QAGS, XSTest) with verbosity."""
+def _rating(objective: str, value) -> float:
+    """A rating as a float on its objective's documented scale, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{objective} rating {value!r} is not a number")
+    lo, hi = SCALES.get(objective, (float("-inf"), float("inf")))
+    if not lo <= value <= hi:  # NaN fails too
+        raise ValueError(f"{objective} rating {value!r} is outside its scale [{lo:g}, {hi:g}]")
+    return float(value)
+
+
+def _json_list(path: Path) -> list:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+BAD_RECORD = (KeyError, TypeError, ValueError, AttributeError, SyntaxError, RecursionError, MemoryError)
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:200]
+
+
+def ratings_rows(data_dir: str | Path, max_d2t: int = 300, seed: int = 0) -> tuple[list[dict], Dropped]:
+    """Every rated response (Topical-Chat, `max_d2t` random data-to-text rows, QAGS, XSTest) with verbosity, and
+    the records skipped (by reason: a missing field, a rating off its scale, an unknown label, not sampled)."""
     rng = random.Random(seed)
     rows: list[dict] = []
-    for x in json.loads(_file(data_dir, TOPICAL_CHAT).read_text()):
-        s = _scores(x["scores"])
+    dropped = Dropped()
+
+    def rated(path: Path, i: int, x, make) -> None:
+        try:
+            rows.append(make(x))
+        except BAD_RECORD as e:
+            dropped.add("bad_record", f"{path} record {i}: {_why(e)}")
+
+    def chat(x) -> dict:
         prompt = (
             f"Fact: {x['context'].strip()}\nDialogue so far: {x['source'].strip()}\nReply to the dialogue."
         )
-        rows.append(
-            {"prompt": prompt, "response": x["system_output"], **{f"chat_{k}": v for k, v in s.items()}}
-        )
-    d2t = []
-    for name in DATA_TO_TEXT:
-        d2t += json.loads(_file(data_dir, name).read_text())
-    for x in rng.sample(d2t, min(max_d2t, len(d2t))):
-        s = _scores(x["scores"])
-        prompt = f"Write this dialogue act as one sentence: {x['source']}"
-        rows.append(
-            {"prompt": prompt, "response": x["system_output"], **{f"d2t_{k}": v for k, v in s.items()}}
-        )
+        ratings = {f"chat_{k}": _rating(f"chat_{k}", v) for k, v in _scores(x["scores"]).items()}
+        return {"prompt": prompt, "response": _text(x["system_output"]), **ratings}
+
+    def d2t(x) -> dict:
+        prompt = f"Write this dialogue act as one sentence: {_text(x['source'])}"
+        ratings = {f"d2t_{k}": _rating(f"d2t_{k}", v) for k, v in _scores(x["scores"]).items()}
+        return {"prompt": prompt, "response": _text(x["system_output"]), **ratings}
+
+    def qags(x) -> dict:
+        prompt = "Summarise the article in one sentence:\n" + " ".join(_text(x["source"]).split()[:200])
+        consistency = _rating("consistency", _scores(x["scores"])["consistency"])
+        return {"prompt": prompt, "response": _text(x["system_output"]), "consistency": consistency}
+
+    def xstest(x) -> dict:
+        complied_unsafe = (x["final_label"].startswith("1_"), (x.get("type") or "").startswith("contrast_"))
+        safety = float(
+            complied_unsafe[0] != complied_unsafe[1]
+        )  # complied with a safe prompt or refused an unsafe
+        return {"prompt": _text(x["prompt"]), "response": _text(x["completion"]), "safety": safety}
+
+    path = _file(data_dir, TOPICAL_CHAT)
+    for i, x in enumerate(_json_list(path)):
+        rated(path, i, x, chat)
+    d2t_records = [
+        (name, i, x) for name in DATA_TO_TEXT for i, x in enumerate(_json_list(_file(data_dir, name)))
+    ]
+    for name, i, x in rng.sample(d2t_records, min(max_d2t, len(d2t_records))):
+        rated(Path(data_dir) / name, i, x, d2t)
+    if len(d2t_records) > max_d2t:
+        dropped["d2t_not_sampled (--max-d2t)"] += len(d2t_records) - max_d2t
     for name in QAGS:
-        for x in json.loads(_file(data_dir, name).read_text()):
-            prompt = "Summarise the article in one sentence:\n" + " ".join(x["source"].split()[:200])
-            rows.append(
-                {
-                    "prompt": prompt,
-                    "response": x["system_output"],
-                    "consistency": _scores(x["scores"])["consistency"],
-                }
-            )
+        path = _file(data_dir, name)
+        for i, x in enumerate(_json_list(path)):
+            rated(path, i, x, qags)
     for name in XSTEST:
-        with open(_file(data_dir, name), newline="", encoding="utf-8") as f:
-            for x in csv.DictReader(f):
-                unsafe = x["type"].startswith("contrast_")
-                complied = x["final_label"].startswith("1_")
-                rows.append(
-                    {"prompt": x["prompt"], "response": x["completion"], "safety": float(complied != unsafe)}
-                )
+        path = _file(data_dir, name)
+        with open(path, newline="", encoding="utf-8") as f:
+            for line, x in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
+                label = x.get("final_label") or ""
+                if not label.startswith(("1_", "2_", "3_")):  # full compliance, full / partial refusal
+                    dropped.add("unknown_label", f"{path}:{line}: final_label {label!r}")
+                    continue
+                rated(path, line, x, xstest)
+    kept = []
     for r in rows:
+        if not r["response"].strip():
+            dropped["empty_response"] += 1
+            continue
         r["verbosity"] = min(float(len(r["response"].split())), VERBOSITY_CAP)
-    return rows
+        kept.append(r)
+    return kept, dropped
+
+
+def _text(value) -> str:
+    """A text field; a JSON scalar as Python writes it (PandaLM has answers such as `false`: "False")."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float):
+        return str(value)
+    raise TypeError(f"expected text, got {type(value).__name__}")
 
 
 def scales(rows: list[dict]) -> dict[str, tuple[float, float]]:
@@ -143,13 +228,23 @@ def scales(rows: list[dict]) -> dict[str, tuple[float, float]]:
 
 def hh_pairs(
     data_dir: str | Path, limit: int | None = None, seed: int = 0
-) -> tuple[list[Preference], Counter]:
-    out, dropped = [], Counter()
-    with gzip.open(_file(data_dir, HH_RLHF), "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            x = json.loads(line)
-            c, r = parse_transcript(x["chosen"]), parse_transcript(x["rejected"])
-            if c[:-1] != r[:-1] or c[-1]["role"] != "assistant":
+) -> tuple[list[Preference], Dropped]:
+    out, dropped = [], Dropped()
+    path = _file(data_dir, HH_RLHF)
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(iter(lambda: f.readline(MAX_LINE_CHARS + 1), ""), start=1):
+            if len(line) > MAX_LINE_CHARS:
+                dropped.add("line_too_long", f"{path}:{i}")
+                while line and not line.endswith("\n"):  # the rest of that line
+                    line = f.readline(MAX_LINE_CHARS + 1)
+                continue
+            try:
+                x = json.loads(line)
+                c, r = parse_transcript(_text(x["chosen"])), parse_transcript(_text(x["rejected"]))
+            except BAD_RECORD as e:
+                dropped.add("bad_record", f"{path}:{i}: {_why(e)}")
+                continue
+            if c[:-1] != r[:-1] or c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
                 dropped["conversations_differ"] += 1
             elif not c[-1]["content"] or not r[-1]["content"]:
                 dropped["empty_response"] += 1
@@ -164,16 +259,21 @@ def hh_pairs(
     return out, dropped
 
 
-def pandalm_pairs(data_dir: str | Path, seed: int = 0) -> tuple[list[Preference], Counter]:
-    out, dropped = [], Counter()
-    for x in json.loads(_file(data_dir, PANDALM).read_text()):
-        votes = [int(x[f"annotator{i}"]) for i in (1, 2, 3)]
+def pandalm_pairs(data_dir: str | Path, seed: int = 0) -> tuple[list[Preference], Dropped]:
+    out, dropped = [], Dropped()
+    path = _file(data_dir, PANDALM)
+    for i, x in enumerate(_json_list(path)):
+        try:
+            votes = [int(x[f"annotator{k}"]) for k in (1, 2, 3)]
+            prompt = _text(x["instruction"]) + (f"\n\n{_text(x['input'])}" if x.get("input") else "")
+            a, b, idx = _text(x["response1"]), _text(x["response2"]), x["idx"]
+        except BAD_RECORD as e:
+            dropped.add("bad_record", f"{path} record {i}: {_why(e)}")
+            continue
         winner = max((1, 2), key=votes.count)
         if votes.count(winner) < 2:
             dropped["no_majority"] += 1  # majority tie (0) or split: no preference
             continue
-        prompt = str(x["instruction"]) + (f"\n\n{x['input']}" if x["input"] else "")
-        a, b = str(x["response1"]), str(x["response2"])
         chosen, rejected = (a, b) if winner == 1 else (b, a)
         if not chosen.strip() or not rejected.strip():
             dropped["empty_response"] += 1
@@ -182,7 +282,7 @@ def pandalm_pairs(data_dir: str | Path, seed: int = 0) -> tuple[list[Preference]
         else:
             out.append(
                 Preference(
-                    [{"role": "user", "content": prompt}], chosen, rejected, f"pandalm:{x['idx']}", "pandalm"
+                    [{"role": "user", "content": prompt}], chosen, rejected, f"pandalm:{idx}", "pandalm"
                 )
             )
     random.Random(seed).shuffle(out)
@@ -205,39 +305,61 @@ def pair_record(p: Preference) -> dict:
     }
 
 
-def _write_jsonl(path: Path, rows) -> None:
+def _write_atomic(path: Path, write) -> None:
+    """`write(file)` into a fresh temporary file beside `path`, then renamed over it: a crash leaves the old file,
+    and an existing `<path>.tmp` (or a link) is never written through."""
+    import os
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    _write_atomic(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def build_ratings(
-    data_dir: str | Path, out: str | Path, max_rows: int | None = None, seed: int = 0, scales_out=None
+    data_dir: str | Path,
+    out: str | Path,
+    max_rows: int | None = None,
+    seed: int = 0,
+    scales_out=None,
+    max_d2t: int = 300,
 ) -> dict:
     """Writes the ratings file and its scales YAML; returns a summary."""
     import yaml
 
-    rows = ratings_rows(data_dir, seed=seed)
+    out = Path(out)
+    scales_path = Path(scales_out) if scales_out else out.with_name("scales.yaml")
+    if scales_path.resolve() == out.resolve():
+        raise ValueError(
+            f"--out and --scales are the same file ({out}): the scales would replace the ratings"
+        )
+    rows, dropped = ratings_rows(data_dir, max_d2t, seed)
     total = len(rows)
     if max_rows is not None and max_rows < total:
         rows = random.Random(seed).sample(rows, max_rows)
-    out = Path(out)
-    scales_path = Path(scales_out) if scales_out else out.with_name("scales.yaml")
+        dropped["over_max_rows"] += total - max_rows
+    if not rows:
+        raise ValueError(f"no rated response kept from {data_dir}; dropped by reason {dropped.report()}")
     _write_jsonl(out, rows)
     found = scales(rows)
-    scales_path.write_text(
-        "# {objective: [lo, hi]}: the rating scale of each objective in "
-        + out.name
-        + " (rm.scales_path)\n"
-        + yaml.safe_dump(
-            {k: [lo, hi] for k, (lo, hi) in found.items()}, sort_keys=False, default_flow_style=None
-        )
+    header = f"# {{objective: [lo, hi]}}: the rating scale of each objective in {out.name} (rm.scales_path)\n"
+    body = yaml.safe_dump(
+        {k: [lo, hi] for k, (lo, hi) in found.items()}, sort_keys=False, default_flow_style=None
     )
+    _write_atomic(scales_path, lambda f: f.write(header + body))
     counts = {k: sum(1 for r in rows if k in r) for k in found}
-    return {"out": str(out), "scales": str(scales_path), "rows": len(rows), "of": total, "objectives": counts}
+    return {"out": str(out), "scales": str(scales_path), "rows": len(rows), "of": total, "objectives": counts,
+            "dropped": dropped.report()}  # fmt: skip
 
 
 def build_pairs(
@@ -252,6 +374,8 @@ def build_pairs(
     """Writes the preference file; each source is split on its own (train: the first 1 - test_fraction of its
     seeded shuffle, test: the rest), then the sources are merged, shuffled and cut to max_pairs."""
     kept, dropped = [], {}
+    if not sources or len(set(sources)) != len(sources):
+        raise ValueError(f"--source {','.join(sources)!r}: name each of {', '.join(PAIR_SOURCES)} once")
     for source in sources:
         if source not in PAIR_SOURCES:
             raise ValueError(f"--source {source!r}: one of {', '.join(PAIR_SOURCES)}")
@@ -263,11 +387,13 @@ def build_pairs(
             train, test = split(prefs, test_fraction)
             prefs = train if split_name == "train" else test
         kept += prefs
-        dropped[PAIR_SOURCES[source]] = dict(why)
+        dropped[PAIR_SOURCES[source]] = why.report()
     random.Random(seed).shuffle(kept)
     over = 0
     if max_pairs is not None and len(kept) > max_pairs:
         over, kept = len(kept) - max_pairs, kept[:max_pairs]
+    if not kept:
+        raise ValueError(f"no pair kept from {', '.join(sources)}; dropped by reason {dropped}")
     _write_jsonl(Path(out), (pair_record(p) for p in kept))
     subsets = Counter(p.subset for p in kept)
     return {
@@ -278,6 +404,13 @@ def build_pairs(
         "dropped": dropped,
         "over_max_pairs": over,
     }
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive count, got {text}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -293,7 +426,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--scales", default=None, help="the scales YAML to write (default: scales.yaml beside --out)"
     )
-    r.add_argument("--max-rows", type=int, default=None, help="a seeded random subset of the rated responses")
+    r.add_argument(
+        "--max-rows", type=_positive, default=None, help="a seeded random subset of the rated responses"
+    )
+    r.add_argument(
+        "--max-d2t",
+        type=_positive,
+        default=300,
+        help="data-to-text rows sampled (of 2056; the rest are counted)",
+    )
     r.add_argument("--seed", type=int, default=0)
     q = sub.add_parser("pairs", help="preference pairs for rm.stage=gating|probe|bt|haf and rm eval")
     q.add_argument("--source", default="hh-rlhf", help="hh-rlhf, pandalm, or both comma-separated")
@@ -301,7 +442,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="pairs.jsonl")
     q.add_argument("--split", choices=("train", "test", "all"), default="all")
     q.add_argument("--test-fraction", type=float, default=0.2)
-    q.add_argument("--max-pairs", type=int, default=None, help="keep a seeded random N of the pairs")
+    q.add_argument("--max-pairs", type=_positive, default=None, help="keep a seeded random N of the pairs")
     q.add_argument("--seed", type=int, default=0)
     return p
 
@@ -312,12 +453,22 @@ def main(argv: list[str] | None = None) -> int:
     if not data_dir.is_dir():
         print(f"troupe rm data: error: --data-dir {data_dir} is not a folder", file=sys.stderr)
         return 2
+    outputs = [Path(args.out)] + ([Path(args.scales)] if getattr(args, "scales", None) else [])
+    inside = [o for o in outputs if o.resolve().is_relative_to(data_dir.resolve())]
+    if inside:
+        print(
+            f"troupe rm data: error: {inside[0]} is inside --data-dir {data_dir}: write elsewhere",
+            file=sys.stderr,
+        )
+        return 2
     try:
         if args.kind == "ratings":
-            s = build_ratings(data_dir, args.out, args.max_rows, args.seed, args.scales)
+            s = build_ratings(data_dir, args.out, args.max_rows, args.seed, args.scales, args.max_d2t)
             print(
                 f"wrote {s['out']}: {s['rows']} rated responses (of {s['of']}); scales in {s['scales']}\n"
-                "objectives (rated rows): " + ", ".join(f"{k} {n}" for k, n in s["objectives"].items())
+                "objectives (rated rows): "
+                + ", ".join(f"{k} {n}" for k, n in s["objectives"].items())
+                + f"\ndropped by reason {s['dropped']}"
             )
             print(
                 f"next: troupe rm train rm.stage=regression rm.ratings_path={s['out']} rm.scales_path={s['scales']}"
@@ -333,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"wrote {s['out']}: {s['pairs']} pairs ({s['split']} split), subsets {s['subsets']}; "
                 f"dropped by reason {s['dropped']}, over --max-pairs {s['over_max_pairs']}"
             )
-    except (MissingData, ValueError) as e:
+    except (MissingData, ValueError, OSError) as e:
         print(f"troupe rm data: error: {e}", file=sys.stderr)
         return 2
     return 0

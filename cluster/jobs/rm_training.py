@@ -65,7 +65,7 @@ def warn_cut(cut: int, total: int, what: str, max_length: int, advice: str | Non
 def _fail_at_chance(folder: Path, info: BundleInfo, tensors: dict, stage: str, first: float, last: float,
                     advice: str) -> ChanceLevel:  # fmt: skip
     message = (
-        f"{stage}: the Bradley-Terry loss stayed at chance ({first:.3f} -> {last:.3f}; log 2 = {CHANCE:.3f}): the "
+        f"{stage}: the Bradley-Terry loss stayed at chance or above ({first:.3f} -> {last:.3f}; log 2 = {CHANCE:.3f}): the "
         f"model does not rank chosen over rejected responses. Try {advice}. The bundle in {folder} is marked "
         f"failed (serving refuses it); rm.allow_chance=true keeps a chance-level bundle as a usable one"
     )
@@ -290,7 +290,8 @@ def train_probe_stage(
     backbone = RewardBackbone(backbone_path, dtype=dtype, max_length=max_length)
     _, chosen, rejected, cut, cache_stats = pair_features(backbone, prefs, cache, progress, report)
     warn_cut(int(cut.sum()), len(prefs), "pairs (either side)", max_length)
-    w = bt_probe(chosen, rejected, l2, steps)
+    held_out = _probe_held_out(chosen, rejected, l2, steps)
+    w = bt_probe(chosen, rejected, l2, steps)  # the bundle's head: fit on every pair
     margin = (chosen - rejected) @ w
     last = float(-torch.nn.functional.logsigmoid(margin).mean())
     stats = {
@@ -301,23 +302,54 @@ def train_probe_stage(
         "steps": steps,
         "bt_loss_first_last": (CHANCE, last),  # w = 0 scores every pair at chance
         "train_accuracy": float((margin > 0).float().mean()),
+        "held_out": held_out,
         "cache": cache_stats,
     }
     info = BundleInfo(name, backbone_path, max_length, [], reward_head=True, stats={"probe": stats})
     heads = {"reward_head.weight": w[None, :], "reward_head.bias": torch.zeros(1)}
-    stats["at_chance"] = last > 0.99 * CHANCE
-    if stats["at_chance"] and not allow_chance:
-        raise _fail_at_chance(
-            Path(out),
-            info,
-            heads,
-            "probe",
-            CHANCE,
-            last,
-            f"more pairs, a smaller rm.probe_l2 (now {l2:g}), a larger rm.max_length (now {max_length}) or "
-            "another rm.backbone",
+    # A linear head on wide features fits a few hundred pairs of noise: judge it on pairs it did not see, by how
+    # many it ranks right (a confident probe can rank most right with a held-out loss above log 2).
+    if held_out:
+        # a coin's accuracy is 0.5 with standard error 0.5 / sqrt(n): at chance unless one error above it
+        stats["at_chance"] = held_out["accuracy"] <= 0.5 + 0.5 / held_out["pairs"] ** 0.5
+        judged, stage = (
+            held_out["bt_loss"],
+            (
+                f"probe (on {held_out['pairs']} held-out pairs, {100 * held_out['accuracy']:.0f}% ranked right)"
+            ),
         )
+        advice = (
+            f"a larger rm.probe_l2 (now {l2:g}; the training loss is {last:.3f}), more pairs, a larger rm.max_length "
+            f"(now {max_length}) or another rm.backbone"
+        )
+    else:
+        stats["at_chance"] = last > 0.99 * CHANCE
+        judged, stage = last, "probe"
+        advice = (
+            f"more pairs, a smaller rm.probe_l2 (now {l2:g}), a larger rm.max_length (now {max_length}) or "
+            "another rm.backbone"
+        )
+    if stats["at_chance"] and not allow_chance:
+        raise _fail_at_chance(Path(out), info, heads, stage, CHANCE, judged, advice)
     return save_bundle(out, info, heads), stats
+
+
+PROBE_HELD_OUT_MIN_PAIRS = 50  # below this a held-out estimate is noise; the training loss is judged instead
+
+
+def _probe_held_out(chosen: torch.Tensor, rejected: torch.Tensor, l2: float, steps: int) -> dict | None:
+    """Every fifth pair held out, the probe fit on the rest: {"pairs", "bt_loss", "accuracy"} on the held-out ones."""
+    n = chosen.shape[0]
+    if n < PROBE_HELD_OUT_MIN_PAIRS:
+        return None
+    held = torch.arange(n) % 5 == 4
+    w = bt_probe(chosen[~held], rejected[~held], l2, steps)
+    margin = (chosen[held] - rejected[held]) @ w
+    return {
+        "pairs": int(held.sum()),
+        "bt_loss": float(-torch.nn.functional.logsigmoid(margin).mean()),
+        "accuracy": float((margin > 0).float().mean()),
+    }
 
 
 def tokenize_for_rm(prefs: list[Preference], tokenizer, max_length: int) -> tuple[list[PreferencePair], int]:

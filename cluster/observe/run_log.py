@@ -68,6 +68,7 @@ def link_ray_logs(log_dir: Path) -> Path | None:
         session_logs = Path(ray._private.worker._global_node.get_logs_dir_path())  # no public accessor
     except Exception:  # a client connection has no local session folder
         return None
+    log_dir.mkdir(parents=True, exist_ok=True)  # with logging.quiet=false nothing else made it
     link = log_dir / "ray"
     if link.is_symlink() or link.exists():
         link.unlink()

@@ -55,7 +55,10 @@ def _follow_cluster_token() -> None:
         )
     except ImportError:
         return  # a Ray without token authentication
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # RAY_AUTH_MODE, when set, decides
+    try:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # RAY_AUTH_MODE, when set, decides
+    except Exception as e:  # a private Ray function: if it changed, join as Ray would on its own
+        log.warning("ray: could not check for an authentication token (%s); joining without one", e)
 
 
 def generator_env(cfg: GeneratorConfig) -> dict[str, str]:

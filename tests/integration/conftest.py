@@ -7,6 +7,7 @@ import ray
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from bench.troupe_run import SMOKE_OVERRIDES
 from troupe.actors.models import resolve_model
 from troupe.cluster.config.checks import validate
 from troupe.cluster.config.compose import CONF_DIR
@@ -16,22 +17,13 @@ from troupe.cluster.run.runtime import check_capacity, start_ray
 
 register()
 
+# the benchmarks' smoke settings (tiny model, short generations), plus what these tests need on top
 TINY_OVERRIDES = [
-    "model.policy=builtin:tiny-llama",
-    "data.prompts_per_iteration=4",
-    "generator.samples_per_prompt=4",  # groups of 4: some group almost surely has unequal rewards
-    "generator.max_new_tokens=16",
-    "generator.max_model_len=512",
-    "generator.num_cpus=0.5",
-    "learner.micro_batch_size=2",
-    "learner.lr=1e-3",
-    "learner.zero_stage=2",
+    *SMOKE_OVERRIDES,
     "algo.kl_coef=0.05",
     # A random model never answers: the repetition objective varies on its text, so advantages are non-zero.
     "+reward.objectives.repetition={}",
     "+reward.weights.repetition=1.0",
-    "ray.num_cpus=2",
-    "ray.actor_timeout_s=300",
 ]
 
 

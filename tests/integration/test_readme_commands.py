@@ -110,7 +110,9 @@ def _elsewhere(command: str) -> str | None:
 
 
 def _runnable(command: str) -> bool:
-    return command.startswith(("troupe ", "curl ", "python:", "make demo", "make lint", "ray start ", "ray stop"))
+    return command.startswith(
+        ("troupe ", "curl ", "python:", "make demo", "make lint", "ray start ", "ray stop")
+    )
 
 
 def test_every_readme_command_is_run_or_covered():
@@ -206,7 +208,13 @@ def _serve(folder: Path, command: str):
     """`troupe rm serve` stays up: started in the background, ready when /health answers."""
     argv = _tiny(shlex.split(command))
     server = subprocess.Popen(
-        argv, cwd=folder, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        argv,
+        cwd=folder,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     port = next((a.split("=", 1)[1] for a in argv if a.startswith("serve.port=")), "8008")
     deadline = time.time() + 300
@@ -218,7 +226,7 @@ def _serve(folder: Path, command: str):
                     return server
         except OSError:
             time.sleep(2)
-    server.kill()
+    os.killpg(server.pid, signal.SIGKILL)
     raise AssertionError(f"{command}: no /health answer within 300 s")
 
 
@@ -253,7 +261,7 @@ def _stop(process: subprocess.Popen | None, sig: int) -> None:
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)  # each runs in a session of its own: its children go too
 
 
 SECTIONS = {name: commands for name, commands in sections().items() if any(_runnable(c) for c in commands)}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from troupe.cluster.cli import COMMANDS, split_command
+from troupe.cluster.cli import COMMANDS, main, parse_options, split_command
 from troupe.cluster.config.checks import ConfigError
 from troupe.cluster.config.compose import compose, groups, recipes
 
@@ -76,6 +76,16 @@ def test_a_prompt_file_without_answers_gets_the_open_reward(tmp_path):
     assert "correctness" in compose([]).reward.objectives  # the built-in task has answers
     chosen = compose([f"data.train={tmp_path / 'p.jsonl'}", "reward=answers"])  # the user's choice stands
     assert "correctness" in chosen.reward.objectives
+    # sizing the reward pool chooses no reward; adding an objective does
+    sized = compose([f"data.train={tmp_path / 'p.jsonl'}", "reward.shards=2"])
+    assert set(sized.reward.objectives) == {"length", "repetition"} and sized.reward.shards == 2
+    own = compose([f"data.train={tmp_path / 'p.jsonl'}", "reward.weights.correctness=2.0"])
+    assert own.reward.weights["correctness"] == 2.0
+    # a user's recipe on troupe's defaults adapts like the default recipe; one that sets its reward does not
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f"defaults:\n  - config\n  - _self_\ndata:\n  train: {tmp_path / 'p.jsonl'}\n")
+    assert set(compose([], recipe=str(mine)).reward.objectives) == {"length", "repetition"}
+    assert "correctness" in compose([f"data.train={tmp_path / 'p.jsonl'}"], recipe="demo").reward.objectives
 
 
 def test_recipes_and_groups_come_from_the_installed_configs():
@@ -92,3 +102,48 @@ def test_a_recipe_of_the_users_own_starts_from_troupes(tmp_path):
     assert cfg.run.iterations == 7 and cfg.run.name == "demo" and cfg.algo.name == "rloo"
     with pytest.raises(ConfigError, match="no such file"):
         compose([], recipe=str(tmp_path / "missing.yaml"))
+    shadow = tmp_path / "demo.yaml"  # named like troupe's: Hydra would find it for `- demo` and recurse
+    shadow.write_text("defaults:\n  - demo\n  - _self_\n")
+    with pytest.raises(ConfigError, match="holds demo.yaml, named like troupe.s own recipes"):
+        compose([], recipe=str(shadow))
+
+
+def test_hydra_config_path_spelling_names_the_users_file(tmp_path, capsys):
+    for args in (
+        ["-cp", str(tmp_path), "-cn", "mine"],
+        [f"--config-path={tmp_path}", "--config-name", "mine.yaml"],
+    ):
+        recipe, overrides, _, _ = parse_options([*args, "run.iterations=3"])
+        assert recipe == str(tmp_path / "mine.yaml") and overrides == ["run.iterations=3"]
+    assert parse_options(["run.iterations=3"])[0] == "config"
+    with pytest.raises(SystemExit):
+        parse_options(["-cp", str(tmp_path)])  # a folder without the file's name
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - demo\n  - _self_\nrun:\n  iterations: 5\n")
+    assert main(["train", "-cp", str(tmp_path), "-cn", "mine", "--print-config"]) == 0
+    assert "iterations: 5" in capsys.readouterr().out
+
+
+def test_dpo_refuses_an_online_algorithm(capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["dpo", "dataset.path=p.jsonl", "algo=ppo"])
+    assert refused.value.code == 2
+    assert "algo=ppo: `troupe dpo` is offline DPO" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["dpo", "dataset.path=p.jsonl", "algo.name=grpo"])
+    capsys.readouterr()
+    assert main(["dpo", "dataset.path=p.jsonl", "algo=dpo_offline", "--print-config"]) == 0
+    assert "source: dataset" in capsys.readouterr().out
+
+
+def test_no_command_prints_usage_to_stderr_and_fails(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("usage: troupe <command>")
+    assert main(["rm"]) == 2 and "troupe rm train | eval" in capsys.readouterr().err
+
+
+def test_python_dash_m_troupe_is_the_troupe_command(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "troupe", "rm", "eval", "--help"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: troupe rm eval"), proc.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import re
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -138,6 +139,17 @@ def test_cpu_lock_agrees_with_pyproject():
     assert not problems, problems
     unhashed = sorted(n for n, (_, hashed) in pins.items() if not hashed)
     assert not unhashed, f"lock entries without hashes: {unhashed}"
+    # the other way: what the lock says pyproject asked for is still declared there (a dropped dependency)
+    declared = {canonicalize_name(r.name) for r in _requirements(LOCK_EXTRAS)}
+    text = (ROOT / "requirements" / "cpu-lock.txt").read_text()
+    direct = {
+        canonicalize_name(m.group(1))
+        for block in re.split(r"\n(?=[A-Za-z0-9])", text)
+        if "troupe-rlhf (pyproject.toml)" in block and (m := re.match(r"([A-Za-z0-9_.\-]+)==", block.strip()))
+    }
+    assert direct - declared == set(), (
+        f"locked as troupe's own but not in pyproject: {sorted(direct - declared)}"
+    )
 
 
 def test_lock_extras_are_the_ones_pyproject_has():
@@ -153,8 +165,14 @@ def test_wheel_holds_the_configs_and_one_namespace(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"troupe"}
-    for conf in ("config.yaml", "demo.yaml", "algo/grpo.yaml", "reward/open.yaml", "autoscale/backlog.yaml"):
-        assert f"troupe/conf/{conf}" in names
+    tracked = subprocess.run(
+        ["git", "ls-files", "conf"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    configs = {f"troupe/{p}" for p in tracked.stdout.split() if p.endswith(".yaml")}
+    assert (
+        len(configs) > 10
+        and {n for n in names if n.startswith("troupe/conf/") and n.endswith(".yaml")} == configs
+    )
     assert "troupe/cluster/cli.py" in names and "troupe/actors/generator/actor.py" in names
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("/METADATA"))).decode()
     requires = {canonicalize_name(Requirement(line.split(":", 1)[1]).name) for line in metadata.splitlines()

@@ -2,13 +2,16 @@
 reward-model jobs read; a data folder without a source fails naming the missing file; the bench's converter is
 the installed module's. Data-dependent tests skip when ../shared/data is absent."""
 
+import gzip
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import SHARED_DATA
 from troupe.cluster.cli import main as troupe
+from troupe.cluster.data import rm_data
 from troupe.cluster.data.preferences import load_preferences
 from troupe.cluster.data.ratings import load_ratings, resolve_scales
 from troupe.cluster.data.rm_data import SCALES, main
@@ -81,13 +84,108 @@ def test_pairs_split_train_and_test_disjoint(tmp_path):
 
 
 def test_a_missing_source_is_named(tmp_path, capsys):
-    (tmp_path / "hh-rlhf").mkdir()
-    assert main(["pairs", "--data-dir", str(tmp_path), "--out", str(tmp_path / "p.jsonl")]) == 2
+    data, out = tmp_path / "data", tmp_path / "out"
+    (data / "hh-rlhf").mkdir(parents=True)
+    assert main(["pairs", "--data-dir", str(data), "--out", str(out / "p.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "hh-rlhf/harmless-base/test.jsonl.gz" in err and "not found" in err
-    assert main(["ratings", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert main(["ratings", "--data-dir", str(data), "--out", str(out / "r.jsonl")]) == 2
     assert "UniEval/reproduce/data/dialogue/topical_chat.json" in capsys.readouterr().err
-    assert not (tmp_path / "r.jsonl").exists() and not (tmp_path / "p.jsonl").exists()
+    assert not out.exists()
+
+
+def _hostile_data(root: Path) -> Path:
+    """A data folder in the sources' layouts, one good record of each and bad ones the converter must skip."""
+
+    def put(relative: str, content) -> None:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if relative.endswith(".gz"):
+            with gzip.open(path, "wt", encoding="utf-8") as f:
+                f.write(content)
+        else:
+            path.write_text(content if isinstance(content, str) else json.dumps(content))
+
+    chat = {"context": "c", "source": "s", "system_output": "a reply", "scores": {"overall": 4.0}}
+    put(rm_data.TOPICAL_CHAT, [chat, {"context": "c"}, {**chat, "scores": {"overall": 9.0}},
+                               {**chat, "scores": "[" * 20_000}, {**chat, "scores": {"overall": "high"}}])  # fmt: skip
+    d2t = {"source": "inform(name=x)", "system_output": "x is here.", "scores": "{'overall': 5.0}"}
+    for name in rm_data.DATA_TO_TEXT:
+        put(name, [d2t, {**d2t, "system_output": None}])
+    for name in rm_data.QAGS:
+        put(name, [{"source": "an article", "system_output": "a summary", "scores": {"consistency": 1.0}}])
+    header = "id,type,prompt,completion,annotation_1,annotation_2,agreement,final_label\n"
+    for name in rm_data.XSTEST:
+        put(name, header + "v1,homonyms,How do I kill a process?,Use kill.,,,,1_full_compliance\n"
+            "v2,homonyms,p,c,,,,maybe\n")  # fmt: skip
+    good = "\n\nHuman: hi\n\nAssistant: "
+    hh = [json.dumps({"chosen": good + "hello", "rejected": good + "go away"}), "{not json",
+          json.dumps({"chosen": good + "hello"}), json.dumps({"chosen": good + "hello", "rejected": 3}),
+          json.dumps({"chosen": good + "hello", "rejected": good + "x\n\nHuman: and you?"}),
+          "x" * (rm_data.MAX_LINE_CHARS + 10)]  # fmt: skip
+    put(rm_data.HH_RLHF, "\n".join(hh) + "\n")
+    panda = {"idx": 1, "instruction": "Say it", "input": "", "response1": "yes", "response2": False,
+             "annotator1": 1, "annotator2": 1, "annotator3": 2}  # fmt: skip
+    put(rm_data.PANDALM, [panda, {"idx": 2, "instruction": "x"}, {**panda, "idx": 3, "response1": ["a"]}])
+    return root
+
+
+def test_bad_records_are_skipped_counted_and_located(tmp_path, capsys):
+    data = _hostile_data(tmp_path / "data")
+    out = tmp_path / "out"
+    assert main(["ratings", "--data-dir", str(data), "--out", str(out / "r.jsonl")]) == 0
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "r.jsonl").read_text().splitlines()]
+    # one good record per source: chat, d2t (one of each file), qags x2, xstest x2
+    assert len(rows) == 1 + 2 + 2 + 2 and all(r["response"].strip() for r in rows)
+    dropped = printed.split("dropped by reason ")[1]
+    assert "'bad_record': \"6 (first: " in dropped and "topical_chat.json record 1: KeyError" in dropped
+    assert "'unknown_label': \"2 (first: " in dropped and "final_label 'maybe'" in dropped
+    assert all(SCALES[k][0] <= v <= SCALES[k][1] for r in rows for k, v in r.items() if k in SCALES)
+    assert (
+        main(["pairs", "--source", "hh-rlhf,pandalm", "--data-dir", str(data), "--out", str(out / "p.jsonl")])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    pairs = [json.loads(line) for line in (out / "p.jsonl").read_text().splitlines()]
+    assert {(p["chosen"], p["rejected"]) for p in pairs} == {("hello", "go away"), ("yes", "False")}
+    assert "test.jsonl.gz:2: JSONDecodeError" in printed and "'line_too_long': '1 (first: " in printed
+    assert "'conversations_differ': 1" in printed  # a rejected side that ends with the user's turn
+    assert "testset-v1.json record 1: KeyError" in printed
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["pairs", "--max-pairs", "-3"], "--max-pairs: must be a positive count"),
+        (["pairs", "--source", "hh-rlhf,hh-rlhf"], "name each of hh-rlhf, pandalm once"),
+        (["pairs", "--source", ","], "name each of hh-rlhf, pandalm once"),
+        (["ratings", "--max-rows", "0"], "--max-rows: must be a positive count"),
+        (["ratings", "--scales", "OUT"], "are the same file"),
+        (["ratings", "--out", "DATA/r.jsonl"], "is inside --data-dir"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_option(tmp_path, capsys, args, message):
+    data = _hostile_data(tmp_path / "data")
+    out = str(tmp_path / "out" / "r.jsonl")
+    args = [a.replace("OUT", out).replace("DATA", str(data)) for a in args]
+    argv = [*args, "--data-dir", str(data)] + ([] if "--out" in args else ["--out", out])
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own refusal
+        rc = e.code
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (data / "r.jsonl").exists()
+
+
+def test_writes_replace_the_file_and_never_follow_a_stale_temp_link(tmp_path):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep")
+    out = tmp_path / "p.jsonl"
+    (tmp_path / "p.jsonl.tmp").symlink_to(target)  # the old fixed temp name, pointing outside
+    rm_data._write_jsonl(out, [{"a": 1}])
+    assert out.read_text() == '{"a": 1}\n' and target.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.txt", "p.jsonl", "p.jsonl.tmp"]
 
 
 def test_bench_uses_the_installed_converter():

@@ -254,3 +254,32 @@ def test_feature_bar_counts_tokens_and_the_cost_is_announced(model_path, tmp_pat
     assert f"{tokens}/{tokens}" in captured.err and "tok/s" in captured.err  # the bar's unit is tokens
     again = cached_features(backbone, prompts, responses, tmp_path, shard_size=4, report=True)
     assert again.stats["tokens_computed"] == 0 and capsys.readouterr().out == ""
+
+
+def test_probe_is_judged_on_held_out_pairs(model_path, tmp_path):
+    # 60 pairs of unrelated random words: a linear head on the backbone's features fits the training pairs, but
+    # ranks pairs it did not see no better than a coin
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(200)]
+
+    def text(n: int = 6) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    noise = [Preference([{"role": "user", "content": text()}], text(), text(), f"n:{i}") for i in range(60)]
+    with pytest.raises(
+        ChanceLevel, match=r"probe \(on 12 held-out pairs, \d+% ranked right\): the Bradley-Terry"
+    ):
+        train_probe_stage(model_path, noise, "probe", tmp_path / "b", tmp_path / "c", max_length=64)
+    stats = read_info(tmp_path / "b", allow_failed=True).stats["probe"]
+    assert stats["bt_loss_first_last"][1] < 0.5 * CHANCE  # the training loss alone would have passed it
+    assert stats["held_out"]["pairs"] == 12 and stats["held_out"]["accuracy"] <= 0.5 + 0.5 / 12**0.5
+    # the same number of pairs with a signal (one fixed reply preferred over another) passes on the held-out pairs
+    signal = [
+        Preference([{"role": "user", "content": text()}], "Sure, here it is.", "no", f"s:{i}")
+        for i in range(60)
+    ]
+    folder, stats = train_probe_stage(
+        model_path, signal, "probe", tmp_path / "s", tmp_path / "c", max_length=64
+    )
+    assert not stats["at_chance"] and stats["held_out"]["accuracy"] > 0.9
+    assert read_info(folder).failed is None

@@ -1,0 +1,7 @@
+"""`python -m troupe ...`, the same as the `troupe` command."""
+
+import sys
+
+from troupe.cluster.cli import main
+
+sys.exit(main())
