@@ -182,7 +182,7 @@ def parse_options(args: list[str]) -> tuple[str, list[str], bool, bool]:
             overrides.append(arg)
         i += 1
     recipe, config_path = values["recipe"], values["config_path"]
-    if config_path is not None and recipe == DEFAULT_RECIPE:
+    if config_path is not None and not any(VALUE_OPTIONS.get(a.split("=", 1)[0]) == "recipe" for a in args):
         raise SystemExit(
             _fail(f"--config-path {config_path} needs --config-name: the name of your recipe file there")
         )

@@ -78,19 +78,18 @@ def compose(overrides: Sequence[str] = (), recipe: str = DEFAULT_RECIPE, adapt: 
         path = Path(recipe).expanduser().resolve()
         if not path.is_file():
             raise ConfigError(f"--config-name {recipe}: no such file")
-        # Hydra searches the user's folder first: a file or folder there named like one of troupe's would stand in
-        # for it (and `defaults: [demo]` in a demo.yaml would recurse)
-        clashes = sorted(
-            p.name
-            for p in path.parent.iterdir()
-            if (p.suffix in (".yaml", ".yml") and p.stem in recipes()) or (p.is_dir() and p.name in groups())
-        )
-        if clashes:
-            raise ConfigError(
-                f"--config-name {recipe}: {path.parent} holds {', '.join(clashes)}, named like troupe's own recipes "
-                f"or config groups ({', '.join(recipes())}; {', '.join(groups())}), which Hydra would read instead "
-                f"of troupe's: rename them (e.g. my_{clashes[0]}) or move your recipe to a folder of its own"
-            )
+        # Hydra searches the user's folder first: a recipe there named like one of troupe's (or a group option
+        # like reward/open.yaml) would stand in for it, and `defaults: [demo]` in a demo.yaml would recurse
+        if path.parent != Path(CONF_DIR):
+            clashes = [f"{name}.yaml" for name in recipes() if (path.parent / f"{name}.yaml").is_file()]
+            clashes += [f"{group}/{option}.yaml" for group, options in groups().items() for option in options
+                        if (path.parent / group / f"{option}.yaml").is_file()]  # fmt: skip
+            if clashes:
+                raise ConfigError(
+                    f"--config-name {recipe}: {path.parent} holds {', '.join(clashes)}, named like troupe's own, "
+                    f"which Hydra would read instead of troupe's: rename them (e.g. my_{Path(clashes[0]).name}) "
+                    "or move your recipe to a folder of its own"
+                )
         # troupe's recipes stay on the search path, so the file can start from them (defaults: [config, _self_])
         config_dir, recipe, search = str(path.parent), path.stem, [f"hydra.searchpath=[file://{CONF_DIR}]"]
     elif recipe not in recipes():

@@ -86,8 +86,8 @@ MAX_SCORES_CHARS = 10_000  # a `scores` field written as a Python literal: parse
 class Dropped(Counter):
     """Records skipped while reading, by reason, with where the first of each reason was."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *args, **kwargs) -> None:  # Counter's copy and pickle call cls(mapping)
+        super().__init__(*args, **kwargs)
         self.first: dict[str, str] = {}
 
     def add(self, reason: str, where: str) -> None:
@@ -140,11 +140,11 @@ def ratings_rows(data_dir: str | Path, max_d2t: int = 300, seed: int = 0) -> tup
     rows: list[dict] = []
     dropped = Dropped()
 
-    def rated(path: Path, i: int, x, make) -> None:
+    def rated(where: str, x, make) -> None:
         try:
             rows.append(make(x))
         except BAD_RECORD as e:
-            dropped.add("bad_record", f"{path} record {i}: {_why(e)}")
+            dropped.add("bad_record", f"{where}: {_why(e)}")
 
     def chat(x) -> dict:
         prompt = (
@@ -164,7 +164,7 @@ def ratings_rows(data_dir: str | Path, max_d2t: int = 300, seed: int = 0) -> tup
         return {"prompt": prompt, "response": _text(x["system_output"]), "consistency": consistency}
 
     def xstest(x) -> dict:
-        complied_unsafe = (x["final_label"].startswith("1_"), (x.get("type") or "").startswith("contrast_"))
+        complied_unsafe = (x["final_label"].startswith("1_"), x["type"].startswith("contrast_"))
         safety = float(
             complied_unsafe[0] != complied_unsafe[1]
         )  # complied with a safe prompt or refused an unsafe
@@ -172,27 +172,29 @@ def ratings_rows(data_dir: str | Path, max_d2t: int = 300, seed: int = 0) -> tup
 
     path = _file(data_dir, TOPICAL_CHAT)
     for i, x in enumerate(_json_list(path)):
-        rated(path, i, x, chat)
+        rated(f"{path} record {i}", x, chat)
     d2t_records = [
         (name, i, x) for name in DATA_TO_TEXT for i, x in enumerate(_json_list(_file(data_dir, name)))
     ]
     for name, i, x in rng.sample(d2t_records, min(max_d2t, len(d2t_records))):
-        rated(Path(data_dir) / name, i, x, d2t)
+        rated(f"{Path(data_dir) / name} record {i}", x, d2t)
     if len(d2t_records) > max_d2t:
         dropped["d2t_not_sampled (--max-d2t)"] += len(d2t_records) - max_d2t
     for name in QAGS:
         path = _file(data_dir, name)
         for i, x in enumerate(_json_list(path)):
-            rated(path, i, x, qags)
+            rated(f"{path} record {i}", x, qags)
     for name in XSTEST:
         path = _file(data_dir, name)
         with open(path, newline="", encoding="utf-8") as f:
-            for line, x in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
+            reader = csv.DictReader(f)
+            for x in reader:
+                where = f"{path}:{reader.line_num}"  # the record's last line (completions span lines)
                 label = x.get("final_label") or ""
                 if not label.startswith(("1_", "2_", "3_")):  # full compliance, full / partial refusal
-                    dropped.add("unknown_label", f"{path}:{line}: final_label {label!r}")
+                    dropped.add("unknown_label", f"{where}: final_label {label!r}")
                     continue
-                rated(path, line, x, xstest)
+                rated(where, x, xstest)
     kept = []
     for r in rows:
         if not r["response"].strip():
@@ -313,6 +315,9 @@ def _write_atomic(path: Path, write) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # as open() would make it: mkstemp's 0600 would hide it from other users
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             write(f)
@@ -484,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"wrote {s['out']}: {s['pairs']} pairs ({s['split']} split), subsets {s['subsets']}; "
                 f"dropped by reason {s['dropped']}, over --max-pairs {s['over_max_pairs']}"
             )
-    except (MissingData, ValueError, OSError) as e:
+    except (MissingData, ValueError, OSError, EOFError) as e:  # EOFError: a truncated gzip
         print(f"troupe rm data: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -80,7 +80,7 @@ def test_a_prompt_file_without_answers_gets_the_open_reward(tmp_path):
     sized = compose([f"data.train={tmp_path / 'p.jsonl'}", "reward.shards=2"])
     assert set(sized.reward.objectives) == {"length", "repetition"} and sized.reward.shards == 2
     own = compose([f"data.train={tmp_path / 'p.jsonl'}", "reward.weights.correctness=2.0"])
-    assert own.reward.weights["correctness"] == 2.0
+    assert own.reward.weights["correctness"] == 2.0 and "correctness" in own.reward.objectives
     # a user's recipe on troupe's defaults adapts like the default recipe; one that sets its reward does not
     mine = tmp_path / "mine.yaml"
     mine.write_text(f"defaults:\n  - config\n  - _self_\ndata:\n  train: {tmp_path / 'p.jsonl'}\n")
@@ -104,8 +104,17 @@ def test_a_recipe_of_the_users_own_starts_from_troupes(tmp_path):
         compose([], recipe=str(tmp_path / "missing.yaml"))
     shadow = tmp_path / "demo.yaml"  # named like troupe's: Hydra would find it for `- demo` and recurse
     shadow.write_text("defaults:\n  - demo\n  - _self_\n")
-    with pytest.raises(ConfigError, match="holds demo.yaml, named like troupe.s own recipes"):
+    with pytest.raises(ConfigError, match="holds demo.yaml, named like troupe.s own, which Hydra would read"):
         compose([], recipe=str(shadow))
+    shadow.unlink()
+    (tmp_path / "reward").mkdir()
+    (tmp_path / "reward" / "mine.yaml").write_text("# @package reward\nweights: {length: 2.0}\n")
+    assert (
+        compose(["reward=mine"], recipe=str(recipe)).reward.weights["length"] == 2.0
+    )  # a group option of one's own
+    (tmp_path / "reward" / "open.yaml").write_text("# @package reward\n")
+    with pytest.raises(ConfigError, match="holds reward/open.yaml"):
+        compose([], recipe=str(recipe))
 
 
 def test_hydra_config_path_spelling_names_the_users_file(tmp_path, capsys):
@@ -118,6 +127,7 @@ def test_hydra_config_path_spelling_names_the_users_file(tmp_path, capsys):
     assert parse_options(["run.iterations=3"])[0] == "config"
     with pytest.raises(SystemExit):
         parse_options(["-cp", str(tmp_path)])  # a folder without the file's name
+    assert parse_options(["-cp", str(tmp_path), "-cn", "config"])[0] == str(tmp_path / "config.yaml")
     (tmp_path / "mine.yaml").write_text("defaults:\n  - demo\n  - _self_\nrun:\n  iterations: 5\n")
     assert main(["train", "-cp", str(tmp_path), "-cn", "mine", "--print-config"]) == 0
     assert "iterations: 5" in capsys.readouterr().out

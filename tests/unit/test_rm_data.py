@@ -4,6 +4,8 @@ the installed module's. Data-dependent tests skip when ../shared/data is absent.
 
 import gzip
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -107,8 +109,9 @@ def _hostile_data(root: Path) -> Path:
             path.write_text(content if isinstance(content, str) else json.dumps(content))
 
     chat = {"context": "c", "source": "s", "system_output": "a reply", "scores": {"overall": 4.0}}
+    long_literal = "{'overall': 4.0" + " " * rm_data.MAX_SCORES_CHARS + "}"  # valid, but over the parse cap
     put(rm_data.TOPICAL_CHAT, [chat, {"context": "c"}, {**chat, "scores": {"overall": 9.0}},
-                               {**chat, "scores": "[" * 20_000}, {**chat, "scores": {"overall": "high"}}])  # fmt: skip
+                               {**chat, "scores": long_literal}, {**chat, "scores": {"overall": "high"}}])  # fmt: skip
     d2t = {"source": "inform(name=x)", "system_output": "x is here.", "scores": "{'overall': 5.0}"}
     for name in rm_data.DATA_TO_TEXT:
         put(name, [d2t, {**d2t, "system_output": None}])
@@ -121,8 +124,9 @@ def _hostile_data(root: Path) -> Path:
     good = "\n\nHuman: hi\n\nAssistant: "
     hh = [json.dumps({"chosen": good + "hello", "rejected": good + "go away"}), "{not json",
           json.dumps({"chosen": good + "hello"}), json.dumps({"chosen": good + "hello", "rejected": 3}),
-          json.dumps({"chosen": good + "hello", "rejected": good + "x\n\nHuman: and you?"}),
-          "x" * (rm_data.MAX_LINE_CHARS + 10)]  # fmt: skip
+          json.dumps({"chosen": good + "hello", "rejected": "\n\nHuman: hi\n\nHuman: and you?"}),
+          "x" * (rm_data.MAX_LINE_CHARS + 10),
+          json.dumps({"chosen": good + "fine", "rejected": good + "no"})]  # fmt: skip
     put(rm_data.HH_RLHF, "\n".join(hh) + "\n")
     panda = {"idx": 1, "instruction": "Say it", "input": "", "response1": "yes", "response2": False,
              "annotator1": 1, "annotator2": 1, "annotator3": 2}  # fmt: skip
@@ -140,7 +144,7 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, capsys):
     assert len(rows) == 1 + 2 + 2 + 2 and all(r["response"].strip() for r in rows)
     dropped = printed.split("dropped by reason ")[1]
     assert "'bad_record': \"6 (first: " in dropped and "topical_chat.json record 1: KeyError" in dropped
-    assert "'unknown_label': \"2 (first: " in dropped and "final_label 'maybe'" in dropped
+    assert "'unknown_label': \"2 (first: " in dropped and "gpt4.csv:3: final_label 'maybe'" in dropped
     assert all(SCALES[k][0] <= v <= SCALES[k][1] for r in rows for k, v in r.items() if k in SCALES)
     assert (
         main(["pairs", "--source", "hh-rlhf,pandalm", "--data-dir", str(data), "--out", str(out / "p.jsonl")])
@@ -148,9 +152,16 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     pairs = [json.loads(line) for line in (out / "p.jsonl").read_text().splitlines()]
-    assert {(p["chosen"], p["rejected"]) for p in pairs} == {("hello", "go away"), ("yes", "False")}
+    assert {(p["chosen"], p["rejected"], p["source"]) for p in pairs} == {
+        ("hello", "go away", "hh:1"),
+        ("fine", "no", "hh:7"),  # after the over-long line 6, read to its end
+        ("yes", "False", "pandalm:1"),
+    }
     assert "test.jsonl.gz:2: JSONDecodeError" in printed and "'line_too_long': '1 (first: " in printed
     assert "'conversations_differ': 1" in printed  # a rejected side that ends with the user's turn
+    assert re.search(
+        r"'hh-harmless': \{'bad_record': .3 \(first: ", printed
+    )  # lines 2-4: not JSON, no rejected, 3
     assert "testset-v1.json record 1: KeyError" in printed
 
 
@@ -178,6 +189,12 @@ def test_bad_options_are_refused_naming_the_option(tmp_path, capsys, args, messa
     assert not (tmp_path / "out").exists() and not (data / "r.jsonl").exists()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_writes_replace_the_file_and_never_follow_a_stale_temp_link(tmp_path):
     target = tmp_path / "elsewhere.txt"
     target.write_text("keep")
@@ -185,6 +202,7 @@ def test_writes_replace_the_file_and_never_follow_a_stale_temp_link(tmp_path):
     (tmp_path / "p.jsonl.tmp").symlink_to(target)  # the old fixed temp name, pointing outside
     rm_data._write_jsonl(out, [{"a": 1}])
     assert out.read_text() == '{"a": 1}\n' and target.read_text() == "keep"
+    assert out.stat().st_mode & 0o044 == 0o044 & ~_umask()  # readable as open() would leave it, not 0600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.txt", "p.jsonl", "p.jsonl.tmp"]
 
 

@@ -267,12 +267,13 @@ def test_probe_is_judged_on_held_out_pairs(model_path, tmp_path):
 
     noise = [Preference([{"role": "user", "content": text()}], text(), text(), f"n:{i}") for i in range(60)]
     with pytest.raises(
-        ChanceLevel, match=r"probe \(on 12 held-out pairs, \d+% ranked right\): the Bradley-Terry"
+        ChanceLevel, match=r"probe \(5-fold held-out: \d+% of 60 pairs ranked right, a coin reaches"
     ):
         train_probe_stage(model_path, noise, "probe", tmp_path / "b", tmp_path / "c", max_length=64)
     stats = read_info(tmp_path / "b", allow_failed=True).stats["probe"]
     assert stats["bt_loss_first_last"][1] < 0.5 * CHANCE  # the training loss alone would have passed it
-    assert stats["held_out"]["pairs"] == 12 and stats["held_out"]["accuracy"] <= 0.5 + 0.5 / 12**0.5
+    held_out = stats["held_out"]
+    assert held_out["pairs"] == 60 and held_out["accuracy"] <= held_out["coin_max"] < 0.62
     # the same number of pairs with a signal (one fixed reply preferred over another) passes on the held-out pairs
     signal = [
         Preference([{"role": "user", "content": text()}], "Sure, here it is.", "no", f"s:{i}")
