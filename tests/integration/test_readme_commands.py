@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -31,6 +32,9 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
+CLUSTER_FILE = (
+    Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+)  # where `ray start` records its head
 # Appended to every train/dpo/best-of-n command (later overrides win): short runs of a tiny random model.
 TINY = ["run.iterations=2", "generator.max_new_tokens=16", "eval.prompts=4", "run.progress_bar=false"]
 # Appended only where the command does not set the key itself.
@@ -248,10 +252,25 @@ def _ray_head(folder: Path, command: str):
     while time.time() < deadline:
         assert head.poll() is None, f"{command} exited: {log.read_text()[-3000:]}"
         if "block forever" in log.read_text():
+            head.cluster_file = CLUSTER_FILE.read_text() if CLUSTER_FILE.exists() else None
             return head
         time.sleep(1)
     os.killpg(head.pid, signal.SIGKILL)
     raise AssertionError(f"{command}: not up within 120 s: {log.read_text()[-3000:]}")
+
+
+def _stop_head(head: subprocess.Popen | None) -> None:
+    """What `ray stop` does for this head: end it, and forget it as the machine's current cluster (a later
+    `ray.init()` would otherwise try to join the address Ray left there)."""
+    if head is None:
+        return
+    _stop(head, signal.SIGTERM)
+    if (
+        head.cluster_file is not None
+        and CLUSTER_FILE.exists()
+        and CLUSTER_FILE.read_text() == head.cluster_file
+    ):
+        CLUSTER_FILE.unlink()
 
 
 def _stop(process: subprocess.Popen | None, sig: int) -> None:
@@ -286,7 +305,7 @@ def test_readme_section_runs_as_written(section, tmp_path):
             elif command.startswith("ray start "):
                 head = _ray_head(work, command)
             elif command == "ray stop":
-                _stop(head, signal.SIGTERM)
+                _stop_head(head)
                 head = None
             else:
                 proc = _run(work, command)
@@ -294,4 +313,4 @@ def test_readme_section_runs_as_written(section, tmp_path):
                     assert json.loads(proc.stdout)["results"][0]["objectives"], proc.stdout
     finally:
         _stop(server, signal.SIGINT)
-        _stop(head, signal.SIGTERM)
+        _stop_head(head)
