@@ -71,7 +71,9 @@ def evaluate(
                 overrides=[*extra, f"data.prompts_per_iteration={eval_prompts}", "task.seed=12345"],
             )
         )
-    ray.init(address="local", num_cpus=2, include_dashboard=False)  # a fresh local Ray, never a cluster found on the machine
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False
+    )  # a fresh local Ray, never a cluster found on the machine
     shard = RewardShard(ShardSpec(objectives={k: dict(v or {}) for k, v in cfg.reward.objectives.items()}))
     aggregation = WeightedSum(dict(cfg.reward.weights))
     sampling = Sampling(

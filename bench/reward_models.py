@@ -220,7 +220,9 @@ def fine_tuned_models(args, out: Path, train, test, results: Results) -> None:
     backbone_path = resolve_model(args.backbone)
     ft_train = train[: args.ft_pairs]
     subsets = [p.subset for p in test]
-    ray.init(address="local", num_cpus=2, include_dashboard=False)  # a fresh local Ray, never a cluster found on the machine
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False
+    )  # a fresh local Ray, never a cluster found on the machine
     try:
         for stage, label in (
             ("bt", f"BT (fine-tuned, {len(ft_train)} pairs)"),
