@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return fleet_main(rest)
     if name == "rm data":
-        from troupe.cluster.data.rm_data import main as rm_data_main
+        from troupe.cluster.data.rm_data_command import main as rm_data_main
 
         return rm_data_main(rest)
     if name == "rm":

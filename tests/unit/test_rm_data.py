@@ -16,7 +16,8 @@ from troupe.cluster.cli import main as troupe
 from troupe.cluster.data import rm_data
 from troupe.cluster.data.preferences import load_preferences
 from troupe.cluster.data.ratings import load_ratings, resolve_scales
-from troupe.cluster.data.rm_data import SCALES, main
+from troupe.cluster.data.rm_data import SCALES
+from troupe.cluster.data.rm_data_command import _write_jsonl, main
 
 needs_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent (the shared public datasets)"
@@ -200,7 +201,7 @@ def test_writes_replace_the_file_and_never_follow_a_stale_temp_link(tmp_path):
     target.write_text("keep")
     out = tmp_path / "p.jsonl"
     (tmp_path / "p.jsonl.tmp").symlink_to(target)  # the old fixed temp name, pointing outside
-    rm_data._write_jsonl(out, [{"a": 1}])
+    _write_jsonl(out, [{"a": 1}])
     assert out.read_text() == '{"a": 1}\n' and target.read_text() == "keep"
     assert out.stat().st_mode & 0o044 == 0o044 & ~_umask()  # readable as open() would leave it, not 0600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.txt", "p.jsonl", "p.jsonl.tmp"]
