@@ -85,6 +85,9 @@ class RewardBreakdown:
     # The complete reward placed on response tokens (e.g. ALaRM aspects on tokens), sum == scalar; token-level
     # estimators (returns, GAE) use it instead of the scalar on the last token. None: a sequence-level reward.
     token_rewards: tuple[float, ...] | None = None
+    # Why the rollout is left out of training ("" = kept): e.g. "reward_error", an objective failed on it or on
+    # another sample of its prompt and reward.on_error=drop. A dropped rollout carries no loss and no reward.
+    dropped: str = ""
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ def pad_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
 
 def from_scored(scored: Sequence[ScoredRollout], pad_id: int, group_size: int) -> RolloutBatch:
     """Collate scored rollouts into columns. A rollout whose reward has no per-token placement gets its scalar
-    on its last response token."""
+    on its last response token; a dropped rollout (`reward.dropped`) has no response tokens in the action mask."""
     rollouts = [s.rollout for s in scored]
     input_ids, attention, action = pad_sequences(
         [r.prompt.token_ids for r in rollouts], [r.response_ids for r in rollouts], pad_id
@@ -113,6 +113,9 @@ def from_scored(scored: Sequence[ScoredRollout], pad_id: int, group_size: int) -
     for i, s in enumerate(scored):
         r = s.rollout
         n = len(r.response_ids)
+        if s.reward.dropped:  # left out of training: no loss, no reward (its group is dropped whole)
+            action[i] = 0
+            continue
         if n == 0:
             continue
         span = slice(len(r.prompt.token_ids) - 1, len(r.prompt.token_ids) - 1 + n)

@@ -104,8 +104,9 @@ class DeepSpeedRank:
         for _ in range(t.epochs):
             for step_units in step_rows(len(units.lengths), t.mini_batches, shuffle, self._shuffle):
                 rows = units.rows(step_units)
+                # a row without response tokens (dropped, or empty) adds no loss, so it is no sequence either
                 tokens, sequences = global_counts(
-                    float(token_counts[rows].sum()), float(len(rows)), t.world_size > 1
+                    float(token_counts[rows].sum()), float((token_counts[rows] > 0).sum()), t.world_size > 1
                 )
                 norm = StepNorm(tokens, sequences, t.world_size, self.spec.response_budget)
                 for mb in units.micro_batches(step_units, t.micro_batch_size):

@@ -6,13 +6,15 @@ Reply forms, most explicit first: the last `\\boxed{...}`, the last `#### <ans>`
 solutions ("... #### 72") or MATH solutions ("... \\boxed{72}").
 
 Numbers compare as exact rationals (fractions.Fraction), so 3/4 == 0.75 == \\frac{3}{4} and 18 == 18.00, while
-0.333 != 1/3: no float tolerance to tune. Answers that are not numbers compare as normalised strings.
-Pure Python; no torch.
+0.333 != 1/3: no float tolerance to tune (GSM8K-style answers). Everything else - LaTeX and expressions such as
+\\frac12, 2\\sqrt{3}, \\{1,2\\}, 3^{2}, \\text{(B)} - goes to math-verify (the checker TRL and verl use), which
+compares them symbolically; normalised strings are the last resort. No torch.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from fractions import Fraction
 
 # Unsigned decimal: thousands groups ("1,000") or plain digits, optional decimals; or ".5".
@@ -140,11 +142,29 @@ def normalise_text(answer: str) -> str:
 
 
 def answers_match(got: str, want: str) -> bool:
-    """Whether a reply's answer `got` equals the reference answer `want` (both already extracted)."""
-    want_num = parse_number(want, strict=True)
-    if want_num is not None:
-        return parse_number(got) == want_num
-    return normalise_text(got) == normalise_text(want) != ""
+    """Whether a reply's answer `got` equals the reference answer `want` (both already extracted).
+
+    Two numbers compare exactly; when either side is not a plain number, math-verify decides (symbolic
+    equality of the parsed LaTeX or expression), and equal normalised strings also match."""
+    want_num, got_num = parse_number(want, strict=True), parse_number(got)
+    if want_num is not None and got_num is not None:
+        return got_num == want_num
+    if normalise_text(got) == normalise_text(want) != "":
+        return True
+    return symbolic_match(got, want)
+
+
+def symbolic_match(got: str, want: str) -> bool:
+    """math-verify's verdict on two extracted answers, each read as inline LaTeX (falling back to a plain
+    expression). Its signal-based timeouts work only on the main thread; elsewhere it runs without them."""
+    from math_verify import parse, verify
+
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    gold = parse(f"${want}$", parsing_timeout=timeout)
+    target = parse(f"${got}$", parsing_timeout=timeout)
+    if not gold or not target:
+        return False
+    return bool(verify(gold, target, timeout_seconds=timeout))
 
 
 def is_correct(reply: str, reference: str) -> bool:

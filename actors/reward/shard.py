@@ -1,6 +1,7 @@
 """The `RewardShard` actor: hosts a set of experts and scores rollout batches on them.
 
-Experts are rule objectives and/or reward bundles (a backbone with its heads: ArmoRM objectives and gate,
+Experts are rule objectives, user objectives (a `target` plug-in or a `type: http` remote reward model, each behind
+the guard of actors/reward/objective.py) and/or reward bundles (a backbone with its heads: ArmoRM objectives and gate,
 Bradley-Terry / HaF head); one backbone forward serves all heads of a bundle. A reward model is a set of shards
 (each replicable) plus one aggregation, applied by the caller. With `token_values`, rule objectives that have
 per-token values also return them under `token_key(name)` (for token-level aggregations). Bundles run their
@@ -20,7 +21,14 @@ import torch
 from troupe.actors.hardware import node_id
 from troupe.actors.protocol import Rollout
 from troupe.actors.reward.aggregation import token_key
+from troupe.actors.reward.objective import (
+    RESERVED_KEYS,
+    GuardedObjective,
+    load_plugin,
+)
 from troupe.actors.reward.rules import RULES
+
+FAILURES_KEY = "__failures__"  # in a shard's answer: {objective: first failure message}, once per objective
 
 log = logging.getLogger("troupe.reward")
 
@@ -33,18 +41,39 @@ class ShardSpec:
     bundles: tuple[str, ...] = ()  # reward bundle folders (actors/reward/bundle.py) hosted here
     batch_size: int = 64
     token_values: bool = False  # also return per-token channels of the objectives that have them
+    timeout_s: float | None = 60.0  # per call of a guarded objective (an entry's own timeout_s wins)
     dtype: str = "float32"  # the bundles' backbone dtype: auto | bfloat16 | float32
 
 
-def build_objectives(objectives: dict[str, dict]) -> list:
+def build_objectives(objectives: dict[str, dict], timeout_s: float | None = None) -> list:
+    """Built-in rules by name; a `target` entry is a plug-in and a `type: http` entry a remote reward model, both
+    guarded (a failing sample is NaN, never an exception)."""
     built = []
     for name, params in objectives.items():
+        params = dict(params)
+        timeout = params.get("timeout_s", timeout_s)
+        if params.get("type") == "http":
+            from troupe.actors.reward.remote_rm import HttpObjective
+
+            built.append(GuardedObjective(name, HttpObjective.from_params(name, params), timeout))
+            continue
+        if "target" in params:
+            built.append(GuardedObjective(name, load_plugin(name, params), timeout))
+            continue
+        if params.get("type") not in (None, "rule"):
+            raise ValueError(
+                f"reward.objectives.{name}.type={params['type']!r}: a rule shard hosts rules, plug-ins "
+                "(target: ...) and http objectives; judge objectives run on a judge pool"
+            )
         if name not in RULES:
-            raise ValueError(f"reward objective {name!r} is unknown; known: {sorted(RULES)}")
+            raise ValueError(
+                f"reward objective {name!r} is unknown; known: {sorted(RULES)} (or give target: "
+                "pkg.module:function for your own)"
+            )
         try:
-            built.append(RULES[name](**dict(params)))
+            built.append(RULES[name](**{k: v for k, v in params.items() if k not in RESERVED_KEYS}))
         except TypeError as e:
-            raise ValueError(f"reward objective {name!r}: bad parameters {dict(params)}: {e}") from e
+            raise ValueError(f"reward objective {name!r}: bad parameters {params}: {e}") from e
     return built
 
 
@@ -52,7 +81,7 @@ class RewardShard:
     def __init__(self, spec: ShardSpec, replica: int = 0) -> None:
         self.spec = spec
         self.replica = replica
-        self.objectives = build_objectives(spec.objectives)
+        self.objectives = build_objectives(spec.objectives, spec.timeout_s)
         from troupe.actors.reward.bundle import BundleScorer
 
         self.bundles = [BundleScorer(b, dtype=spec.dtype) for b in spec.bundles]
@@ -74,12 +103,19 @@ class RewardShard:
         `spec.batch_size`."""
         start = time.perf_counter()
         out: dict[str, list[torch.Tensor]] = {o.name: [] for o in self.objectives}
-        tokens = [o for o in self.objectives if self.spec.token_values and hasattr(o, "score_tokens")]
+        want_tokens = self.spec.token_values
+        tokens = [o for o in self.objectives if want_tokens and hasattr(o, "score_tokens")]
         out |= {token_key(o.name): [] for o in tokens}
         for lo in range(0, len(rollouts), self.spec.batch_size):
             batch = rollouts[lo : lo + self.spec.batch_size]
             for o in self.objectives:
-                out[o.name].append(o.score(batch))
+                if isinstance(o, GuardedObjective):
+                    values, per_token = o.score_batch(batch, want_tokens)
+                    out[o.name].append(values)
+                    if per_token is not None:
+                        out.setdefault(token_key(o.name), []).append(per_token)
+                else:
+                    out[o.name].append(o.score(batch))
             for o in tokens:
                 out[token_key(o.name)].append(o.score_tokens(batch))
             for bundle in self.bundles:
@@ -90,7 +126,12 @@ class RewardShard:
         self.stats["rollouts"] += len(rollouts)
         self.stats["score_s"] += time.perf_counter() - start
         empty = torch.zeros(0, dtype=torch.float32)
-        return {k: torch.cat(v) if v else empty for k, v in out.items()}
+        answer = {k: torch.cat(v) if v else empty for k, v in out.items()}
+        guarded = [o for o in self.objectives if isinstance(o, GuardedObjective)]
+        failures = {f.objective: f.message() for o in guarded if (f := o.take_first_failure())}
+        if failures:
+            answer[FAILURES_KEY] = failures
+        return answer
 
     def get_stats(self) -> dict:
         return dict(self.stats, replica=self.replica)

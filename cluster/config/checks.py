@@ -7,6 +7,7 @@ from pathlib import Path
 from troupe.actors.learner.advantages import lookup
 from troupe.actors.learner.step import LOSS_AGGREGATIONS
 from troupe.actors.plugins import PluginError
+from troupe.cluster.config.reward_checks import check_rewards
 from troupe.cluster.config.schema import TroupeConfig
 
 
@@ -139,6 +140,7 @@ def validate(cfg: TroupeConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     _check_durability(cfg)
     _one_of("reward.aggregation", cfg.reward.aggregation, ("weighted_sum", "hierarchy"))
+    check_rewards(cfg, ConfigError)
     for name, expert in cfg.reward.experts.items():
         if not expert.bundle:
             raise ConfigError(

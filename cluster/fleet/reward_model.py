@@ -12,9 +12,11 @@ import ray
 from troupe.actors.reward.aggregation import WeightedSum
 from troupe.actors.reward.alarm import HierarchyAggregation, Normalizer
 from troupe.actors.reward.bundle import read_info
+from troupe.actors.reward.objective import resolve_target
 from troupe.actors.reward.shard import RewardShard, ShardSpec
 from troupe.cluster.config.schema import RewardConfig, TroupeConfig
 from troupe.cluster.durability.faults import RetryBudget
+from troupe.cluster.fleet.judges import build_judge_pool
 from troupe.cluster.fleet.placement import pool_options
 from troupe.cluster.fleet.pool import Pool
 from troupe.cluster.fleet.reward_pools import RewardFleet
@@ -30,16 +32,23 @@ def build_reward_fleet(cfg: TroupeConfig, budget: RetryBudget | None = None) -> 
 
     pools = {}
     token_values = r.aggregation == "hierarchy" and r.hierarchy.token_level
-    if r.objectives:
+    rules = rule_objectives(r)
+    if rules:
         spec = ShardSpec(
-            objectives={k: dict(v or {}) for k, v in r.objectives.items()},
+            objectives=rules,
             batch_size=r.batch_size,
             token_values=token_values,
+            timeout_s=r.timeout_s,
         )
         remote = ray.remote(RewardShard).options(
-            num_cpus=r.num_cpus, max_restarts=0, **options("reward", r.num_cpus)
+            num_cpus=r.num_cpus,
+            max_restarts=0,
+            runtime_env=plugin_runtime_env(rules),
+            **options("reward", r.num_cpus),
         )
         pools["rules"] = Pool("reward", lambda i, _slot, s=spec, rm=remote: rm.remote(s, i), timeout, budget)
+    for name, judge in r.judges.items():
+        pools[f"judge-{name}"] = build_judge_pool(cfg, name, judge, options, budget)
     for name, expert in r.experts.items():
         spec = ShardSpec(
             bundles=(expert.bundle,),
@@ -64,9 +73,31 @@ def build_reward_fleet(cfg: TroupeConfig, budget: RetryBudget | None = None) -> 
 
 
 def reward_replicas(cfg: TroupeConfig) -> dict[str, int]:
-    out = {"rules": cfg.reward.shards} if cfg.reward.objectives else {}
+    out = {"rules": cfg.reward.shards} if rule_objectives(cfg.reward) else {}
     out.update({name: e.replicas for name, e in cfg.reward.experts.items()})
+    out.update({f"judge-{name}": j.replicas for name, j in cfg.reward.judges.items()})
     return out
+
+
+def rule_objectives(r: RewardConfig) -> dict[str, dict]:
+    """The objectives the rule shards host: built-in rules, plug-ins and http objectives (judges have pools)."""
+    entries = {k: dict(v or {}) for k, v in r.objectives.items()}
+    return {k: v for k, v in entries.items() if v.get("type") != "judge"}
+
+
+def plugin_runtime_env(objectives: dict[str, dict]) -> dict:
+    """Plug-in files named by path (`/dir/file.py:fn`) travel to the shards' nodes with Ray's runtime environment
+    (py_modules: importable by the file's name), so code outside the repo works on a multi-node cluster."""
+    files = sorted(
+        {
+            file
+            for name, params in objectives.items()
+            if isinstance(params.get("target"), str)
+            for _, file in [resolve_target(params["target"], f"reward.objectives.{name}.target")]
+            if file is not None
+        }
+    )
+    return {"py_modules": files} if files else {}
 
 
 def build_aggregation(r: RewardConfig):

@@ -3,18 +3,23 @@ merged into one {objective: values} map for the aggregation. Each pool is replic
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from troupe.actors.protocol import Rollout
+from troupe.actors.reward.shard import FAILURES_KEY
 from troupe.cluster.fleet.pool import Pool
+
+log = logging.getLogger("troupe.reward")
 
 
 class RewardFleet:
     def __init__(self, pools: dict[str, Pool]) -> None:
         self.pools = pools
+        self.reported: set[str] = set()  # objectives whose first failure was logged
 
     def spawn(self, replicas: dict[str, int]) -> None:
         for name, pool in self.pools.items():
@@ -31,6 +36,8 @@ class RewardFleet:
             results = {name: f.result() for name, f in futures.items()}
         merged: dict[str, torch.Tensor] = {}
         for pool_name, parts in results.items():
+            for part in parts:
+                self._report(part.pop(FAILURES_KEY, {}))
             for key in parts[0]:
                 if key in merged:
                     raise ValueError(
@@ -38,6 +45,13 @@ class RewardFleet:
                     )
                 merged[key] = torch.cat([p[key] for p in parts])
         return merged
+
+    def _report(self, failures: dict[str, str]) -> None:
+        """The first failure of each objective, traceback and sample id, logged once per run."""
+        for objective, message in failures.items():
+            if objective not in self.reported:
+                self.reported.add(objective)
+                log.warning("%s\n(later failures of %r are counted, not logged)", message, objective)
 
     def shutdown(self) -> None:
         for pool in self.pools.values():

@@ -1,33 +1,49 @@
-"""`troupe rm serve`: the run's reward fleet (shards + aggregation) served over HTTP, for annotation and
-best-of-N outside training. Bound to loopback unless `serve.host` says otherwise.
+"""`troupe rm serve`: the run's reward fleet (shards + aggregation) served over HTTP, for annotation, best-of-N and
+`type: http` objectives of other runs. FastAPI on uvicorn, bound to loopback unless `serve.host` says otherwise.
 
 POST /score   {"items": [{"prompt": str | [{role, content}...], "response": str,
-                          "reference": str (optional), "meta": {key: value} (optional)}, ...]}
+                          "reference": str (optional), "meta": {key: value} (optional),
+                          "finish_reason": "stop" | "length" (optional)}, ...]}
           ->  {"results": [{"reward": float, "objectives": {name: float}, "weights": {name: float},
-                            "branch": str}, ...], "aggregation": "hierarchy" | "weighted_sum"}
-GET  /health  ->  {"objectives": [...], "aggregation": ..., "pools": {name: members}}
-A malformed request gets a 4xx whose message names the field at fault (`items[2].response: ...`). Every request
-scores with its own copy of the aggregation, so no request changes the next one's normaliser; give
-`serve.aggregation_state` (a run's checkpoint-final/troupe_state.json or a checkpoint's state.json) to score
-with a run's fitted statistics.
+                            "branch": str} | {"error": str, "objectives": {...}}, ...],
+               "aggregation": "hierarchy" | "weighted_sum"}
+GET  /health  ->  {"objectives": [...], "aggregation": ..., "pools": {name: members}, "batches": {...}}
+
+Why FastAPI + uvicorn rather than Ray Serve: the fleet is already a set of Ray actor pools with their own replicas,
+resizing and fault handling, so the server only needs to batch and route; Ray Serve would add a controller and
+proxy actors (processes and memory a 2-core node does not have) for nothing the pools lack. It is also the stack
+vLLM's and OpenRLHF's servers use, and already installed with vLLM.
+
+Concurrent requests are merged into fleet batches (cluster/jobs/rm_batcher.py). Limits: serve.max_items per
+request (413), serve.max_body_mb (413), serve.request_timeout_s (504), serve.max_connections at once (503), and a
+bearer token when serve.token_env names an environment variable that holds one (401). A malformed request gets a
+400 whose message names the field at fault (`items[2].response: ...`). An item an objective fails on gets an
+"error" result under reward.on_error=drop (or a 0 value under zero). Every request scores with its own copy of the
+aggregation, so no request changes the next one's normaliser; give `serve.aggregation_state` (a run's
+checkpoint-final/troupe_state.json or a checkpoint's state.json) to score with a run's fitted statistics.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import hmac
 import json
 import logging
+import os
 import threading
+import time
+from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
 
 from troupe.actors.protocol import Rollout
-from troupe.actors.reward.aggregation import score_rollouts
 from troupe.cluster.config.schema import TroupeConfig
 from troupe.cluster.data.prompts import SkipRow, prompt_encoder
+from troupe.cluster.jobs.rm_batcher import Batcher
+from troupe.cluster.run.scoring import ErrorPolicy, score_batch
 
 log = logging.getLogger("troupe.rm_serve")
 
@@ -39,15 +55,19 @@ class BadRequest(ValueError):
 
 
 class RewardService:
-    """Turns request items into rollouts, scores them on the reward fleet, and reports each breakdown."""
+    """Turns request items into rollouts, scores them through the batcher, and reports each breakdown."""
 
     def __init__(self, cfg: TroupeConfig, fleet, aggregation, tokenizer) -> None:
         self.cfg, self.fleet, self.aggregation, self.tokenizer = cfg, fleet, aggregation, tokenizer
         # prompts up to data.max_prompt_tokens, else generator.max_model_len (the longest the policy takes)
         self.encoder = prompt_encoder(cfg.data, tokenizer, cfg.generator.max_model_len, 0)
-        self.lock = threading.Lock()  # one batch on the fleet at a time; requests queue
+        self.on_error = ErrorPolicy.of(cfg.reward)
+        s = cfg.serve
+        self.batcher = Batcher(
+            fleet, s.max_batch_items, s.batch_wait_ms / 1000, s.retries, cfg.faults.score_s
+        )
 
-    def score(self, body: dict) -> dict:
+    def rollouts(self, body) -> list[Rollout]:
         items = body.get("items") if isinstance(body, dict) else None
         if not isinstance(items, list) or not items:
             raise BadRequest("items: expected a non-empty list of {prompt, response}")
@@ -56,28 +76,37 @@ class RewardService:
                 f"items: {len(items)} items, over serve.max_items={self.cfg.serve.max_items}",
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
             )
-        rollouts = [self._rollout(i, item) for i, item in enumerate(items)]
-        with self.lock:
-            values = self.fleet.score(rollouts, deadline_s=self.cfg.faults.score_s)
-        scored = score_rollouts(rollouts, values, copy.deepcopy(self.aggregation))
-        return {
-            "results": [
+        return [self._rollout(i, item) for i, item in enumerate(items)]
+
+    def results(self, rollouts: list[Rollout], values: dict[str, torch.Tensor]) -> dict:
+        scored = score_batch(rollouts, values, copy.deepcopy(self.aggregation), self.on_error).scored
+        results = []
+        for s in scored:
+            if s.reward.dropped:
+                failed = sorted(k for k, v in s.reward.objectives.items() if v != v)
+                results.append(
+                    {
+                        "error": f"objectives {failed} failed on this item",
+                        "objectives": _finite(s.reward.objectives),
+                    }
+                )
+                continue
+            results.append(
                 {
                     "reward": s.reward.scalar,
                     "objectives": s.reward.objectives,
                     "weights": s.reward.weights,
                     "branch": s.reward.branch,
                 }
-                for s in scored
-            ],
-            "aggregation": self.cfg.reward.aggregation,
-        }
+            )
+        return {"results": results, "aggregation": self.cfg.reward.aggregation}
 
     def health(self) -> dict:
         return {
             "objectives": sorted(self.objectives()),
             "aggregation": self.cfg.reward.aggregation,
             "pools": {name: len(pool.healthy()) for name, pool in self.fleet.pools.items()},
+            "batches": dict(self.batcher.stats),
         }
 
     def objectives(self) -> list[str]:
@@ -124,90 +153,166 @@ class RewardService:
         return Rollout(encoded, 0, ids, response, torch.zeros(len(ids)), 0, finish, 1.0)
 
 
-def make_handler(service: RewardService, max_body: int):
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
-            if self.path.rstrip("/") == "/health":
-                self._send(HTTPStatus.OK, service.health())
-            else:
-                self._send(HTTPStatus.NOT_FOUND, {"error": f"{self.path}: no such endpoint (GET /health)"})
+def _finite(values: dict) -> dict:
+    return {k: v for k, v in values.items() if v == v}
 
-        def do_POST(self) -> None:  # noqa: N802
-            if self.path.rstrip("/") != "/score":
-                self._send(HTTPStatus.NOT_FOUND, {"error": f"{self.path}: no such endpoint (POST /score)"})
-                return
-            try:
-                try:
-                    length = int(self.headers.get("Content-Length") or 0)
-                except ValueError as e:
-                    raise BadRequest("Content-Length: not an integer") from e
-                if length < 0:
-                    raise BadRequest("Content-Length: negative")
-                if length > max_body:
-                    raise BadRequest(
-                        f"body: {length} bytes, over serve.max_body_mb", HTTPStatus.REQUEST_ENTITY_TOO_LARGE
-                    )
-                try:
-                    body = json.loads(self.rfile.read(length) or b"null")
-                except ValueError as e:
-                    raise BadRequest(f"body: not valid JSON ({e})") from e
-                self._send(HTTPStatus.OK, service.score(body))
-            except BadRequest as e:
-                self._send(e.status, {"error": str(e)})
-            except Exception as e:  # the fleet failed: the client learns it was not their request
-                log.exception("scoring failed")
-                self._send(
-                    HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"scoring failed: {type(e).__name__}: {e}"}
+
+def make_app(service: RewardService, max_body: int, token: str | None):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI(title="troupe reward service", docs_url=None, redoc_url=None, openapi_url=None)
+    timeout = service.cfg.serve.request_timeout_s
+
+    def answer(status: HTTPStatus, payload: dict) -> JSONResponse:
+        return JSONResponse(payload, status_code=int(status))
+
+    @app.middleware("http")
+    async def bearer_token(request: Request, call_next):
+        if token is not None:
+            sent = request.headers.get("authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+                return answer(
+                    HTTPStatus.UNAUTHORIZED, {"error": "Authorization: a valid bearer token is required"}
                 )
+        return await call_next(request)
 
-        def _send(self, status: HTTPStatus, payload: dict) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    @app.get("/health")
+    async def health():
+        return await asyncio.to_thread(service.health)
 
-        def log_message(self, fmt, *args) -> None:
-            log.info("%s " + fmt, self.address_string(), *args)
+    @app.post("/score")
+    async def score(request: Request):
+        try:
+            body = await _read_json(request, max_body)
+            rollouts = await asyncio.to_thread(service.rollouts, body)
+        except BadRequest as e:
+            return answer(e.status, {"error": str(e)})
+        future = service.batcher.submit(rollouts)
+        try:
+            values = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except asyncio.TimeoutError:
+            future.cancel()
+            return answer(
+                HTTPStatus.GATEWAY_TIMEOUT, {"error": f"not scored within serve.request_timeout_s={timeout}"}
+            )
+        except Exception as e:  # noqa: BLE001 (the fleet failed: the client learns it was not their request)
+            log.exception("scoring failed")
+            return answer(
+                HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"scoring failed: {type(e).__name__}: {e}"}
+            )
+        return await asyncio.to_thread(service.results, rollouts, values)
 
-    return Handler
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
+    async def unknown(path: str):
+        return answer(
+            HTTPStatus.NOT_FOUND, {"error": f"/{path}: no such endpoint (POST /score, GET /health)"}
+        )
+
+    return app
 
 
-def start_service(cfg: TroupeConfig) -> tuple[ThreadingHTTPServer, RewardService]:
+async def _read_json(request, max_body: int):
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError as e:
+            raise BadRequest("Content-Length: not an integer") from e
+        if length > max_body:
+            raise BadRequest(
+                f"body: {length} bytes, over serve.max_body_mb", HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+            )
+    data = bytearray()
+    async for chunk in request.stream():  # chunked bodies are counted as they arrive
+        data += chunk
+        if len(data) > max_body:
+            raise BadRequest("body: over serve.max_body_mb", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+    try:
+        return json.loads(bytes(data) or b"null")
+    except ValueError as e:
+        raise BadRequest(f"body: not valid JSON ({e})") from e
+
+
+@dataclass
+class Served:
+    """A running service: its address, and how to stop it."""
+
+    server: object  # uvicorn.Server
+    thread: threading.Thread
+    service: RewardService
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    def shutdown(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.service.batcher.close()
+
+
+def start_service(cfg: TroupeConfig) -> tuple[Served, RewardService]:
     """The fleet, the aggregation (with `serve.aggregation_state` loaded) and the HTTP server, serving in a thread.
     Ray must be started; the caller shuts both down."""
+    import uvicorn
     from transformers import AutoTokenizer
 
     from troupe.actors.models import resolve_model
     from troupe.cluster.fleet.reward_model import build_aggregation, build_reward_fleet, reward_replicas
 
+    s = cfg.serve
+    token = None
+    if s.token_env:
+        token = os.environ.get(s.token_env)
+        if not token:
+            raise ValueError(f"serve.token_env={s.token_env}: that environment variable is not set")
     tokenizer = AutoTokenizer.from_pretrained(
         resolve_model(cfg.model.policy), trust_remote_code=cfg.model.trust_remote_code
     )
     aggregation = build_aggregation(cfg.reward)
     normalizer = getattr(aggregation, "normalizer", None)
-    if normalizer is not None and not normalizer.fitted and not cfg.serve.aggregation_state:
+    if normalizer is not None and not normalizer.fitted and not s.aggregation_state:
         raise ValueError(
             "reward.aggregation=hierarchy needs fitted statistics to serve: give serve.aggregation_state (a run's "
             "checkpoint-final/troupe_state.json), reward.hierarchy.mean/std, or a bundle that carries them; "
             "otherwise a request's scores would depend on the other items in it"
         )
-    if cfg.serve.aggregation_state:
-        state = json.loads(Path(cfg.serve.aggregation_state).read_text())
+    if s.aggregation_state:
+        state = json.loads(Path(s.aggregation_state).read_text())
         if "reward_aggregation" not in state:
-            raise ValueError(
-                f"{cfg.serve.aggregation_state} has no reward_aggregation (serve.aggregation_state)"
-            )
+            raise ValueError(f"{s.aggregation_state} has no reward_aggregation (serve.aggregation_state)")
         aggregation.load_state_dict(state["reward_aggregation"])
     fleet = build_reward_fleet(cfg)
     fleet.spawn(reward_replicas(cfg))
     service = RewardService(cfg, fleet, aggregation, tokenizer)
-    server = ThreadingHTTPServer(
-        (cfg.serve.host, cfg.serve.port), make_handler(service, cfg.serve.max_body_mb << 20)
+    config = uvicorn.Config(
+        make_app(service, s.max_body_mb << 20, token),
+        host=s.host,
+        port=s.port,
+        limit_concurrency=s.max_connections,
+        timeout_keep_alive=5,
+        log_level="warning",
+        access_log=False,
     )
-    threading.Thread(target=server.serve_forever, daemon=True, name="rm-serve").start()
-    return server, service
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True, name="rm-serve")
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            service.batcher.close()
+            fleet.shutdown()
+            raise RuntimeError(f"the reward service did not start on {s.host}:{s.port} (is the port taken?)")
+        time.sleep(0.05)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    return Served(server, thread, service, host, port), service
 
 
 def run_rm_serve(cfg: TroupeConfig) -> dict:
@@ -217,10 +322,9 @@ def run_rm_serve(cfg: TroupeConfig) -> dict:
     from troupe.cluster.run.runtime import start_ray
 
     start_ray(cfg.ray)
-    server, service = start_service(cfg)
-    host, port = server.server_address[:2]
+    served, service = start_service(cfg)
     print(
-        f"troupe: reward service on http://{host}:{port} (POST /score, GET /health); objectives "
+        f"troupe: reward service on {served.url} (POST /score, GET /health); objectives "
         f"{sorted(service.objectives())}",
         flush=True,
     )
@@ -232,6 +336,6 @@ def run_rm_serve(cfg: TroupeConfig) -> dict:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        server.shutdown()
+        served.shutdown()
         service.fleet.shutdown()
-    return {"url": f"http://{host}:{port}"}
+    return {"url": served.url}

@@ -46,6 +46,7 @@ from troupe.cluster.run.job import Job
 from troupe.cluster.run.loop import RunState, initial_eval, train
 from troupe.cluster.run.pipeline import RolloutPipeline
 from troupe.cluster.run.runtime import check_capacity, generator_env, learner_env
+from troupe.cluster.run.scoring import ErrorPolicy
 from troupe.cluster.sync.nccl import NcclSync, nccl_enabled
 
 log = logging.getLogger("troupe.driver")
@@ -115,6 +116,7 @@ def build_fleet(cfg: TroupeConfig, model_path: str, resume: tuple[Path, dict] | 
         faults=faults,
         budget=budget,
         seed=cfg.run.seed if deterministic else None,
+        on_error=ErrorPolicy.of(r),
         # sync is depth 0, and every rollout then comes from the learners' current weights
         pipeline=RolloutPipeline(*(2 * [cfg.run.max_staleness if cfg.run.mode == "async" else 0])),
         sync_bucket_mb=cfg.sync.bucket_mb,

@@ -16,8 +16,8 @@ import torch
 
 from troupe.actors.generator.sampling import Sampling
 from troupe.actors.protocol import Prompt, ScoredRollout
-from troupe.actors.reward.aggregation import score_rollouts
 from troupe.cluster.config.schema import EvalConfig
+from troupe.cluster.run.scoring import score_batch
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation's sampling seeds, apart from the training batches' (seed + batch)
 
@@ -46,8 +46,9 @@ def evaluate(run, prompts: list[Prompt], cfg: EvalConfig) -> dict:
         chunks = run.generators.map_chunks("generate", prompts, sampling, deadline_s=run.faults.generate_s)
         rollouts = [r for chunk in chunks for r in chunk]
         values = run.rewards.score(rollouts, deadline_s=run.faults.score_s)
-        scored = score_rollouts(rollouts, values, copy.deepcopy(run.aggregation))
-        stats = batch_stats(scored)
+        result = score_batch(rollouts, values, copy.deepcopy(run.aggregation), run.on_error)
+        stats = batch_stats(result.kept) if result.kept else {}
+        stats.update(result.metrics())
         if f"objective/{cfg.accuracy_objective}" in stats:
             stats["accuracy"] = stats[f"objective/{cfg.accuracy_objective}"]
         out.update({f"eval/{mode}/{k}": v for k, v in stats.items()})

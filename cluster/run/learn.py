@@ -48,6 +48,8 @@ def build_pairs(
     pairs, ties = [], 0
     for lo in range(0, len(scored), n):
         group = scored[lo : lo + n]
+        if any(s.reward.dropped for s in group):  # counted by the score phase, not a tie
+            continue
         chosen = choose_pair(
             [s.reward.scalar for s in group],
             [len(s.rollout.response_text) for s in group],

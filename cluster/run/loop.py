@@ -18,7 +18,7 @@ from troupe.actors.generator.sampling import Sampling
 from troupe.actors.learner.config import AlgoConfig
 from troupe.actors.learner.ppo import AdaptiveKL
 from troupe.actors.protocol import ScoredRollout
-from troupe.actors.reward.aggregation import Aggregation, score_rollouts
+from troupe.actors.reward.aggregation import Aggregation
 from troupe.actors.weight_buckets import BucketedWeights
 from troupe.cluster.config.schema import EvalConfig, FaultsConfig, MonitorConfig
 from troupe.cluster.data.prompts import ArithmeticCursor, DatasetCursor, PromptSet
@@ -32,6 +32,7 @@ from troupe.cluster.fleet.reward_pools import RewardFleet
 from troupe.cluster.run.evaluation import batch_stats, evaluate
 from troupe.cluster.run.learn import learn_dpo, learn_policy_gradient
 from troupe.cluster.run.pipeline import RolloutPipeline
+from troupe.cluster.run.scoring import DROP_REASON, ErrorPolicy, score_batch
 from troupe.cluster.sync.nccl import NcclSync
 from troupe.cluster.sync.object_store import push_weights, refit
 
@@ -68,6 +69,7 @@ class RunState:
     budget: RetryBudget = field(default_factory=lambda: RetryBudget({}))
     ledger: Ledger = field(default_factory=Ledger)
     seed: int | None = None  # run.deterministic: the seed of every request's sampling stream; None: unseeded
+    on_error: ErrorPolicy = field(default_factory=ErrorPolicy)  # what a failed reward sample becomes
 
     def __post_init__(self) -> None:
         # a new or replacement generator serves only with the current weights
@@ -142,20 +144,25 @@ def run_iteration(run: RunState, iteration: int) -> dict:
         )
         run.ledger.enter(len(batch))
 
-    # 2. Score: reward shards return per-objective values; the aggregation makes the scalar.
+    # 2. Score: reward shards return per-objective values; samples that user code failed on follow
+    #    reward.on_error; the aggregation makes the scalar of the rest.
     with timed(timings, "score"):
         values = run.rewards.score(rollouts, deadline_s=run.faults.score_s)
-        scored = score_rollouts(rollouts, values, run.aggregation)
+        result = score_batch(rollouts, values, run.aggregation, run.on_error)
+        scored = result.scored
 
     # 3. Learn: policy gradient (advantages, [critic values], clipped update, [critic update]) or DPO on pairs.
+    #    Dropped prompt groups ride along with no loss; a batch with nothing kept trains nothing.
+    learn_stats: dict = {}
     with timed(timings, "learn"):
         learn = learn_dpo if run.algo.update == "dpo" else learn_policy_gradient
-        learn_stats = learn(run, scored)
+        if result.kept:
+            learn_stats = learn(run, scored)
 
     # 4. Sync: the new weights go to every generator, tagged with the next version (skipped if nothing trained).
     sync_stats: dict = {}
     with timed(timings, "sync"):
-        if learn_stats.get("pairs/built", 1):
+        if result.kept and learn_stats.get("pairs/built", 1):
             run.version += 1
             # GPUs: a broadcast over the NCCL weight-update group; None (or CPU): the object store
             # async: the generators finish the batches in flight before loading, so the wait covers them too
@@ -174,11 +181,13 @@ def run_iteration(run: RunState, iteration: int) -> dict:
             eval_stats = evaluate(run, run.eval_set.prompts, run.eval)
 
     record = _metrics(iteration, run.version, scored, learn_stats, sync_stats, timings)
+    record.update(result.metrics())
     record.update(staleness)
     record.update(fleet_stats)
     record.update(run.prompts.metrics())
     # DPO: a prompt whose samples all tie builds no pair, so nothing of it is trained
-    record.update(run.ledger.settle({"tie": learn_stats.get("pairs/skipped_ties", 0)}))
+    dropped = {"tie": learn_stats.get("pairs/skipped_ties", 0), DROP_REASON: result.dropped_prompts}
+    record.update(run.ledger.settle(dropped))
     record.update(eval_stats)
     record["algo"] = run.algo.name
     _length_alarm(record, run.monitor)
@@ -219,20 +228,22 @@ def _length_alarm(record: dict, monitor: MonitorConfig) -> None:
 
 
 def _metrics(iteration, version, scored: list[ScoredRollout], learn_stats, sync_stats, timings) -> dict:
+    kept = [s for s in scored if not s.reward.dropped]
     record = {
         "iteration": iteration,
         "weight_version": version,
         "samples": len(scored),
         "behaviour_version/min": min(s.rollout.weight_version for s in scored),
-        **batch_stats(scored),
+        **(batch_stats(kept) if kept else {}),
     }
     record.update(learn_stats)
     record.update({f"sync/{k}": v for k, v in sync_stats.items()})
     record.update(timings)
     record["time/iteration"] = sum(timings.values())
+    shown = (kept or scored)[0]
     record["example"] = {
-        "prompt": scored[0].rollout.prompt.text,
-        "response": scored[0].rollout.response_text[:400],
-        "reward": scored[0].reward.scalar,
+        "prompt": shown.rollout.prompt.text,
+        "response": shown.rollout.response_text[:400],
+        "reward": shown.reward.scalar,
     }
     return record

@@ -90,6 +90,7 @@ def check_capacity(cfg: TroupeConfig) -> None:
     have = ray.cluster_resources()
     critics = cfg.critic.world_size if cfg.algo.critic else 0
     experts = list(cfg.reward.experts.items())
+    judges = list(cfg.reward.judges.items())
     for resource, parts in (
         (
             "CPU",
@@ -99,6 +100,7 @@ def check_capacity(cfg: TroupeConfig) -> None:
                 ("learner", cfg.learner.world_size, cfg.learner.num_cpus),
                 ("critic", critics, cfg.critic.num_cpus),
                 *((f"reward.experts.{n}", e.replicas, e.num_cpus) for n, e in experts),
+                *((f"reward.judges.{n}", j.replicas, j.num_cpus) for n, j in judges),
             ),
         ),
         (
@@ -108,6 +110,7 @@ def check_capacity(cfg: TroupeConfig) -> None:
                 ("learner", cfg.learner.world_size, cfg.learner.num_gpus),
                 ("critic", critics, cfg.critic.num_gpus),
                 *((f"reward.experts.{n}", e.replicas, e.num_gpus) for n, e in experts),
+                *((f"reward.judges.{n}", j.replicas, j.num_gpus) for n, j in judges),
             ),
         ),
     ):

@@ -159,3 +159,53 @@ def test_real_gsm8k_answers_are_judged_right_and_off_by_one_wrong():
         assert is_correct(f"so the total is {with_commas} dollars.", ref), row["answer"]
         assert not is_correct(f"The answer is {value + 1}.", ref), row["answer"]
         assert not is_correct(f"\\boxed{{{value + 1}}} and not {value}", ref), row["answer"]
+
+
+@pytest.mark.parametrize(
+    "got, want",
+    [
+        ("\\frac12", "0.5"),
+        ("2\\sqrt{3}", "\\sqrt{12}"),
+        ("\\{1,2\\}", "\\{2,1\\}"),
+        ("3^{2}", "9"),
+        ("\\text{(B)}", "B"),
+        # MATH-style answers
+        ("\\frac{\\pi}{2}", "\\pi/2"),
+        ("\\dfrac{3}{4}", "0.75"),
+        ("x^2+2x+1", "(x+1)^2"),
+        ("(1,2)", "(1, 2)"),
+        ("\\left[0, 1\\right]", "[0,1]"),
+    ],
+)
+def test_equivalent_latex_answers_match_both_ways(got, want):
+    assert answers_match(got, want)
+    assert answers_match(want, got)
+
+
+@pytest.mark.parametrize(
+    "got, want",
+    [
+        ("0.333", "1/3"),  # numbers stay exact: no float tolerance
+        ("2\\sqrt{2}", "\\sqrt{12}"),
+        ("\\{1,3\\}", "\\{2,1\\}"),
+        ("(1,2]", "(1,2)"),
+        ("\\text{(C)}", "B"),
+        ("x^2+1", "(x+1)^2"),
+    ],
+)
+def test_different_latex_answers_do_not_match(got, want):
+    assert not answers_match(got, want)
+
+
+def test_boxed_math_reply_against_math_solution():
+    solution = "The two legs are equal, so the angle is $\\boxed{\\frac{\\pi}{4}}$."
+    assert is_correct("So the answer is \\boxed{\\pi/4}.", solution)
+    assert not is_correct("So the answer is \\boxed{\\pi/3}.", solution)
+
+
+def test_symbolic_check_works_off_the_main_thread():
+    """Reward shards may call the checker from a worker thread, where math-verify's signal timeouts cannot run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as ex:
+        assert ex.submit(answers_match, "2\\sqrt{3}", "\\sqrt{12}").result()

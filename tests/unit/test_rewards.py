@@ -59,4 +59,4 @@ def test_shard_batches_and_rejects_unknown_objectives():
     with pytest.raises(ValueError, match="'grammar' is unknown"):
         RewardShard(ShardSpec({"grammar": {}}))
     with pytest.raises(ValueError, match="'length': bad parameters"):
-        RewardShard(ShardSpec({"length": {"target": 3}}))
+        RewardShard(ShardSpec({"length": {"goal": 3}}))

@@ -1,0 +1,119 @@
+"""Merges concurrent scoring requests into fleet batches for the reward service.
+
+One thread owns the reward fleet. It takes the oldest request, then waits up to `wait_s` for more, until the
+batch holds `max_items` items; the fleet scores the whole batch at once and each request gets its own slice. A
+batch that fails (a shard lost more than `retries` times, or an error) is retried one request at a time, so the
+request that breaks a shard fails alone, with its error, and the others are scored.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+from troupe.actors.protocol import Rollout
+from troupe.actors.reward.aggregation import TOKEN_PREFIX, split_tokens
+from troupe.cluster.durability.faults import RetryBudget
+
+log = logging.getLogger("troupe.rm_serve")
+
+
+@dataclass
+class Job:
+    rollouts: list[Rollout]
+    future: Future
+
+
+class Batcher:
+    def __init__(self, fleet, max_items: int, wait_s: float, retries: int, deadline_s: float | None) -> None:
+        self.fleet, self.max_items, self.wait_s = fleet, max_items, wait_s
+        self.retries, self.deadline_s = retries, deadline_s
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.stats = {"batches": 0, "items": 0, "requests": 0, "split_batches": 0}
+        self.thread = threading.Thread(target=self._run, daemon=True, name="rm-batcher")
+        self.thread.start()
+
+    def submit(self, rollouts: list[Rollout]) -> Future:
+        future: Future = Future()
+        self.jobs.put(Job(rollouts, future))
+        return future
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            first = self.jobs.get()
+            if first is None:
+                return
+            batch, size = [first], len(first.rollouts)
+            while size < self.max_items:
+                try:
+                    job = self.jobs.get(timeout=self.wait_s)
+                except queue.Empty:
+                    break
+                if job is None:
+                    self.jobs.put(None)  # stop after this batch
+                    break
+                batch.append(job)
+                size += len(job.rollouts)
+            self._score(batch)
+
+    def _score(self, batch: list[Job]) -> None:
+        batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        try:
+            parts = self._fleet_score(
+                [r for j in batch for r in j.rollouts], [len(j.rollouts) for j in batch]
+            )
+        except Exception as e:  # noqa: BLE001 (isolate the request at fault)
+            if len(batch) == 1:
+                batch[0].future.set_exception(e)
+                return
+            log.warning("a batch of %d requests failed (%s); scoring them one by one", len(batch), e)
+            self.stats["split_batches"] += 1
+            for job in batch:
+                try:
+                    job.future.set_result(self._fleet_score(job.rollouts, [len(job.rollouts)])[0])
+                except Exception as one:  # noqa: BLE001
+                    job.future.set_exception(one)
+            return
+        for job, values in zip(batch, parts, strict=True):
+            job.future.set_result(values)
+
+    def _fleet_score(self, rollouts: list[Rollout], sizes: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        """The fleet's values for `rollouts`, cut into `sizes`; each batch has its own shard-loss budget."""
+        budget = RetryBudget({"reward": self.retries})
+        for pool in self.fleet.pools.values():
+            pool.budget = budget
+        values = self.fleet.score(rollouts, deadline_s=self.deadline_s)
+        self.stats["batches"] += 1
+        self.stats["items"] += len(rollouts)
+        self.stats["requests"] += len(sizes)
+        return cut(values, rollouts, sizes)
+
+
+def cut(values: dict[str, torch.Tensor], rollouts: Sequence[Rollout], sizes: Sequence[int]) -> list[dict]:
+    """Split merged values (per-token channels included) back into per-request parts of `sizes` rollouts."""
+    out: list[dict] = [{} for _ in sizes]
+    bounds = [0]
+    for n in sizes:
+        bounds.append(bounds[-1] + n)
+    for name, v in values.items():
+        if name.startswith(TOKEN_PREFIX):
+            per_rollout = split_tokens(v, rollouts)
+            for k in range(len(sizes)):
+                chunk = per_rollout[bounds[k] : bounds[k + 1]]
+                out[k][name] = torch.cat(chunk) if chunk else v[:0]
+        else:
+            for k in range(len(sizes)):
+                out[k][name] = v[bounds[k] : bounds[k + 1]]
+    return out
