@@ -1,6 +1,6 @@
 """The `troupe` command: one grammar, `troupe <command> [--config-name RECIPE] [key=value ...]`.
 
-    troupe train | dpo | rm train | rm eval | rm import | rm serve | rm data | best-of-n | plot | fleet
+    troupe train | dpo | rm train | rm eval | rm import | rm serve | rm data | best-of-n | plot | inspect | fleet
 
 The Hydra-configured commands take overrides of the typed schema after the subcommand; `troupe <overrides>` with no
 subcommand means `troupe train`. A config error prints its message alone and exits 2.
@@ -87,6 +87,7 @@ COMMANDS = {
 }
 PLAIN = {
     "plot": "PNG charts of a run from its metrics.jsonl: troupe plot <run_dir>",
+    "inspect": "the best and worst samples of a run with their reward breakdown: troupe inspect <run_dir>",
     "fleet": "resize a running run's pools: troupe fleet <run_dir> generators=N reward.<pool>=M",
     "rm data": "build reward-model files from public data: troupe rm data --help",
 }
@@ -229,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         from troupe.cluster.observe.plot import main as plot_main
 
         return plot_main(rest)
+    if name == "inspect":
+        from troupe.cluster.observe.rollouts import main as inspect_main
+
+        return inspect_main(rest)
     if name == "fleet":
         from troupe.cluster.fleet.elastic import main as fleet_main
 

@@ -69,14 +69,15 @@ class Learner(DeepSpeedRank):
         with lora.base_model(self.engine.module):
             return self.batch_logprobs(self.engine.module, batch)
 
-    def train(self, batch: RolloutBatch, kl_coef: float) -> tuple[dict, list[torch.Tensor] | None]:
-        """One policy-gradient update over this rank's share; `kl_coef` is the (adaptive) KL coefficient."""
+    def train(self, batch: RolloutBatch, kl_coef: float) -> tuple[dict, dict]:
+        """One policy-gradient update over this rank's share; `kl_coef` is the (adaptive) KL coefficient. Returns
+        the metrics and per-row outputs (advantages; returns for a critic)."""
         start = time.perf_counter()
-        metrics, returns = policy_gradient_update(self, batch, kl_coef)
+        metrics, rows = policy_gradient_update(self, batch, kl_coef)
         metrics.update(
             optimizer_steps=self.steps, lr=current_lr(self.engine), train_s=time.perf_counter() - start
         )
-        return metrics, returns
+        return metrics, rows
 
     def train_dpo(self, pairs: Sequence[PreferencePair]) -> dict:
         """DPO epochs over this rank's pairs (all ranks must get the same count)."""

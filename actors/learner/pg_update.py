@@ -19,10 +19,9 @@ from troupe.actors.learner.logprobs import causal_lm, response_logprobs
 from troupe.actors.learner.ppo import masked_whiten
 
 
-def policy_gradient_update(
-    learner, batch: RolloutBatch, kl_coef: float
-) -> tuple[dict, list[torch.Tensor] | None]:
-    """Returns metrics and, for a critic, each row's returns (response tokens only)."""
+def policy_gradient_update(learner, batch: RolloutBatch, kl_coef: float) -> tuple[dict, dict]:
+    """Returns metrics and per-row outputs: "advantage" (each row's mean advantage over its response tokens, as
+    the loss used it; NaN for a row without any) and, for a critic, "returns" (response tokens only, else None)."""
     spec, engine = learner.spec, learner.engine
     algo, train = spec.algo, spec.train
     device = engine.device
@@ -122,4 +121,9 @@ def policy_gradient_update(
     metrics["kl_coef"] = kl_coef
     if returns is not None:
         metrics["returns/mean"] = float((returns * mask).sum() / mask.sum().clamp(min=1.0))
-    return metrics, (batch.response_rows(returns) if algo.critic and returns is not None else None)
+    per_row_advantage = (batch.advantages * mask).sum(-1) / mask.sum(-1)  # NaN (0/0) for rows without tokens
+    rows = {
+        "advantage": per_row_advantage.tolist(),
+        "returns": batch.response_rows(returns) if algo.critic and returns is not None else None,
+    }
+    return metrics, rows

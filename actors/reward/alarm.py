@@ -237,6 +237,9 @@ class HierarchyAggregation:
     holistic_weight: float = 1.0
     normalizer: Normalizer = field(default_factory=Normalizer)
     token_level: bool = False
+    # reward.hierarchy.select=consistency: an AspectSelection (actors/reward/selection.py) that chooses the aspects
+    # on the warm-up samples; None: the configured aspects as they are
+    selection: object | None = None
 
     def __post_init__(self) -> None:
         self.normalizer.objective = self.holistic
@@ -245,6 +248,9 @@ class HierarchyAggregation:
         if self.holistic not in values:
             raise KeyError(f"holistic objective {self.holistic!r} not produced; produced: {sorted(values)}")
         raw = values[self.holistic].float()
+        if self.selection is not None:
+            self.selection.observe(raw, values, rollouts)  # a no-op once decided
+            self.aspect_weights = self.selection.weights()
         self.normalizer.observe(raw)  # a no-op once the warm-up is complete (or statistics were given)
         z = self.normalizer(raw)
         scalar, gate = hierarchical_reward(
@@ -286,9 +292,16 @@ class HierarchyAggregation:
             out.append(torch.tensor(placed, dtype=torch.float32))
         return out
 
+    def metrics(self) -> dict:
+        """The aspect selection's agreement rates and choices, once made."""
+        return self.selection.metrics() if self.selection is not None else {}
+
     def state_dict(self) -> dict:
-        """JSON-able: {"holistic": objective name, "normalizer": Normalizer.state_dict()}."""
-        return {"holistic": self.holistic, "normalizer": self.normalizer.state_dict()}
+        """JSON-able: {"holistic": objective name, "normalizer": Normalizer.state_dict(), ["selection": ...]}."""
+        state = {"holistic": self.holistic, "normalizer": self.normalizer.state_dict()}
+        if self.selection is not None:
+            state["selection"] = self.selection.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()` output (configured reward.hierarchy.mean/std are kept)."""
@@ -298,3 +311,6 @@ class HierarchyAggregation:
                 f"this aggregation's is {self.holistic!r}"
             )
         self.normalizer.load_state_dict(state["normalizer"])
+        if self.selection is not None and "selection" in state:
+            self.selection.load_state_dict(state["selection"])
+            self.aspect_weights = self.selection.weights()

@@ -49,18 +49,26 @@ class HttpObjective:
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
-            raise ValueError(f"reward.objectives.{self.name}.shape must be one of {sorted(SHAPES)}, got {self.shape!r}")
+            raise ValueError(
+                f"reward.objectives.{self.name}.shape must be one of {sorted(SHAPES)}, got {self.shape!r}"
+            )
         if self.shape == "vllm" and not self.model:
-            raise ValueError(f"reward.objectives.{self.name}: shape vllm needs model (the served model's name)")
+            raise ValueError(
+                f"reward.objectives.{self.name}: shape vllm needs model (the served model's name)"
+            )
         if self.batch_size < 1 or self.max_concurrency < 1 or self.retries < 0:
-            raise ValueError(f"reward.objectives.{self.name}: batch_size, max_concurrency >= 1 and retries >= 0")
+            raise ValueError(
+                f"reward.objectives.{self.name}: batch_size, max_concurrency >= 1 and retries >= 0"
+            )
 
     @classmethod
     def from_params(cls, name: str, params: dict) -> HttpObjective:
         known = set(cls.__dataclass_fields__) - {"name"}
         extra = sorted(set(params) - known - {"type", "timeout_s", "on_error"})
         if extra:
-            raise ValueError(f"reward.objectives.{name}: unknown keys {extra} for an http objective; known {sorted(known)}")
+            raise ValueError(
+                f"reward.objectives.{name}: unknown keys {extra} for an http objective; known {sorted(known)}"
+            )
         return cls(name, **{k: v for k, v in params.items() if k in known})
 
     @property
@@ -120,7 +128,11 @@ class HttpObjective:
             return {"items": items}
         texts = [s.prompt + s.response for s in samples]
         if self.shape == "openrlhf":
-            return {"query": texts, "prompts": [s.prompt for s in samples], "labels": [s.reference for s in samples]}
+            return {
+                "query": texts,
+                "prompts": [s.prompt for s in samples],
+                "labels": [s.reference for s in samples],
+            }
         return {"model": self.model, "input": texts}
 
     def values(self, answer: dict, n: int) -> list[float]:

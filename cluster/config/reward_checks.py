@@ -49,6 +49,8 @@ def check_rewards(cfg: TroupeConfig, error: type[ValueError]) -> None:
             raise error(f"reward.judges.{name}.replicas must be >= 1, got {judge.replicas}")
     _check_selection(r, error)
     _refuse_debiased_verbosity(r, error)
+    if not 0.0 <= cfg.logging.rollouts <= 1.0:
+        raise error(f"logging.rollouts must be a share in [0, 1], got {cfg.logging.rollouts}")
 
 
 def _check_selection(r, error) -> None:

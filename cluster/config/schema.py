@@ -117,7 +117,9 @@ class ServeConfig:
     # Shard losses one batch may cost; past it the batch's requests are scored one by one, and the request that
     # still fails gets a 503, so an item that kills a shard cannot loop forever
     retries: int = 2
-    token_env: str | None = None  # the name of an environment variable holding a bearer token clients must send
+    token_env: str | None = (
+        None  # the name of an environment variable holding a bearer token clients must send
+    )
     # A run's checkpoint-final/troupe_state.json or a checkpoint's state.json: the normaliser statistics to score with
     aggregation_state: str | None = None
 
@@ -222,6 +224,11 @@ class LoggingConfig:
     mlflow_tracking_uri: str | None = None
     mlflow_experiment: str = "troupe"
     quiet: bool = True  # Ray, vLLM and DeepSpeed logs go to <run dir>/logs/, not the console
+    # Share of the prompt groups whose samples go to <run dir>/rollouts.jsonl with their reward breakdown (1: all,
+    # 0: none); `troupe inspect <run dir>` reads it. The first `text_samples` of each iteration also go to
+    # TensorBoard as text.
+    rollouts: float = 1.0
+    text_samples: int = 2
 
 
 @dataclass

@@ -91,12 +91,17 @@ class LearnerGroup:
         """The same call on every rank (collective: ZeRO gathers, checkpoints)."""
         return gather([getattr(r, method).remote(*args) for r in self.ranks], self.deadline_s, self.name)
 
-    def train(self, batch: RolloutBatch, kl_coef: float) -> tuple[dict, list[torch.Tensor] | None]:
-        """Each rank updates on its whole prompt groups; returns merged metrics and per-row returns (PPO)."""
+    def train(self, batch: RolloutBatch, kl_coef: float) -> tuple[dict, dict]:
+        """Each rank updates on its whole prompt groups; returns merged metrics and per-row outputs in row order:
+        "advantage" (floats) and "returns" (PPO: tensors; else None)."""
         shares = batch.shares(len(self.ranks))
         out = self._all("train", shares, kl_coef)
-        returns = [row for _, rows in out for row in rows] if out[0][1] is not None else None
-        return _merge([m for m, _ in out]), returns
+        with_returns = out[0][1]["returns"] is not None
+        rows = {
+            "advantage": [a for _, r in out for a in r["advantage"]],
+            "returns": [row for _, r in out for row in r["returns"]] if with_returns else None,
+        }
+        return _merge([m for m, _ in out]), rows
 
     def train_dpo(self, pairs: Sequence[PreferencePair]) -> dict:
         if len(pairs) % len(self.ranks):

@@ -13,6 +13,7 @@ from troupe.actors.reward.aggregation import WeightedSum
 from troupe.actors.reward.alarm import HierarchyAggregation, Normalizer
 from troupe.actors.reward.bundle import read_info
 from troupe.actors.reward.objective import resolve_target
+from troupe.actors.reward.selection import AspectSelection
 from troupe.actors.reward.shard import RewardShard, ShardSpec
 from troupe.cluster.config.schema import RewardConfig, TroupeConfig
 from troupe.cluster.durability.faults import RetryBudget
@@ -105,8 +106,11 @@ def build_aggregation(r: RewardConfig):
         return WeightedSum(dict(r.weights))
     h = r.hierarchy
     normalizer = Normalizer(h.mean, h.std, h.warmup_samples, h.holistic)
+    selection = None
+    if h.select == "consistency":
+        selection = AspectSelection(dict(h.aspects), h.min_agreement, h.warmup_samples)
     agg = HierarchyAggregation(
-        h.holistic, dict(h.aspects), h.threshold, h.holistic_weight, normalizer, h.token_level
+        h.holistic, dict(h.aspects), h.threshold, h.holistic_weight, normalizer, h.token_level, selection
     )
     carried = _bundle_normalizer(r, h.holistic)
     if carried is not None and not normalizer.fixed:

@@ -132,6 +132,20 @@ class ScalarSinks:
         if self.mlflow is not None:
             self.mlflow.log(scalars, step)
 
+    def write_samples(self, rows: list[dict]) -> None:
+        """A few samples of an iteration as TensorBoard text (prompt, response and breakdown, markdown)."""
+        if self.tensorboard is None or not rows:
+            return
+        step = int(rows[0]["iteration"]) + 1
+        for k, row in enumerate(rows):
+            breakdown = ", ".join(f"{name}={value}" for name, value in row["objectives"].items())
+            text = (
+                f"**reward** {row['reward']} ({row['branch']}{', dropped: ' + row['dropped'] if row['dropped'] else ''})"
+                f"  \n**objectives** {breakdown}  \n**prompt** {row['prompt']}  \n**response** {row['response']}"
+            )
+            self.tensorboard.add_text(f"samples/{k}", text, step)
+        self.tensorboard.flush()
+
     def rewind(self, iteration: int) -> None:
         """TensorBoard hides the events of later iterations (purge_step). W&B keeps them (its steps only grow: see
         __init__). MLflow keeps them too and takes the redone rows as further values at the same steps (its metric

@@ -117,6 +117,7 @@ def build_fleet(cfg: TroupeConfig, model_path: str, resume: tuple[Path, dict] | 
         budget=budget,
         seed=cfg.run.seed if deterministic else None,
         on_error=ErrorPolicy.of(r),
+        samples_logged=cfg.logging.rollouts,
         # sync is depth 0, and every rollout then comes from the learners' current weights
         pipeline=RolloutPipeline(*(2 * [cfg.run.max_staleness if cfg.run.mode == "async" else 0])),
         sync_bucket_mb=cfg.sync.bucket_mb,

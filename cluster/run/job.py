@@ -17,6 +17,7 @@ from pathlib import Path
 
 from troupe.cluster.config.schema import TroupeConfig
 from troupe.cluster.observe.metrics import TABLE_COLUMNS, MetricsWriter, table_header, table_row
+from troupe.cluster.observe.rollouts import RolloutLog
 from troupe.cluster.observe.run_log import route_driver_logs
 from troupe.cluster.observe.trackers import ScalarSinks
 
@@ -34,6 +35,7 @@ class Job:
         self.bar = None
         self._progress = cfg.run.progress_bar and total
         self.metrics: MetricsWriter | None = None
+        self.rollouts: RolloutLog | None = None
         self.sinks: ScalarSinks | None = None
         self.cfg = cfg
         self.last: dict = {}
@@ -53,6 +55,7 @@ class Job:
     def start(self, banner: str) -> None:
         """Open the metrics file and show the banner and the table header (after the slow start-up)."""
         self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl")
+        self.rollouts = RolloutLog(self.out_dir, self.cfg.logging.rollouts)
         self.sinks = scalar_sinks(self.cfg, self.out_dir)
         if self.show:
             print(banner, flush=True)
@@ -87,8 +90,15 @@ class Job:
         if self.bar is not None and row.get("iteration", 0) >= 0:  # the evaluation before training is no step
             self.bar.update(1)
 
+    def record_samples(self, rows: list[dict]) -> None:
+        """An iteration's sample rows (cluster/observe/rollouts.py); the first few also to TensorBoard as text."""
+        self.rollouts.write(rows)
+        self.sinks.write_samples(rows[: self.cfg.logging.text_samples])
+
     def rewind(self, iteration: int) -> list[dict]:
         """Forget the rows after `iteration` (they are about to be redone); returns them."""
+        if self.rollouts is not None:
+            self.rollouts.rewind(iteration)
         removed = self.metrics.rewind(iteration)
         self.sinks.rewind(iteration)
         if removed:
@@ -116,6 +126,8 @@ class Job:
             self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.rollouts is not None:
+            self.rollouts.close()
         if self.sinks is not None:
             self.sinks.close(failed=exc[0] is not None)
         for resource, method in reversed(self._teardown):

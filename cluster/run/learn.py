@@ -14,22 +14,23 @@ from troupe.actors.learner.dpo import PreferencePair, choose_pair
 from troupe.actors.protocol import ScoredRollout
 
 
-def learn_policy_gradient(run, scored: Sequence[ScoredRollout]) -> dict:
-    """Columns from the scored rollouts, [critic values], the policy update, [the critic update on the returns]."""
+def learn_policy_gradient(run, scored: Sequence[ScoredRollout]) -> tuple[dict, list[float]]:
+    """Columns from the scored rollouts, [critic values], the policy update, [the critic update on the returns].
+    Returns the metrics and each rollout's advantage (its mean over the response tokens)."""
     batch = from_scored(scored, run.pad_id, run.sampling.n)
     stats: dict = {}
     if run.critic is not None:
         batch = batch.with_columns(values=batch.place(run.critic.values(batch)))
-    train, returns = run.learners.train(batch, kl_coef=run.kl.coef)
+    train, rows = run.learners.train(batch, kl_coef=run.kl.coef)
     if run.critic is not None:
-        critic_stats = run.critic.train_critic(batch.with_columns(returns=batch.place(returns)))
+        critic_stats = run.critic.train_critic(batch.with_columns(returns=batch.place(rows["returns"])))
         stats.update({f"critic/{k}": v for k, v in critic_stats.items()})
     run.kl.update(train.get("kl_seq", float("nan")), len(batch))
     stats.update({f"train/{k}": v for k, v in train.items()})
-    return stats
+    return stats, rows["advantage"]
 
 
-def learn_dpo(run, scored: Sequence[ScoredRollout]) -> dict:
+def learn_dpo(run, scored: Sequence[ScoredRollout]) -> tuple[dict, None]:
     a, n = run.algo, run.sampling.n
     pairs, ties = build_pairs(scored, n, a.pair_strategy, run.rng, a.length_penalty)
     world = len(run.learners.ranks)
@@ -38,7 +39,7 @@ def learn_dpo(run, scored: Sequence[ScoredRollout]) -> dict:
     if pairs:
         train = run.learners.train_dpo(padded)
         stats.update({f"train/{k}": v for k, v in train.items()})
-    return stats
+    return stats, None  # DPO has no advantages
 
 
 def build_pairs(

@@ -29,6 +29,7 @@ from troupe.cluster.fleet.elastic import FleetControl
 from troupe.cluster.fleet.learners import LearnerGroup
 from troupe.cluster.fleet.pool import Member, Pool
 from troupe.cluster.fleet.reward_pools import RewardFleet
+from troupe.cluster.observe.rollouts import sample_rows
 from troupe.cluster.run.evaluation import batch_stats, evaluate
 from troupe.cluster.run.learn import learn_dpo, learn_policy_gradient
 from troupe.cluster.run.pipeline import RolloutPipeline
@@ -65,6 +66,8 @@ class RunState:
     nccl: NcclSync | None = None  # GPU weight sync over NCCL; None: through the object store
     fleet: FleetControl | None = None  # resize requests and the autoscaler; None: fixed sizes
     last_record: dict | None = None  # the previous iteration's row (the autoscaler reads its timings)
+    last_samples: list[dict] = field(default_factory=list)  # the previous iteration's rollouts.jsonl rows
+    samples_logged: float = 1.0  # logging.rollouts: the share of prompt groups whose samples are kept
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     budget: RetryBudget = field(default_factory=lambda: RetryBudget({}))
     ledger: Ledger = field(default_factory=Ledger)
@@ -112,6 +115,7 @@ def train(run: RunState, job, checkpoints: RunCheckpoints, start: int = 0) -> No
             record = run_iteration(run, iteration)
             record.update(run.budget.metrics())
             job.record(record)
+            job.record_samples(run.last_samples)
             if checkpoints.due(iteration):
                 checkpoints.save(run, iteration)
         except RankLost as lost:  # the group is rebuilt and the run rolled back to the newest checkpoint
@@ -154,10 +158,11 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     # 3. Learn: policy gradient (advantages, [critic values], clipped update, [critic update]) or DPO on pairs.
     #    Dropped prompt groups ride along with no loss; a batch with nothing kept trains nothing.
     learn_stats: dict = {}
+    advantages = None
     with timed(timings, "learn"):
         learn = learn_dpo if run.algo.update == "dpo" else learn_policy_gradient
         if result.kept:
-            learn_stats = learn(run, scored)
+            learn_stats, advantages = learn(run, scored)
 
     # 4. Sync: the new weights go to every generator, tagged with the next version (skipped if nothing trained).
     sync_stats: dict = {}
@@ -182,6 +187,7 @@ def run_iteration(run: RunState, iteration: int) -> dict:
 
     record = _metrics(iteration, run.version, scored, learn_stats, sync_stats, timings)
     record.update(result.metrics())
+    record.update(getattr(run.aggregation, "metrics", dict)())  # e.g. ALaRM's aspect selection
     record.update(staleness)
     record.update(fleet_stats)
     record.update(run.prompts.metrics())
@@ -192,6 +198,7 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     record["algo"] = run.algo.name
     _length_alarm(record, run.monitor)
     run.last_record = record
+    run.last_samples = sample_rows(iteration, scored, advantages, run.samples_logged)
     return record
 
 

@@ -164,3 +164,67 @@ def test_rm_jobs_name_missing_inputs():
     for overrides, key in cases:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate(OmegaConf.to_object(_compose(overrides=overrides)))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["reward.on_error=ignore"], "reward.on_error"),
+        (["reward.timeout_s=0"], "reward.timeout_s"),
+        (["+reward.objectives.mine={target: pkg.mod:fn, on_error: skip}"], "reward.objectives.mine.on_error"),
+        (["+reward.objectives.mine={type: grpc}"], "reward.objectives.mine.type"),
+        (["+reward.objectives.rm={type: http}"], "reward.objectives.rm"),
+        (["+reward.objectives.facts={type: judge, rubric: factuality}"], "reward.objectives.facts.pool"),
+        (["+reward.judges={judge: {replicas: 1}}"], "reward.judges.judge.model"),
+        (["reward.hierarchy.select=best"], "reward.hierarchy.select"),
+        (
+            ["reward.hierarchy.select=consistency"],
+            "reward.hierarchy.select=consistency needs reward.aggregation",
+        ),
+    ],
+)
+def test_reward_entries_are_checked_naming_the_key(overrides, key):
+    cfg = OmegaConf.to_object(_compose(overrides=overrides))
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
+        validate(cfg)
+
+
+def test_plugin_http_and_judge_entries_validate():
+    cfg = OmegaConf.to_object(
+        _compose(
+            overrides=[
+                "+reward.objectives.mine={target: /tmp/my_rewards.py:score, bonus: 0.5}",
+                "+reward.objectives.rm={type: http, url: 'http://127.0.0.1:8008', on_error: zero}",
+                "+reward.objectives.facts={type: judge, pool: judge, rubric: factuality}",
+                "+reward.judges={judge: {model: 'builtin:smollm2-135m-instruct'}}",
+            ]
+        )
+    )
+    validate(cfg)
+    assert cfg.reward.judges["judge"].replicas == 1
+
+
+def test_weighting_the_debiased_verbosity_output_is_refused(tmp_path):
+    bundle = tmp_path / "armo"
+    bundle.mkdir()
+    (bundle / "bundle.json").write_text(
+        '{"name": "armo", "backbone": "b", "objectives": ["helpsteer-helpfulness", "helpsteer-verbosity"], '
+        '"verbosity": "helpsteer-verbosity"}'
+    )
+
+    def cfg():
+        return OmegaConf.to_object(
+            _compose(overrides=["reward=open", f"+reward.experts={{armo: {{bundle: '{bundle}'}}}}"])
+        )
+
+    fine = cfg()
+    fine.reward.weights["armo/helpsteer-helpfulness"] = 1.0
+    validate(fine)
+    weighted = cfg()
+    weighted.reward.weights["armo/helpsteer-verbosity"] = -0.5
+    aspect = cfg()
+    aspect.reward.aggregation, aspect.reward.hierarchy.holistic = "hierarchy", "armo"
+    aspect.reward.hierarchy.aspects = {"armo/helpsteer-verbosity": 0.2}
+    for bad, key in ((weighted, "reward.weights"), (aspect, "reward.hierarchy.aspects")):
+        with pytest.raises(ConfigError, match=rf"{key} uses 'armo/helpsteer-verbosity'.*always 0"):
+            validate(bad)
