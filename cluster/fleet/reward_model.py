@@ -42,10 +42,7 @@ def build_reward_fleet(cfg: TroupeConfig, budget: RetryBudget | None = None) -> 
             timeout_s=r.timeout_s,
         )
         remote = ray.remote(RewardShard).options(
-            num_cpus=r.num_cpus,
-            max_restarts=0,
-            runtime_env=plugin_runtime_env(rules),
-            **options("reward", r.num_cpus),
+            num_cpus=r.num_cpus, max_restarts=0, **options("reward", r.num_cpus)
         )
         pools["rules"] = Pool("reward", lambda i, _slot, s=spec, rm=remote: rm.remote(s, i), timeout, budget)
     for name, judge in r.judges.items():
@@ -86,19 +83,16 @@ def rule_objectives(r: RewardConfig) -> dict[str, dict]:
     return {k: v for k, v in entries.items() if v.get("type") != "judge"}
 
 
-def plugin_runtime_env(objectives: dict[str, dict]) -> dict:
-    """Plug-in files named by path (`/dir/file.py:fn`) travel to the shards' nodes with Ray's runtime environment
-    (py_modules: importable by the file's name), so code outside the repo works on a multi-node cluster."""
-    files = sorted(
-        {
-            file
-            for name, params in objectives.items()
-            if isinstance(params.get("target"), str)
-            for _, file in [resolve_target(params["target"], f"reward.objectives.{name}.target")]
-            if file is not None
-        }
-    )
-    return {"py_modules": files} if files else {}
+def plugin_files(r: RewardConfig) -> list[str]:
+    """Plug-in files named by path (`/dir/file.py:fn`). They travel to every node with Ray's job-level runtime
+    environment (py_modules, importable by the file's name: `start_ray`), so code outside the repo works on a
+    multi-node cluster; a shard on the driver's machine also finds the file at its path."""
+    files = set()
+    for name, params in rule_objectives(r).items():
+        _, file = resolve_target(params.get("target"), f"reward.objectives.{name}.target")
+        if file is not None:
+            files.add(file)
+    return sorted(files)
 
 
 def build_aggregation(r: RewardConfig):

@@ -38,6 +38,8 @@ from http import HTTPStatus
 from pathlib import Path
 
 import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from troupe.actors.protocol import Rollout
 from troupe.cluster.config.schema import TroupeConfig
@@ -157,10 +159,7 @@ def _finite(values: dict) -> dict:
     return {k: v for k, v in values.items() if v == v}
 
 
-def make_app(service: RewardService, max_body: int, token: str | None):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-
+def make_app(service: RewardService, max_body: int, token: str | None) -> FastAPI:
     app = FastAPI(title="troupe reward service", docs_url=None, redoc_url=None, openapi_url=None)
     timeout = service.cfg.serve.request_timeout_s
 
@@ -319,9 +318,10 @@ def run_rm_serve(cfg: TroupeConfig) -> dict:
     """Serve until interrupted (Ctrl-C / SIGTERM)."""
     import signal
 
+    from troupe.cluster.fleet.reward_model import plugin_files
     from troupe.cluster.run.runtime import start_ray
 
-    start_ray(cfg.ray)
+    start_ray(cfg.ray, py_modules=plugin_files(cfg.reward))
     served, service = start_service(cfg)
     print(
         f"troupe: reward service on {served.url} (POST /score, GET /health); objectives "

@@ -69,10 +69,13 @@ class Job:
 
     def connect_ray(self) -> None:
         """Start or join Ray; with logging.quiet, actors' logs stay in files (<run dir>/logs/ray)."""
+        from troupe.cluster.fleet.reward_model import plugin_files
         from troupe.cluster.observe.run_log import link_ray_logs
         from troupe.cluster.run.runtime import start_ray
 
-        start_ray(self.cfg.ray, log_to_driver=not self.cfg.logging.quiet)
+        start_ray(
+            self.cfg.ray, log_to_driver=not self.cfg.logging.quiet, py_modules=plugin_files(self.cfg.reward)
+        )
         link_ray_logs(self.log_dir)
 
     @property

@@ -21,14 +21,18 @@ log = logging.getLogger("troupe.cluster")
 _PASSTHROUGH = ("HF_HUB_OFFLINE", "HF_HOME", "TROUPE_CACHE", "TORCH_EXTENSIONS_DIR", "TRANSFORMERS_OFFLINE")
 
 
-def start_ray(cfg: RayConfig, log_to_driver: bool = True) -> None:
-    """log_to_driver=False: actors' output (vLLM, DeepSpeed) stays in Ray's session logs, off the console."""
+def start_ray(cfg: RayConfig, log_to_driver: bool = True, py_modules: list[str] | None = None) -> None:
+    """log_to_driver=False: actors' output (vLLM, DeepSpeed) stays in Ray's session logs, off the console.
+    `py_modules`: local files or packages of user code that every worker of the job can import (Ray uploads them)."""
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in _PASSTHROUGH if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    runtime_env: dict = {"env_vars": env}
+    if py_modules:
+        runtime_env["py_modules"] = list(py_modules)
     # Quiet runs keep Ray's own logger as the caller routed it (cluster/observe/run_log.py) instead of Ray's console set-up.
-    kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=log_to_driver, configure_logging=log_to_driver)
+    kwargs = dict(runtime_env=runtime_env, log_to_driver=log_to_driver, configure_logging=log_to_driver)
     if cfg.address is None:
         # "local" always starts a fresh instance: a stale local Ray would otherwise reject num_cpus.
         ray.init(

@@ -1,9 +1,13 @@
 """The reward service (`troupe rm serve`): the reward fleet over HTTP on loopback, per-objective breakdowns that
-match the aggregation, 4xx answers that name the field at fault, and best-of-N through it."""
+match the aggregation, 4xx answers that name the field at fault, concurrent requests merged into fleet batches, a
+bearer token, an item a plug-in fails on answered alone, and best-of-N through it."""
 
+import http.client
 import json
+import textwrap
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -15,8 +19,25 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def service(ray_session):
-    cfg = tiny_config("job=rm_serve", "serve.port=0", "serve.max_items=8")
+def service(ray_session, tmp_path_factory):
+    plugin = tmp_path_factory.mktemp("user_code") / "serve_rewards.py"  # outside the repo: shipped by Ray
+    plugin.write_text(
+        textwrap.dedent(
+            """
+            def shouting(samples):
+                if any("BOOM" in s.response for s in samples):
+                    raise ValueError("cannot score an explosion")
+                return [sum(c.isupper() for c in s.response) / max(1, len(s.response)) for s in samples]
+            """
+        )
+    )
+    cfg = tiny_config(
+        "job=rm_serve",
+        "serve.port=0",
+        "serve.max_items=8",
+        "serve.batch_wait_ms=200",
+        f"+reward.objectives.shouting={{target: '{plugin}:shouting'}}",
+    )
     server, svc = start_service(cfg)
     host, port = server.server_address[:2]
     try:
@@ -26,9 +47,10 @@ def service(ray_session):
         svc.fleet.shutdown()
 
 
-def _call(url, path, body=None, raw=None):
+def _call(url, path, body=None, raw=None, headers=None):
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url + path, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -41,8 +63,36 @@ def test_serves_on_loopback_and_reports_its_objectives(service):
     assert host == "127.0.0.1"
     status, health = _call(url, "/health")
     assert status == 200
-    assert {"correctness", "format", "length", "repetition"} <= set(health["objectives"])
+    assert {"correctness", "format", "length", "repetition", "shouting"} <= set(health["objectives"])
     assert health["pools"] == {"rules": 1}
+
+
+def test_concurrent_requests_share_fleet_batches(service):
+    url, _, _ = service
+    item = {"prompt": "What is 2 + 3?", "response": "It is 5. Answer: 5", "reference": "5"}
+    before = _call(url, "/health")[1]["batches"]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda k: _call(url, "/score", {"items": [item] * (1 + k % 3)}), range(8)))
+    assert all(status == 200 for status, _ in answers)
+    assert [len(body["results"]) for _, body in answers] == [1 + k % 3 for k in range(8)]
+    rewards = {r["reward"] for _, body in answers for r in body["results"]}
+    assert len(rewards) == 1  # the same item scores the same in any batch
+    after = _call(url, "/health")[1]["batches"]
+    assert after["requests"] - before["requests"] == 8
+    assert after["batches"] - before["batches"] < 8  # merged: fewer fleet calls than requests
+
+
+def test_an_item_the_plugin_fails_on_is_answered_alone(service):
+    url, _, _ = service
+    items = [
+        {"prompt": "hi", "response": "QUIET please", "reference": "1"},
+        {"prompt": "hi", "response": "BOOM", "reference": "1"},
+    ]
+    status, body = _call(url, "/score", {"items": items})
+    assert status == 200
+    fine, failed = body["results"]
+    assert fine["objectives"]["shouting"] == pytest.approx(5 / 12) and "reward" in fine
+    assert "shouting" in failed["error"] and "reward" not in failed
 
 
 def test_scores_come_with_the_breakdown_the_aggregation_used(service):
@@ -101,6 +151,30 @@ def test_malformed_json_and_unknown_paths(service):
     assert status == 400 and answer["error"].startswith("body: not valid JSON")
     status, answer = _call(url, "/nothing", {"items": []})
     assert status == 404 and "POST /score" in answer["error"]
+    # a body declared over serve.max_body_mb is refused before it is read
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.putrequest("POST", "/score")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(17 << 20))
+    connection.endheaders()
+    reply = connection.getresponse()
+    assert reply.status == 413 and "serve.max_body_mb" in json.loads(reply.read())["error"]
+    connection.close()
+
+
+def test_a_bearer_token_is_required_when_configured(ray_session, monkeypatch):
+    monkeypatch.setenv("TROUPE_TEST_TOKEN", "let-me-in")
+    cfg = tiny_config("job=rm_serve", "serve.port=0", "serve.token_env=TROUPE_TEST_TOKEN")
+    server, svc = start_service(cfg)
+    url = f"http://{server.server_address[0]}:{server.server_address[1]}"
+    try:
+        assert _call(url, "/health")[0] == 401
+        assert _call(url, "/health", headers={"Authorization": "Bearer nope"})[0] == 401
+        assert _call(url, "/health", headers={"Authorization": "Bearer let-me-in"})[0] == 200
+    finally:
+        server.shutdown()
+        svc.fleet.shutdown()
 
 
 def test_best_of_n_keeps_the_highest_scored_sample(service, tmp_path, tiny_model_path):
