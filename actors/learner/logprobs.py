@@ -144,4 +144,10 @@ def response_logprobs(
     ent = torch.zeros_like(logp)
     logp[positions] = values
     ent[positions] = entropy.detach()
+    if torch.is_grad_enabled() and not positions.any():
+        # No response token here (a micro-batch of dropped samples): a zero that still runs the forward and the
+        # backward through every parameter, so this rank's backward reaches the same gradient hooks as its peers'
+        # (ZeRO reduces gradients in them; a rank that skipped them would leave the others waiting).
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logp = logp + 0.0 * logits.float().mean()
     return logp, ent

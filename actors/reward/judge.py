@@ -4,7 +4,7 @@ under the judge's own probabilities of the rating tokens, not a parsed sample.
 A rubric (built-ins in actors/reward/rubrics/: factuality, relevance, helpfulness, safety; or a YAML file of
 your own with the same keys) has a `template` with {question}, {response} and, when `needs_reference`, {reference}
 (the prompt's reference answer, or its metadata `passages`), a `system` turn and a rating `scale` [lo, hi] of
-single digits. The judge sees the chat-templated rubric followed by "Rating:"; from the top log-probabilities of
+single digits. The judge sees the chat-templated rubric, then its own turn opened with "Rating: "; from the top log-probabilities of
 its next token, each rating's probability is the sum over its spellings ("4" and " 4"), renormalised over the
 ratings, and the value is (E[rating] - lo) / (hi - lo), in [0, 1]. When the ratings hold less than
 `min_rating_mass` of the probability, the output is invalid: the sample's value is NaN and the failure is
@@ -37,6 +37,9 @@ from troupe.actors.protocol import Rollout
 
 RUBRICS = Path(__file__).parent / "rubrics"
 TOP_LOGPROBS = 20  # vLLM's default max_logprobs
+# What the judge's turn starts with. The trailing space matters: after "Rating:" a BPE model's next token is a bare
+# space (SmolLM2-135M puts < 1% on the digits there), after "Rating: " it is the digit (93%).
+RATING_CUE = "Rating: "
 JUDGE_KEYS = ("type", "pool", "rubric", "min_rating_mass", "on_error", "timeout_s")
 
 
@@ -171,14 +174,14 @@ class JudgeShard:
         return list(self.rubrics)
 
     def judge_prompt(self, name: str, r: Rollout) -> list[int]:
-        """The rubric's chat, templated, then "Rating:", as token ids; a response too long for the judge's
+        """The rubric's chat, templated, then RATING_CUE, as token ids; a response too long for the judge's
         context is cut (its end replaced by " [...]")."""
         rubric, question, reference = self.rubrics[name], question_of(r), reference_of(r)
 
         def encode(response: str) -> list[int]:
             chat = rubric.prompt(question, response, reference)
             text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-            return self.tokenizer(text + "Rating:", add_special_tokens=False).input_ids
+            return self.tokenizer(text + RATING_CUE, add_special_tokens=False).input_ids
 
         ids = encode(r.response_text)
         limit = self.spec.max_model_len - 1
