@@ -83,9 +83,11 @@ def _head_logprobs(lm, hidden, targets, temps, with_entropy, chunk):
             parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:
             parts.append(_chunk_logprobs(*args))
-    if not parts:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, empty
+    if (
+        not parts
+    ):  # no response token (a micro-batch of dropped samples): an empty result still tied to the graph
+        anchor = 0.0 * (hidden.float().sum() + head.weight.float().sum())
+        return hidden.new_zeros(0, dtype=torch.float32) + anchor, hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -118,7 +120,11 @@ def response_logprobs(
     targets = input_ids[:, 1:][positions]
     args = (input_ids, attention_mask, positions, targets, row_temps, with_entropy)
     fused_ok = getattr(lm, "_troupe_fused_head", None)
-    if fused_ok is None:  # first call for this model: decide once, by checking against the full forward
+    if fused_ok is None and not positions.any():
+        fused_ok = (
+            False  # nothing to compare yet: the full path now, the check on a call with response tokens
+        )
+    elif fused_ok is None:  # first call for this model: decide once, by checking against the full forward
         fused_ok = _head_is_plain(model, lm)
         if fused_ok:
             with torch.no_grad():
@@ -129,12 +135,12 @@ def response_logprobs(
     packed = (
         pack_groups(input_ids.cpu(), action_mask.cpu(), group_size) if fused_ok and group_size > 1 else None
     )
-    if packed is not None and getattr(lm, "_troupe_packing", None) is None:
+    if packed is not None and getattr(lm, "_troupe_packing", None) is None and positions.any():
         with torch.no_grad():  # first packed call for this model: packed must equal unpacked
             plain, _ = _fused(model, lm, *args, chunk)
             shared, _ = _fused(model, lm, *args, chunk, packed)
         lm._troupe_packing = _agree(plain, shared)
-    if packed is not None and not lm._troupe_packing:
+    if packed is not None and not getattr(lm, "_troupe_packing", False):
         packed = None
     if fused_ok:
         values, entropy = _fused(model, lm, *args, chunk, packed)
@@ -144,10 +150,7 @@ def response_logprobs(
     ent = torch.zeros_like(logp)
     logp[positions] = values
     ent[positions] = entropy.detach()
-    if torch.is_grad_enabled() and not positions.any():
-        # No response token here (a micro-batch of dropped samples): a zero that still runs the forward and the
-        # backward through every parameter, so this rank's backward reaches the same gradient hooks as its peers'
-        # (ZeRO reduces gradients in them; a rank that skipped them would leave the others waiting).
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        logp = logp + 0.0 * logits.float().mean()
+    # A micro-batch without response tokens (dropped samples) still backpropagates zeros through every parameter
+    # from its one forward (`values` stays tied to the graph), so this rank reaches the same gradient hooks as its
+    # peers: ZeRO reduces gradients in them, and a rank that skipped them would leave the others waiting.
     return logp, ent

@@ -311,6 +311,6 @@ class HierarchyAggregation:
                 f"this aggregation's is {self.holistic!r}"
             )
         self.normalizer.load_state_dict(state["normalizer"])
-        if self.selection is not None and "selection" in state:
-            self.selection.load_state_dict(state["selection"])
+        if self.selection is not None:
+            self.selection.load_state_dict(state.get("selection", {}))
             self.aspect_weights = self.selection.weights()

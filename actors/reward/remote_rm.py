@@ -8,8 +8,8 @@ errors, 429 and 5xx (`retries`, `backoff_s`), within the objective's timeout. Th
 - `openrlhf`: OpenRLHF's `serve_rm`. POST <url>/get_reward {"query": [prompt text + response], "prompts": [prompt
   text], "labels": [reference]} -> {"rewards": [float]}.
 - `vllm`: vLLM's pooling endpoint serving a reward model. POST <url>/pooling {"model": <model>, "input": [prompt
-  text + response]} -> {"data": [{"index", "data": float list (or per-token lists)}]}; the value is the last float
-  (the last token's reward).
+  text + response], "add_special_tokens": false} -> {"data": [{"index", "data": float list (or per-token lists)}]};
+  the value is the last float (the last token's reward).
 
 A bearer token, when needed, is read from the environment variable named by `token_env` (never from the config).
 
@@ -31,6 +31,7 @@ from troupe.actors.reward.objective import BatchFailed, Sample
 
 SHAPES = {"troupe": "/score", "openrlhf": "/get_reward", "vllm": "/pooling"}
 RETRY_STATUS = {429, 500, 502, 503, 504}
+ITEM_STATUS = {400, 413, 422}  # the request's content: retried item by item; other errors fail the whole call
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,9 @@ class HttpObjective:
     model: str | None = None  # vllm shape: the served model's name
     batch_size: int = 32
     max_concurrency: int = 4
-    retries: int = 3
+    retries: int = 2
     backoff_s: float = 0.5
-    request_timeout_s: float = 30.0
+    request_timeout_s: float = 10.0  # with retries and backoff, within the objective's timeout_s (checked)
     token_env: str | None = None
 
     def __post_init__(self) -> None:
@@ -107,6 +108,8 @@ class HttpObjective:
                 if reply.status_code == 200:
                     return self.values(reply.json(), len(samples))
                 error = f"HTTP {reply.status_code}: {reply.text[:300]}"
+                if reply.status_code in ITEM_STATUS:  # something in these items: the guard finds which
+                    raise RuntimeError(f"{self.endpoint}: {error}")
                 if reply.status_code not in RETRY_STATUS:
                     break
             if attempt < self.retries:
@@ -133,7 +136,8 @@ class HttpObjective:
                 "prompts": [s.prompt for s in samples],
                 "labels": [s.reference for s in samples],
             }
-        return {"model": self.model, "input": texts}
+        # the text is already chat-templated (special tokens included)
+        return {"model": self.model, "input": texts, "add_special_tokens": False}
 
     def values(self, answer: dict, n: int) -> list[float]:
         """One value per sample from the service's answer; NaN for an item it reports it could not score."""

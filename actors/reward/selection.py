@@ -93,8 +93,9 @@ class AspectSelection:
         return {"chosen": self.chosen, "agreement": dict(self.agreement), "min_agreement": self.min_agreement}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("chosen") is None:
-            return  # saved before the decision: the warm-up starts again
+        if state.get("chosen") is None:  # saved before the decision: the warm-up starts again
+            self.chosen, self.agreement, self.holistic, self.aspects, self.groups = None, {}, [], {}, []
+            return
         unknown = sorted(set(state["chosen"]) - set(self.candidates))
         if unknown:
             raise ValueError(

@@ -30,8 +30,8 @@ def check_rewards(cfg: TroupeConfig, error: type[ValueError]) -> None:
         timeout = params.get("timeout_s", r.timeout_s)
         if not isinstance(timeout, (int, float)) or not timeout > 0:
             raise error(f"{key}.timeout_s must be a number > 0, got {timeout!r}")
-        if kind == "http" and not params.get("url"):
-            raise error(f"{key}: an http objective needs url (the reward service, e.g. http://host:8008)")
+        if kind == "http":
+            _check_http(key, name, params, timeout, error)
         if kind == "judge":
             pool = params.get("pool", "judge")
             if pool not in r.judges:
@@ -48,6 +48,12 @@ def check_rewards(cfg: TroupeConfig, error: type[ValueError]) -> None:
         if judge.replicas < 1:
             raise error(f"reward.judges.{name}.replicas must be >= 1, got {judge.replicas}")
     _check_selection(r, error)
+    if r.hierarchy.select == "consistency" and cfg.generator.samples_per_prompt < 2:
+        raise error(
+            "reward.hierarchy.select=consistency compares responses to the same prompt: it needs "
+            f"generator.samples_per_prompt >= 2, got {cfg.generator.samples_per_prompt}"
+        )
+    _check_serve(cfg.serve, error)
     _refuse_debiased_verbosity(r, error)
     if not 0.0 <= cfg.logging.rollouts <= 1.0:
         raise error(f"logging.rollouts must be a share in [0, 1], got {cfg.logging.rollouts}")
@@ -92,3 +98,32 @@ def _refuse_debiased_verbosity(r, error) -> None:
                     "debiases every objective against verbosity, so this one is always 0 and weighting it does "
                     "nothing. Penalise length with a rule objective (reward.objectives.length) instead"
                 )
+
+
+def _check_http(key: str, name: str, params: Mapping, timeout: float, error) -> None:
+    from troupe.actors.reward.remote_rm import HttpObjective
+
+    if not params.get("url"):
+        raise error(f"{key}: an http objective needs url (the reward service, e.g. http://host:8008)")
+    try:
+        http = HttpObjective.from_params(name, dict(params))
+    except (TypeError, ValueError) as e:
+        raise error(str(e)) from e
+    # every attempt may take request_timeout_s, and the backoff doubles (with up to 100% jitter) between them
+    worst = (http.retries + 1) * http.request_timeout_s + sum(
+        2 * http.backoff_s * 2**k for k in range(http.retries)
+    )
+    if worst > timeout:
+        raise error(
+            f"{key}: {http.retries + 1} attempts of request_timeout_s={http.request_timeout_s} plus backoff may take "
+            f"{worst:.0f} s, over the objective's timeout_s={timeout}: lower retries or request_timeout_s, or raise "
+            "timeout_s"
+        )
+
+
+def _check_serve(s, error) -> None:
+    for key in ("max_items", "max_body_mb", "max_batch_items", "max_connections"):
+        if getattr(s, key) < 1:
+            raise error(f"serve.{key} must be >= 1, got {getattr(s, key)}")
+    if s.batch_wait_ms < 0 or s.retries < 0 or not s.request_timeout_s > 0:
+        raise error("serve.batch_wait_ms and serve.retries must be >= 0 and serve.request_timeout_s > 0")

@@ -43,6 +43,7 @@ def build_judge_pool(cfg: TroupeConfig, name: str, judge: JudgeConfig, options, 
         max_model_len=judge.max_model_len,
         gpu_memory_utilization=judge.gpu_memory_utilization,
         batch_size=judge.batch_size,
+        enforce_eager=judge.enforce_eager,
     )
     remote = ray.remote(JudgeShard).options(
         num_cpus=judge.num_cpus,

@@ -1,7 +1,8 @@
 """Merges concurrent scoring requests into fleet batches for the reward service.
 
-One thread owns the reward fleet. It takes the oldest request, then waits up to `wait_s` for more, until the
-batch holds `max_items` items; the fleet scores the whole batch at once and each request gets its own slice. A
+One thread owns the reward fleet. It takes the oldest request and every request that queued meanwhile (while the
+previous batch was on the fleet), waiting up to `wait_s` for more when that is set, until the batch holds
+`max_items` items; the fleet scores the whole batch at once and each request gets its own slice. A
 batch that fails (a shard lost more than `retries` times, or an error) is retried one request at a time, so the
 request that breaks a shard fails alone, with its error, and the others are scored.
 """
@@ -56,7 +57,7 @@ class Batcher:
             batch, size = [first], len(first.rollouts)
             while size < self.max_items:
                 try:
-                    job = self.jobs.get(timeout=self.wait_s)
+                    job = self.jobs.get(timeout=self.wait_s) if self.wait_s > 0 else self.jobs.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:

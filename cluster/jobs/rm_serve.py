@@ -45,7 +45,7 @@ from troupe.actors.protocol import Rollout
 from troupe.cluster.config.schema import TroupeConfig
 from troupe.cluster.data.prompts import SkipRow, prompt_encoder
 from troupe.cluster.jobs.rm_batcher import Batcher
-from troupe.cluster.run.scoring import ErrorPolicy, score_batch
+from troupe.cluster.run.scoring import ErrorPolicy, ObjectiveFailed, score_batch
 
 log = logging.getLogger("troupe.rm_serve")
 
@@ -200,7 +200,12 @@ def make_app(service: RewardService, max_body: int, token: str | None) -> FastAP
             return answer(
                 HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"scoring failed: {type(e).__name__}: {e}"}
             )
-        return await asyncio.to_thread(service.results, rollouts, values)
+        try:
+            return await asyncio.to_thread(service.results, rollouts, values)
+        except (
+            ObjectiveFailed
+        ) as e:  # reward.on_error=fail: the item cannot be scored, and the client learns why
+            return answer(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(e)})
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
     async def unknown(path: str):
@@ -288,6 +293,13 @@ def start_service(cfg: TroupeConfig) -> tuple[Served, RewardService]:
         if "reward_aggregation" not in state:
             raise ValueError(f"{s.aggregation_state} has no reward_aggregation (serve.aggregation_state)")
         aggregation.load_state_dict(state["reward_aggregation"])
+    selection = getattr(aggregation, "selection", None)
+    if selection is not None and not selection.done:
+        raise ValueError(
+            "reward.hierarchy.select=consistency chooses aspects on a run's warm-up samples: give "
+            "serve.aggregation_state (a run's checkpoint-final/troupe_state.json) that holds the choice, or serve "
+            "with select=none; otherwise each request would choose on its own items"
+        )
     fleet = build_reward_fleet(cfg)
     fleet.spawn(reward_replicas(cfg))
     service = RewardService(cfg, fleet, aggregation, tokenizer)

@@ -46,7 +46,7 @@ def evaluate(run, prompts: list[Prompt], cfg: EvalConfig) -> dict:
         chunks = run.generators.map_chunks("generate", prompts, sampling, deadline_s=run.faults.generate_s)
         rollouts = [r for chunk in chunks for r in chunk]
         values = run.rewards.score(rollouts, deadline_s=run.faults.score_s)
-        result = score_batch(rollouts, values, copy.deepcopy(run.aggregation), run.on_error)
+        result = score_batch(rollouts, values, copy.deepcopy(run.aggregation), run.on_error, sampling.n)
         stats = batch_stats(result.kept) if result.kept else {}
         stats.update(result.metrics())
         if f"objective/{cfg.accuracy_objective}" in stats:

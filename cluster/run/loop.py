@@ -33,7 +33,7 @@ from troupe.cluster.observe.rollouts import sample_rows
 from troupe.cluster.run.evaluation import batch_stats, evaluate
 from troupe.cluster.run.learn import learn_dpo, learn_policy_gradient
 from troupe.cluster.run.pipeline import RolloutPipeline
-from troupe.cluster.run.scoring import DROP_REASON, ErrorPolicy, score_batch
+from troupe.cluster.run.scoring import DROP_REASON, ErrorPolicy, ObjectiveFailed, score_batch
 from troupe.cluster.sync.nccl import NcclSync
 from troupe.cluster.sync.object_store import push_weights, refit
 
@@ -68,6 +68,7 @@ class RunState:
     last_record: dict | None = None  # the previous iteration's row (the autoscaler reads its timings)
     last_samples: list[dict] = field(default_factory=list)  # the previous iteration's rollouts.jsonl rows
     samples_logged: float = 1.0  # logging.rollouts: the share of prompt groups whose samples are kept
+    empty_batches: int = 0  # batches in a row with every sample dropped
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     budget: RetryBudget = field(default_factory=lambda: RetryBudget({}))
     ledger: Ledger = field(default_factory=Ledger)
@@ -152,8 +153,9 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     #    reward.on_error; the aggregation makes the scalar of the rest.
     with timed(timings, "score"):
         values = run.rewards.score(rollouts, deadline_s=run.faults.score_s)
-        result = score_batch(rollouts, values, run.aggregation, run.on_error)
+        result = score_batch(rollouts, values, run.aggregation, run.on_error, run.sampling.n)
         scored = result.scored
+        _nothing_kept_alarm(run, result)
 
     # 3. Learn: policy gradient (advantages, [critic values], clipped update, [critic update]) or DPO on pairs.
     #    Dropped prompt groups ride along with no loss; a batch with nothing kept trains nothing.
@@ -218,6 +220,22 @@ def initial_eval(run: RunState) -> dict:
 
 def eval_due(iteration: int, iterations: int, every: int) -> bool:
     return iteration == iterations - 1 or (every > 0 and (iteration + 1) % every == 0)
+
+
+EMPTY_BATCHES_MAX = 3
+
+
+def _nothing_kept_alarm(run: RunState, result) -> None:
+    """A run whose every sample is dropped trains nothing; after EMPTY_BATCHES_MAX such batches in a row it stops,
+    naming the objectives that failed (a wrong url or token, data without references), instead of finishing as if
+    it had trained."""
+    run.empty_batches = 0 if result.kept else run.empty_batches + 1
+    if run.empty_batches >= EMPTY_BATCHES_MAX:
+        failing = sorted(name for name, n in result.errors.items() if n)
+        raise ObjectiveFailed(
+            f"{run.empty_batches} batches in a row had every sample dropped (reward.on_error=drop): objectives "
+            f"{failing} failed on them; their first tracebacks are in the log"
+        )
 
 
 def _length_alarm(record: dict, monitor: MonitorConfig) -> None:

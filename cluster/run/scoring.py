@@ -71,8 +71,11 @@ def score_batch(
     values: Mapping[str, torch.Tensor],
     aggregation,
     on_error: ErrorPolicy = ErrorPolicy(),
+    group_size: int = 1,
 ) -> ScoredBatch:
-    """Scored rollouts, with `on_error` applied to the samples an objective failed on."""
+    """Scored rollouts, with `on_error` applied to the samples an objective failed on. Rollouts come in contiguous
+    prompt groups of `group_size` (a training batch: generator.samples_per_prompt); a drop takes the whole group.
+    Groups are told apart by position, not by prompt id: a batch may hold one prompt twice (e.g. across epochs)."""
     values = dict(values)
     failed_rows = torch.zeros(len(rollouts), dtype=torch.bool)
     errors: dict[str, int] = {}
@@ -93,21 +96,20 @@ def score_batch(
             values[name] = torch.where(failed, torch.zeros_like(v), v)
         else:
             failed_rows |= failed
-    dropped_uids = {r.prompt.uid for r, bad in zip(rollouts, failed_rows.tolist(), strict=True) if bad}
-    keep = [i for i, r in enumerate(rollouts) if r.prompt.uid not in dropped_uids]
-    kept_scored = iter(
-        score_rollouts([rollouts[i] for i in keep], _rows(values, rollouts, keep), aggregation)
-        if keep
-        else []
-    )
+    if len(rollouts) % group_size:
+        raise ValueError(f"{len(rollouts)} rollouts do not split into prompt groups of {group_size}")
+    dropped_groups = {i // group_size for i, bad in enumerate(failed_rows.tolist()) if bad}
+    keep = [i for i in range(len(rollouts)) if i // group_size not in dropped_groups]
+    kept = [rollouts[i] for i in keep]
+    kept_scored = iter(score_rollouts(kept, _rows(values, rollouts, keep), aggregation) if keep else [])
     scored = []
     for i, r in enumerate(rollouts):
-        if r.prompt.uid in dropped_uids:
+        if i // group_size in dropped_groups:
             raw = {k: float(v[i]) for k, v in values.items() if not k.startswith(TOKEN_PREFIX)}
             scored.append(ScoredRollout(r, RewardBreakdown(0.0, raw, branch="dropped", dropped=DROP_REASON)))
         else:
             scored.append(next(kept_scored))
-    return ScoredBatch(scored, errors, len(dropped_uids))
+    return ScoredBatch(scored, errors, len(dropped_groups))
 
 
 def _rows(values: Mapping[str, torch.Tensor], rollouts: Sequence[Rollout], keep: list[int]) -> dict:

@@ -171,8 +171,45 @@ def check_vs_trl(out: Path, _) -> None:
         printed(stdout, "bench/vs_trl: smoke: skipped the TRL half")
 
 
+def check_rm_serve(out: Path, _) -> None:
+    stdout = smoke("rm_serve", out)
+    r = json.loads((out / "results.json").read_text())
+    has(r, "levels", "batches", "items_per_request")
+    has(r["levels"], "1", "8")
+    for row in r["levels"].values():
+        has(row, "troupe", "one_lock", "ratio_requests_per_s")
+        for side in ("troupe", "one_lock"):
+            has(row[side], "requests_per_s", "p50_ms", "p99_ms", "requests")
+            assert row[side]["requests"] > 0 and row[side]["p99_ms"] >= row[side]["p50_ms"] > 0, row
+    assert r["batches"]["requests"] >= r["batches"]["batches"] > 0, r["batches"]
+    printed(stdout, "| clients | troupe req/s |", "fleet batches:")
+
+
+def check_judge(out: Path, _) -> None:
+    stdout = smoke("judge", out)
+    r = json.loads((out / "results.json").read_text())
+    has(r, "model", "samples", "standalone_samples_per_s", "replicas_1")
+    has(r["replicas_1"], "samples_per_s", "samples_per_s_per_replica", "vs_standalone", "invalid")
+    assert r["replicas_1"]["samples_per_s"] > 0, r
+    printed(stdout, "| replicas | judged samples/s |", "standalone vLLM")
+
+
+def check_hierarchy(out: Path, _) -> None:
+    stdout = smoke("hierarchy", out)
+    r = json.loads((out / "results.json").read_text())
+    has(r["variants"], "selection")
+    for variant in r["variants"].values():
+        has(variant, "runs", "before", "after")
+        has(variant["after"], "accuracy", "objective/format", "objective/length", "objective/repetition")
+    assert r["variants"]["selection"]["runs"][0]["selected"], r["variants"]["selection"]["runs"]
+    printed(stdout, "| reward | accuracy |", "before -> after")
+
+
 CHECKS = {
     "async": check_async,
+    "hierarchy": check_hierarchy,
+    "judge": check_judge,
+    "rm_serve": check_rm_serve,
     "generator_dtype": check_generator_dtype,
     "learning_check": check_learning_check,
     "real_data": check_real_data,

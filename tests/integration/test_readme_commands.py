@@ -58,6 +58,7 @@ ELSEWHERE = {
     r"^troupe rm import rm\.checkpoint=ArmoRM-Llama3-8B-v0\.1": "the 8B download above; test_rm_import covers it",
     r"reward\.experts\.armo\.bundle=outputs/armorm": "an 8B bundle on a GPU; the RM section runs the same recipe",
     r"^tensorboard --logdir": "a server; test_cli reads the event files",
+    r"^troupe inspect ": "tests/integration/test_user_rewards.py runs it on a run's rollouts.jsonl",
     r"^mlflow ui ": "a server; tests/unit/test_trackers.py reads the runs back with MlflowClient",
     r"^(ray up|kubectl apply|sbatch)( |$)": "tests/unit/test_deploy.py checks the recipes against their schemas",
     r"^\.venv/bin/troupe$": "`troupe` in the checkout's environment, which these tests run",

@@ -53,6 +53,9 @@ def test_builtin_and_user_rubrics(tmp_path):
         load_rubric(str(mine))
     with pytest.raises(ValueError, match="not a built-in"):
         load_rubric("grammarr")
+    mine.write_text("template: 'Q: {question} R: {response} as JSON {score: 1}'\n")
+    with pytest.raises(ValueError, match="a field other than"):
+        load_rubric(str(mine))
 
 
 class _Fake(BaseHTTPRequestHandler):

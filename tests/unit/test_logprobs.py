@@ -88,13 +88,21 @@ def test_a_head_that_scales_its_logits_takes_the_full_path():
 def test_a_micro_batch_without_response_tokens_still_reaches_every_parameter():
     """Dropped samples carry no response token; their micro-batch must still backpropagate (zeros) through every
     parameter, or a ZeRO rank would skip the gradient hooks its peers wait in."""
-    model = tiny_lm()
     ids, att, action = _batch()
     none = torch.zeros_like(action)
-    logp, _ = response_logprobs(model, ids, att, none, torch.ones(2))
-    assert (logp == 0).all() and logp.requires_grad
-    logp.sum().backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None for g in grads) and all((g == 0).all() for g in grads)
-    with torch.no_grad():  # no extra forward when nothing is trained
-        assert not response_logprobs(model, ids, att, none, torch.ones(2))[0].requires_grad
+    for warm in (False, True):  # the full-logits path (nothing checked yet), then the fused head once decided
+        model = tiny_lm()
+        if warm:
+            response_logprobs(model, ids, att, action, torch.ones(2))
+            assert model._troupe_fused_head is True
+        forwards = []
+        hook = model.model.register_forward_hook(lambda *_, seen=forwards: seen.append(1))
+        logp, _ = response_logprobs(model, ids, att, none, torch.ones(2))
+        hook.remove()
+        assert len(forwards) == 1  # the one forward its peers also run: no extra gathers under ZeRO-3
+        assert (logp == 0).all() and logp.requires_grad
+        logp.sum().backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None for g in grads) and all((g == 0).all() for g in grads)
+        if not warm:  # an empty call decides nothing about the fused head
+            assert getattr(model, "_troupe_fused_head", None) is None

@@ -134,7 +134,7 @@ def _values(rollouts, failed_at=()):
 
 def test_drop_leaves_out_whole_prompt_groups_and_counts_them():
     rollouts = _rollouts(3, 2)
-    result = score_batch(rollouts, _values(rollouts, [3]), WeightedSum({"mine": 1.0}), ErrorPolicy("drop"))
+    result = score_batch(rollouts, _values(rollouts, [3]), WeightedSum({"mine": 1.0}), ErrorPolicy("drop"), 2)
     assert [s.reward.dropped for s in result.scored] == ["", "", DROP_REASON, DROP_REASON, "", ""]
     assert result.errors == {"correctness": 0, "mine": 1} and result.dropped_prompts == 1
     assert [s.reward.scalar for s in result.kept] == [0.0, 1.0, 4.0, 5.0]
@@ -159,7 +159,7 @@ def test_failures_never_reach_the_normaliser():
     rollouts = _rollouts(2, 2)
     values = _values(rollouts, [0])
     agg = HierarchyAggregation("mine", {}, normalizer=Normalizer(warmup_samples=100))
-    result = score_batch(rollouts, values, agg, ErrorPolicy("drop"))
+    result = score_batch(rollouts, values, agg, ErrorPolicy("drop"), 2)
     assert agg.normalizer.count == 2  # the kept group (values 2, 3) only
     assert agg.normalizer.mean == pytest.approx(2.5)
     assert all(not math.isnan(s.reward.scalar) for s in result.scored)
@@ -167,5 +167,41 @@ def test_failures_never_reach_the_normaliser():
 
 def test_everything_dropped_gives_an_empty_kept_set():
     rollouts = _rollouts(1, 2)
-    result = score_batch(rollouts, _values(rollouts, [0]), WeightedSum({"mine": 1.0}))
+    result = score_batch(rollouts, _values(rollouts, [0]), WeightedSum({"mine": 1.0}), group_size=2)
     assert result.kept == [] and result.dropped_prompts == 1
+
+
+def test_groups_are_told_apart_by_position_not_prompt_id():
+    rollouts = _rollouts(1, 2) * 2  # one prompt served twice in a batch (e.g. across an epoch boundary)
+    result = score_batch(rollouts, _values(rollouts, [0, 3]), WeightedSum({"mine": 1.0}), group_size=2)
+    assert result.dropped_prompts == 2 and result.kept == []
+    result = score_batch(rollouts, _values(rollouts, [0]), WeightedSum({"mine": 1.0}), group_size=2)
+    assert result.dropped_prompts == 1 and len(result.kept) == 2
+    with pytest.raises(ValueError, match="groups of 3"):
+        score_batch(rollouts, _values(rollouts), WeightedSum({"mine": 1.0}), group_size=3)
+
+
+def test_the_one_by_one_retry_shares_one_timeout_and_a_hung_call_gets_no_second_thread():
+    calls = []
+
+    def slow_when_alone(samples):
+        calls.append(len(samples))
+        if len(samples) > 1:
+            raise RuntimeError("batch refused")
+        time.sleep(0.3)
+        return [1.0]
+
+    guarded = GuardedObjective("slow", slow_when_alone, timeout_s=0.5)
+    start = time.perf_counter()
+    values, _ = guarded.score_batch(_rollouts(4, 2), tokens=False)  # 8 samples x 0.3 s > one 0.5 s timeout
+    assert time.perf_counter() - start < 2.0
+    assert int(torch.isnan(values).sum()) >= 6
+    calls.clear()
+    values, _ = guarded.score_batch(_rollouts(1), tokens=False)  # a call may still run: none is started
+    if guarded.overrunning and any(t.is_alive() for t in guarded.overrunning):
+        assert calls == [] and torch.isnan(values).all()
+
+
+def test_none_means_the_objective_does_not_apply():
+    values, _ = GuardedObjective("maybe", lambda s: [None, 1.0], 5).score_batch(_rollouts(1), tokens=False)
+    assert values.tolist() == [0.0, 1.0]

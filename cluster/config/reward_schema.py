@@ -1,0 +1,117 @@
+"""The reward sections of the typed schema (cluster/config/schema.py): the reward model (`reward`: objectives,
+weights, experts, judges, the ALaRM hierarchy) and its HTTP service (`serve`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ServeConfig:
+    """`troupe rm serve`: the reward fleet over HTTP (cluster/jobs/rm_serve.py)."""
+
+    host: str = "127.0.0.1"  # loopback unless the user opts in
+    port: int = 8008  # 0: any free port (printed)
+    max_items: int = 256  # per request
+    max_body_mb: int = 16
+    # Concurrent requests are merged into one fleet batch of up to max_batch_items: those that queued while the
+    # previous batch was on the fleet, plus any arriving within batch_wait_ms (0: no waiting, no added latency)
+    max_batch_items: int = 256
+    batch_wait_ms: float = 0.0
+    request_timeout_s: float = 300.0  # a request not scored by then gets a 504
+    max_connections: int = 64  # more at once get a 503 (uvicorn's limit_concurrency)
+    # Shard losses one batch may cost; past it the batch's requests are scored one by one, and the request that
+    # still fails gets a 503, so an item that kills a shard cannot loop forever
+    retries: int = 2
+    token_env: str | None = (
+        None  # the name of an environment variable holding a bearer token clients must send
+    )
+    # A run's checkpoint-final/troupe_state.json or a checkpoint's state.json: the normaliser statistics to score with
+    aggregation_state: str | None = None
+
+
+@dataclass
+class HierarchyConfig:
+    """ALaRM: holistic objective first; aspects (weights) added where its z-score >= threshold."""
+
+    holistic: str = "armo"  # an objective produced by a shard (an expert's scalar, or a rule)
+    threshold: float = 0.0  # in z-units of the holistic reward
+    holistic_weight: float = 1.0
+    aspects: dict[str, float] = field(default_factory=dict)
+    # Fixed z-statistics; None: carried by the holistic expert's bundle, else fitted on a warm-up of samples.
+    mean: float | None = None
+    std: float | None = None
+    # Holistic values collected across the first batches before the statistics freeze (0: the first batch);
+    # until then each batch is normalised with the statistics of all samples seen so far.
+    warmup_samples: int = 0
+    # Place each reward on response tokens (ALaRM): w_h*h on the last token, aspects' per-token values on theirs;
+    # the scalar is their sum. False: one sequence-level reward.
+    token_level: bool = False
+    # ALaRM's aspect selection: `consistency` keeps the aspects whose pairwise ordering of the warm-up samples
+    # (same prompt) agrees with the holistic reward at least `min_agreement` of the time; `none` keeps them all.
+    # The warm-up is the first reward.hierarchy.warmup_samples training samples (at least the first batch).
+    select: str = "none"
+    min_agreement: float = 0.55
+
+
+@dataclass
+class JudgeConfig:
+    """A pool of LLM judges (reward.judges.<name>): each replica holds a vLLM engine with a chat model and serves
+    every `type: judge` objective whose `pool` names it (actors/reward/judge.py)."""
+
+    model: str = ""  # a local path or builtin:<name>
+    replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    gpu_memory_utilization: float = 0.5
+    omp_threads: int = 1  # CPU engines: threads per replica
+    batch_size: int = 64  # judge prompts per engine call
+    enforce_eager: bool = True  # False: CUDA graphs on GPUs (slower start, faster calls)
+
+
+@dataclass
+class ExpertConfig:
+    """A reward bundle served by its own pool of shards (reward.experts.<name>)."""
+
+    bundle: str = ""  # a folder written by `troupe rm train`
+    replicas: int = 1
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+    dtype: str = "float32"  # the backbone's compute dtype: auto | bfloat16 | float32 (scores stay float32)
+
+
+@dataclass
+class RewardConfig:
+    shards: int = 1  # replicas of the rule shard; a batch is split across them
+    num_cpus: float = 0.0  # rule objectives are cheap; shards that host a backbone need real CPUs/GPUs
+    batch_size: int = 64
+    # {objective: {param: value}} hosted by the shards: a built-in rule by name (actors/reward/rules.py), your
+    # own code ({target: pkg.module:fn | /path/file.py:fn, <kwargs>}), a remote reward model ({type: http, url:
+    # ...}) or an LLM judge ({type: judge, ...}); see docs/rewards.md
+    objectives: dict[str, Any] = field(
+        default_factory=lambda: {
+            "correctness": {},
+            "format": {},
+            "length": {"target_tokens": 64, "max_tokens": 256},
+        }
+    )
+    weights: dict[str, float | None] = field(
+        default_factory=lambda: {"correctness": 1.0, "format": 0.2, "length": 0.1}
+    )
+    experts: dict[str, ExpertConfig] = field(default_factory=dict)  # backbone experts, one shard pool each
+    judges: dict[str, JudgeConfig] = field(default_factory=dict)  # LLM-judge pools, one shard pool each
+    # A sample that user or remote code fails on (exception, timeout, non-finite value): drop its prompt group
+    # from training (counted in the accounting) | zero (the value counts as 0) | fail (stop the run). An objective
+    # entry's own `on_error` / `timeout_s` win. See actors/reward/objective.py.
+    on_error: str = "drop"
+    timeout_s: float = 60.0  # per call of a plug-in or remote objective
+    aggregation: str = "weighted_sum"  # weighted_sum (reward.weights) | hierarchy (reward.hierarchy)
+    hierarchy: HierarchyConfig = field(default_factory=lambda: HierarchyConfig())
+
+    def __post_init__(self) -> None:
+        # `<objective>: null` turns a default objective off: a config file can add keys to a dict, not delete them
+        self.objectives = {k: v for k, v in self.objectives.items() if v is not None}
+        self.weights = {k: v for k, v in self.weights.items() if v is not None}
