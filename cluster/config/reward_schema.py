@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from troupe.actors.reward.judge import JudgeConfig
+
 
 @dataclass
 class ServeConfig:
@@ -53,23 +55,6 @@ class HierarchyConfig:
     # The warm-up is the first reward.hierarchy.warmup_samples training samples (at least the first batch).
     select: str = "none"
     min_agreement: float = 0.55
-
-
-@dataclass
-class JudgeConfig:
-    """A pool of LLM judges (reward.judges.<name>): each replica holds a vLLM engine with a chat model and serves
-    every `type: judge` objective whose `pool` names it (actors/reward/judge.py)."""
-
-    model: str = ""  # a local path or builtin:<name>
-    replicas: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    dtype: str = "auto"
-    max_model_len: int = 2048
-    gpu_memory_utilization: float = 0.5
-    omp_threads: int = 1  # CPU engines: threads per replica
-    batch_size: int = 64  # judge prompts per engine call
-    enforce_eager: bool = True  # False: CUDA graphs on GPUs (slower start, faster calls)
 
 
 @dataclass

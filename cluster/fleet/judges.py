@@ -4,11 +4,10 @@
 
 from __future__ import annotations
 
-import ray
-
-from troupe.actors.reward.judge import JUDGE_KEYS, JudgeShard, JudgeSpec
-from troupe.cluster.config.schema import JudgeConfig, TroupeConfig
+from troupe.actors.reward.judge import JUDGE_KEYS, JudgeConfig, JudgeShard, JudgeSpec
+from troupe.cluster.config.schema import TroupeConfig
 from troupe.cluster.fleet.pool import Pool
+from troupe.cluster.fleet.reward_pools import shard_pool
 
 
 def judge_objectives(cfg: TroupeConfig, pool: str) -> dict[str, dict]:
@@ -36,25 +35,15 @@ def build_judge_pool(cfg: TroupeConfig, name: str, judge: JudgeConfig, options, 
         raise ValueError(
             f"reward.judges.{name}: no objective uses it (reward.objectives.<x>: {{type: judge, pool: {name}}})"
         )
-    spec = JudgeSpec(
-        model=judge.model,
-        objectives=objectives,
-        dtype=judge.dtype,
-        max_model_len=judge.max_model_len,
-        gpu_memory_utilization=judge.gpu_memory_utilization,
-        batch_size=judge.batch_size,
-        enforce_eager=judge.enforce_eager,
-    )
-    remote = ray.remote(JudgeShard).options(
-        num_cpus=judge.num_cpus,
-        num_gpus=judge.num_gpus,
-        max_restarts=0,
-        runtime_env={"env_vars": judge_env(judge)},
-        **options("reward", judge.num_cpus, judge.num_gpus),
-    )
-    return Pool(
+    spec = JudgeSpec(judge, objectives)
+    return shard_pool(
         f"reward-judge-{name}",
-        lambda i, _slot, s=spec, rm=remote: rm.remote(s, i),
+        JudgeShard,
+        spec,
+        judge.num_cpus,
+        judge.num_gpus,
+        judge_env(judge),
+        options,
         cfg.ray.actor_timeout_s,
         budget,
     )

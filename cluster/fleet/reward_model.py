@@ -20,7 +20,7 @@ from troupe.cluster.durability.faults import RetryBudget
 from troupe.cluster.fleet.judges import build_judge_pool
 from troupe.cluster.fleet.placement import pool_options
 from troupe.cluster.fleet.pool import Pool
-from troupe.cluster.fleet.reward_pools import RewardFleet
+from troupe.cluster.fleet.reward_pools import RewardFleet, shard_pool
 
 
 def build_reward_fleet(cfg: TroupeConfig, budget: RetryBudget | None = None) -> RewardFleet:
@@ -53,15 +53,17 @@ def build_reward_fleet(cfg: TroupeConfig, budget: RetryBudget | None = None) -> 
             batch_size=r.batch_size,
             dtype=expert.dtype,
         )
-        remote = ray.remote(RewardShard).options(
-            num_cpus=expert.num_cpus,
-            num_gpus=expert.num_gpus,
-            max_restarts=0,
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
-            **options("reward", expert.num_cpus, expert.num_gpus),
-        )
-        pools[name] = Pool(
-            f"reward-{name}", lambda i, _slot, s=spec, rm=remote: rm.remote(s, i), timeout, budget
+        env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        pools[name] = shard_pool(
+            f"reward-{name}",
+            RewardShard,
+            spec,
+            expert.num_cpus,
+            expert.num_gpus,
+            env,
+            options,
+            timeout,
+            budget,
         )
     if not pools:
         raise ValueError(

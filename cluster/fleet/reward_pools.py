@@ -56,3 +56,19 @@ class RewardFleet:
     def shutdown(self) -> None:
         for pool in self.pools.values():
             pool.shutdown()
+
+
+def shard_pool(
+    name: str, actor_class, spec, num_cpus: float, num_gpus: float, env: dict, options, timeout_s, budget
+) -> Pool:
+    """A pool of `actor_class(spec, replica)` reward actors with their resources, environment and placement."""
+    import ray
+
+    remote = ray.remote(actor_class).options(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_restarts=0,
+        runtime_env={"env_vars": env},
+        **options("reward", num_cpus, num_gpus),
+    )
+    return Pool(name, lambda i, _slot, s=spec, rm=remote: rm.remote(s, i), timeout_s, budget)
