@@ -3,7 +3,8 @@
 compares_group=..., needs_critic=...)`, or a bare function (then sequence-level, needing neither group nor critic):
 
     def centred(inputs: AdvantageInputs, algo: AlgoConfig):
-        adv = inputs.rewards - inputs.rewards.mean()
+        kept = inputs.kept()  # rows a reward failure dropped have no response tokens and reward 0
+        adv = inputs.rewards - inputs.rewards[kept].mean()
         return adv[:, None] * inputs.mask, None
 
 Each estimator maps `AdvantageInputs` (one learner rank's rows, whole prompt groups) to per-token advantages
@@ -34,6 +35,12 @@ class AdvantageInputs:
     mask: torch.Tensor  # [B, T] response tokens
     group_size: int
     values: torch.Tensor | None = None  # [B, T] critic values (gae)
+
+    def kept(self) -> torch.Tensor:
+        """[B] bool: rows with response tokens. A prompt group dropped for a reward failure (reward.on_error=drop)
+        stays in the batch with no response tokens and reward 0; whole-group estimators see all of it at once
+        (its advantages are 0), but a statistic over the batch should leave those rows out."""
+        return self.mask.bool().any(-1)
 
 
 EstimatorFn = Callable[[AdvantageInputs, AlgoConfig], tuple[torch.Tensor, torch.Tensor | None]]

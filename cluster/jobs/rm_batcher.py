@@ -46,8 +46,16 @@ class Batcher:
         return future
 
     def close(self) -> None:
+        """Stop after the batch in flight; requests still queued are cancelled (their clients get an error)."""
         self.jobs.put(None)
         self.thread.join(timeout=30)
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.future.cancel()
 
     def _run(self) -> None:
         while True:

@@ -69,3 +69,10 @@ def test_unknown_estimator_names_the_key():
 def test_gae_needs_values():
     with pytest.raises(ValueError, match="critic"):
         estimate(AlgoConfig(estimator="gae"), _inputs([1.0, 0.0], 2))
+
+
+def test_kept_rows_leave_out_rows_without_response_tokens():
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]])
+    inputs = AdvantageInputs(torch.tensor([1.0, 0.0, 3.0]), torch.zeros(3, 3), mask, 1)
+    assert inputs.kept().tolist() == [True, False, True]
+    assert float(inputs.rewards[inputs.kept()].mean()) == 2.0  # the dropped row's 0 is not averaged in
