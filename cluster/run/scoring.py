@@ -38,9 +38,11 @@ class ScoredBatch:
         return [s for s in self.scored if not s.reward.dropped]
 
     def metrics(self) -> dict:
+        # Keys that are no other key's path prefix: MLflow's file store keeps "a/b" as a file under folder "a"
+        # ("samples" is a metric already, so the count of dropped samples is "samples_dropped").
         row = {
-            "reward/errors": sum(self.errors.values()),
-            "samples/dropped": len(self.scored) - len(self.kept),
+            "reward/errors_total": sum(self.errors.values()),
+            "samples_dropped": len(self.scored) - len(self.kept),
         }
         row.update({f"reward/errors/{name}": n for name, n in sorted(self.errors.items()) if n})
         return row

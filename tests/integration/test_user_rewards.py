@@ -99,7 +99,7 @@ def test_a_run_mixes_plugin_http_and_judge_objectives(reward_service, tmp_path, 
         z = (s["objectives"]["remote"] - 0.5) / 0.5
         expected = z + 0.5 * s["objectives"]["brief"] + 0.5 * s["objectives"]["helpful"]
         assert s["reward"] == pytest.approx(expected, abs=1e-4)
-    kept_rows = [r for r in train_rows if r["samples/dropped"] < r["samples"]]
+    kept_rows = [r for r in train_rows if r["samples_dropped"] < r["samples"]]
     assert kept_rows and all("objective/helpful" in r and "objective/remote" in r for r in kept_rows)
     assert summary["last"]["accounting/lost"] == 0
     assert cli(["inspect", str(out), "--top", "2"]) == 0
