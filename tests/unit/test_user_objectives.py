@@ -138,7 +138,11 @@ def test_drop_leaves_out_whole_prompt_groups_and_counts_them():
     assert [s.reward.dropped for s in result.scored] == ["", "", DROP_REASON, DROP_REASON, "", ""]
     assert result.errors == {"correctness": 0, "mine": 1} and result.dropped_prompts == 1
     assert [s.reward.scalar for s in result.kept] == [0.0, 1.0, 4.0, 5.0]
-    assert result.metrics()["reward/errors/mine"] == 1 and result.metrics()["samples_dropped"] == 2 and result.metrics()["reward/errors_total"] == 1
+    assert (
+        result.metrics()["reward/errors/mine"] == 1
+        and result.metrics()["samples_dropped"] == 2
+        and result.metrics()["reward/errors_total"] == 1
+    )
     batch = from_scored(result.scored, 0, 2)  # the learner sees no response token of the dropped group
     assert batch.action_mask[2:4].sum() == 0 and batch.action_mask[[0, 1, 4, 5]].sum() > 0
     assert batch.rewards[2:4].tolist() == [0.0, 0.0]
