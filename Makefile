@@ -15,7 +15,7 @@ $(STAMP): requirements/cpu-lock.txt requirements/cpu-pins.in pyproject.toml scri
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=40 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m "not integration and not slow"
