@@ -49,8 +49,33 @@ def read_prompts(path: str, key: str, reference_key: str | None) -> tuple[list, 
     return rows, references, skipped
 
 
-def best_of_n(cfg) -> dict:
-    """`cfg`: the typed TroupeConfig (best_of_n.*, model.policy, generator.*, data.prompt_key, run.seed)."""
+def candidates_path(out: str) -> Path:
+    return Path(out).with_name(Path(out).name + ".candidates.jsonl")
+
+
+def sampled_with(cfg) -> dict:
+    """What the candidates depend on: an earlier run's are reused only when all of it is the same."""
+    g = cfg.generator
+    return {
+        "policy": cfg.model.policy,
+        "seed": cfg.run.seed,
+        "n": cfg.best_of_n.n,
+        **{k: getattr(g, k) for k in ("backend", "dtype", "temperature", "top_p", "max_new_tokens")},
+    }
+
+
+def saved_candidates(path: Path, prompts: list, sampling: dict) -> list[list[dict]] | None:
+    """The candidates an earlier run of the same prompts and sampling generated, or None when there are none."""
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if [r["prompt"] for r in rows] != prompts or any(r.get("sampling") != sampling for r in rows):
+        return None
+    return [r["candidates"] for r in rows]
+
+
+def generate_candidates(cfg, prompts: list) -> list[list[dict]]:
+    """N samples per prompt from model.policy: [{"text", "finish_reason"}] per prompt, in prompt order."""
     from transformers import AutoTokenizer
 
     from troupe.actors.generator.actor import Generator
@@ -60,7 +85,6 @@ def best_of_n(cfg) -> dict:
     from troupe.cluster.run.runtime import generator_env
 
     b, g = cfg.best_of_n, cfg.generator
-    prompts, references, skipped = read_prompts(b.prompts, cfg.data.prompt_key, b.reference_key)
     os.environ.update(generator_env(g))
     model_path = resolve_model(cfg.model.policy)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -72,54 +96,99 @@ def best_of_n(cfg) -> dict:
         encoded.append(Prompt(str(i), ids, text))
     generator = Generator(g, model_path, seed=cfg.run.seed)
     sampling = Sampling(n=b.n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens)
-    rollouts = generator.generate(encoded, sampling)
-    Path(b.out).parent.mkdir(parents=True, exist_ok=True)
-    results = []
-    per_request = max(1, b.batch // b.n) * b.n  # a prompt's candidates go in one request
-    for start in range(0, len(rollouts), per_request):
-        chunk = rollouts[start : start + per_request]
-        items = [
-            {
-                "prompt": prompts[int(r.prompt.uid)],
-                "response": r.response_text,
-                "finish_reason": r.finish_reason,
-                **({"reference": references[int(r.prompt.uid)]} if b.reference_key else {}),
-            }
-            for r in chunk
-        ]
-        results += post_score(b.url, items)
-    gains, bests = [], []
-    with open(b.out, "w") as out:
-        for i, prompt in enumerate(prompts):
-            group = list(
-                zip(
-                    rollouts[i * b.n : (i + 1) * b.n],
-                    results[i * b.n : (i + 1) * b.n],
-                    strict=True,
-                )
+    grouped: list[list[dict]] = [[] for _ in prompts]
+    for r in generator.generate(encoded, sampling):
+        grouped[int(r.prompt.uid)].append({"text": r.response_text, "finish_reason": r.finish_reason})
+    return grouped
+
+
+def best_row(prompt, candidates: list[dict], results: list[dict]) -> dict:
+    """The prompt's best-scored candidate with its breakdown; candidates the service could not score (an "error"
+    result) are left out, and a prompt none of whose candidates scored keeps best=None."""
+    rewards = [s.get("reward") for s in results]
+    scored = [i for i, r in enumerate(rewards) if r is not None]
+    row = {"prompt": prompt, "rewards": rewards, "errors": len(candidates) - len(scored)}
+    if not scored:
+        return {**row, "best": None, "finish_reason": None, "reward": None, "objectives": {}, "weights": {}}
+    i = max(scored, key=lambda k: rewards[k])
+    return {
+        **row,
+        "best": candidates[i]["text"],
+        "finish_reason": candidates[i]["finish_reason"],  # "length": cut at generator.max_new_tokens
+        "reward": rewards[i],
+        "objectives": results[i].get("objectives", {}),
+        "weights": results[i].get("weights", {}),
+    }
+
+
+def best_of_n(cfg) -> dict:
+    """`cfg`: the typed TroupeConfig (best_of_n.*, model.policy, generator.*, data.prompt_key, run.seed).
+    The candidates are saved (`<out>.candidates.jsonl`) before scoring, and each scored request's prompts are
+    appended to `out` as they come back: when scoring fails part-way, running the same command again reuses the
+    candidates and scores only the prompts `out` does not hold yet."""
+    b = cfg.best_of_n
+    prompts, references, skipped = read_prompts(b.prompts, cfg.data.prompt_key, b.reference_key)
+    out, saved = Path(b.out), candidates_path(b.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sampling = sampled_with(cfg)
+    candidates = saved_candidates(saved, prompts, sampling)
+    done = 0
+    if candidates is None:
+        candidates = generate_candidates(cfg, prompts)
+        tmp = saved.with_name(saved.name + ".tmp")
+        tmp.write_text(
+            "".join(
+                json.dumps({"prompt": p, "sampling": sampling, "candidates": c}) + "\n"
+                for p, c in zip(prompts, candidates, strict=True)
             )
-            best_rollout, best = max(group, key=lambda pair: pair[1]["reward"])
-            rewards = [s["reward"] for _, s in group]
-            gains.append(best["reward"] - rewards[0])  # against taking the first sample
-            bests.append(best["reward"])
-            row = {
-                "prompt": prompt,
-                "best": best_rollout.response_text,
-                "finish_reason": best_rollout.finish_reason,  # "length": cut at --max-new-tokens
-                "reward": best["reward"],
-                "objectives": best["objectives"],
-                "weights": best["weights"],
-                "rewards": rewards,
-            }
-            out.write(json.dumps(row) + "\n")
-    summary = {
+        )
+        tmp.replace(saved)
+        out.write_text("")
+    elif out.exists():
+        done = sum(1 for line in out.read_text().splitlines() if line.strip())
+        if done > len(prompts):
+            raise ValueError(f"{out}: {done} rows, more than the {len(prompts)} prompts of {b.prompts}")
+    per_request = max(1, b.batch // b.n)  # whole prompts per request
+    with open(out, "a") as sink:
+        for start in range(done, len(prompts), per_request):
+            chunk = range(start, min(start + per_request, len(prompts)))
+            items = [
+                {
+                    "prompt": prompts[i],
+                    "response": c["text"],
+                    "finish_reason": c["finish_reason"],
+                    **({"reference": references[i]} if b.reference_key else {}),
+                }
+                for i in chunk
+                for c in candidates[i]
+            ]
+            try:
+                results = post_score(b.url, items)
+            except Exception as e:
+                raise RuntimeError(
+                    f"best-of-n: scoring stopped after {start} of {len(prompts)} prompts ({e}); {out} holds those, "
+                    f"{saved} every candidate: run the same command again to score the rest"
+                ) from e
+            for k, i in enumerate(chunk):
+                sink.write(
+                    json.dumps(best_row(prompts[i], candidates[i], results[k * b.n : (k + 1) * b.n])) + "\n"
+                )
+            sink.flush()
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    scored = [r for r in rows if r["reward"] is not None]
+    firsts = [r["rewards"][0] for r in scored if r["rewards"][0] is not None]
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    return {
         "prompts": len(prompts),
         "skipped": skipped,
+        "unscored": len(rows) - len(scored),  # prompts none of whose candidates the service could score
+        "errors": sum(r["errors"] for r in rows),
         "n": b.n,
-        "mean_best_reward": sum(bests) / max(len(bests), 1),
-        "mean_first_sample_reward": sum(b - g for b, g in zip(bests, gains, strict=True))
-        / max(len(bests), 1),
-        "mean_gain_over_first_sample": sum(gains) / max(len(gains), 1),
+        "mean_best_reward": mean([r["reward"] for r in scored]),
+        "mean_first_sample_reward": mean(firsts),
+        "mean_gain_over_first_sample": mean(
+            [r["reward"] - r["rewards"][0] for r in scored if r["rewards"][0] is not None]
+        ),
         "out": b.out,
+        "candidates": str(saved),
     }
-    return summary
