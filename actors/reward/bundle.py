@@ -16,8 +16,10 @@ backbone runs in bfloat16 or float32 (`dtype`); features and heads are float32.
 from __future__ import annotations
 
 import json
+import types
+import typing
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -49,7 +51,7 @@ def read_info(folder: str | Path, allow_failed: bool = False) -> BundleInfo:
     meta = Path(folder) / "bundle.json"
     if not meta.exists():
         raise FileNotFoundError(f"{folder} is not a reward bundle (no bundle.json)")
-    info = BundleInfo(**json.loads(meta.read_text()))
+    info = parse_info(meta)
     if info.failed and not allow_failed:
         raise FailedBundle(
             f"reward bundle {folder} is marked failed and is not served: {info.failed}. It was kept for "
@@ -57,6 +59,39 @@ def read_info(folder: str | Path, allow_failed: bool = False) -> BundleInfo:
             f"to accept a chance-level model"
         )
     return info
+
+
+def parse_info(meta: Path) -> BundleInfo:
+    """bundle.json as a BundleInfo; malformed JSON, a missing or unknown key and a value of the wrong type raise
+    naming the file and the key."""
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta}: not a valid bundle description ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{meta}: must hold a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(BundleInfo)
+    known = {f.name: f for f in fields(BundleInfo)}
+    if unknown := sorted(set(data) - set(known)):
+        raise ValueError(f"{meta}: unknown key(s) {unknown}; a bundle has {sorted(known)}")
+    for name, f in known.items():
+        if name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ValueError(f"{meta}: missing key {name!r}")
+            continue
+        allowed = _runtime_types(hints[name])
+        value = data[name]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            said = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"{meta}: {name!r} must be {said}, got {type(value).__name__} {value!r:.80}")
+    return BundleInfo(**data)
+
+
+def _runtime_types(hint) -> tuple[type, ...]:
+    """str | None -> (str, NoneType); list[str] -> (list,)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(t for arg in typing.get_args(hint) for t in _runtime_types(arg))
+    return (typing.get_origin(hint) or hint,)
 
 
 def store_normalizer(folder: str | Path, key: str, state: dict) -> Path:

@@ -1,21 +1,23 @@
-"""Reads preference files (JSONL, JSONL.gz, JSON array, parquet) into tokenised `PreferencePair`s.
+"""Reads preference files (JSONL, JSONL.gz, JSON array, parquet; rows by `records.file_rows`) into tokenised
+`PreferencePair`s.
 
 Accepted record shapes (keys configurable):
-  plain:  {"prompt": str, "chosen": str, "rejected": str}
-  chat:   {"chosen": [messages...], "rejected": [messages...]} (the prompt is all but the last message;
-          an explicit "prompt" (str or messages) wins)
+  plain:  {"prompt": str or messages, "chosen": str, "rejected": str}
+  chat:   {"chosen": [messages...], "rejected": [messages...]} (the prompt is all but the last message, which must
+          be the assistant's; an explicit "prompt" (str or messages) wins)
   hh-rlhf transcripts: {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}
-A record missing a key fails naming the file and line; an empty response, identical responses, chat pairs whose
-conversations differ before the compared turn, and records past `max_pairs` are skipped and counted by reason, so
-kept + skipped is every record of the file. Subsampling (`max_pairs`, `max_pairs_per_subset`): sample="first"
-keeps the first pairs in file order, "random" a seeded random choice (kept in file order); the per-subset cap
-applies first (counted as over_max_pairs_per_subset), then max_pairs (over_max_pairs).
+Every record is kept or skipped and counted by reason, so kept + skipped is every record of the file; the first
+few of each reason are logged with file:line and the field: a missing or null key, a response that is not a string
+or a message list (or sides of different shapes), messages that are not {role, content} with a known role, a side
+that does not end with the assistant's turn, chat pairs whose conversations differ before the compared turn, an
+empty prompt or response, identical responses, a line that is not a JSON object, and records past `max_pairs`.
+Subsampling (`max_pairs`, `max_pairs_per_subset`): sample="first" keeps the first pairs in file order, "random" a
+seeded random choice (kept in file order); the per-subset cap applies first (counted as
+over_max_pairs_per_subset), then max_pairs (over_max_pairs).
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 import re
 from collections import Counter
@@ -23,6 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from troupe.actors.learner.dpo import PreferencePair
+from troupe.cluster.data import fields
+from troupe.cluster.data.records import BadRow, Skipped, SkipRow, file_rows
 
 _TURN = re.compile(r"\n\n(Human|Assistant): ")
 
@@ -34,40 +38,6 @@ class Preference:
     rejected: str
     source: str  # "file:line"
     subset: str = ""  # for per-subset evaluation (RewardBench-style)
-
-
-class SkipRecord(ValueError):
-    """A record that is well-formed but unusable; loaders count it by `reason` instead of failing."""
-
-    def __init__(self, where: str, reason: str) -> None:
-        super().__init__(f"{where}: {reason}")
-        self.reason = reason
-
-
-def read_records(path: str | Path) -> list[tuple[int, dict]]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"preference file not found: {path}")
-    name = path.name
-    if name.endswith(".parquet"):
-        import pandas as pd
-
-        return list(enumerate(pd.read_parquet(path).to_dict("records"), start=1))
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if name.removesuffix(".gz").endswith(".json"):
-            data = json.load(f)
-            if not isinstance(data, list):
-                raise ValueError(f"{path}: a .json preference file must hold a list of records")
-            return list(enumerate(data, start=1))
-        out = []
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    out.append((line_no, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-        return out
 
 
 def parse_transcript(text: str) -> list[dict]:
@@ -84,31 +54,50 @@ def parse_transcript(text: str) -> list[dict]:
 def to_preference(
     record: dict, where: str, prompt_key: str, chosen_key: str, rejected_key: str
 ) -> Preference:
-    for key in (chosen_key, rejected_key):
-        if key not in record:
-            raise ValueError(f"{where}: missing key {key!r} (has {sorted(record)})")
-    chosen, rejected = record[chosen_key], record[rejected_key]
+    """The pair a record holds, else SkipRow naming the field."""
+    chosen, rejected = _side(record, chosen_key), _side(record, rejected_key)
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise SkipRow(
+            "bad_response",
+            f"{chosen_key!r} and {rejected_key!r} differ in shape (one text, one message list)",
+        )
     if isinstance(chosen, str) and chosen.startswith("\n\nHuman:"):
-        chosen, rejected = parse_transcript(chosen), parse_transcript(rejected)
+        chosen, rejected = _transcript(chosen, chosen_key), _transcript(rejected, rejected_key)
     if isinstance(chosen, str):
-        if prompt_key not in record:
-            raise ValueError(f"{where}: missing key {prompt_key!r} (plain-text pairs need a prompt)")
-        prompt = record[prompt_key]
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        return Preference(prompt, chosen, str(rejected), where)
-    chosen, rejected = list(chosen), list(rejected)
-    if not chosen or not rejected or chosen[-1].get("role") != "assistant":
-        raise ValueError(f"{where}: chat pairs must end with an assistant message")
-    prompt = record.get(prompt_key)
-    if prompt is None:
-        prompt = chosen[:-1]
-        if rejected[:-1] != prompt:
-            raise SkipRecord(
-                where, "conversations_differ"
-            )  # 5 of hh-rlhf harmless-base test: broken turn marks
-    elif isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    return Preference(list(prompt), chosen[-1]["content"], rejected[-1]["content"], where)
+        prompt = fields.prompt(fields.required(record, prompt_key), repr(prompt_key))
+    else:
+        for key, side in ((chosen_key, chosen), (rejected_key, rejected)):
+            if side[-1]["role"] != "assistant":
+                raise SkipRow(
+                    "not_assistant_turn", f"{key!r} ends with a {side[-1]['role']} turn, not the assistant's"
+                )
+        if record.get(prompt_key) is None:
+            prompt = chosen[:-1]
+            if rejected[:-1] != prompt:  # 5 of hh-rlhf harmless-base test: broken turn marks
+                raise SkipRow(
+                    "conversations_differ", f"{chosen_key!r} and {rejected_key!r} differ before the last turn"
+                )
+            fields.require_user_turn(prompt, f"{chosen_key!r} before its last turn")
+        else:
+            prompt = fields.prompt(record[prompt_key], repr(prompt_key))
+        chosen, rejected = chosen[-1]["content"], rejected[-1]["content"]
+    if not chosen.strip() or not rejected.strip():
+        raise SkipRow("empty_response", f"{chosen_key if not chosen.strip() else rejected_key!r} is empty")
+    if chosen == rejected:
+        raise SkipRow("identical_responses", f"{chosen_key!r} and {rejected_key!r} are the same text")
+    return Preference(prompt, chosen, rejected, where)
+
+
+def _side(record: dict, key: str) -> str | list[dict]:
+    value = fields.required(record, key)
+    return value if isinstance(value, str) else fields.messages(value, repr(key), "bad_response")
+
+
+def _transcript(text: str, key: str) -> list[dict]:
+    try:
+        return parse_transcript(text)
+    except ValueError as e:
+        raise SkipRow("bad_response", f"{key!r} is an hh-rlhf transcript on one side only ({e})") from None
 
 
 def load_preferences(
@@ -153,25 +142,24 @@ def load_preferences(
 def _load(
     path, prompt_key, chosen_key, rejected_key, max_pairs, subset_key
 ) -> tuple[list[Preference], Counter]:
-    skipped: Counter = Counter()
+    skipped = Skipped()
     out = []
-    for line_no, record in read_records(path):
+    for where, record in file_rows(path, "preference file"):
         if max_pairs is not None and len(out) >= max_pairs:
             skipped["over_max_pairs"] += 1  # read but not used: counted, so the report adds up to the file
             continue
         try:
-            pref = to_preference(record, f"{path}:{line_no}", prompt_key, chosen_key, rejected_key)
-        except SkipRecord as skip:
-            skipped[skip.reason] += 1
+            if isinstance(record, BadRow):
+                raise SkipRow(record.reason, record.detail)
+            pref = to_preference(record, where, prompt_key, chosen_key, rejected_key)
+            if subset_key is not None:
+                subset = record.get(subset_key)
+                pref = replace(
+                    pref, subset="" if subset is None else fields.text(subset, repr(subset_key), "bad_subset")
+                )
+        except SkipRow as e:
+            skipped.add(e.reason, where, str(e))
             continue
-        if not pref.chosen.strip() or not pref.rejected.strip():
-            skipped["empty_response"] += 1
-            continue
-        if pref.chosen == pref.rejected:
-            skipped["identical_responses"] += 1
-            continue
-        if subset_key is not None:
-            pref = replace(pref, subset=str(record.get(subset_key, "")))
         out.append(pref)
     return out, skipped
 

@@ -2,8 +2,8 @@
 
 A row's prompt (`data.prompt_key`, dotted paths reach inside: "turns.0") is a string (one user turn, after the
 optional `data.system_prompt`) or a list of {role, content} messages (trailing assistant turns are dropped: the
-policy answers the last user turn). `data.answer_key` becomes the prompt's reference and `data.meta_keys` its
-metadata, both read by the reward objectives. Bad rows are skipped, logged with where they are (file:line) and
+policy answers the last user turn). `data.answer_key` becomes the prompt's reference (a string, or a number as
+Python writes it) and `data.meta_keys` its metadata, both read by the reward objectives. Bad rows are skipped, logged with where they are (file:line) and
 counted by reason; the run goes on. `builtin:arithmetic` is the generated arithmetic task (task.*).
 
 The cursor: a dataset is walked in a seeded order that is reshuffled each epoch (`data.shuffle`); `state_dict()`
@@ -17,24 +17,17 @@ import hashlib
 import json
 import logging
 import random
-from collections import Counter
 from dataclasses import dataclass, field
 
 from troupe.actors.protocol import Prompt, PromptBatch
 from troupe.actors.tasks.arithmetic import ArithmeticTask, chat_messages
 from troupe.cluster.config.schema import DataConfig, TaskConfig, TroupeConfig
-from troupe.cluster.data.records import BadRow, iter_rows
+from troupe.cluster.data import fields
+from troupe.cluster.data.records import BadRow, Skipped, SkipRow, iter_rows
 
 log = logging.getLogger("troupe.data")
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
 EVAL_SEED_OFFSET = 1_000_003  # held-out arithmetic problems come from another seed
-LOGGED_PER_REASON = 5  # the first bad rows of each reason are logged with where they are; all are counted
-
-
-class SkipRow(ValueError):
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(detail or reason)
-        self.reason = reason
 
 
 @dataclass
@@ -44,7 +37,7 @@ class PromptSet:
     source: str
     prompts: list[Prompt]
     rows: int = 0
-    skipped: Counter = field(default_factory=Counter)
+    skipped: Skipped = field(default_factory=Skipped)
 
     def metrics(self, prefix: str = "data") -> dict:
         out = {f"{prefix}/rows": self.rows, f"{prefix}/prompts": len(self.prompts)}
@@ -63,7 +56,8 @@ class PromptEncoder:
         messages = self.messages_of(_field(row, c.prompt_key, "data.prompt_key"))
         reference = ""
         if c.answer_key:
-            reference = str(_field(row, c.answer_key, "data.answer_key")).strip()
+            answer = _field(row, c.answer_key, "data.answer_key")
+            reference = fields.text(answer, f"data.answer_key={c.answer_key!r}", "bad_answer").strip()
             if not reference:
                 raise SkipRow("empty_answer", f"empty answer under data.answer_key={c.answer_key!r}")
         meta = []
@@ -86,20 +80,14 @@ class PromptEncoder:
         return Prompt(uid, tuple(ids), last_user, reference, meta, turns)
 
     def messages_of(self, value) -> list[dict]:
+        where = f"data.prompt_key={self.cfg.prompt_key!r}"
         if isinstance(value, str):
             messages = [{"role": "user", "content": value}]
-        elif isinstance(value, list) and value and all(_is_message(m) for m in value):
-            messages = [{"role": m["role"], "content": m["content"]} for m in value]
+        else:
+            messages = fields.messages(value, where, "bad_prompt")
             while messages and messages[-1]["role"] == "assistant":
                 messages.pop()
-        else:
-            raise SkipRow(
-                "bad_prompt",
-                f"data.prompt_key={self.cfg.prompt_key!r} holds {type(value).__name__}, not a string or a list "
-                "of {role, content} messages",
-            )
-        if not any(m["role"] == "user" and m["content"].strip() for m in messages):
-            raise SkipRow("empty_prompt", "the prompt has no non-empty user turn")
+        fields.require_user_turn(messages, where)
         if self.cfg.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
         return messages
@@ -114,14 +102,10 @@ def load_prompt_set(
         out.rows += 1
         try:
             if isinstance(row, BadRow):
-                raise SkipRow("malformed_json", row.reason)
-            if not isinstance(row, dict):
-                raise SkipRow("bad_row", f"a row must be an object, got {type(row).__name__}")
+                raise SkipRow(row.reason, row.detail)
             out.prompts.append(encoder.encode(row, f"{name}:{out.rows - 1}"))
         except SkipRow as e:
-            out.skipped[e.reason] += 1
-            if out.skipped[e.reason] <= LOGGED_PER_REASON:
-                log.warning("skipped %s: %s", where, e)
+            out.skipped.add(e.reason, where, str(e))
         if limit is not None and len(out.prompts) >= limit:
             break
     if out.skipped:
@@ -270,7 +254,3 @@ def _field(row: dict, path: str, key_name: str):
     if value is None:
         raise SkipRow("missing_key", f"field {path!r} ({key_name}) is null")
     return value
-
-
-def _is_message(m) -> bool:
-    return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)

@@ -1,7 +1,9 @@
-"""Absolute multi-objective ratings (ArmoRM stage 1) from JSONL/JSON/parquet: one response per record, with a
-rating per objective on a configured scale. Ratings are rescaled to [0, 1]; a missing rating is NaN and ignored
-for that objective only; a rating outside its scale fails naming the file, line and objective. A record with an
-empty response or no rating for any objective is skipped and counted (`Ratings.skipped`).
+"""Absolute multi-objective ratings (ArmoRM stage 1) from JSONL/JSON/parquet (rows by `records.file_rows`): one
+response per record, with a rating per objective on a configured scale. Ratings are rescaled to [0, 1]; an absent
+or null rating is NaN and ignored for that objective only (a multi-source file rates each row on its source's
+objectives). Every other problem skips the record, counted by reason in `Ratings.skipped` and logged with
+file:line and the field: a missing or null prompt or response, a response that is not text, an empty response, a
+rating that is not a number ("N/A", true, a list, NaN), a rating outside its scale, no rating at all.
 
 Scales come from `rm.scales` ({objective: [lo, hi]}) and/or `rm.scales_path` (a YAML or JSON file holding the
 same mapping); an objective in both takes the command line's scale.
@@ -17,7 +19,8 @@ from pathlib import Path
 import torch
 
 from troupe.actors.reward.armo import rescale
-from troupe.cluster.data.preferences import read_records
+from troupe.cluster.data import fields
+from troupe.cluster.data.records import BadRow, Skipped, SkipRow, file_rows
 
 
 @dataclass(frozen=True)
@@ -70,31 +73,52 @@ def load_ratings(
     prompt_key: str = "prompt",
     response_key: str = "response",
 ) -> Ratings:
-    records = read_records(path)
     prompts, responses, raw, sources = [], [], {k: [] for k in scales}, []
-    skipped: Counter = Counter()
-    for line_no, rec in records:
-        where = f"{path}:{line_no}"
-        for key in (prompt_key, response_key):
-            if key not in rec:
-                raise ValueError(f"{where}: missing key {key!r} (has {sorted(rec)})")
-        values = {obj: rec.get(obj) for obj in scales}
-        response = str(rec[response_key])
-        if not response.strip():
-            skipped["empty_response"] += 1
+    skipped = Skipped()
+    for where, rec in file_rows(path, "ratings file"):
+        try:
+            if isinstance(rec, BadRow):
+                raise SkipRow(rec.reason, rec.detail)
+            prompt = fields.prompt(fields.required(rec, prompt_key), repr(prompt_key))
+            response = fields.text(fields.required(rec, response_key), repr(response_key), "bad_response")
+            if not response.strip():
+                raise SkipRow("empty_response", f"{response_key!r} is empty")
+            values = {obj: _rating(rec.get(obj), obj, scales[obj]) for obj in scales}
+            if all(v is None for v in values.values()):  # nothing to fit on; would only cost a forward pass
+                raise SkipRow("no_rating", f"no rating for any of {', '.join(scales)}")
+        except SkipRow as e:
+            skipped.add(e.reason, where, str(e))
             continue
-        if all(v is None or v != v for v in values.values()):  # None or NaN (parquet's missing)
-            skipped["no_rating"] += 1  # nothing to fit on; would only cost a forward pass
-            continue
-        prompt = rec[prompt_key]
-        prompts.append([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt))
+        prompts.append(prompt)
         responses.append(response)
         sources.append(where)
         for obj, value in values.items():
-            raw[obj].append(None if value is None else float(value))
+            raw[obj].append(value)
+    if not responses:
+        raise ValueError(f"{path}: no usable rated responses (skipped: {skipped.report()})")
     columns = []
     for obj, (lo, hi) in scales.items():
         if all(v is None for v in raw[obj]):
             raise ValueError(f"{path}: objective {obj!r} has no ratings in any record")
         columns.append(rescale(raw[obj], lo, hi, obj, sources))
     return Ratings(prompts, responses, torch.stack(columns, dim=1), list(scales), sources, skipped)
+
+
+def _rating(value, objective: str, scale: Sequence[float]) -> float | None:
+    """A rating on its scale; None when absent or null. A numeric string ("3") counts as its number."""
+    if value is None:
+        return None
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise SkipRow("bad_rating", f"rating {objective!r} is {value!r}, not a number") from None
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise SkipRow("bad_rating", f"rating {objective!r} holds {type(value).__name__}, not a number")
+    if number != number:  # NaN, from a JSON NaN or a "nan" string: not a rating
+        raise SkipRow("bad_rating", f"rating {objective!r} is NaN")
+    lo, hi = scale
+    if not lo <= number <= hi:  # infinities too
+        raise SkipRow("out_of_scale", f"rating {objective!r} {value!r} is outside its scale [{lo:g}, {hi:g}]")
+    return float(number)

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import ast
 import csv
-import gzip
-import json
 import random
-from collections import Counter
 from pathlib import Path
 
 from troupe.cluster.data.preferences import Preference, parse_transcript
+from troupe.cluster.data.records import BadRow, Skipped, json_document, jsonl_rows
 
 VERBOSITY_CAP = 200.0  # words
 
@@ -77,23 +75,7 @@ def _file(data_dir: str | Path, relative: str) -> Path:
     return path
 
 
-MAX_LINE_CHARS = 1_000_000  # a longer line is skipped and counted (no source has one)
 MAX_SCORES_CHARS = 10_000  # a `scores` field written as a Python literal: parsed only up to this size
-
-
-class Dropped(Counter):
-    """Records skipped while reading, by reason, with where the first of each reason was."""
-
-    def __init__(self, *args, **kwargs) -> None:  # Counter's copy and pickle call cls(mapping)
-        super().__init__(*args, **kwargs)
-        self.first: dict[str, str] = {}
-
-    def add(self, reason: str, where: str) -> None:
-        self[reason] += 1
-        self.first.setdefault(reason, where)
-
-    def report(self) -> dict:
-        return {k: f"{n} (first: {self.first[k]})" if k in self.first else n for k, n in self.items()}
 
 
 def _scores(value) -> dict:
@@ -118,7 +100,7 @@ def _rating(objective: str, value) -> float:
 
 
 def _json_list(path: Path) -> list:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json_document(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data
@@ -131,12 +113,12 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:200]
 
 
-def ratings_rows(data_dir: str | Path, max_d2t: int = 300, seed: int = 0) -> tuple[list[dict], Dropped]:
+def ratings_rows(data_dir: str | Path, max_d2t: int = 300, seed: int = 0) -> tuple[list[dict], Skipped]:
     """Every rated response (Topical-Chat, `max_d2t` random data-to-text rows, QAGS, XSTest) with verbosity, and
     the records skipped (by reason: a missing field, a rating off its scale, an unknown label, not sampled)."""
     rng = random.Random(seed)
     rows: list[dict] = []
-    dropped = Dropped()
+    dropped = Skipped()
 
     def rated(where: str, x, make) -> None:
         try:
@@ -184,7 +166,7 @@ def ratings_rows(data_dir: str | Path, max_d2t: int = 300, seed: int = 0) -> tup
             rated(f"{path} record {i}", x, qags)
     for name in XSTEST:
         path = _file(data_dir, name)
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             for x in reader:
                 where = f"{path}:{reader.line_num}"  # the record's last line (completions span lines)
@@ -228,30 +210,28 @@ def scales(rows: list[dict]) -> dict[str, tuple[float, float]]:
 
 def hh_pairs(
     data_dir: str | Path, limit: int | None = None, seed: int = 0
-) -> tuple[list[Preference], Dropped]:
-    out, dropped = [], Dropped()
+) -> tuple[list[Preference], Skipped]:
+    out, dropped = [], Skipped()
     path = _file(data_dir, HH_RLHF)
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(iter(lambda: f.readline(MAX_LINE_CHARS + 1), ""), start=1):
-            if len(line) > MAX_LINE_CHARS:
-                dropped.add("line_too_long", f"{path}:{i}")
-                while line and not line.endswith("\n"):  # the rest of that line
-                    line = f.readline(MAX_LINE_CHARS + 1)
-                continue
-            try:
-                x = json.loads(line)
-                c, r = parse_transcript(_text(x["chosen"])), parse_transcript(_text(x["rejected"]))
-            except BAD_RECORD as e:
-                dropped.add("bad_record", f"{path}:{i}: {_why(e)}")
-                continue
-            if c[:-1] != r[:-1] or c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
-                dropped["conversations_differ"] += 1
-            elif not c[-1]["content"] or not r[-1]["content"]:
-                dropped["empty_response"] += 1
-            elif c[-1]["content"] == r[-1]["content"]:
-                dropped["identical_responses"] += 1
-            else:
-                out.append(Preference(c[:-1], c[-1]["content"], r[-1]["content"], f"hh:{i}", "hh-harmless"))
+    for i, x in jsonl_rows(path):
+        if isinstance(x, BadRow):
+            dropped.add("line_too_long" if x.reason == "line_too_long" else "bad_record", x.where, x.detail)
+            continue
+        try:
+            c, r = parse_transcript(_text(x["chosen"])), parse_transcript(_text(x["rejected"]))
+        except BAD_RECORD as e:
+            dropped.add("bad_record", f"{path}:{i}", _why(e))
+            continue
+        if c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
+            dropped.add("not_assistant_turn", f"{path}:{i}")
+        elif c[:-1] != r[:-1]:
+            dropped["conversations_differ"] += 1
+        elif not c[-1]["content"] or not r[-1]["content"]:
+            dropped["empty_response"] += 1
+        elif c[-1]["content"] == r[-1]["content"]:
+            dropped["identical_responses"] += 1
+        else:
+            out.append(Preference(c[:-1], c[-1]["content"], r[-1]["content"], f"hh:{i}", "hh-harmless"))
     random.Random(seed).shuffle(out)
     if limit is not None:
         dropped["over_limit"] += max(0, len(out) - limit)
@@ -259,8 +239,8 @@ def hh_pairs(
     return out, dropped
 
 
-def pandalm_pairs(data_dir: str | Path, seed: int = 0) -> tuple[list[Preference], Dropped]:
-    out, dropped = [], Dropped()
+def pandalm_pairs(data_dir: str | Path, seed: int = 0) -> tuple[list[Preference], Skipped]:
+    out, dropped = [], Skipped()
     path = _file(data_dir, PANDALM)
     for i, x in enumerate(_json_list(path)):
         try:

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"wrote {s['out']}: {s['pairs']} pairs ({s['split']} split), subsets {s['subsets']}; "
                 f"dropped by reason {s['dropped']}, over --max-pairs {s['over_max_pairs']}"
             )
-    except (MissingData, ValueError, OSError, EOFError) as e:  # EOFError: a truncated gzip
+    except (MissingData, ValueError, OSError) as e:
         print(f"troupe rm data: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -2,12 +2,14 @@
 
 import gzip
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from troupe.cluster.data.preferences import SkipRecord, load_preferences, parse_transcript, to_preference
+from troupe.cluster.data.preferences import load_preferences, parse_transcript, to_preference
+from troupe.cluster.data.records import SkipRow
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -57,22 +59,23 @@ def test_every_record_is_kept_or_counted(tmp_path):
     assert len(prefs) + sum(skipped.values()) == len(rows)
 
 
-def test_bad_records_name_file_and_line(tmp_path):
+def test_bad_records_are_counted_and_logged_with_file_and_line(tmp_path, caplog):
     path = write_jsonl(
         tmp_path / "bad.jsonl",
         [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}],
     )
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing key 'rejected'"):
-        load_preferences(path)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{oops\n')
-    with pytest.raises(ValueError, match=r"broken.jsonl:2: not valid JSON"):
-        load_preferences(broken)
+    with caplog.at_level(logging.WARNING, logger="troupe.data"):
+        assert load_preferences(path)[1] == {"missing_key": 1}
+        assert load_preferences(broken)[1] == {"malformed_json": 1}
+    assert "bad.jsonl:2: missing_key: no field 'rejected'" in caplog.text
+    assert "broken.jsonl:2: malformed_json: not valid JSON" in caplog.text
     chat = {
         "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
         "rejected": [{"role": "user", "content": "DIFFERENT"}, {"role": "assistant", "content": "c"}],
     }
-    with pytest.raises(SkipRecord, match="conversations_differ"):
+    with pytest.raises(SkipRow, match="conversations_differ"):
         to_preference(chat, "f:1", "prompt", "chosen", "rejected")
     with pytest.raises(FileNotFoundError):
         load_preferences(tmp_path / "missing.jsonl")

@@ -16,6 +16,7 @@ from troupe.cluster.cli import main as troupe
 from troupe.cluster.data import rm_data
 from troupe.cluster.data.preferences import load_preferences
 from troupe.cluster.data.ratings import load_ratings, resolve_scales
+from troupe.cluster.data.records import MAX_LINE_BYTES
 from troupe.cluster.data.rm_data import SCALES
 from troupe.cluster.data.rm_data_command import _write_jsonl, main
 
@@ -126,7 +127,7 @@ def _hostile_data(root: Path) -> Path:
     hh = [json.dumps({"chosen": good + "hello", "rejected": good + "go away"}), "{not json",
           json.dumps({"chosen": good + "hello"}), json.dumps({"chosen": good + "hello", "rejected": 3}),
           json.dumps({"chosen": good + "hello", "rejected": "\n\nHuman: hi\n\nHuman: and you?"}),
-          "x" * (rm_data.MAX_LINE_CHARS + 10),
+          "x" * (MAX_LINE_BYTES + 10),
           json.dumps({"chosen": good + "fine", "rejected": good + "no"})]  # fmt: skip
     put(rm_data.HH_RLHF, "\n".join(hh) + "\n")
     panda = {"idx": 1, "instruction": "Say it", "input": "", "response1": "yes", "response2": False,
@@ -158,8 +159,8 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, capsys):
         ("fine", "no", "hh:7"),  # after the over-long line 6, read to its end
         ("yes", "False", "pandalm:1"),
     }
-    assert "test.jsonl.gz:2: JSONDecodeError" in printed and "'line_too_long': '1 (first: " in printed
-    assert "'conversations_differ': 1" in printed  # a rejected side that ends with the user's turn
+    assert "test.jsonl.gz:2: not valid JSON" in printed and "'line_too_long': '1 (first: " in printed
+    assert "'not_assistant_turn': '1 (first: " in printed  # a rejected side that ends with the user's turn
     assert re.search(
         r"'hh-harmless': \{'bad_record': .3 \(first: ", printed
     )  # lines 2-4: not JSON, no rejected, 3
