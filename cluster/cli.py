@@ -1,6 +1,7 @@
 """The `troupe` command: one grammar, `troupe <command> [--config-name RECIPE] [key=value ...]`.
 
-    troupe train | dpo | rm train | rm eval | rm import | rm serve | rm data | best-of-n | plot | inspect | fleet
+    troupe train | dpo | rm train | rm eval | rm import | rm serve | rm data | best-of-n | plot | inspect | fleet |
+           checkpoint trust
 
 The Hydra-configured commands take overrides of the typed schema after the subcommand; `troupe <overrides>` with no
 subcommand means `troupe train`. A config error prints its message alone and exits 2.
@@ -90,7 +91,10 @@ PLAIN = {
     "inspect": "the best and worst samples of a run with their reward breakdown: troupe inspect <run_dir>",
     "fleet": "resize a running run's pools: troupe fleet <run_dir> generators=N reward.<pool>=M",
     "rm data": "build reward-model files from public data: troupe rm data --help",
+    "checkpoint trust": "sign a run checkpoint made elsewhere with this machine's key: troupe checkpoint trust <dir>",
 }
+
+GROUPS = {"rm": "train | eval | import | serve | data", "checkpoint": "trust"}  # two-word commands
 
 
 def usage() -> str:
@@ -128,10 +132,10 @@ def command_help(command: Command) -> str:
 
 def split_command(argv: list[str]) -> tuple[str, list[str]]:
     """("rm eval", rest) from the words before the first option or override; "train" when there are none."""
-    if argv and argv[0] in ("rm",) and len(argv) > 1 and f"rm {argv[1]}" in {*COMMANDS, *PLAIN}:
-        return f"rm {argv[1]}", argv[2:]
-    if argv and argv[0] == "rm":
-        return "rm", argv[1:]
+    if argv and argv[0] in GROUPS and len(argv) > 1 and f"{argv[0]} {argv[1]}" in {*COMMANDS, *PLAIN}:
+        return f"{argv[0]} {argv[1]}", argv[2:]
+    if argv and argv[0] in GROUPS:
+        return argv[0], argv[1:]
     if argv and (argv[0] in COMMANDS or argv[0] in PLAIN):
         return argv[0], argv[1:]
     if argv and not any(c in argv[0] for c in "=+~") and not argv[0].startswith("-"):
@@ -242,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         from troupe.cluster.data.rm_data_command import main as rm_data_main
 
         return rm_data_main(rest)
-    if name == "rm":
-        print("usage: troupe rm train | eval | import | serve | data [--help]", file=sys.stderr)
+    if name == "checkpoint trust":
+        from troupe.cluster.durability.trust_command import main as trust_main
+
+        return trust_main(["trust", *rest])
+    if name in GROUPS:
+        print(f"usage: troupe {name} {GROUPS[name]} [--help]", file=sys.stderr)
         return 2
     return run_command(name, rest)
 
@@ -272,6 +280,7 @@ def run_command(name: str, args: list[str]) -> int:
     from troupe.cluster.config.compose import compose, config_record
     from troupe.cluster.durability.checkpoint import CheckpointError
     from troupe.cluster.durability.run_checkpoints import Stopped
+    from troupe.cluster.durability.signing import CheckpointKeyError
 
     logging.basicConfig(level=os.environ.get("TROUPE_LOG_LEVEL", "WARNING"))
     try:
@@ -288,7 +297,7 @@ def run_command(name: str, args: list[str]) -> int:
         if command.job == "best_of_n":
             print(json.dumps(result))
         return 0
-    except (ConfigError, PluginError, CheckpointError) as e:
+    except (ConfigError, PluginError, CheckpointError, CheckpointKeyError) as e:
         if os.environ.get("TROUPE_TRACEBACK"):
             raise
         return _fail(str(e))

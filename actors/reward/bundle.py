@@ -50,7 +50,13 @@ def read_info(folder: str | Path, allow_failed: bool = False) -> BundleInfo:
     """bundle.json only (no tensors). A bundle marked failed raises FailedBundle unless `allow_failed`."""
     meta = Path(folder) / "bundle.json"
     if not meta.exists():
-        raise FileNotFoundError(f"{folder} is not a reward bundle (no bundle.json)")
+        old = Path(folder).with_name(Path(folder).name + ".old")  # a save interrupted between its two renames
+        hint = (
+            f"; {old} holds the previous bundle: `mv {old} {folder}`"
+            if (old / "bundle.json").is_file()
+            else ""
+        )
+        raise FileNotFoundError(f"{folder} is not a reward bundle (no bundle.json){hint}")
     info = parse_info(meta)
     if info.failed and not allow_failed:
         raise FailedBundle(

@@ -96,6 +96,8 @@ def validate(cfg: TroupeConfig) -> None:
             f"rm.output={cfg.rm.output} is the stage-1 bundle rm.stage1: stage 2 would overwrite it; give stage 2 "
             "its own rm.output (e.g. rm.output=outputs/armo2)"
         )
+    if cfg.job == "rm_train":
+        _check_bundle_output(cfg)
     if cfg.job == "rm_train" and cfg.rm.stage in ("probe", "bt", "haf") and not cfg.dataset.path:
         raise ConfigError(f"troupe rm train rm.stage={cfg.rm.stage} needs dataset.path (a preference file)")
     if cfg.job == "rm_eval" and not (cfg.rm.bundle and cfg.dataset.path):
@@ -234,6 +236,23 @@ def _check_durability(cfg: TroupeConfig) -> None:
             raise ConfigError(f"faults.retries.{role} must be >= 0, got {n}")
     if cfg.resume is not None and (cfg.job != "rl" or cfg.algo.source != "rollouts"):
         raise ConfigError("resume= continues an RL run (job=rl with generated rollouts)")
+
+
+def _check_bundle_output(cfg: TroupeConfig) -> None:
+    """A bundle replaces rm.output whole (cluster/jobs/bundle_output.py): rm.output may hold a bundle or nothing,
+    and not the run's own outputs or the feature cache."""
+    from troupe.cluster.jobs.bundle_output import not_a_bundle
+
+    out = Path(cfg.rm.output).expanduser().resolve()
+    for key, inside in (("run.output_dir", cfg.run.output_dir), ("rm.cache", cfg.rm.cache)):
+        if Path(inside).expanduser().resolve().is_relative_to(out):
+            raise ConfigError(
+                f"rm.output={cfg.rm.output} holds {key}={inside}, and writing the bundle replaces rm.output whole; "
+                "give the bundle its own folder (default: <run.output_dir>/rm-<rm.name>)"
+            )
+    refused = not_a_bundle(out)
+    if refused:
+        raise ConfigError(f"rm.output: {refused}")
 
 
 def _check_rm_dataset(cfg: TroupeConfig) -> None:

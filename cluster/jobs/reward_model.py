@@ -173,8 +173,8 @@ def train_bt_or_haf(cfg: TroupeConfig, prefs=None, job: Job | None = None) -> tu
 
     from troupe.actors.learner.reward_trainer import RewardTrainer
     from troupe.cluster.fleet.learners import LearnerGroup, policy_setup
+    from troupe.cluster.jobs.bundle_output import save_reward_head_bundle
     from troupe.cluster.jobs.rm_training import (
-        save_reward_head_bundle,
         tokenize_for_rm,
         train_reward_head,
         warn_cut,

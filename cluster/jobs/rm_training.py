@@ -6,9 +6,9 @@
   probe:      a Bradley-Terry linear head on frozen backbone features of the response (`bt_probe`), on the same
               feature cache; the bundle is a reward head on the unchanged backbone
   bt / haf:   Bradley-Terry or HaF-RM on the DeepSpeed learner group (body + reward head [+ LM head])
-Each writes a reward bundle (actors/reward/bundle.py) that reward shards load. A Bradley-Terry loss that ends at
-chance (log 2) fails the gating and probe stages (`ChanceLevel`; the bundle is written marked failed, which
-serving refuses) unless `allow_chance`. Every stage warns on stderr when the truncation rule cut rows or pairs. The backbone stages take a compute
+Each writes a reward bundle (actors/reward/bundle.py) that reward shards load, swapped in whole
+(cluster/jobs/bundle_output.py). A Bradley-Terry loss that ends at chance (log 2) fails the gating and probe
+stages (`ChanceLevel`; the bundle is written marked failed, which serving refuses) unless `allow_chance`. Every stage warns on stderr when the truncation rule cut rows or pairs. The backbone stages take a compute
 `dtype` (bfloat16 or float32); BT / HaF train in learner.dtype. `tokenize_for_rm` encodes exactly as serving does.
 Every stage's stats say how many rows or pairs the truncation rule cut; `progress` shows tqdm bars on stderr.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,10 +26,11 @@ import torch
 from troupe.actors.learner.dpo import PreferencePair
 from troupe.actors.reward import armo
 from troupe.actors.reward.backbone import RewardBackbone, encode
-from troupe.actors.reward.bundle import BundleInfo, load_bundle, save_bundle
+from troupe.actors.reward.bundle import BundleInfo, load_bundle
 from troupe.actors.reward.feature_cache import cached_features
 from troupe.cluster.data.preferences import Preference
 from troupe.cluster.data.ratings import Ratings
+from troupe.cluster.jobs.bundle_output import write_bundle
 
 log = logging.getLogger("troupe.rm_training")
 CHANCE = math.log(2)  # the Bradley-Terry loss of a model that cannot tell chosen from rejected
@@ -70,7 +70,7 @@ def _fail_at_chance(folder: Path, info: BundleInfo, tensors: dict, stage: str, f
         f"failed (serving refuses it); rm.allow_chance=true keeps a chance-level bundle as a usable one"
     )
     info.failed = message
-    save_bundle(folder, info, tensors)
+    write_bundle(folder, info, tensors)
     return ChanceLevel(message, Path(folder))
 
 
@@ -109,7 +109,7 @@ def train_regression(
     }
     info = BundleInfo(name, backbone_path, max_length, list(ratings.objectives), stats={"regression": stats})
     k = len(ratings.objectives)
-    return save_bundle(out, info, {"regression": w, "transform": torch.eye(k)}), stats
+    return write_bundle(out, info, {"regression": w, "transform": torch.eye(k)}), stats
 
 
 def pair_features(
@@ -249,7 +249,7 @@ def train_gating_stage(
         log.warning(
             "gating: Bradley-Terry loss %.3f -> %.3f at chance, kept (allow_chance)", losses[0], losses[-1]
         )
-    return save_bundle(out, new, heads), stats
+    return write_bundle(out, new, heads), stats
 
 
 def bt_probe(
@@ -331,7 +331,7 @@ def train_probe_stage(
         )
     if stats["at_chance"] and not allow_chance:
         raise _fail_at_chance(Path(out), info, heads, stage, CHANCE, judged, advice)
-    return save_bundle(out, info, heads), stats
+    return write_bundle(out, info, heads), stats
 
 
 PROBE_HELD_OUT_MIN_PAIRS = 50  # below this a held-out estimate is noise; the training loss is judged instead
@@ -394,17 +394,3 @@ def train_reward_head(
                 row = {"iteration": len(history) - 1, "epoch": epoch}
                 record(row | {f"train/{k}": v for k, v in history[-1].items()})
     return history
-
-
-def save_reward_head_bundle(
-    group, out: str | Path, name: str, tokenizer_path: str, max_length: int, stats: dict
-) -> Path:
-    out = Path(out)
-    body = out / "model"
-    shutil.rmtree(body, ignore_errors=True)
-    group.save_reward_model(str(body), tokenizer_path)
-    from safetensors.torch import load_file
-
-    head = load_file(str(body / "reward_head.safetensors"))
-    info = BundleInfo(name, "model", max_length, [], reward_head=True, stats=stats)
-    return save_bundle(out, info, {"reward_head.weight": head["weight"], "reward_head.bias": head["bias"]})

@@ -35,6 +35,7 @@ from troupe.cluster.durability.run_checkpoints import (
     rejoin_generators,
     restore_driver_state,
 )
+from troupe.cluster.durability.signing import load_key
 from troupe.cluster.fleet.elastic import FleetControl
 from troupe.cluster.fleet.learners import LearnerGroup, critic_group, critic_setup, policy_setup
 from troupe.cluster.fleet.placement import RankPlacement, pool_options
@@ -195,9 +196,11 @@ def run(cfg: TroupeConfig) -> dict:
     model_path = resolve_model(cfg.model.policy)
     out_dir = Path(cfg.run.output_dir).resolve()
     resume = None
+    load_key()  # every run can write a checkpoint (on SIGTERM): a key that cannot be used fails now
     if cfg.resume:
         folder = find_checkpoint(out_dir, cfg.resume)
-        resume = (folder, verify(folder))  # before any actor starts: a bad checkpoint fails in seconds
+        # Before any actor starts: a bad checkpoint fails in seconds, and nothing in it is loaded unverified.
+        resume = (folder, verify(folder))
         for moved in set_aside_after(checkpoints_root(out_dir), folder):
             log.warning("checkpoint of the abandoned timeline set aside: %s", moved)
     elif complete(checkpoints_root(out_dir)):

@@ -106,35 +106,20 @@ def test_algorithm_and_deepspeed_cross_checks_name_keys():
             validate(OmegaConf.to_object(_compose(overrides=overrides)))
 
 
-def test_hierarchical_demo_needs_a_bundle_and_composes_with_one():
-    with pytest.raises(ConfigError, match=r"reward\.experts\.armo\.bundle"):
-        validate(OmegaConf.to_object(_compose("demo_hierarchical")))
-    cfg = OmegaConf.to_object(_compose("demo_hierarchical", ["reward.experts.armo.bundle=/some/bundle"]))
-    validate(cfg)
-    assert cfg.reward.aggregation == "hierarchy" and cfg.reward.hierarchy.holistic == "armo"
-    with pytest.raises(ConfigError, match=r"reward\.experts\.x"):
-        validate(OmegaConf.to_object(_compose(overrides=["+reward.experts={x: {replicas: 2}}"])))
-    with pytest.raises(Exception, match="replica"):  # a misspelled expert key fails naming it
-        _compose(overrides=["+reward.experts={x: {bundle: /b, replica: 2}}"])
-
-
-def test_recipes_need_their_inputs_and_drop_objectives_set_to_null():
-    for name in ("gsm8k", "chat_armo"):  # a recipe without prompts fails naming data.train
-        with pytest.raises(ConfigError, match=r"data\.train"):
-            validate(OmegaConf.to_object(_compose(name)))
-    gsm8k = OmegaConf.to_object(_compose("gsm8k", ["data.train=train.jsonl"]))
-    validate(gsm8k)
-    assert (gsm8k.data.prompt_key, gsm8k.data.answer_key) == ("question", "answer")
-    with pytest.raises(ConfigError, match=r"reward\.experts\.armo\.bundle"):
-        validate(OmegaConf.to_object(_compose("chat_armo", ["data.train=q.jsonl"])))
-    chat = OmegaConf.to_object(_compose("chat_armo", ["data.train=q.jsonl", "reward.experts.armo.bundle=/b"]))
-    validate(chat)
-    # the defaults' correctness and format are set to null there: no reference answers on chat prompts
-    assert set(chat.reward.objectives) == {"length", "repetition"}
-    with pytest.raises(ConfigError, match=r"data\.answer_key"):  # correctness on files needs the reference
-        validate(OmegaConf.to_object(_compose("gsm8k", ["data.train=t.jsonl", "data.answer_key=null"])))
-    plain = OmegaConf.to_object(_compose(overrides=["reward.objectives.format=null"]))
-    assert set(plain.reward.objectives) == {"correctness", "length"}
+def test_rm_output_is_refused_when_a_bundle_swap_would_replace_other_files(tmp_path):
+    """A bundle replaces rm.output whole: a folder of other files, or one holding the run's outputs, is refused."""
+    (tmp_path / "notes.txt").write_text("mine")
+    train = ["job=rm_train", "rm.stage=probe", "dataset.path=p.jsonl"]
+    cases = [
+        ([f"rm.output={tmp_path}"], "rm.output: .* is not a reward bundle"),
+        ([f"rm.output={tmp_path}/rm", f"run.output_dir={tmp_path}/rm/run"], "holds run.output_dir"),
+        ([f"rm.output={tmp_path}/rm", f"rm.cache={tmp_path}/rm/cache"], "holds rm.cache"),
+    ]
+    for overrides, refused in cases:
+        with pytest.raises(ConfigError, match=refused):
+            validate(OmegaConf.to_object(_compose(overrides=[*train, *overrides])))
+    validate(OmegaConf.to_object(_compose(overrides=[*train, f"rm.output={tmp_path}/rm"])))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize(

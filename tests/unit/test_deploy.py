@@ -2,6 +2,7 @@
 KubeRay RayJob CRD schema, bash and shellcheck; and the troupe overrides they pass compose into a valid config."""
 
 import gzip
+import re
 import shlex
 import shutil
 import subprocess
@@ -80,3 +81,38 @@ def test_slurm_script_passes_bash_and_shellcheck():
     assert (
         "--signal=B:TERM@" in text and "trap 'kill -TERM" in text
     )  # SIGTERM reaches troupe: checkpoint, stop
+
+
+@pytest.mark.parametrize(
+    "on_disk, resumes",
+    [
+        ((), False),
+        (("iter-000005.node1-4242.tmp/manifest.json",), False),  # killed during the first checkpoint
+        (("iter-000005/state.json",), False),  # a pruned folder loses its manifest first
+        (("iter-000005.abandoned/manifest.json",), False),
+        (("iter-000005.old/manifest.json",), True),  # killed between a swap's renames: resume restores it
+        (("iter-000005/manifest.json", "iter-000010.node1-4242.tmp/manifest.json"), True),
+    ],
+)
+def test_recipes_resume_only_from_a_complete_checkpoint(tmp_path, on_disk, resumes):
+    """A requeued job passes resume=latest only when a complete checkpoint exists: a partial .tmp folder would
+    make every requeue fail."""
+    root = tmp_path / "checkpoints"
+    for rel in on_disk:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("{}")
+    entry = yaml.safe_load((DEPLOY / "rayjob.yaml").read_text())["spec"]["entrypoint"]
+    script = shlex.split(entry)[2].replace("/shared/troupe/gsm8k/checkpoints", str(root))
+    rayjob = subprocess.run(
+        ["bash", "-c", 'troupe() { echo "$@"; }; ' + script], capture_output=True, text=True
+    )
+    text = (DEPLOY / "slurm.sbatch").read_text()
+    block = re.search(r"^extra=\(\).*?^fi$", text, re.S | re.M).group(0)
+    slurm = subprocess.run(
+        ["bash", "-c", block + '\necho "${extra[@]}"'],
+        env={"OUT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+    )
+    assert rayjob.returncode == 0 and slurm.returncode == 0, rayjob.stderr + slurm.stderr
+    assert ("resume=latest" in rayjob.stdout) == resumes and ("resume=latest" in slurm.stdout) == resumes
