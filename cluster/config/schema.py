@@ -328,6 +328,10 @@ class TroupeConfig:
     job: str = "rl"
     # Continue a run: "latest" (the newest complete checkpoint under run.output_dir) or a checkpoint folder.
     resume: str | None = None
+    # Config keys a resume may find changed (globs: faults.*; a group name covers its keys). Any other change from
+    # the checkpoint's config is refused, naming it (cluster/durability/fingerprint.py, which also lists the keys
+    # always accepted: display, checkpoint cadence, logging, ray).
+    resume_allow_changes: list[str] = field(default_factory=list)
 
 
 def register() -> None:

@@ -7,11 +7,13 @@ Python writes it) and `data.meta_keys` its metadata, both read by the reward obj
 counted by reason; the run goes on. `builtin:arithmetic` is the generated arithmetic task (task.*).
 
 The cursor: a dataset is walked in a seeded order that is reshuffled each epoch (`data.shuffle`); `state_dict()`
-holds (epoch, position, batches), so a resumed run continues with the very next prompt.
+holds (epoch, position, batches), so a resumed run continues with the very next prompt, and what the order depends
+on (the source and its content hash, seed, batch size): a state saved for other prompts is refused when loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -23,7 +25,7 @@ from troupe.actors.protocol import Prompt, PromptBatch
 from troupe.actors.tasks.arithmetic import ArithmeticTask, chat_messages
 from troupe.cluster.config.schema import DataConfig, TaskConfig, TroupeConfig
 from troupe.cluster.data import fields
-from troupe.cluster.data.records import BadRow, Skipped, SkipRow, iter_rows
+from troupe.cluster.data.records import BadRow, Skipped, SkipRow, content_sha256, iter_rows
 
 log = logging.getLogger("troupe.data")
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
@@ -118,10 +120,14 @@ def load_prompt_set(
 
 
 class DatasetCursor:
-    """Batches of a prompt set in a seeded order reshuffled every epoch; a batch may run into the next epoch."""
+    """Batches of a prompt set in a seeded order reshuffled every epoch; a batch may run into the next epoch.
+    `sha256`: the source's content hash (`content_sha256`), so a resume refuses a replaced file with as many rows."""
 
-    def __init__(self, prompts: PromptSet, per_batch: int, shuffle: bool, seed: int) -> None:
+    def __init__(
+        self, prompts: PromptSet, per_batch: int, shuffle: bool, seed: int, sha256: str | None = None
+    ) -> None:
         self.set, self.per_batch, self.shuffle, self.seed = prompts, per_batch, shuffle, seed
+        self.sha256 = sha256
         self.epoch, self.position, self.batches = 0, 0, 0
         self._order = self._epoch_order(0)
 
@@ -152,6 +158,7 @@ class DatasetCursor:
         uids = hashlib.sha256("\n".join(p.uid for p in self.set.prompts).encode()).hexdigest()[:16]
         return {
             "source": self.set.source,
+            "sha256": self.sha256,
             "prompts": len(self.set.prompts),
             "uids_sha256": uids,
             "seed": self.seed,
@@ -163,11 +170,13 @@ class DatasetCursor:
         return {**self._identity, "epoch": self.epoch, "position": self.position, "batches": self.batches}
 
     def load_state_dict(self, state: dict) -> None:
-        differ = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
-        if differ:
-            said = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
-            raise ValueError(f"the data cursor was saved for other prompts or settings ({said})")
-        self.epoch, self.position, self.batches = state["epoch"], state["position"], state["batches"]
+        _check_identity(state, self._identity)
+        epoch, position, batches = (_count(state, key) for key in ("epoch", "position", "batches"))
+        if position > len(self.set.prompts):
+            raise ValueError(
+                f"the data cursor's position {position} is past the {len(self.set.prompts)} prompts of its epoch"
+            )
+        self.epoch, self.position, self.batches = epoch, position, batches
         self._order = self._epoch_order(self.epoch)
 
 
@@ -188,11 +197,42 @@ class ArithmeticCursor:
     def metrics(self) -> dict:
         return {}
 
+    @functools.cached_property
+    def _identity(self) -> dict:
+        """What the problems depend on: another task or batch size would serve other problems than the run's."""
+        return {
+            "source": BUILTIN_ARITHMETIC,
+            "task": dataclasses.asdict(self.task),
+            "per_batch": self.per_batch,
+        }
+
     def state_dict(self) -> dict:
-        return {"source": BUILTIN_ARITHMETIC, "batches": self.batches}
+        return {**self._identity, "batches": self.batches}
 
     def load_state_dict(self, state: dict) -> None:
-        self.batches = state["batches"]
+        _check_identity(state, self._identity)
+        self.batches = _count(state, "batches")
+
+
+def _check_identity(state, identity: dict) -> None:
+    """Refuses a cursor state saved for other prompts or settings, naming each difference. A key the state lacks
+    was not recorded by the troupe version that saved it: warned about, not refused."""
+    if not isinstance(state, dict):
+        raise ValueError(f"the data cursor's state must be a mapping, got {type(state).__name__}")
+    differ = {k: (state[k], v) for k, v in identity.items() if k in state and state[k] != v}
+    if differ:
+        said = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(f"the data cursor was saved for other prompts or settings ({said})")
+    unchecked = [k for k in identity if k not in state]
+    if unchecked:
+        log.warning("the data cursor's saved state has no %s (an older troupe): not checked", unchecked)
+
+
+def _count(state: dict, key: str) -> int:
+    value = state.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"the data cursor's state: {key!r} must be a whole number >= 0, got {value!r}")
+    return value
 
 
 def arithmetic_prompts(task: ArithmeticTask, encoder: PromptEncoder, count: int, index: int) -> list[Prompt]:
@@ -225,8 +265,9 @@ def build_prompt_sources(
 def train_cursor(data: DataConfig, task: TaskConfig, encoder: PromptEncoder):
     if data.train == BUILTIN_ARITHMETIC:
         return ArithmeticCursor(arithmetic_task(task), encoder, data.prompts_per_iteration)
+    sha256 = content_sha256(data.train)
     prompts = load_prompt_set(data.train, data.split, encoder, name="train")
-    return DatasetCursor(prompts, data.prompts_per_iteration, data.shuffle, data.seed)
+    return DatasetCursor(prompts, data.prompts_per_iteration, data.shuffle, data.seed, sha256)
 
 
 def eval_prompt_set(

@@ -19,6 +19,7 @@ logs the first few of each reason with where they are.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import zlib
@@ -77,9 +78,32 @@ def iter_rows(source: str, split: str = "train") -> Iterator[tuple[str, dict | B
     if path.exists():
         yield from file_rows(path)
         return
-    if source.startswith((".", "/", "~")) or Path(source).suffix in (".jsonl", ".json", ".parquet", ".gz"):
+    if _looks_local(source):
         raise FileNotFoundError(f"prompt dataset not found: {source}")
     yield from _dataset_rows(_load_hub(source, split), source)
+
+
+def content_sha256(source: str) -> str | None:
+    """sha256 of a source's bytes, streamed: a file, or every file of a folder (with its relative path). None for a
+    hub id, which has no local bytes. Checkpoints record it, so a resume refuses a replaced file."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        if _looks_local(source):
+            raise FileNotFoundError(f"prompt dataset not found: {source}")
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for file in files:
+        if path.is_dir():  # name and size first: the same bytes split across other files differ
+            h.update(f"{file.relative_to(path)}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).suffix in (".jsonl", ".json", ".parquet", ".gz")
 
 
 def file_rows(path: str | Path, what: str = "data file") -> Iterator[tuple[str, dict | BadRow]]:

@@ -64,6 +64,9 @@ class RunCheckpoints:
     initial: dict = field(default_factory=dict)  # the state before the first iteration: a rollback target
     stats: dict = field(default_factory=dict)  # the last write (bytes, write_s) and recovery (recover_s)
     stop_signal: int | None = None
+    identity: dict = field(
+        default_factory=dict
+    )  # the run id and fingerprint every state.json carries (admit)
 
     def due(self, iteration: int) -> bool:
         return self.stop_signal is not None or (self.every > 0 and (iteration + 1) % self.every == 0)
@@ -75,7 +78,7 @@ class RunCheckpoints:
             if run.critic is not None:
                 run.critic.save_state(str(tmp / "critic-ds"))
 
-        state = state or driver_state(run, iteration)
+        state = {**(state or driver_state(run, iteration)), **self.identity}
         self.last, written = write_checkpoint(self.out_dir, iteration, parts, state, self.keep)
         self.stats.update(written)
         log.info(

@@ -29,6 +29,7 @@ from troupe.cluster.durability.checkpoint import (
     verify,
 )
 from troupe.cluster.durability.faults import RetryBudget
+from troupe.cluster.durability.fingerprint import admit
 from troupe.cluster.durability.run_checkpoints import (
     RunCheckpoints,
     driver_state,
@@ -201,19 +202,24 @@ def run(cfg: TroupeConfig) -> dict:
         folder = find_checkpoint(out_dir, cfg.resume)
         # Before any actor starts: a bad checkpoint fails in seconds, and nothing in it is loaded unverified.
         resume = (folder, verify(folder))
-        for moved in set_aside_after(checkpoints_root(out_dir), folder):
-            log.warning("checkpoint of the abandoned timeline set aside: %s", moved)
     elif complete(checkpoints_root(out_dir)):
         raise CheckpointError(
             f"{checkpoints_root(out_dir)} holds checkpoints of an earlier run: continue it with resume=latest, "
             "or give this run another run.output_dir"
         )
+    # another run's checkpoint or config: refused before anything moves
+    identity = admit(cfg, out_dir, resume)
+    if resume is not None:
+        for moved in set_aside_after(checkpoints_root(out_dir), resume[0]):
+            log.warning("checkpoint of the abandoned timeline set aside: %s", moved)
     with Job(cfg, _table_columns(cfg), total=cfg.run.iterations) as job:
         job.connect_ray()
         check_capacity(cfg)
         run_state = build_fleet(cfg, model_path, resume)
         job.on_exit(run_state, "shutdown")
-        checkpoints = RunCheckpoints(out_dir, cfg.run.checkpoint_every, cfg.run.keep_checkpoints, model_path)
+        checkpoints = RunCheckpoints(
+            out_dir, cfg.run.checkpoint_every, cfg.run.keep_checkpoints, model_path, identity=identity
+        )
         start = 0
         if resume is not None:
             start = resume_run(run_state, checkpoints, job, *resume)
@@ -248,6 +254,7 @@ def run(cfg: TroupeConfig) -> dict:
                 "reward_aggregation": run_state.aggregation.state_dict(),
                 "data": run_state.pipeline.cursor_state(run_state.prompts),  # the cursor: epoch, position
                 "config": config_record(cfg),
+                "run_id": identity["run_id"],
             }
             checkpoint = save_hf_checkpoint(
                 run_state.learners, job.out_dir / "checkpoint-final", model_path, state
