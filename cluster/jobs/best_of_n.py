@@ -50,7 +50,18 @@ def read_prompts(path: str, key: str, reference_key: str | None) -> tuple[list, 
 
 
 def best_of_n(cfg) -> dict:
-    """`cfg`: the typed TroupeConfig (best_of_n.*, model.policy, generator.*, data.prompt_key, run.seed)."""
+    """`cfg`: the typed TroupeConfig (best_of_n.*, model.policy, generator.*, data.prompt_key, run.seed). Writing
+    into run.output_dir (the default best_of_n.out), it holds that folder like every job."""
+    from troupe.cluster.durability.run_folder import claim
+
+    out_dir = Path(cfg.run.output_dir).resolve()
+    if not Path(cfg.best_of_n.out).resolve().is_relative_to(out_dir):
+        return _sample_and_pick(cfg)
+    with claim(out_dir):
+        return _sample_and_pick(cfg)
+
+
+def _sample_and_pick(cfg) -> dict:
     from transformers import AutoTokenizer
 
     from troupe.actors.generator.actor import Generator

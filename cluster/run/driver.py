@@ -20,9 +20,7 @@ from troupe.cluster.config.compose import config_record
 from troupe.cluster.config.schema import TroupeConfig, register
 from troupe.cluster.data.prompts import build_prompt_sources
 from troupe.cluster.durability.checkpoint import (
-    CheckpointError,
     checkpoints_root,
-    complete,
     find_checkpoint,
     save_hf_checkpoint,
     set_aside_after,
@@ -194,18 +192,9 @@ def run(cfg: TroupeConfig) -> dict:
         return run_offline_dpo(cfg)
     model_path = resolve_model(cfg.model.policy)
     out_dir = Path(cfg.run.output_dir).resolve()
-    resume = None
-    if cfg.resume:
-        folder = find_checkpoint(out_dir, cfg.resume)
-        resume = (folder, verify(folder))  # before any actor starts: a bad checkpoint fails in seconds
-        for moved in set_aside_after(checkpoints_root(out_dir), folder):
-            log.warning("checkpoint of the abandoned timeline set aside: %s", moved)
-    elif complete(checkpoints_root(out_dir)):
-        raise CheckpointError(
-            f"{checkpoints_root(out_dir)} holds checkpoints of an earlier run: continue it with resume=latest, "
-            "or give this run another run.output_dir"
-        )
-    with Job(cfg, _table_columns(cfg), total=cfg.run.iterations) as job:
+    # The folder is held (and, for a fresh run, checked) before the checkpoint is read or any actor starts.
+    with Job(cfg, _table_columns(cfg), total=cfg.run.iterations, fresh=not cfg.resume) as job:
+        resume = _resume_point(out_dir, cfg.resume) if cfg.resume else None
         job.connect_ray()
         check_capacity(cfg)
         run_state = build_fleet(cfg, model_path, resume)
@@ -250,6 +239,15 @@ def run(cfg: TroupeConfig) -> dict:
                 run_state.learners, job.out_dir / "checkpoint-final", model_path, state
             )
         return job.finish(checkpoint=checkpoint)
+
+
+def _resume_point(out_dir: Path, resume: str) -> tuple[Path, dict]:
+    """The verified checkpoint to resume from and its state; newer checkpoints are set aside."""
+    folder = find_checkpoint(out_dir, resume)
+    state = verify(folder)  # before any actor starts: a bad checkpoint fails in seconds
+    for moved in set_aside_after(checkpoints_root(out_dir), folder):
+        log.warning("checkpoint of the abandoned timeline set aside: %s", moved)
+    return folder, state
 
 
 def resume_run(run_state: RunState, checkpoints: RunCheckpoints, job: Job, folder: Path, state: dict) -> int:
