@@ -257,3 +257,24 @@ def test_a_sweep_without_m_names_the_flag(capsys):
 
     assert main(["train", "run.name=x", "run.seed=0,1", "--print-config"]) == 2
     assert "run.seed=0,1 lists several values: add -m" in capsys.readouterr().err
+
+
+def test_reward_model_stages_share_a_folder_but_bt_and_haf_start_fresh(tmp_path):
+    from troupe.cluster.run.driver import run
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"iteration": 0}\n')
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    common = [f"run.output_dir={out}", f"dataset.path={pairs}", "rm.backbone=builtin:tiny-llama"]
+    haf = compose([*common, "rm.stage=haf"], adapt=False)
+    haf.job = "rm_train"
+    with pytest.raises(RunFolderError, match=r"holds an earlier run \(metrics\.jsonl\)"):
+        run(haf)
+    evaluation = compose([*common, f"rm.bundle={tmp_path / 'no-bundle'}"], adapt=False)
+    evaluation.job = "rm_eval"
+    with pytest.raises(
+        FileNotFoundError, match="no-bundle is not a reward bundle"
+    ):  # past the folder's checks
+        run(evaluation)
