@@ -20,8 +20,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m "not integration and not slow"
 
+# run.overwrite=true: a second `make demo` replaces outputs/demo instead of refusing it
 demo: $(STAMP)
-	$(BIN)/troupe train --config-name demo
+	$(BIN)/troupe train --config-name demo run.overwrite=true
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

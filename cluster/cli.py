@@ -4,7 +4,8 @@
            checkpoint trust
 
 The Hydra-configured commands take overrides of the typed schema after the subcommand; `troupe <overrides>` with no
-subcommand means `troupe train`. A config error prints its message alone and exits 2.
+subcommand means `troupe train`; `-m` sweeps (Hydra's multirun, cluster/config/sweep.py). A config error prints its
+message alone and exits 2.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def usage() -> str:
     lines += [f"  {name:<{width}}{c.summary}" for name, c in COMMANDS.items()]
     lines += [f"  {name:<{width}}{text}" for name, text in PLAIN.items()]
     lines += ["", "`troupe <key=value ...>` with no command means `troupe train`.",
+              "`-m key=a,b ...` (multirun) runs one job per combination, job N in <run.output_dir>/<N>_<key=value>.",
               "`troupe <command> --help` lists its recipes, config groups and config sections."]  # fmt: skip
     return "\n".join(lines)
 
@@ -114,7 +116,7 @@ def command_help(command: Command) -> str:
     sections = [f.name for f in fields(TroupeConfig) if f.name not in ("job",)]
     first = [s for s in command.sections if s in sections]
     lines = [
-        f"usage: troupe {command.name} [--config-name RECIPE] [key=value ...] [--print-config]",
+        f"usage: troupe {command.name} [--config-name RECIPE] [-m] [key=value ...] [--print-config]",
         "",
         command.summary,
         "",
@@ -143,6 +145,8 @@ def split_command(argv: list[str]) -> tuple[str, list[str]]:
     return "train", argv
 
 
+# Hydra's multirun: one job per combination of the swept values (cluster/config/sweep.py)
+MULTIRUN = ("-m", "--multirun")
 # options that take a value: Hydra's long and short spellings
 VALUE_OPTIONS = {
     "--config-name": "recipe",
@@ -180,7 +184,7 @@ def parse_options(args: list[str]) -> tuple[str, list[str], bool, bool]:
         elif arg.startswith("-"):
             raise SystemExit(
                 _fail(
-                    f"unknown option {arg!r} (options: --config-name, --config-path, --print-config, --help)"
+                    f"unknown option {arg!r} (options: --config-name, --config-path, --multirun, --print-config, --help)"
                 )
             )
         else:
@@ -257,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(name: str, args: list[str]) -> int:
-    recipe, overrides, want_help, print_config = parse_options(args)
+    multirun = any(a in MULTIRUN for a in args)
+    recipe, overrides, want_help, print_config = parse_options([a for a in args if a not in MULTIRUN])
     name, overrides = resolve_deprecated(name, overrides)
     command = COMMANDS[name]
     chosen_algo = [
@@ -272,32 +277,57 @@ def run_command(name: str, args: list[str]) -> int:
                 "`troupe train " + chosen_algo[0] + "`"
             )  # fmt: skip
         )
+    if multirun and command.job == "rm_serve":
+        raise SystemExit(_fail("-m runs jobs one after the other; `troupe rm serve` serves until stopped"))
     if want_help:
         print(command_help(command))
         return 0
     from troupe.actors.plugins import PluginError
     from troupe.cluster.config.checks import ConfigError
     from troupe.cluster.config.compose import compose, config_record
+    from troupe.cluster.config.sweep import sweep_jobs
     from troupe.cluster.durability.checkpoint import CheckpointError
     from troupe.cluster.durability.run_checkpoints import Stopped
+    from troupe.cluster.durability.run_folder import RunFolderError
     from troupe.cluster.durability.signing import CheckpointKeyError
 
     logging.basicConfig(level=os.environ.get("TROUPE_LOG_LEVEL", "WARNING"))
     try:
-        cfg = compose([*command.prefix, *overrides], recipe, adapt=command.job == "rl")
-        cfg.job = command.job
+        jobs = sweep_jobs(overrides)
+        if not multirun:
+            swept = [o for o, first in zip(overrides, jobs[0][0], strict=True) if o != first]
+            if swept:
+                raise ConfigError(
+                    f"{swept[0]} lists several values: add -m to run one job per value (multirun), or write a "
+                    "list as key=[a,b] and a string as key='a,b'"
+                )
+            jobs = [(overrides, None)]
+        # every job's config first: a config error in the last job fails before the first one runs
+        configs = []
+        for job_overrides, subfolder in jobs:
+            cfg = compose(
+                [*command.prefix, *job_overrides], recipe, adapt=command.job == "rl", run_subfolder=subfolder
+            )
+            cfg.job = command.job
+            configs.append(cfg)
         if print_config:
             import yaml
 
-            print(yaml.safe_dump(config_record(cfg), sort_keys=False))
+            print("---\n".join(yaml.safe_dump(config_record(cfg), sort_keys=False) for cfg in configs))
             return 0
         from troupe.cluster.run.driver import run
 
-        result = run(cfg)
-        if command.job == "best_of_n":
-            print(json.dumps(result))
+        for num, cfg in enumerate(configs):
+            if multirun:
+                print(
+                    f"troupe: job {num} of {len(configs)}: {cfg.run.output_dir}", file=sys.stderr, flush=True
+                )
+            result = run(cfg)
+            if command.job == "best_of_n":
+                print(json.dumps(result))
+            _stop_ray()  # the next job of a sweep starts its own, with its own settings
         return 0
-    except (ConfigError, PluginError, CheckpointError, CheckpointKeyError) as e:
+    except (ConfigError, PluginError, CheckpointError, CheckpointKeyError, RunFolderError) as e:
         if os.environ.get("TROUPE_TRACEBACK"):
             raise
         return _fail(str(e))
@@ -305,9 +335,13 @@ def run_command(name: str, args: list[str]) -> int:
         print(f"troupe: {stopped}", file=sys.stderr, flush=True)
         return 128 + stopped.signum
     finally:
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
+        _stop_ray()
+
+
+def _stop_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -236,6 +236,11 @@ def _check_durability(cfg: TroupeConfig) -> None:
             raise ConfigError(f"faults.retries.{role} must be >= 0, got {n}")
     if cfg.resume is not None and (cfg.job != "rl" or cfg.algo.source != "rollouts"):
         raise ConfigError("resume= continues an RL run (job=rl with generated rollouts)")
+    if cfg.resume is not None and cfg.run.overwrite:
+        raise ConfigError(
+            f"resume={cfg.resume} and run.overwrite=true contradict each other: overwrite deletes the run "
+            "(checkpoints included) that resume continues"
+        )
 
 
 def _check_bundle_output(cfg: TroupeConfig) -> None:

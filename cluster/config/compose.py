@@ -65,8 +65,14 @@ def _default_reward(composed, overrides: Sequence[str]) -> bool:
     return choice(composed.reward) == choice(OmegaConf.structured(RewardConfig))
 
 
-def compose(overrides: Sequence[str] = (), recipe: str = DEFAULT_RECIPE, adapt: bool = True) -> TroupeConfig:
-    """The typed config of `recipe` with `overrides` applied. `adapt`: pick the reward from the data (see above)."""
+def compose(
+    overrides: Sequence[str] = (),
+    recipe: str = DEFAULT_RECIPE,
+    adapt: bool = True,
+    run_subfolder: str | None = None,
+) -> TroupeConfig:
+    """The typed config of `recipe` with `overrides` applied. `adapt`: pick the reward from the data (see above).
+    `run_subfolder` is appended to run.output_dir, and what derives from it (rm.output, ...) follows (multirun)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -108,6 +114,8 @@ def compose(overrides: Sequence[str] = (), recipe: str = DEFAULT_RECIPE, adapt: 
                     file=sys.stderr,
                 )
                 composed = hydra_compose(config_name=recipe, overrides=[*search, *overrides, "reward=open"])
+            if run_subfolder is not None:
+                composed.run.output_dir = f"{composed.run.output_dir}/{run_subfolder}"
             return OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException, ValueError, TypeError) as e:
         if isinstance(e, ConfigError):

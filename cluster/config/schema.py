@@ -25,7 +25,11 @@ from troupe.cluster.config.reward_schema import (  # noqa: F401 (the schema's re
 @dataclass
 class RunConfig:
     name: str = "troupe"
+    # One process at a time (<output_dir>/.troupe.lock). A new run refuses a folder holding an earlier run's files
+    # (metrics.jsonl, checkpoints, ...; cluster/durability/run_folder.py) unless resume= continues it or
+    # overwrite=true deletes them. `troupe -m` (multirun) puts job N in <output_dir>/<N>_<swept key=value,...>.
     output_dir: str = "outputs/${run.name}"
+    overwrite: bool = False
     iterations: int = 3
     seed: int = 0
     progress_bar: bool = True

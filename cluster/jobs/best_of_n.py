@@ -122,8 +122,19 @@ def best_row(prompt, candidates: list[dict], results: list[dict]) -> dict:
 
 
 def best_of_n(cfg) -> dict:
-    """`cfg`: the typed TroupeConfig (best_of_n.*, model.policy, generator.*, data.prompt_key, run.seed).
-    The candidates are saved (`<out>.candidates.jsonl`) before scoring, and each scored request's prompts are
+    """`cfg`: the typed TroupeConfig (best_of_n.*, model.policy, generator.*, data.prompt_key, run.seed). Writing
+    into run.output_dir (the default best_of_n.out), it holds that folder like every job."""
+    from troupe.cluster.durability.run_folder import claim
+
+    out_dir = Path(cfg.run.output_dir).resolve()
+    if not Path(cfg.best_of_n.out).resolve().is_relative_to(out_dir):
+        return _sample_and_pick(cfg)
+    with claim(out_dir):
+        return _sample_and_pick(cfg)
+
+
+def _sample_and_pick(cfg) -> dict:
+    """The candidates are saved (`<out>.candidates.jsonl`) before scoring, and each scored request's prompts are
     appended to `out` as they come back: when scoring fails part-way, running the same command again reuses the
     candidates and scores only the prompts `out` does not hold yet."""
     b = cfg.best_of_n

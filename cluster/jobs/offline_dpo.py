@@ -39,7 +39,7 @@ def run_offline_dpo(cfg: TroupeConfig) -> dict:
     lc = cfg.learner
     per_call = max(cfg.dataset.pairs_per_iteration, lc.world_size)
     calls = cfg.run.iterations * -(-len(pairs) // per_call)
-    with Job(cfg, OFFLINE_DPO_COLUMNS, total=calls) as job:
+    with Job(cfg, OFFLINE_DPO_COLUMNS, total=calls, fresh=True) as job:
         job.connect_ray()
         spec = policy_setup(cfg, model_path, total_steps=calls * lc.epochs * lc.mini_batches)
         group = job.on_exit(LearnerGroup(spec, learner_env(lc), cfg.ray.actor_timeout_s), "shutdown")

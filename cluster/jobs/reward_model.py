@@ -42,7 +42,10 @@ def run_rm_job(cfg: TroupeConfig) -> dict:
     from troupe.actors.reward.bundle import FailedBundle
     from troupe.cluster.jobs.rm_training import ChanceLevel
 
-    with Job(cfg, RM_COLUMNS) as job:
+    # bt / haf write metrics.jsonl and TensorBoard: a new run of them. The other stages and rm eval add their
+    # bundle or report beside the earlier stages' (they share the feature cache).
+    learner_stage = cfg.job == "rm_train" and cfg.rm.stage in ("bt", "haf")
+    with Job(cfg, RM_COLUMNS, fresh=learner_stage) as job:
         try:
             folder, stats = _train(cfg, job) if cfg.job == "rm_train" else (None, evaluate_bundle(cfg, job))
         except (ChanceLevel, FailedBundle) as e:  # the CLI prints a ConfigError's message alone, exit 2

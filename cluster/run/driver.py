@@ -20,9 +20,7 @@ from troupe.cluster.config.compose import config_record
 from troupe.cluster.config.schema import TroupeConfig, register
 from troupe.cluster.data.prompts import build_prompt_sources
 from troupe.cluster.durability.checkpoint import (
-    CheckpointError,
     checkpoints_root,
-    complete,
     find_checkpoint,
     save_hf_checkpoint,
     set_aside_after,
@@ -196,23 +194,10 @@ def run(cfg: TroupeConfig) -> dict:
         return run_offline_dpo(cfg)
     model_path = resolve_model(cfg.model.policy)
     out_dir = Path(cfg.run.output_dir).resolve()
-    resume = None
     load_key()  # every run can write a checkpoint (on SIGTERM): a key that cannot be used fails now
-    if cfg.resume:
-        folder = find_checkpoint(out_dir, cfg.resume)
-        # Before any actor starts: a bad checkpoint fails in seconds, and nothing in it is loaded unverified.
-        resume = (folder, verify(folder))
-    elif complete(checkpoints_root(out_dir)):
-        raise CheckpointError(
-            f"{checkpoints_root(out_dir)} holds checkpoints of an earlier run: continue it with resume=latest, "
-            "or give this run another run.output_dir"
-        )
-    # another run's checkpoint or config: refused before anything moves
-    identity = admit(cfg, out_dir, resume)
-    if resume is not None:
-        for moved in set_aside_after(checkpoints_root(out_dir), resume[0]):
-            log.warning("checkpoint of the abandoned timeline set aside: %s", moved)
-    with Job(cfg, _table_columns(cfg), total=cfg.run.iterations) as job:
+    # The folder is held (and, for a fresh run, checked) before the checkpoint is read or any actor starts.
+    with Job(cfg, _table_columns(cfg), total=cfg.run.iterations, fresh=not cfg.resume) as job:
+        resume, identity = _resume_point(cfg, out_dir)
         job.connect_ray()
         check_capacity(cfg)
         run_state = build_fleet(cfg, model_path, resume)
@@ -260,6 +245,21 @@ def run(cfg: TroupeConfig) -> dict:
                 run_state.learners, job.out_dir / "checkpoint-final", model_path, state
             )
         return job.finish(checkpoint=checkpoint)
+
+
+def _resume_point(cfg: TroupeConfig, out_dir: Path) -> tuple[tuple[Path, dict] | None, dict]:
+    """The verified checkpoint to resume from and its state (None for a fresh run), and the run's identity. Another
+    run's checkpoint or a changed config is refused before anything moves; then newer checkpoints are set aside."""
+    resume = None
+    if cfg.resume:
+        folder = find_checkpoint(out_dir, cfg.resume)
+        # before any actor starts: a bad checkpoint fails in seconds, and nothing in it is loaded unverified
+        resume = (folder, verify(folder))
+    identity = admit(cfg, out_dir, resume)
+    if resume is not None:
+        for moved in set_aside_after(checkpoints_root(out_dir), resume[0]):
+            log.warning("checkpoint of the abandoned timeline set aside: %s", moved)
+    return resume, identity
 
 
 def resume_run(run_state: RunState, checkpoints: RunCheckpoints, job: Job, folder: Path, state: dict) -> int:

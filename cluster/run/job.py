@@ -1,7 +1,8 @@
 """The skeleton every job shares (the RL loop, offline DPO, reward-model training and evaluation): the output folder,
-the metrics JSONL, the table and progress bar the user sees, and teardown of what the job started, in reverse.
+held by this process alone while the job runs (cluster/durability/run_folder.py), the metrics JSONL, the table and
+progress bar the user sees, and teardown of what the job started, in reverse.
 
-    with Job(cfg, columns, total=steps) as job:
+    with Job(cfg, columns, total=steps, fresh=True) as job:
         group = job.on_exit(LearnerGroup(...), "shutdown")
         job.start("troupe: ...")
         for ...: job.record(row)
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from troupe.cluster.config.schema import TroupeConfig
+from troupe.cluster.durability.run_folder import claim, start_fresh
 from troupe.cluster.observe.metrics import TABLE_COLUMNS, MetricsWriter, table_header, table_row
 from troupe.cluster.observe.rollouts import RolloutLog
 from troupe.cluster.observe.run_log import route_driver_logs
@@ -25,9 +27,24 @@ log = logging.getLogger("troupe.job")
 
 
 class Job:
-    def __init__(self, cfg: TroupeConfig, columns=TABLE_COLUMNS, total: int | None = None) -> None:
+    """`fresh`: the job starts a new run in the folder (metrics.jsonl, TensorBoard, checkpoints), so the folder must
+    not hold an earlier run's files unless run.overwrite deletes them; a resumed run and the jobs that only add
+    their own files (reward bundles, reports) keep what is there."""
+
+    def __init__(
+        self, cfg: TroupeConfig, columns=TABLE_COLUMNS, total: int | None = None, fresh: bool = False
+    ) -> None:
         self.out_dir = Path(cfg.run.output_dir).resolve()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # before anything is written there: a second process on the folder fails here, naming this one
+        held = claim(self.out_dir)
+        try:
+            deleted = start_fresh(self.out_dir, cfg.run.overwrite) if fresh else []
+        except BaseException:
+            held.release()
+            raise
+        if deleted:
+            log.warning("run.overwrite=true: deleted %s", ", ".join(str(p) for p in deleted))
+        self._teardown: list = [(held, "release")]  # called last
         self.started = time.perf_counter()
         self.columns = columns
         self.show = cfg.run.print_table
@@ -39,7 +56,6 @@ class Job:
         self.sinks: ScalarSinks | None = None
         self.cfg = cfg
         self.last: dict = {}
-        self._teardown: list = []
         self.log_dir = self.out_dir / "logs"
         if cfg.logging.quiet:
             self.on_exit(route_driver_logs(self.log_dir), "__call__")

@@ -130,7 +130,9 @@ def test_every_readme_command_is_run_or_covered():
     assert not inline, f"README inline commands in no block and not covered: {inline}"
     # `make demo` is the demo recipe, which the quick-start section runs
     assert re.search(
-        r"^demo:.*\n\t\$\(BIN\)/troupe train --config-name demo$", (ROOT / "Makefile").read_text(), re.M
+        r"^demo:.*\n\t\$\(BIN\)/troupe train --config-name demo run\.overwrite=true$",
+        (ROOT / "Makefile").read_text(),
+        re.M,
     )
 
 
@@ -183,7 +185,7 @@ def _run(folder: Path, command: str) -> subprocess.CompletedProcess:
     if command.startswith("python:"):
         argv = [sys.executable, "-c", command[len("python:") :]]
     elif command == "make demo":
-        argv = _tiny(["troupe", "train", "--config-name", "demo"])
+        argv = _tiny(["troupe", "train", "--config-name", "demo", "run.overwrite=true"])
     elif command == "make lint":
         # this environment as the Makefile's, taken as up to date (-o): a lint run never reinstalls it
         argv, folder = (

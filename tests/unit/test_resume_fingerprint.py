@@ -33,11 +33,12 @@ def _prompts(path, words):
 
 
 def _listing(folder):
-    """Every file under `folder` with its bytes and mtime: what a refused launch must leave alone."""
+    """Every file under `folder` with its bytes and mtime: what a refused launch must leave alone (all but the
+    folder's lock file and the driver's log, which record the attempt)."""
     return {
         str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != ".troupe.lock" and "logs" not in p.relative_to(folder).parts
     }
 
 
@@ -125,7 +126,7 @@ def test_a_checkpoint_of_another_run_is_refused_and_the_folder_left_as_it_was(tm
     def launched(*_a, **_k):
         raise AssertionError("the launch went past the resume checks")
 
-    monkeypatch.setattr(driver, "Job", launched)  # a refused launch never starts Ray
+    monkeypatch.setattr(driver.Job, "connect_ray", launched)  # a refused launch never starts Ray
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
