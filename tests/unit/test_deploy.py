@@ -107,7 +107,7 @@ def test_recipes_resume_only_from_a_complete_checkpoint(tmp_path, on_disk, resum
         ["bash", "-c", 'troupe() { echo "$@"; }; ' + script], capture_output=True, text=True
     )
     text = (DEPLOY / "slurm.sbatch").read_text()
-    block = re.search(r"^extra=\(\).*?^fi$", text, re.S | re.M).group(0)
+    block = re.search(r"^extra=\(run\.overwrite=true\).*?^fi$", text, re.S | re.M).group(0)
     slurm = subprocess.run(
         ["bash", "-c", block + '\necho "${extra[@]}"'],
         env={"OUT": str(tmp_path)},
@@ -116,3 +116,5 @@ def test_recipes_resume_only_from_a_complete_checkpoint(tmp_path, on_disk, resum
     )
     assert rayjob.returncode == 0 and slurm.returncode == 0, rayjob.stderr + slurm.stderr
     assert ("resume=latest" in rayjob.stdout) == resumes and ("resume=latest" in slurm.stdout) == resumes
+    # without a complete checkpoint a restart starts over rather than being refused for the partial folder
+    assert ("run.overwrite=true" in rayjob.stdout) != resumes and ("run.overwrite=true" in slurm.stdout) != resumes
