@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return inspect_main(rest)
     if name == "fleet":
-        from troupe.cluster.fleet.elastic import main as fleet_main
+        from troupe.cluster.fleet.requests import main as fleet_main
 
         return fleet_main(rest)
     if name == "rm data":

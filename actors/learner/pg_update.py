@@ -2,8 +2,9 @@
 
   1. frozen log-probs: the reference's (KL), and the old policy's unless the update is exactly on-policy
      (one epoch, one mini-batch, the weights that generated the rollouts: then old = current, detached);
-  2. token rewards (minus beta * KL_t when algo.kl_placement=reward), advantages from `algo.estimator`,
-     optionally whitened over the global batch;
+  2. token rewards (minus beta * KL_t when algo.kl_placement=reward), advantages from `algo.estimator`
+     (a prompt group with an inf/NaN one is dropped from the update and reported), optionally whitened over the
+     global batch;
   3. the clipped policy loss (+ a KL loss term), over micro-batches grouped by length (DeepSpeedRank.optimize).
 All log-probs are at each rollout's sampling temperature.
 """
@@ -21,7 +22,8 @@ from troupe.actors.learner.ppo import masked_whiten
 
 def policy_gradient_update(learner, batch: RolloutBatch, kl_coef: float) -> tuple[dict, dict]:
     """Returns metrics and per-row outputs: "advantage" (each row's mean advantage over its response tokens, as
-    the loss used it; NaN for a row without any) and, for a critic, "returns" (response tokens only, else None)."""
+    the loss used it; NaN for a row without any), "nonfinite" (rows left out for an inf/NaN advantage or return)
+    and, for a critic, "returns" (response tokens only, else None)."""
     spec, engine = learner.spec, learner.engine
     algo, train = spec.algo, spec.train
     device = engine.device
@@ -42,6 +44,14 @@ def policy_gradient_update(learner, batch: RolloutBatch, kl_coef: float) -> tupl
     advantages, returns = estimate(
         algo, AdvantageInputs(batch.rewards, token_rewards, mask, batch.group_size, batch.values)
     )
+    # Prompt groups with an inf/NaN advantage (or return) leave the update, before whitening could spread it.
+    nonfinite = nonfinite_groups(mask, batch.group_size, advantages, returns)
+    if bool(nonfinite.any()):
+        keep = ~nonfinite[:, None]
+        mask = mask * keep
+        advantages = torch.where(keep, advantages, 0.0)
+        returns = None if returns is None else torch.where(keep, returns, 0.0)
+        batch = batch.with_columns(action_mask=mask)
     if algo.whiten_advantages:
         advantages = masked_whiten(advantages, mask, distributed=train.world_size > 1)
     batch = batch.with_columns(advantages=advantages)
@@ -124,6 +134,18 @@ def policy_gradient_update(learner, batch: RolloutBatch, kl_coef: float) -> tupl
     per_row_advantage = (batch.advantages * mask).sum(-1) / mask.sum(-1)  # NaN (0/0) for rows without tokens
     rows = {
         "advantage": per_row_advantage.tolist(),
+        "nonfinite": nonfinite.tolist(),  # rows dropped for an inf/NaN advantage: no loss, no return
         "returns": batch.response_rows(returns) if algo.critic and returns is not None else None,
     }
     return metrics, rows
+
+
+def nonfinite_groups(mask: torch.Tensor, group_size: int, *per_token: torch.Tensor | None) -> torch.Tensor:
+    """[B] bool: the rows of every prompt group (`group_size` contiguous rows) with an inf/NaN value on a response
+    token in any of `per_token` ([B, T] each, None skipped). Whole groups: the accounting counts prompts."""
+    bad = torch.zeros(mask.shape[0], dtype=torch.bool)
+    for values in per_token:
+        if values is not None:
+            bad |= (~torch.isfinite(values) & mask.bool()).any(-1)
+    g = group_size if group_size > 1 and len(bad) % group_size == 0 else 1
+    return bad.view(-1, g).any(-1).repeat_interleave(g)

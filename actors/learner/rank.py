@@ -1,6 +1,6 @@
 """What every DeepSpeed-trained role's rank shares: rendezvous address, setup timing, and the one optimizer-step
 loop (micro-batches, loss scaling, accumulation boundaries, clipping) that policy, critic, DPO and reward-model
-training all run.
+training all run. A step whose loss or gradients are inf/NaN is not applied, and is counted (nonfinite_steps).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from troupe.actors.learner.engine import free_port
 from troupe.actors.learner.logprobs import response_logprobs
 from troupe.actors.learner.step import (
     StepNorm,
+    all_reduce_sum,
     global_counts,
     group_lengths,
     group_rows,
@@ -99,7 +100,7 @@ class DeepSpeedRank:
         self.engine.train()
         sums: dict[str, float] = {}
         grad_norms: list[float] = []
-        steps = 0
+        steps = skipped = 0
         units = self.units(lengths, group_size)
         for _ in range(t.epochs):
             for step_units in step_rows(len(units.lengths), t.mini_batches, shuffle, self._shuffle):
@@ -109,23 +110,48 @@ class DeepSpeedRank:
                     float(token_counts[rows].sum()), float((token_counts[rows] > 0).sum()), t.world_size > 1
                 )
                 norm = StepNorm(tokens, sequences, t.world_size, self.spec.response_budget)
+                finite = True
                 for mb in units.micro_batches(step_units, t.micro_batch_size):
                     loss, stats = micro_loss(mb, norm)
+                    if not bool(torch.isfinite(loss.detach()).all()):
+                        # every gradient becomes NaN, so no optimizer can apply part of this step (_step)
+                        finite, loss = False, loss * float("nan")
                     # The caller owns the accumulation boundary (managed_gradient_accumulation=false).
                     self.engine.backward(loss, scale_wrt_gas=False)
                     for key, value in stats.items():
                         sums[key] = sums.get(key, 0.0) + float(value)
-                self.engine.step()
+                applied = self._step(finite)
                 self.steps += 1
                 steps += 1
+                skipped += not applied
                 norm_value = self.engine.get_global_grad_norm()
-                if norm_value is not None:
+                if applied and norm_value is not None:
                     grad_norms.append(float(norm_value))
         metrics = {k: v / max(steps, 1) for k, v in sums.items()}
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+        metrics["nonfinite_steps"] = float(
+            skipped
+        )  # optimizer steps not applied: an inf/NaN loss or gradient
         if steps:
             self.version += 1
         return metrics
+
+    def _step(self, finite: bool) -> bool:
+        """The optimizer step, unless a micro-batch loss was inf/NaN on any rank (the ranks agree, so ZeRO's
+        collectives stay in step) or DeepSpeed finds the gradients inf/NaN. Returns whether it was applied."""
+        if self.spec.train.world_size > 1:
+            finite = float(all_reduce_sum(torch.tensor([0.0 if finite else 1.0]))[0]) == 0.0
+        engine, skipped = self.engine, self.engine.skipped_steps
+        if finite or engine.zero_optimization() or engine.bfloat16_enabled():
+            # ZeRO's optimizers and the bf16 one drop a step whose gradient norm is inf/NaN (skipped_steps)
+            engine.step()
+            if not finite and engine.skipped_steps == skipped:
+                raise RuntimeError(
+                    "DeepSpeed applied an optimizer step with a non-finite loss: weights unusable"
+                )
+        else:  # DeepSpeed's plain fp32 path would apply NaN gradients: they are the parameters' own, drop them
+            engine.zero_grad()
+        return finite and engine.skipped_steps == skipped
 
     @torch.no_grad()
     def batch_logprobs(self, model, batch: RolloutBatch) -> torch.Tensor:

@@ -234,6 +234,15 @@ def _check_durability(cfg: TroupeConfig) -> None:
     for role, n in f.retries.items():
         if n < 0:
             raise ConfigError(f"faults.retries.{role} must be >= 0, got {n}")
+    if f.retry_window_iterations < 0:
+        raise ConfigError(
+            f"faults.retry_window_iterations must be >= 0 (0: the whole run), got {f.retry_window_iterations}"
+        )
+    _one_of("faults.on_nonfinite", f.on_nonfinite, ("skip", "stop"))
+    for key in ("generators", "reward"):
+        b = getattr(cfg.autoscale, key)
+        if not 1 <= b.min <= b.max:
+            raise ConfigError(f"autoscale.{key}: needs 1 <= min <= max, got min={b.min}, max={b.max}")
     if cfg.resume is not None and (cfg.job != "rl" or cfg.algo.source != "rollouts"):
         raise ConfigError("resume= continues an RL run (job=rl with generated rollouts)")
     if cfg.resume is not None and cfg.run.overwrite:

@@ -222,7 +222,8 @@ class LoggingConfig:
 @dataclass
 class FaultsConfig:
     """Deadlines of remote calls and retry budgets per role (cluster/durability/faults.py): a call past its deadline is a
-    lost member; a role that loses more than its budget stops the run with a checkpoint and an error naming it."""
+    lost member; a role that loses more than its budget (within the window) stops the run with a checkpoint and an
+    error naming it. Non-finite values: cluster/durability/nonfinite.py."""
 
     generate_s: float = 600.0
     score_s: float = 600.0
@@ -232,6 +233,13 @@ class FaultsConfig:
     retries: dict[str, int] = field(
         default_factory=lambda: {"generator": 3, "reward": 3, "learner": 2, "critic": 2}
     )
+    # Losses older than this many iterations stop counting against faults.retries, so the budgets refill (0: every
+    # loss of the run counts).
+    retry_window_iterations: int = 50
+    # A non-finite (inf/NaN) reward or advantage drops its prompt group; a non-finite loss skips its optimizer step.
+    # Both are counted (faults/nonfinite_*). skip: the run goes on | stop: a checkpoint after the iteration, then
+    # an error.
+    on_nonfinite: str = "skip"
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 A learner or critic rank that dies, or a group call that passes its deadline (a collective stalled because a peer
 is gone), is a `RankLost`: the loop rebuilds the group from the last checkpoint. A role that loses more members
-than `faults.retries.<role>` allows raises `RetriesExhausted`, naming the role.
+than `faults.retries.<role>` allows within `faults.retry_window_iterations` raises `RetriesExhausted`, naming the
+role.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ class RankLost(RuntimeError):
 
 
 class RetriesExhausted(RuntimeError):
-    def __init__(self, role: str, used: int, budget: int, cause: str) -> None:
+    def __init__(self, role: str, used: int, budget: int, cause: str, window: int = 0) -> None:
+        within = f" in the last {window} iterations (faults.retry_window_iterations)" if window else ""
         super().__init__(
-            f"{role}: lost {used} time(s), more than faults.retries.{role}={budget} allows; last: {cause}"
+            f"{role}: lost {used} time(s){within}, more than faults.retries.{role}={budget} allows; last: {cause}"
         )
         self.role = role
 
@@ -65,22 +67,50 @@ def gather(refs: Sequence[ray.ObjectRef], deadline_s: float, role: str) -> list:
 
 
 class RetryBudget:
-    """Losses per role against faults.retries; counted for the metrics (faults/lost/<role>)."""
+    """Losses per role against faults.retries, over a window of the run's last `window` iterations (0: the whole
+    run): a loss older than that no longer counts, so a long run's rare losses do not add up to a stop. The loop
+    ticks the clock once per iteration (a redone one too); each loss keeps the clock it happened at. Metrics:
+    faults/lost/<role> (all losses) and faults/window/<role> (those that count now)."""
 
-    def __init__(self, budgets: dict[str, int]) -> None:
-        self.budgets, self.used = dict(budgets), {}
+    def __init__(self, budgets: dict[str, int], window: int = 0) -> None:
+        self.budgets, self.window = dict(budgets), window
+        self.clock = 0
+        self.lost: dict[str, int] = {}  # every loss of the run, per role
+        self.clocks: dict[str, list[int]] = {}  # the clocks of the losses still in the window
+
+    def tick(self) -> None:
+        self.clock += 1
+        self._forget()
 
     def spend(self, role: str, cause: str) -> None:
-        self.used[role] = self.used.get(role, 0) + 1
-        budget = self.budgets.get(role, 0)
-        if self.used[role] > budget:
-            raise RetriesExhausted(role, self.used[role], budget, cause)
+        self.lost[role] = self.lost.get(role, 0) + 1
+        self.clocks.setdefault(role, []).append(self.clock)
+        used, budget = len(self.clocks[role]), self.budgets.get(role, 0)
+        if used > budget:
+            raise RetriesExhausted(role, used, budget, cause, self.window)
+
+    def _forget(self) -> None:
+        if self.window > 0:
+            for role, clocks in self.clocks.items():
+                self.clocks[role] = [c for c in clocks if self.clock - c < self.window]
 
     def metrics(self) -> dict:
-        return {f"faults/lost/{role}": n for role, n in sorted(self.used.items())}
+        out = {}
+        for role in sorted(self.lost):
+            out[f"faults/lost/{role}"] = self.lost[role]
+            out[f"faults/window/{role}"] = len(self.clocks.get(role, []))
+        return out
 
     def state_dict(self) -> dict:
-        return dict(self.used)
+        return {
+            "clock": self.clock,
+            "lost": dict(self.lost),
+            "clocks": {r: list(c) for r, c in self.clocks.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.used = dict(state)
+        if "clocks" not in state:  # a checkpoint of an older troupe: {role: losses}, all counted from now on
+            state = {"clock": 0, "lost": state, "clocks": {role: [0] * n for role, n in state.items()}}
+        self.clock, self.lost = int(state["clock"]), dict(state["lost"])
+        self.clocks = {role: [int(c) for c in clocks] for role, clocks in state["clocks"].items()}
+        self._forget()

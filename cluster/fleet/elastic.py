@@ -3,7 +3,8 @@
 Two sources of a new size, the person's first:
 - `troupe fleet <run_dir> generators=4 reward.rules=2` writes `<run_dir>/fleet.json` (atomically); the loop reads
   it before the next iteration. The request stays in force, and the autoscaler keeps off the pools it names,
-  until a newer request replaces it.
+  until a newer request replaces it. Both sides check it with `check_request` (cluster/fleet/requests.py); a
+  bad file is moved aside (`fleet.json.rejected-<unix time>`), logged and counted, and the run goes on.
 - the autoscaling policy (`autoscale=backlog`, `AutoscaleConfig`): a pool the loop waited on for more than
   `grow_wait_frac` of an iteration grows by one, one it waited on for less than `shrink_wait_frac` shrinks by one,
   within [min, max] and at most once per `cooldown` iterations.
@@ -15,7 +16,6 @@ used, and actors lost with a node that leaves are replaced elsewhere by their po
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -26,14 +26,16 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from troupe.actors.weight_buckets import WeightTransferError
 from troupe.cluster.config.schema import AutoscaleConfig, PoolBounds
+from troupe.cluster.fleet.requests import (
+    CONTROL_FILE,
+    Bounds,
+    FleetRequestError,
+    check_request,
+    read_request_file,
+    write_bounds,
+)
 
 log = logging.getLogger("troupe.elastic")
-
-CONTROL_FILE = "fleet.json"
-
-
-class FleetRequestError(ValueError):
-    pass
 
 
 def pool_names(run) -> list[str]:
@@ -43,33 +45,6 @@ def pool_names(run) -> list[str]:
 
 def _pool(run, name: str):
     return run.generators if name == "generators" else run.rewards.pools[name.removeprefix("reward.")]
-
-
-def request_resize(run_dir: str | Path, sizes: dict[str, int]) -> Path:
-    """Write a resize request for the run in `run_dir` (what `troupe fleet` does). Names are checked by the run,
-    which knows its pools; sizes here."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FleetRequestError(f"{run_dir} is not a run folder (run.output_dir of a running troupe)")
-    for name, size in sizes.items():
-        if not isinstance(size, int) or size < 1:
-            raise FleetRequestError(f"{name}={size!r}: a pool size must be an integer >= 1")
-    path = run_dir / CONTROL_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"sizes": sizes, "requested_at": time.time()}, sort_keys=True))
-    os.replace(tmp, path)
-    return path
-
-
-def parse_sizes(args: list[str]) -> dict[str, int]:
-    """`generators=4 reward.rules=2` -> {"generators": 4, "reward.rules": 2}, naming a malformed argument."""
-    sizes = {}
-    for arg in args:
-        name, sep, value = arg.partition("=")
-        if not sep or not value.strip().isdigit():
-            raise FleetRequestError(f"{arg!r}: expected <pool>=<size>, e.g. generators=4 or reward.rules=2")
-        sizes[name.strip()] = int(value)
-    return sizes
 
 
 @dataclass
@@ -82,6 +57,8 @@ class FleetControl:
     _seen: float = 0.0  # requested_at of the last request applied
     _manual: dict = field(default_factory=dict)  # pools a person sized: the autoscaler keeps off them
     _changed_at: dict = field(default_factory=dict)  # pool -> iteration of its last change
+    _bounds: dict | None = None  # pool -> Bounds, once published
+    rejected: int = 0  # requests moved aside over the run (metric fleet/rejected_requests)
 
     def targets(self, run, iteration: int, last: dict | None) -> dict[str, int]:
         """Sizes to move to before `iteration` ({} when nothing changes); `last` is the previous row."""
@@ -121,36 +98,62 @@ class FleetControl:
             log.warning("fleet: %s resized to %d before iteration %d", name, size, iteration)
         stats = {f"fleet/{name}": len(_pool(run, name).live()) for name in pool_names(run)}
         stats.update({"fleet/added": added, "fleet/retired": retired, "fleet/resize_failed": failed})
+        stats["fleet/rejected_requests"] = self.rejected
         if added or retired:
             stats["time/resize"] = time.perf_counter() - start
         return stats
 
+    def publish(self, run) -> dict[str, Bounds]:
+        """Each pool's bounds, written to <run dir>/fleet.pools.json for `troupe fleet` to check against. A person
+        may ask for sizes within autoscale.<pool>.min/max, or up to the size the run started at if that is more;
+        fixed pools stay at their size."""
+        if self._bounds is None:
+            a, self._bounds = self.autoscale, {}
+            for name in pool_names(run):
+                size = len(_pool(run, name).live())
+                if name in self.fixed:
+                    bounds = Bounds(
+                        size, size, "placement.layout=colocated: generators stay at generator.replicas"
+                    )
+                else:
+                    key = "generators" if name == "generators" else "reward"
+                    own = getattr(a, key)
+                    bounds = Bounds(max(1, own.min), max(own.max, size), f"autoscale.{key}.min/max")
+                self._bounds[name] = bounds
+            write_bounds(self.run_dir, self._bounds)
+        return self._bounds
+
     def _read_request(self, run) -> dict[str, int]:
+        """A new request's sizes ({} when there is none, or nothing new). A bad one is moved aside and counted."""
         path = self.run_dir / CONTROL_FILE
+        found = read_request_file(path)
+        if found is None:
+            return {}
+        data, inode = found
         try:
-            request = json.loads(path.read_text())
+            request = check_request(data, self.publish(run))
+        except FleetRequestError as e:
+            self._reject(path, inode, str(e))
+            return {}
+        if request.requested_at <= self._seen:
+            return {}
+        self._seen = request.requested_at
+        return request.sizes
+
+    def _reject(self, path: Path, inode: int, reason: str) -> None:
+        self.rejected += 1
+        aside = path.with_name(f"{path.name}.rejected-{int(time.time())}")
+        for k in range(1, 1000):  # two rejections in one second keep both files
+            if not aside.exists():
+                break
+            aside = path.with_name(f"{path.name}.rejected-{int(time.time())}-{k}")
+        # only the file that was read: one `troupe fleet` wrote since then stays, to be read next
+        try:
+            if os.stat(path).st_ino == inode:
+                os.replace(path, aside)
         except FileNotFoundError:
-            return {}
-        except ValueError as e:
-            log.error("%s is not valid JSON (%s): request ignored", path, e)
-            return {}
-        if request.get("requested_at", 0.0) <= self._seen:
-            return {}
-        self._seen = request.get("requested_at", 0.0)
-        sizes = request.get("sizes", {})
-        unknown = sorted(set(sizes) - set(pool_names(run)))
-        if unknown:
-            log.error(
-                "%s names unknown pools %s (this run has %s): request ignored", path, unknown, pool_names(run)
-            )
-            return {}
-        fixed = sorted(set(sizes) & self.fixed)
-        if fixed:
-            log.error(
-                "%s resizes %s, fixed in this run (placement.layout=colocated): request ignored", path, fixed
-            )
-            return {}
-        return sizes
+            pass
+        log.warning("fleet: request %s rejected: %s; moved to %s", path, reason, aside.name)
 
     def _policy(self, run, iteration: int, last: dict) -> dict[str, int]:
         a = self.autoscale
@@ -178,17 +181,3 @@ def decide(size: int, wait_frac: float, bounds: PoolBounds, grow_at: float, shri
     elif wait_frac < shrink_at:
         size -= 1
     return max(bounds.min, min(bounds.max, size))
-
-
-def main(argv: list[str]) -> int:
-    """`troupe fleet <run_dir> generators=4 reward.rules=2`: ask a running troupe to resize its pools."""
-    if len(argv) < 2 or argv[0] in ("-h", "--help"):
-        print("usage: troupe fleet <run_dir> <pool>=<size> ...  (pools: generators, reward.<pool>)")
-        return 2
-    try:
-        path = request_resize(argv[0], parse_sizes(argv[1:]))
-    except FleetRequestError as e:
-        print(f"troupe fleet: {e}")
-        return 2
-    print(f"troupe fleet: requested {' '.join(argv[1:])} ({path}); applied before the next iteration")
-    return 0

@@ -93,12 +93,14 @@ class LearnerGroup:
 
     def train(self, batch: RolloutBatch, kl_coef: float) -> tuple[dict, dict]:
         """Each rank updates on its whole prompt groups; returns merged metrics and per-row outputs in row order:
-        "advantage" (floats) and "returns" (PPO: tensors; else None)."""
+        "advantage" (floats), "nonfinite" (bools: rows left out for an inf/NaN advantage) and "returns" (PPO:
+        tensors; else None)."""
         shares = batch.shares(len(self.ranks))
         out = self._all("train", shares, kl_coef)
         with_returns = out[0][1]["returns"] is not None
         rows = {
             "advantage": [a for _, r in out for a in r["advantage"]],
+            "nonfinite": [bad for _, r in out for bad in r["nonfinite"]],
             "returns": [row for _, r in out for row in r["returns"]] if with_returns else None,
         }
         return _merge([m for m, _ in out]), rows

@@ -5,7 +5,8 @@ A chunk whose actor dies is retried on a replacement, so accepted work is not lo
 
 Member states: STARTING (spawned, not ready) -> STALE (alive, without the current weights) -> HEALTHY (serving).
 A new member goes through `on_join` (the generators' refit) before it serves, so it never generates with old
-weights; a member that misses a sync is STALE until a later one reaches it. A member retired by a shrink while it
+weights; a member that misses a sync is STALE until a later one, or `refit_stale` before the pool next serves,
+reaches it. A member retired by a shrink while it
 still has work in flight is DRAINING: it gets nothing new and is stopped when its last chunk is collected.
 """
 
@@ -119,6 +120,25 @@ class Pool:
         if added or retired:
             log.info("%s: resized to %d (+%d, -%d)", self.role, count, len(added), len(retired))
         return {"added": len(added), "retired": len(retired)}
+
+    def refit_stale(self, refit: Callable[[Member], None]) -> dict:
+        """Members that missed a weight sync (STALE) take the current weights now (`refit`, the generators'
+        on_join), before the pool is asked to serve: else a pool whose every member missed one has none to serve.
+        A member that fails again is replaced (spending the role's budget); its replacement joins through
+        `on_join`. Returns how many were refitted and replaced."""
+        refitted = replaced = 0
+        for m in [m for m in self.members if m.health is Health.STALE]:
+            try:
+                refit(m)
+            except (RayActorError, GetTimeoutError, WeightTransferError) as e:
+                self.replace(m, f"could not take the current weights ({type(e).__name__})")
+                replaced += 1
+                continue
+            m.health = Health.HEALTHY
+            refitted += 1
+        if refitted or replaced:
+            log.warning("%s: %d stale member(s) refitted, %d replaced", self.role, refitted, replaced)
+        return {"refit": refitted, "replaced": replaced}
 
     def retire(self, member: Member) -> None:
         """Stop a member on purpose: at once when idle, else after its in-flight chunks are collected."""

@@ -30,6 +30,7 @@ import copy
 import hmac
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -45,7 +46,7 @@ from troupe.actors.protocol import Rollout
 from troupe.cluster.config.schema import TroupeConfig
 from troupe.cluster.data.prompts import SkipRow, prompt_encoder
 from troupe.cluster.jobs.rm_batcher import Batcher
-from troupe.cluster.run.scoring import ErrorPolicy, ObjectiveFailed, score_batch
+from troupe.cluster.run.scoring import DROP_REASON, ErrorPolicy, ObjectiveFailed, score_batch
 
 log = logging.getLogger("troupe.rm_serve")
 
@@ -86,12 +87,10 @@ class RewardService:
         for s in scored:
             if s.reward.dropped:
                 failed = sorted(k for k, v in s.reward.objectives.items() if v != v)
-                results.append(
-                    {
-                        "error": f"objectives {failed} failed on this item",
-                        "objectives": _finite(s.reward.objectives),
-                    }
-                )
+                error = f"objectives {failed} failed on this item"
+                if s.reward.dropped != DROP_REASON:
+                    error = "its reward is not finite (inf or NaN)"
+                results.append({"error": error, "objectives": _finite(s.reward.objectives)})
                 continue
             results.append(
                 {
@@ -156,7 +155,7 @@ class RewardService:
 
 
 def _finite(values: dict) -> dict:
-    return {k: v for k, v in values.items() if v == v}
+    return {k: v for k, v in values.items() if math.isfinite(v)}
 
 
 def make_app(service: RewardService, max_body: int, token: str | None) -> FastAPI:

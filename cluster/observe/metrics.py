@@ -76,7 +76,7 @@ class MetricsWriter:
         self._file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}
+        clean = {k: None if k in nonfinite_keys(record) else v for k, v in record.items()}
         self._file.write(json.dumps(clean, sort_keys=True, default=str) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())  # a row on disk is an iteration a resume will not redo
@@ -107,6 +107,18 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def nonfinite_keys(record: dict) -> list[str]:
+    """Keys of a row's inf/NaN numbers: JSON has no such values, so they are written as null (and counted,
+    `with_nonfinite_count`)."""
+    return [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+
+
+def with_nonfinite_count(record: dict) -> dict:
+    """`record` plus metrics/nonfinite: how many of its values are inf/NaN (a value not measured, such as
+    train/kl without a reference model, or one that went wrong)."""
+    return {**record, "metrics/nonfinite": len(nonfinite_keys(record))}
 
 
 def table_header(columns=TABLE_COLUMNS) -> str:

@@ -62,7 +62,7 @@ def build_fleet(cfg: TroupeConfig, model_path: str, resume: tuple[Path, dict] | 
     # Prompts first: a bad data path or key fails before minutes of actor start-up.
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     train_prompts, eval_set = build_prompt_sources(cfg, tokenizer)
-    budget = RetryBudget(faults.retries)
+    budget = RetryBudget(faults.retries, faults.retry_window_iterations)
     placement = _rank_placement(cfg)
     generators = _generator_pool(cfg, model_path, budget, placement)
     rewards = build_reward_fleet(cfg, budget)
@@ -202,6 +202,7 @@ def run(cfg: TroupeConfig) -> dict:
         check_capacity(cfg)
         run_state = build_fleet(cfg, model_path, resume)
         job.on_exit(run_state, "shutdown")
+        run_state.fleet.publish(run_state)  # the pools `troupe fleet` may resize, and their bounds
         checkpoints = RunCheckpoints(
             out_dir, cfg.run.checkpoint_every, cfg.run.keep_checkpoints, model_path, identity=identity
         )

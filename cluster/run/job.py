@@ -18,7 +18,14 @@ from pathlib import Path
 
 from troupe.cluster.config.schema import TroupeConfig
 from troupe.cluster.durability.run_folder import claim, start_fresh
-from troupe.cluster.observe.metrics import TABLE_COLUMNS, MetricsWriter, table_header, table_row
+from troupe.cluster.observe.metrics import (
+    TABLE_COLUMNS,
+    MetricsWriter,
+    nonfinite_keys,
+    table_header,
+    table_row,
+    with_nonfinite_count,
+)
 from troupe.cluster.observe.rollouts import RolloutLog
 from troupe.cluster.observe.run_log import route_driver_logs
 from troupe.cluster.observe.trackers import ScalarSinks
@@ -56,6 +63,7 @@ class Job:
         self.sinks: ScalarSinks | None = None
         self.cfg = cfg
         self.last: dict = {}
+        self._nonfinite_seen: set[str] = set()
         self.log_dir = self.out_dir / "logs"
         if cfg.logging.quiet:
             self.on_exit(route_driver_logs(self.log_dir), "__call__")
@@ -99,6 +107,10 @@ class Job:
         return time.perf_counter() - self.started
 
     def record(self, row: dict) -> None:
+        row = with_nonfinite_count(row)
+        for key in set(nonfinite_keys(row)) - self._nonfinite_seen:  # once per key: some are never measured
+            self._nonfinite_seen.add(key)
+            log.info("metric %s is %s (written as null, counted in metrics/nonfinite)", key, row[key])
         self.metrics.write(row)
         self.sinks.write(row)
         self.last = row

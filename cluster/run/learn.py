@@ -9,28 +9,39 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+import torch
+
 from troupe.actors.learner.batch import from_scored
 from troupe.actors.learner.dpo import PreferencePair, choose_pair
 from troupe.actors.protocol import ScoredRollout
+from troupe.cluster.durability.nonfinite import ADVANTAGE_REASON
+from troupe.cluster.run.scoring import drop_rows
 
 
-def learn_policy_gradient(run, scored: Sequence[ScoredRollout]) -> tuple[dict, list[float]]:
+def learn_policy_gradient(
+    run, scored: Sequence[ScoredRollout]
+) -> tuple[dict, list[float], list[ScoredRollout]]:
     """Columns from the scored rollouts, [critic values], the policy update, [the critic update on the returns].
-    Returns the metrics and each rollout's advantage (its mean over the response tokens)."""
+    Returns the metrics, each rollout's advantage (its mean over the response tokens), and the scored rollouts
+    with the prompt groups the learners left out for an inf/NaN advantage marked dropped."""
     batch = from_scored(scored, run.pad_id, run.sampling.n)
     stats: dict = {}
     if run.critic is not None:
         batch = batch.with_columns(values=batch.place(run.critic.values(batch)))
     train, rows = run.learners.train(batch, kl_coef=run.kl.coef)
+    if any(rows["nonfinite"]):  # no loss for them on the learners, none in the critic's update either
+        gone = torch.tensor(rows["nonfinite"])
+        batch = batch.with_columns(action_mask=batch.action_mask * ~gone[:, None])
+        scored = drop_rows(scored, rows["nonfinite"], ADVANTAGE_REASON)
     if run.critic is not None:
         critic_stats = run.critic.train_critic(batch.with_columns(returns=batch.place(rows["returns"])))
         stats.update({f"critic/{k}": v for k, v in critic_stats.items()})
     run.kl.update(train.get("kl_seq", float("nan")), len(batch))
     stats.update({f"train/{k}": v for k, v in train.items()})
-    return stats, rows["advantage"]
+    return stats, rows["advantage"], list(scored)
 
 
-def learn_dpo(run, scored: Sequence[ScoredRollout]) -> tuple[dict, None]:
+def learn_dpo(run, scored: Sequence[ScoredRollout]) -> tuple[dict, None, list[ScoredRollout]]:
     a, n = run.algo, run.sampling.n
     pairs, ties = build_pairs(scored, n, a.pair_strategy, run.rng, a.length_penalty)
     world = len(run.learners.ranks)
@@ -39,7 +50,7 @@ def learn_dpo(run, scored: Sequence[ScoredRollout]) -> tuple[dict, None]:
     if pairs:
         train = run.learners.train_dpo(padded)
         stats.update({f"train/{k}": v for k, v in train.items()})
-    return stats, None  # DPO has no advantages
+    return stats, None, list(scored)  # DPO has no advantages
 
 
 def build_pairs(

@@ -24,6 +24,7 @@ from troupe.cluster.config.schema import EvalConfig, FaultsConfig, MonitorConfig
 from troupe.cluster.data.prompts import ArithmeticCursor, DatasetCursor, PromptSet
 from troupe.cluster.durability.accounting import Ledger
 from troupe.cluster.durability.faults import RankLost, RetriesExhausted, RetryBudget
+from troupe.cluster.durability.nonfinite import NonFiniteStop, learn_counts, stop_reason
 from troupe.cluster.durability.run_checkpoints import RunCheckpoints, Stopped, driver_state
 from troupe.cluster.fleet.elastic import FleetControl
 from troupe.cluster.fleet.learners import LearnerGroup
@@ -33,7 +34,7 @@ from troupe.cluster.observe.rollouts import sample_rows
 from troupe.cluster.run.evaluation import batch_stats, evaluate
 from troupe.cluster.run.learn import learn_dpo, learn_policy_gradient
 from troupe.cluster.run.pipeline import RolloutPipeline
-from troupe.cluster.run.scoring import DROP_REASON, ErrorPolicy, ObjectiveFailed, score_batch
+from troupe.cluster.run.scoring import ErrorPolicy, ObjectiveFailed, dropped_groups, score_batch
 from troupe.cluster.sync.nccl import NcclSync
 from troupe.cluster.sync.object_store import push_weights, refit
 
@@ -79,12 +80,19 @@ class RunState:
         # a new or replacement generator serves only with the current weights
         self.generators.on_join = self.refit
 
-    def refit(self, member: Member) -> None:
+    def refit(self, member: Member, deadline_s: float | None = None) -> None:
         stale = self.last_bundle is None or self.last_bundle.version != self.version
         if self.version > 0 and stale:
             # the latest version went over NCCL: a newcomer takes it through the object store
             self.last_bundle = self.learners.export_weights(self.version, self.sync_bucket_mb)
-        refit(member, self.last_bundle, self.faults.sync_s)
+        refit(member, self.last_bundle, deadline_s or self.faults.sync_s)
+
+    def refit_stale(self) -> dict:
+        """Generators that missed a weight sync take the current weights before they generate (async: behind the
+        batches queued on them)."""
+        wait_s = self.faults.sync_s + self.faults.generate_s * len(self.pipeline.queue)
+        done = self.generators.refit_stale(lambda member: self.refit(member, wait_s))
+        return {"fleet/stale_refit": done["refit"], "fleet/stale_replaced": done["replaced"]}
 
     def sampling_for(self, batch) -> Sampling:
         """run.deterministic: a batch's requests draw from streams seeded by (run seed + batch number)."""
@@ -112,13 +120,20 @@ def train(run: RunState, job, checkpoints: RunCheckpoints, start: int = 0) -> No
     iteration = start
     while iteration < run.iterations:
         before = driver_state(run, iteration - 1)
+        run.budget.tick()  # losses older than faults.retry_window_iterations stop counting
         try:
             record = run_iteration(run, iteration)
             record.update(run.budget.metrics())
             job.record(record)
             job.record_samples(run.last_samples)
-            if checkpoints.due(iteration):
+            nonfinite = stop_reason(record, run.faults.on_nonfinite)
+            if checkpoints.due(iteration) or nonfinite:
                 checkpoints.save(run, iteration)
+            if nonfinite:  # inf/NaN values were left out, so this iteration's state is whole: stop after it
+                raise NonFiniteStop(
+                    f"iteration {iteration}: {nonfinite} (faults.on_nonfinite=stop); they were left out, and the "
+                    f"checkpoint {checkpoints.last} holds the state after the iteration: resume=latest continues"
+                )
         except RankLost as lost:  # the group is rebuilt and the run rolled back to the newest checkpoint
             iteration = checkpoints.recover(run, lost, job)
             continue
@@ -133,8 +148,10 @@ def train(run: RunState, job, checkpoints: RunCheckpoints, start: int = 0) -> No
 def run_iteration(run: RunState, iteration: int) -> dict:
     timings: dict[str, float] = {}
 
-    # 0. Resize the pools, if asked (`troupe fleet`) or if the autoscaler says so; new generators refit first.
+    # 0. Resize the pools, if asked (`troupe fleet`) or if the autoscaler says so; new generators refit first, and
+    #    so do those that missed the last weight sync.
     fleet_stats = run.fleet.step(run, iteration, run.last_record) if run.fleet is not None else {}
+    stale = run.refit_stale()
 
     # 1. Generate: each generator samples n completions for its contiguous share of the prompts (async: the
     #    batch was submitted an iteration ahead; groups staler than run.max_staleness are sampled again).
@@ -163,8 +180,8 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     advantages = None
     with timed(timings, "learn"):
         learn = learn_dpo if run.algo.update == "dpo" else learn_policy_gradient
-        if result.kept:
-            learn_stats, advantages = learn(run, scored)
+        if result.kept:  # groups with an inf/NaN advantage come back dropped
+            learn_stats, advantages, scored = learn(run, scored)
 
     # 4. Sync: the new weights go to every generator, tagged with the next version (skipped if nothing trained).
     sync_stats: dict = {}
@@ -185,6 +202,8 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     eval_stats: dict = {}
     if run.eval_set is not None and eval_due(iteration, run.iterations, run.eval.every):
         with timed(timings, "eval"):
+            again = run.refit_stale()  # generators that missed this iteration's sync
+            stale = {key: n + again[key] for key, n in stale.items()}
             eval_stats = evaluate(run, run.eval_set.prompts, run.eval)
 
     record = _metrics(iteration, run.version, scored, learn_stats, sync_stats, timings)
@@ -192,9 +211,11 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     record.update(getattr(run.aggregation, "metrics", dict)())  # e.g. ALaRM's aspect selection
     record.update(staleness)
     record.update(fleet_stats)
+    record.update(stale)
     record.update(run.prompts.metrics())
+    record.update(learn_counts(scored, learn_stats))
     # DPO: a prompt whose samples all tie builds no pair, so nothing of it is trained
-    dropped = {"tie": learn_stats.get("pairs/skipped_ties", 0), DROP_REASON: result.dropped_prompts}
+    dropped = {"tie": learn_stats.get("pairs/skipped_ties", 0), **dropped_groups(scored, run.sampling.n)}
     record.update(run.ledger.settle(dropped))
     record.update(eval_stats)
     record["algo"] = run.algo.name
@@ -232,9 +253,10 @@ def _nothing_kept_alarm(run: RunState, result) -> None:
     run.empty_batches = 0 if result.kept else run.empty_batches + 1
     if run.empty_batches >= EMPTY_BATCHES_MAX:
         failing = sorted(name for name, n in result.errors.items() if n)
+        inf = f"; {result.nonfinite} of the last batch's rewards were inf/NaN" if result.nonfinite else ""
         raise ObjectiveFailed(
             f"{run.empty_batches} batches in a row had every sample dropped (reward.on_error=drop): objectives "
-            f"{failing} failed on them; their first tracebacks are in the log"
+            f"{failing} failed on them; their first tracebacks are in the log{inf}"
         )
 
 

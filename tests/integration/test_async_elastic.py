@@ -6,8 +6,8 @@ import pytest
 import ray
 
 from tests.integration.conftest import running_fleet, tiny_config
-from troupe.cluster.fleet.elastic import request_resize
 from troupe.cluster.fleet.pool import Health
+from troupe.cluster.fleet.requests import request_resize
 from troupe.cluster.run.loop import run_iteration
 
 pytestmark = pytest.mark.integration

@@ -24,7 +24,7 @@ def child(out: str) -> None:
 
     from tests.integration.conftest import tiny_config
     from troupe.actors.models import resolve_model
-    from troupe.cluster.fleet.elastic import request_resize
+    from troupe.cluster.fleet.requests import request_resize
     from troupe.cluster.run.driver import build_fleet
     from troupe.cluster.run.loop import run_iteration
     from troupe.cluster.run.runtime import start_ray

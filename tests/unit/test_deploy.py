@@ -117,4 +117,6 @@ def test_recipes_resume_only_from_a_complete_checkpoint(tmp_path, on_disk, resum
     assert rayjob.returncode == 0 and slurm.returncode == 0, rayjob.stderr + slurm.stderr
     assert ("resume=latest" in rayjob.stdout) == resumes and ("resume=latest" in slurm.stdout) == resumes
     # without a complete checkpoint a restart starts over rather than being refused for the partial folder
-    assert ("run.overwrite=true" in rayjob.stdout) != resumes and ("run.overwrite=true" in slurm.stdout) != resumes
+    assert ("run.overwrite=true" in rayjob.stdout) != resumes and (
+        "run.overwrite=true" in slurm.stdout
+    ) != resumes

@@ -112,7 +112,7 @@ def test_ledger_accounts_for_every_prompt_through_rollback_and_resume():
 def test_retry_budget_names_the_role_when_spent():
     budget = RetryBudget({"generator": 1, "learner": 0})
     budget.spend("generator", "member 0 died")
-    assert budget.metrics() == {"faults/lost/generator": 1}
+    assert budget.metrics() == {"faults/lost/generator": 1, "faults/window/generator": 1}
     with pytest.raises(
         RetriesExhausted, match=r"generator: lost 2 time\(s\), more than faults\.retries\.generator=1"
     ):

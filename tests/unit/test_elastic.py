@@ -5,17 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from troupe.cluster.fleet.elastic import (
-    AutoscaleConfig,
-    FleetControl,
-    FleetRequestError,
-    PoolBounds,
-    decide,
-    main,
-    parse_sizes,
-    request_resize,
-)
+from troupe.cluster.fleet.elastic import AutoscaleConfig, FleetControl, PoolBounds, decide
 from troupe.cluster.fleet.pool import Health, Member, Pool
+from troupe.cluster.fleet.requests import FleetRequestError, main, parse_sizes, request_resize
 from troupe.cluster.fleet.reward_pools import RewardFleet
 
 
@@ -69,28 +61,32 @@ def test_autoscaler_respects_its_cooldown(tmp_path):
     assert control.targets(run, 7, busy)["generators"] == 2
 
 
-def test_unknown_pools_and_bad_files_are_refused_without_resizing(tmp_path, caplog):
+def test_unknown_pools_and_bad_files_are_moved_aside_without_resizing(tmp_path, caplog):
     run = _run()
     control = FleetControl(tmp_path)
-    request_resize(tmp_path, {"generatorz": 2})
+    (tmp_path / "fleet.json").write_text(json.dumps({"sizes": {"generatorz": 2}, "requested_at": 1.0}))
     assert control.targets(run, 0, None) == {}
-    assert "unknown pools ['generatorz']" in caplog.text
+    assert "sizes.generatorz: this run has no such pool" in caplog.text
     (tmp_path / "fleet.json").write_text("{not json")
     assert control.targets(run, 1, None) == {}
+    assert not (tmp_path / "fleet.json").exists() and len(list(tmp_path.glob("fleet.json.rejected-*"))) == 2
+    assert control.step(run, 2, None)["fleet/rejected_requests"] == 2
     with pytest.raises(FleetRequestError, match="not a run folder"):
         request_resize(tmp_path / "missing", {"generators": 2})
-    with pytest.raises(FleetRequestError, match="integer >= 1"):
-        request_resize(tmp_path, {"generators": 0})
+    with pytest.raises(FleetRequestError, match="outside the pool's bounds"):
+        request_resize(tmp_path, {"generators": 0})  # the run published its bounds when it first read
 
 
 def test_fixed_pools_are_left_alone_by_requests_and_the_autoscaler(tmp_path, caplog):
     """Colocated generators live in the learner ranks' bundles: neither a request nor the policy resizes them."""
     run = _run()
     control = FleetControl(tmp_path, AutoscaleConfig(enabled=True, cooldown=0), fixed={"generators"})
-    request_resize(tmp_path, {"generators": 3})
+    (tmp_path / "fleet.json").write_text(json.dumps({"sizes": {"generators": 3}, "requested_at": 1.0}))
     busy = {"time/iteration": 1.0, "time/generate": 0.9, "time/score": 0.9}
     assert control.targets(run, 0, busy) == {"reward.rules": 2}
-    assert "fixed in this run" in caplog.text
+    assert "placement.layout=colocated" in caplog.text
+    with pytest.raises(FleetRequestError, match=r"sizes.generators=3: outside the pool's bounds \[1, 1\]"):
+        request_resize(tmp_path, {"generators": 3})
 
 
 def test_troupe_fleet_command_writes_the_request(tmp_path, capsys):
