@@ -7,7 +7,7 @@ from pathlib import Path
 from troupe.actors.learner.advantages import lookup
 from troupe.actors.learner.step import LOSS_AGGREGATIONS
 from troupe.actors.plugins import PluginError
-from troupe.cluster.config.reward_checks import check_rewards
+from troupe.cluster.config.reward_checks import check_rewards, check_serve
 from troupe.cluster.config.schema import TroupeConfig
 
 
@@ -106,6 +106,8 @@ def validate(cfg: TroupeConfig) -> None:
         raise ConfigError(
             "troupe rm import needs rm.checkpoint (a folder laid out like RLHFlow/ArmoRM-Llama3-8B-v0.1)"
         )
+    if cfg.job == "rm_serve":
+        check_serve(cfg.serve, ConfigError)
     if cfg.job == "best_of_n" and not cfg.best_of_n.prompts:
         raise ConfigError("troupe best-of-n needs best_of_n.prompts (a JSONL file of prompts)")
     if cfg.job != "rl":

@@ -53,7 +53,6 @@ def check_rewards(cfg: TroupeConfig, error: type[ValueError]) -> None:
             "reward.hierarchy.select=consistency compares responses to the same prompt: it needs "
             f"generator.samples_per_prompt >= 2, got {cfg.generator.samples_per_prompt}"
         )
-    _check_serve(cfg.serve, error)
     _refuse_debiased_verbosity(r, error)
     if not 0.0 <= cfg.logging.rollouts <= 1.0:
         raise error(f"logging.rollouts must be a share in [0, 1], got {cfg.logging.rollouts}")
@@ -121,9 +120,34 @@ def _check_http(key: str, name: str, params: Mapping, timeout: float, error) -> 
         )
 
 
-def _check_serve(s, error) -> None:
-    for key in ("max_items", "max_body_mb", "max_batch_items", "max_connections"):
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def check_serve(s, error) -> None:
+    """`troupe rm serve`'s limits, and no listening beyond this machine without a bearer token."""
+    for key in (
+        "max_items",
+        "max_body_mb",
+        "max_batch_items",
+        "max_connections",
+        "workers",
+        "max_header_kb",
+        "max_json_depth",
+    ):
         if getattr(s, key) < 1:
             raise error(f"serve.{key} must be >= 1, got {getattr(s, key)}")
-    if s.batch_wait_ms < 0 or s.retries < 0 or not s.request_timeout_s > 0:
-        raise error("serve.batch_wait_ms and serve.retries must be >= 0 and serve.request_timeout_s > 0")
+    if s.batch_wait_ms < 0 or s.retries < 0:
+        raise error("serve.batch_wait_ms and serve.retries must be >= 0")
+    for key in ("request_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
+        if not getattr(s, key) > 0:
+            raise error(f"serve.{key} must be > 0 seconds, got {getattr(s, key)}")
+    if s.max_queued < s.max_items:
+        raise error(
+            f"serve.max_queued ({s.max_queued}) must be >= serve.max_items ({s.max_items}): a full request "
+            "must fit in the queue"
+        )
+    if s.host not in LOOPBACK and not s.token_env:
+        raise error(
+            f"serve.host={s.host} listens beyond this machine: set serve.token_env to the name of an environment "
+            f"variable holding a bearer token that clients must send, or bind to loopback ({', '.join(LOOPBACK)})"
+        )

@@ -22,13 +22,25 @@ class ServeConfig:
     max_batch_items: int = 256
     batch_wait_ms: float = 0.0
     request_timeout_s: float = 300.0  # a request not scored by then gets a 504
-    max_connections: int = 64  # more at once get a 503 (uvicorn's limit_concurrency)
+    max_connections: int = 64  # open at once; a request on one more gets a 503 and the connection is closed
+    # Threads that parse requests and shape results (the event loop only moves bytes); requests beyond wait
+    workers: int = 8
+    max_queued: int = (
+        1024  # items waiting for the fleet; a request that would pass it gets a 503 + Retry-After
+    )
+    # A connection must send its request headers within header_timeout_s and its body within body_timeout_s
+    # (else 408 and it is closed); an idle keep-alive connection is closed after keep_alive_s
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_s: float = 5.0
+    max_header_kb: int = 16  # request line + headers; more gets a 431
+    max_json_depth: int = 32  # arrays/objects nested deeper get a 400
     # Shard losses one batch may cost; past it the batch's requests are scored one by one, and the request that
     # still fails gets a 503, so an item that kills a shard cannot loop forever
     retries: int = 2
-    token_env: str | None = (
-        None  # the name of an environment variable holding a bearer token clients must send
-    )
+    # The name of an environment variable holding a bearer token clients must send; required when host is not
+    # loopback (127.0.0.1, ::1, localhost)
+    token_env: str | None = None
     # A run's checkpoint-final/troupe_state.json or a checkpoint's state.json: the normaliser statistics to score with
     aggregation_state: str | None = None
 
