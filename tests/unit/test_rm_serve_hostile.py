@@ -22,6 +22,7 @@ from tests.unit.tiny_models import llama3_style_tokenizer
 from troupe.actors.protocol import Prompt, Rollout
 from troupe.actors.reward.aggregation import WeightedSum
 from troupe.cluster.config.checks import ConfigError, validate
+from troupe.cluster.config.compose import compose
 from troupe.cluster.config.reward_checks import check_serve
 from troupe.cluster.config.reward_schema import ServeConfig
 from troupe.cluster.config.schema import TroupeConfig
@@ -294,10 +295,8 @@ def test_listening_off_loopback_needs_a_token():
     check_serve(ServeConfig(host="0.0.0.0", token_env="RM_TOKEN"), ConfigError)
     with pytest.raises(ConfigError, match=r"serve\.host=0\.0\.0\.0 .*serve\.token_env"):
         check_serve(ServeConfig(host="0.0.0.0"), ConfigError)
-    cfg = TroupeConfig(job="rm_serve")
-    cfg.serve.host = "10.0.0.5"
     with pytest.raises(ConfigError, match=r"serve\.host=10\.0\.0\.5"):
-        validate(cfg)  # at compose/validate time, before any actor starts
+        validate(compose(["job=rm_serve", "serve.host=10.0.0.5"]))  # at compose time, before any actor starts
     with pytest.raises(ConfigError, match=r"serve\.max_queued \(8\) must be >= serve\.max_items \(256\)"):
         check_serve(ServeConfig(max_queued=8), ConfigError)
 
