@@ -109,7 +109,9 @@ def domain_errors(obj, prefix: str = "") -> list[str]:
 def _errors(value, hint, domain: Domain | None, key: str) -> list[str]:
     if value is None or hint is Any or isinstance(value, bool):
         return []
-    if isinstance(value, str) and value.startswith("${"):  # a config built in Python, before OmegaConf resolves it
+    if isinstance(value, str) and value.startswith(
+        "${"
+    ):  # a config built in Python, before OmegaConf resolves it
         return []
     if is_dataclass(value):
         return domain_errors(value, key + ".")
