@@ -53,6 +53,10 @@ def checkpoints_root(out_dir: Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
+def checkpoint_name(iteration: int) -> str:
+    return f"{PREFIX}{iteration:06d}"
+
+
 def write_checkpoint(
     out_dir: Path, iteration: int, write_parts: Callable[[Path], None], state: dict, keep: int
 ) -> tuple[Path, dict]:
@@ -62,16 +66,20 @@ def write_checkpoint(
     start = time.perf_counter()
     key = load_key()  # before the actors write: a key that cannot be used fails in seconds
     root = checkpoints_root(out_dir)
-    final = root / f"{PREFIX}{iteration:06d}"
+    final = root / checkpoint_name(iteration)
     tmp = fresh_tmp(final)
-    write_parts(tmp)
-    (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
-    files = {
-        str(path.relative_to(tmp)): {"sha256": _sha256(path), "bytes": path.stat().st_size}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file())
-    }
-    manifest = sign({"iteration": iteration, "files": files, "written": time.time()}, key)
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    try:
+        write_parts(tmp)
+        (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        files = {
+            str(path.relative_to(tmp)): {"sha256": _sha256(path), "bytes": path.stat().st_size}
+            for path in sorted(p for p in tmp.rglob("*") if p.is_file())
+        }
+        manifest = sign({"iteration": iteration, "files": files, "written": time.time()}, key)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    except BaseException:  # a failed write leaves nothing behind (resume=latest never takes a .tmp anyway)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     swap_in(tmp, final)
     prune(root, keep, final)
     size = sum(f["bytes"] for f in files.values())

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 # Messages of a collective whose peer is gone (gloo on CPU, NCCL on GPU, torch.distributed's wrappers).
 _COLLECTIVE = (
@@ -59,6 +59,8 @@ def gather(refs: Sequence[ray.ObjectRef], deadline_s: float, role: str) -> list:
                 ray.get(ref)
             except RayActorError as e:
                 raise RankLost(role, f"a rank died ({type(e).__name__})") from e
+            except ObjectLostError as e:  # its answer went with its node: the rank went too
+                raise RankLost(role, f"a rank's answer was lost ({type(e).__name__})") from e
             except RayTaskError as e:
                 if is_collective_failure(e):
                     raise RankLost(role, f"a collective failed: {str(e).splitlines()[0][:200]}") from e
@@ -77,6 +79,7 @@ class RetryBudget:
         self.clock = 0
         self.lost: dict[str, int] = {}  # every loss of the run, per role
         self.clocks: dict[str, list[int]] = {}  # the clocks of the losses still in the window
+        self.objects_lost = 0  # finished chunks whose results were lost and were done again (Pool.collect)
 
     def tick(self) -> None:
         self.clock += 1
@@ -99,6 +102,8 @@ class RetryBudget:
         for role in sorted(self.lost):
             out[f"faults/lost/{role}"] = self.lost[role]
             out[f"faults/window/{role}"] = len(self.clocks.get(role, []))
+        if self.objects_lost:
+            out["faults/objects_lost"] = self.objects_lost
         return out
 
     def state_dict(self) -> dict:
@@ -106,11 +111,13 @@ class RetryBudget:
             "clock": self.clock,
             "lost": dict(self.lost),
             "clocks": {r: list(c) for r, c in self.clocks.items()},
+            "objects_lost": self.objects_lost,
         }
 
     def load_state_dict(self, state: dict) -> None:
         if "clocks" not in state:  # a checkpoint of an older troupe: {role: losses}, all counted from now on
             state = {"clock": 0, "lost": state, "clocks": {role: [0] * n for role, n in state.items()}}
         self.clock, self.lost = int(state["clock"]), dict(state["lost"])
+        self.objects_lost = int(state.get("objects_lost", 0))  # absent before troupe counted them
         self.clocks = {role: [int(c) for c in clocks] for role, clocks in state["clocks"].items()}
         self._forget()

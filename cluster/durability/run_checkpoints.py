@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from troupe.cluster.durability.checkpoint import verify, write_checkpoint
+from troupe.cluster.durability.checkpoint import checkpoint_name, verify, write_checkpoint
 from troupe.cluster.durability.faults import RankLost
 from troupe.cluster.sync.object_store import push_weights
 
@@ -94,15 +94,52 @@ class RunCheckpoints:
     def save_before_stopping(self, run, role: str, before: dict) -> None:
         """A generator or reward fleet out of retries: the learners did not step this iteration, so the state from
         before it is whole; its prompts are retried by the resume. (A lost learner's state is the last checkpoint.)"""
-        run.ledger.roll_back([])
-        whole = role not in ("learner", "critic") and run.version == before["weight_version"]
-        if whole and before["iteration"] >= 0:
-            self.save(run, before["iteration"], {**before, "ledger": run.ledger.state_dict()})
+        if role in ("learner", "critic"):
+            run.ledger.roll_back([])
+        else:
+            self._save_whole(run, before, recorded=False)
         log.error(
             "%s out of retries; the newest checkpoint is %s (resume=latest)",
             role,
             self.last or "none: start over",
         )
+
+    def save_after_error(self, run, error: Exception, before: dict, recorded: bool) -> None:
+        """An unexpected error ends the run: first the last whole state is written, if the learners still hold it
+        and can write it. A save that fails too is logged; either way the caller re-raises `error`."""
+        try:
+            self._save_whole(run, before, recorded)
+        except Exception as failed:  # learners gone, disk full: write_checkpoint leaves no complete folder
+            log.error(
+                "%s: %s; the checkpoint of the last whole state failed too (%s: %s); the newest checkpoint is %s",
+                type(error).__name__,
+                error,
+                type(failed).__name__,
+                failed,
+                self.last or "none: start over",
+            )
+            return
+        log.error(
+            "%s: %s; the newest checkpoint is %s (resume=latest)",
+            type(error).__name__,
+            error,
+            self.last or "none: start over",
+        )
+
+    def _save_whole(self, run, before: dict, recorded: bool) -> None:
+        """The state a resume can continue from: the one after the iteration once its row is recorded; else the
+        one before it while the learners have not been called (its prompts become retried); else none: the
+        learners moved on and the iteration is not whole, so the newest checkpoint stays the last whole state."""
+        if recorded:
+            iteration, state = before["iteration"] + 1, None
+        else:
+            run.ledger.roll_back([])
+            if run.learning or run.version != before["weight_version"]:
+                return
+            iteration, state = before["iteration"], {**before, "ledger": run.ledger.state_dict()}
+        if iteration < 0 or (self.last is not None and self.last.name == checkpoint_name(iteration)):
+            return  # nothing trained yet (a restart is the same), or written already
+        self.save(run, iteration, state)
 
     def recover(self, run, lost: RankLost, job) -> int:
         """Rebuild the lost group (and its partner: policy and critic move together), roll everything back to the
@@ -144,8 +181,9 @@ class RunCheckpoints:
 
     def watch_signals(self):
         """SIGTERM/SIGINT: finish the iteration, write a checkpoint, stop. A second signal stops at once.
-        Returns a function that puts the previous handlers back. Send the signal to the driver alone (e.g. Slurm
-        `--signal=B:TERM@60`): Ray's workers share its process group and exit on SIGTERM themselves."""
+        Returns a function that puts the previous handlers back. Installed after ray.init, whose own SIGTERM
+        handler it replaces. A SIGTERM to the driver's whole process group works too: the embedded Ray's
+        processes are in a session of their own (runtime.own_session)."""
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
         def ask(signum, _frame) -> None:

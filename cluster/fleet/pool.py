@@ -1,7 +1,8 @@
 """Pools of actors per role: spawn, health, replace on failure, resize while running, and fan-out calls.
 
 A pool knows nothing about what its actors do; the loop asks it to split work across serving members.
-A chunk whose actor dies is retried on a replacement, so accepted work is not lost.
+A chunk whose actor dies is retried on a replacement, and one whose result is lost (ObjectLostError) is done
+again, so accepted work is not lost.
 
 Member states: STARTING (spawned, not ready) -> STALE (alive, without the current weights) -> HEALTHY (serving).
 A new member goes through `on_join` (the generators' refit) before it serves, so it never generates with old
@@ -20,7 +21,7 @@ from enum import Enum
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
 from troupe.actors.weight_buckets import WeightTransferError
 from troupe.cluster.durability.faults import RetryBudget
@@ -72,6 +73,7 @@ class Pool:
         self._next_index = 0
         self.replacements = 0
         self.redone_chunks = 0  # chunks redone on another member after theirs died, hung or was retired
+        self.objects_lost = 0  # finished chunks whose results were lost (their node's object store went)
 
     def spawn(self, count: int) -> list[Member]:
         new: list[Member] = []
@@ -191,6 +193,17 @@ class Pool:
         if member.health is Health.DRAINING and member.in_flight == 0:
             self._stop(member)
 
+    def lost_result(self, member: Member, error: ObjectLostError) -> None:
+        self.objects_lost += 1
+        if self.budget is not None:
+            self.budget.objects_lost += 1  # faults/objects_lost in the rows
+        log.warning(
+            "%s: member %d's result was lost (%s); its chunk is done again",
+            self.role,
+            member.index,
+            type(error).__name__,
+        )
+
     def _redo_target(self, member: Member, cause: str) -> Member:
         """Where a failed chunk goes: a replacement (spending the budget), or, for a member retired on purpose,
         any serving member."""
@@ -232,11 +245,23 @@ class PendingChunks:
         owners = list(self.members)
         try:
             for i, (chunk, ref) in enumerate(zip(self.chunks, self.refs, strict=True)):
-                m = owners[i]
+                m, lost = owners[i], 0
                 while True:
                     try:
                         results.append(ray.get(ref, timeout=max(0.0, end - time.monotonic())))
                         break
+                    except (
+                        ObjectLostError
+                    ) as e:  # OwnerDied, ReconstructionFailed, FetchTimedOut: all subclasses
+                        # The chunk finished but its result went with its node: it is done again, on the same
+                        # member if it still serves (one that died with the node fails that call and is
+                        # replaced then); a second loss of the same chunk goes to a replacement.
+                        lost += 1
+                        self.pool.lost_result(m, e)
+                        if lost > 1 or m not in self.pool.live():
+                            m = self.pool._redo_target(m, "lost its result")
+                        ref = getattr(m.handle, self.method).remote(chunk, *self.args)
+                        end = time.monotonic() + deadline
                     except (RayActorError, GetTimeoutError) as e:
                         cause = (
                             "died"

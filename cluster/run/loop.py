@@ -1,5 +1,6 @@
 """The run, top to bottom: iterations of generate -> score -> learn -> sync [-> evaluate], each phase timed,
-checkpointed when due; a lost learner or critic rank rolls the run back to its newest checkpoint and it goes on.
+checkpointed when due; a lost learner or critic rank rolls the run back to its newest checkpoint and it goes on;
+any other error stops the run after a checkpoint of its last whole state.
 In run.mode=async the generators sample the next batches while the learners train (cluster/run/pipeline.py); fleets
 may be resized between iterations (cluster/fleet/elastic.py).
 
@@ -75,6 +76,7 @@ class RunState:
     ledger: Ledger = field(default_factory=Ledger)
     seed: int | None = None  # run.deterministic: the seed of every request's sampling stream; None: unseeded
     on_error: ErrorPolicy = field(default_factory=ErrorPolicy)  # what a failed reward sample becomes
+    learning: bool = False  # the learners were called this iteration: they no longer hold the state before it
 
     def __post_init__(self) -> None:
         # a new or replacement generator serves only with the current weights
@@ -121,10 +123,12 @@ def train(run: RunState, job, checkpoints: RunCheckpoints, start: int = 0) -> No
     while iteration < run.iterations:
         before = driver_state(run, iteration - 1)
         run.budget.tick()  # losses older than faults.retry_window_iterations stop counting
+        run.learning, recorded = False, False
         try:
             record = run_iteration(run, iteration)
             record.update(run.budget.metrics())
             job.record(record)
+            recorded = True
             job.record_samples(run.last_samples)
             nonfinite = stop_reason(record, run.faults.on_nonfinite)
             if checkpoints.due(iteration) or nonfinite:
@@ -139,6 +143,12 @@ def train(run: RunState, job, checkpoints: RunCheckpoints, start: int = 0) -> No
             continue
         except RetriesExhausted as exhausted:  # a role lost too many members: stop, with a checkpoint
             checkpoints.save_before_stopping(run, exhausted.role, before)
+            raise
+        except NonFiniteStop:  # its checkpoint is written
+            raise
+        # anything else (a shard's bug, a full disk, a lost node): stop, with the last whole state
+        except Exception as error:
+            checkpoints.save_after_error(run, error, before, recorded)
             raise
         if checkpoints.stop_signal is not None:
             raise Stopped(checkpoints.stop_signal, checkpoints.last)
@@ -181,6 +191,7 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     with timed(timings, "learn"):
         learn = learn_dpo if run.algo.update == "dpo" else learn_policy_gradient
         if result.kept:  # groups with an inf/NaN advantage come back dropped
+            run.learning = True
             learn_stats, advantages, scored = learn(run, scored)
 
     # 4. Sync: the new weights go to every generator, tagged with the next version (skipped if nothing trained).

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from contextlib import contextmanager
 
 import ray
 
@@ -35,18 +37,46 @@ def start_ray(cfg: RayConfig, log_to_driver: bool = True, py_modules: list[str] 
     kwargs = dict(runtime_env=runtime_env, log_to_driver=log_to_driver, configure_logging=log_to_driver)
     if cfg.address is None:
         # "local" always starts a fresh instance: a stale local Ray would otherwise reject num_cpus.
-        ray.init(
-            address="local",
-            num_cpus=cfg.num_cpus,
-            include_dashboard=cfg.include_dashboard,
-            dashboard_host=cfg.dashboard_host,
-            object_store_memory=cfg.object_store_memory,
-            **kwargs,
-        )
+        with own_session():
+            ray.init(
+                address="local",
+                num_cpus=cfg.num_cpus,
+                include_dashboard=cfg.include_dashboard,
+                dashboard_host=cfg.dashboard_host,
+                object_store_memory=cfg.object_store_memory,
+                **kwargs,
+            )
     else:
         _follow_cluster_token()
         ray.init(address=cfg.address, **kwargs)
     log.info("ray resources: %s", ray.cluster_resources())
+
+
+@contextmanager
+def own_session():
+    """The embedded Ray's processes (GCS, raylet, and through the raylet every actor's worker) start in a session
+    of their own. Otherwise they share the driver's process group, and a SIGTERM to that group (a launcher
+    stopping the job, `kill -TERM -<pgid>`) ends every actor at once, so the driver, which stops gracefully on
+    SIGTERM, could write no checkpoint. They still end with the driver: Ray starts them with the kernel's
+    parent-death signal, and the driver's ray.shutdown stops them. Where the kernel cannot do that, Ray's
+    reaper cleans up by process group instead, so they stay in the driver's group."""
+    from ray._private import services, utils  # Ray has no option for this; Windows gets its own group already
+
+    popen = getattr(services, "ConsolePopen", None)
+    if popen is None or not sys.platform.startswith("linux") or not utils.detect_fate_sharing_support():
+        yield
+        return
+
+    class SessionPopen(popen):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = SessionPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
 
 
 def _follow_cluster_token() -> None:
