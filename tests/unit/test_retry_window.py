@@ -47,7 +47,7 @@ def test_clocks_survive_a_checkpoint_and_the_old_format_loads():
     _ticks(budget, 4)
     budget.spend("learner", "rank 1 died")
     state = json.loads(json.dumps(budget.state_dict()))  # what state.json holds
-    assert state == {"clock": 4, "lost": {"learner": 1}, "clocks": {"learner": [4]}}
+    assert state == {"clock": 4, "lost": {"learner": 1}, "clocks": {"learner": [4]}, "objects_lost": 0}
     resumed = RetryBudget({"learner": 2}, window=10)
     resumed.load_state_dict(state)
     _ticks(resumed, 9)
