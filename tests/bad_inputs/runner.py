@@ -329,25 +329,43 @@ def _checkpoints(spec, tmp):
 # HTTP -------------------------------------------------------------------------------------------------------------
 
 
-def _http(spec, tmp):
-    """Runs only where the rewritten HTTP layer (troupe.cluster.jobs.rm_http.make_app) exists."""
+def _http(spec, tmp, module: str = "troupe.cluster.jobs.rm_http"):
+    """Runs only where the rewritten HTTP layer (`module`.make_app) exists: its app, with a reward service that
+    has no fleet behind it (a bad request never reaches scoring), called in-process."""
+    import importlib
+
     try:
-        from troupe.cluster.jobs import rm_http
+        http = importlib.import_module(module)
     except ImportError:
-        rm_http = None
-    if rm_http is None or not hasattr(rm_http, "make_app"):
+        http = None
+    if http is None or not hasattr(http, "make_app"):
         raise NotRun(HTTP_SKIP)
-    if not hasattr(rm_http, "bad_input_client"):
-        raise NotRun(f"{HTTP_SKIP} (rm_http has no bad_input_client() to serve them without a fleet)")
-    client = rm_http.bad_input_client()
-    body = _bytes(spec, "body") or b""
-    response = client.request(spec["method"], spec["path"], headers=spec.get("headers", {}), content=body)
+    response = _http_client(http).request(
+        spec["method"], spec["path"], headers=spec.get("headers", {}), content=_bytes(spec, "body") or b""
+    )
     error = response.json().get("error", "") if response.content else ""
     if response.status_code == spec["status"] and re.search(spec["match"], error):
-        raise ValueError(error)  # classified as a clear error by run_case
+        raise ValueError(error)  # what run_case classifies as a clear error
     if response.status_code < 400:
-        return None
-    raise RuntimeError(f"HTTP {response.status_code}: {error}")
+        return None  # accepted: silent
+    raise RuntimeError(f"HTTP {response.status_code}, expected {spec['status']}: {error}")
+
+
+_CLIENTS: dict = {}
+
+
+def _http_client(http):
+    if http.__name__ not in _CLIENTS:
+        from fastapi.testclient import TestClient
+
+        from troupe.cluster.config.compose import compose
+        from troupe.cluster.jobs import rm_serve
+
+        cfg = compose(["reward=open"])
+        service = getattr(http, "RewardService", rm_serve.RewardService)(cfg, None, None, _tokenizer())
+        app = http.make_app(service, cfg.serve.max_body_mb << 20, None)
+        _CLIENTS[http.__name__] = TestClient(app, raise_server_exceptions=False)
+    return _CLIENTS[http.__name__]
 
 
 RUNNERS = {
