@@ -54,7 +54,7 @@ def one_lock_server(service) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            rollouts = service.rollouts(body)
+            rollouts = service.parse(body)
             with lock:
                 values = service.fleet.score(rollouts)
             data = json.dumps(service.results(rollouts, values)).encode()

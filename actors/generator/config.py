@@ -6,21 +6,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from troupe.actors.field_domains import bounded, one_of, resource
+
 
 @dataclass
 class GeneratorConfig:
-    backend: str = "vllm"  # vllm | hf
-    replicas: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    omp_threads: int = 1
-    dtype: str = "auto"  # auto | bfloat16 | float32 (auto: bf16 on GPUs and AMX/AVX512-BF16 CPUs)
-    max_model_len: int = 1024
+    backend: str = one_of("vllm", "hf")
+    replicas: int = bounded(1, ge=1)
+    num_cpus: float = resource(1.0)
+    num_gpus: float = resource(0.0)
+    omp_threads: int = bounded(1, ge=1)
+    # auto: bf16 on GPUs and AMX/AVX512-BF16 CPUs
+    dtype: str = one_of("auto", "bfloat16", "float32", "float16")
+    max_model_len: int = bounded(1024, ge=1)
     enforce_eager: bool = True
-    gpu_memory_utilization: float = 0.5
-    tensor_parallel_size: int = 1
-    kv_cache_gib: int = 1  # vLLM-CPU KV cache size
-    samples_per_prompt: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
+    gpu_memory_utilization: float = bounded(0.5, gt=0, le=1)
+    tensor_parallel_size: int = bounded(1, ge=1)
+    kv_cache_gib: int = bounded(1, ge=1)  # vLLM-CPU KV cache size
+    samples_per_prompt: int = bounded(4, ge=1)
+    # > 0: the learner divides logits by it to score the sampled distribution
+    temperature: float = bounded(1.0, gt=0)
+    top_p: float = bounded(1.0, gt=0, le=1)
+    max_new_tokens: int = bounded(128, ge=1)

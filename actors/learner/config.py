@@ -9,14 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from troupe.actors.field_domains import bounded, one_of, resource
+
+# how per-token losses become the step's loss (algo.loss_agg; actors/learner/step.py)
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
 
 @dataclass
 class LoraConfig:
     enabled: bool = False  # only adapter weights train; generators receive merged full weights
-    r: int = 16
-    alpha: int = 32
+    r: int = bounded(16, ge=1)
+    alpha: int = bounded(32, ge=1)
     # 0 for RL: with dropout the on-policy ratio is not exactly 1, and the old/current log-probs disagree.
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, ge=0, lt=1)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -24,26 +29,27 @@ class LoraConfig:
 class LearnerConfig:
     """DeepSpeed, optimiser and micro-batching of one trained role."""
 
-    world_size: int = 2
-    num_cpus: float = 0.5
-    num_gpus: float = 0.0
-    omp_threads: int = 1
-    zero_stage: int = 2
-    dtype: str = "auto"  # auto | bfloat16 | float32 (auto: bf16 on GPUs and AMX/AVX512-BF16 CPUs)
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0
-    micro_batch_size: int = 4
-    mini_batches: int = 1  # optimizer steps per epoch over the iteration's samples
-    epochs: int = 1
+    world_size: int = bounded(2, ge=1)
+    num_cpus: float = resource(0.5)
+    num_gpus: float = resource(0.0)
+    omp_threads: int = bounded(1, ge=1)
+    zero_stage: int = one_of(0, 1, 2, 3, default=2)
+    dtype: str = one_of("auto", "bfloat16", "float32")  # auto: bf16 on GPUs and AMX/AVX512-BF16 CPUs
+    lr: float = bounded(1e-6, gt=0)
+    weight_decay: float = bounded(0.0, ge=0)
+    adam_betas: list[float] = bounded(factory=lambda: [0.9, 0.999], ge=0, lt=1)  # each
+    grad_clip: float = bounded(1.0, ge=0)  # 0: no clipping
+    micro_batch_size: int = bounded(4, ge=1)
+    mini_batches: int = bounded(1, ge=1)  # optimizer steps per epoch over the iteration's samples
+    epochs: int = bounded(1, ge=1)
     gradient_checkpointing: bool = False
-    lr_schedule: str = "constant"  # constant | linear | cosine (after warmup_steps of linear warm-up)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # floor of the linear/cosine decay, as a fraction of lr
+    lr_schedule: str = one_of("constant", "linear", "cosine")  # (after warmup_steps of linear warm-up)
+    warmup_steps: int = bounded(0, ge=0)
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)  # floor of the linear/cosine decay, as a fraction of lr
     offload_optimizer: bool = False  # ZeRO-Offload (DeepSpeedCPUAdam; JIT-built once, ~40 s)
     offload_params: bool = False  # ZeRO-3 only
-    logprob_chunk: int = 1024  # response tokens per chunk of the LM head + log-softmax (bounds logits memory)
+    # response tokens per chunk of the LM head + log-softmax (bounds logits memory)
+    logprob_chunk: int = bounded(1024, ge=1)
     # Pack each prompt group into one sequence (the prompt once, then its responses, each attending to the prompt
     # and itself): the prompt's forward and backward run once per group. Checked against the unpacked result.
     # Micro-batches then hold whole groups: micro_batch_size // samples_per_prompt of them, at least one.
@@ -57,15 +63,17 @@ class CriticConfig:
 
     Unset keys (None) take the learner's value."""
 
-    world_size: int = 1
-    num_cpus: float = 0.0  # phases run one after another on CPU; give it real CPUs/GPUs on a cluster
-    num_gpus: float = 0.0
+    world_size: int = bounded(1, ge=1)
+    # phases run one after another on CPU; give it real CPUs/GPUs on a cluster
+    num_cpus: float = resource(0.0)
+    num_gpus: float = resource(0.0)
     colocate: bool = False  # GPU: share the learner ranks' placement bundles (fractional GPUs each)
-    omp_threads: int = 2  # CPU: the critic runs while the policy ranks wait, so it may use both cores
-    zero_stage: int = 2
-    lr: float = 1e-5
-    micro_batch_size: int | None = None
-    value_clip: float = 0.2
+    # CPU: the critic runs while the policy ranks wait, so it may use both cores
+    omp_threads: int = bounded(2, ge=1)
+    zero_stage: int = one_of(0, 1, 2, 3, default=2)
+    lr: float = bounded(1e-5, gt=0)
+    micro_batch_size: int | None = bounded(None, ge=1)
+    value_clip: float = bounded(0.2, ge=0)  # 0: no clipping
 
     def train_config(self, policy: LearnerConfig) -> LearnerConfig:
         """The DeepSpeed settings the critic ranks run with: the policy's, with the critic's own keys."""
@@ -89,8 +97,9 @@ class AlgoConfig:
     advantages are new math, one function registered in actors/learner/advantages.py."""
 
     name: str = "grpo"  # a label for metrics and logs; behaviour comes from the fields below
-    update: str = "policy_gradient"  # policy_gradient | dpo
-    source: str = "rollouts"  # rollouts (generate + score each iteration) | dataset (offline preference file)
+    update: str = one_of("policy_gradient", "dpo")
+    # rollouts (generate + score each iteration) | dataset (offline preference file)
+    source: str = one_of("rollouts", "dataset")
     # How rewards become per-token advantages: a name registered in actors/learner/advantages.py
     # (group, rloo, returns, gae, ...). gae needs critic=true.
     # a registered name (actors/learner/advantages.py), an import path, or (Python API) an Estimator / function
@@ -104,31 +113,34 @@ class AlgoConfig:
         False  # returns: remove each prompt group's mean reward first (REINFORCE++-baseline)
     )
     whiten_advantages: bool = False  # (x - mean) / std over the global batch, after the estimator
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_eps: float = 0.2
-    kl_coef: float = 0.0  # 0: no reference model is loaded
-    kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman)
-    kl_placement: str = "loss"  # loss (a loss term) | reward (-kl_coef * KL_t in each token's reward)
-    kl_target: float | None = None  # adaptive KL (Ziegler et al.): None keeps kl_coef fixed
-    kl_horizon: int = 10000
+    gamma: float = bounded(1.0, ge=0, le=1)
+    lam: float = bounded(0.95, ge=0, le=1)
+    clip_eps: float = bounded(0.2, gt=0)
+    kl_coef: float = bounded(0.0, ge=0)  # 0: no reference model is loaded
+    kl_estimator: str = one_of("k1", "k2", "k3", default="k3")  # Schulman's estimators
+    # loss (a loss term) | reward (-kl_coef * KL_t in each token's reward)
+    kl_placement: str = one_of("loss", "reward")
+    kl_target: float | None = bounded(None, gt=0)  # adaptive KL (Ziegler et al.): None keeps kl_coef fixed
+    kl_horizon: int = bounded(10000, ge=1)
     # token_mean: over every response token of the optimizer step (all micro-batches and ranks);
     # seq_mean_token_mean: each sequence's token mean, averaged over the step's sequences;
     # seq_mean_token_sum_norm: token sums / (sequences x generator.max_new_tokens), a constant (Dr. GRPO).
-    loss_agg: str = "seq_mean_token_mean"
+    loss_agg: str = one_of(*LOSS_AGGREGATIONS, default="seq_mean_token_mean")
     # Off-policy correction (truncated importance sampling, TIS): each token's policy loss is weighted by
     # min(pi_old / pi_behaviour, tis_cap), pi_old being the learner's log-probs before this update and
     # pi_behaviour the generator's. It corrects rollouts from older weights (run.mode=async) and the
     # engine/learner mismatch. 0: no correction. tis_scope: stale (rows from older weights) | all (every row).
-    tis_cap: float = 2.0
-    tis_scope: str = "stale"
-    dpo_beta: float = 0.1
-    dpo_loss: str = "sigmoid"  # sigmoid | ipo
-    label_smoothing: float = 0.0  # conservative DPO (RLHFlow run_loop2 uses 0.1)
-    pair_strategy: str = "max_min"  # max_min | max_random | max_min_length
-    length_penalty: float = 0.0  # max_min_length: reward - length_penalty * response characters
+    tis_cap: float = bounded(2.0, ge=0)
+    tis_scope: str = one_of("stale", "all")
+    dpo_beta: float = bounded(0.1, gt=0)
+    dpo_loss: str = one_of("sigmoid", "ipo")
+    # conservative DPO (RLHFlow run_loop2 uses 0.1); 0.5 would make chosen and rejected interchangeable
+    label_smoothing: float = bounded(0.0, ge=0, lt=0.5)
+    pair_strategy: str = one_of("max_min", "max_random", "max_min_length")
+    # max_min_length: reward - length_penalty * response characters
+    length_penalty: float = bounded(0.0, ge=0)
     # previous: the policy at the start of each call (RLHFlow's code); initial: the frozen start model
-    dpo_reference: str = "previous"
+    dpo_reference: str = one_of("previous", "initial")
 
     def needs_reference(self) -> bool:
         if self.update == "dpo":

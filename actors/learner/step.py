@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+from troupe.actors.learner.config import LOSS_AGGREGATIONS
 
 
 @dataclass(frozen=True)

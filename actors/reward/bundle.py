@@ -42,6 +42,12 @@ class BundleInfo:
     failed: str | None = None  # why training failed (serving refuses the bundle); None: a usable bundle
 
 
+def output_names(info: BundleInfo) -> set[str]:
+    """Every objective key the heads of a bundle may output (BundleHeads.apply), from bundle.json alone."""
+    per_objective = {f"{info.name}/{o}" for o in info.objectives} | {f"gate/{o}" for o in info.objectives}
+    return {info.name, f"{info.name}/reward_head"} | per_objective
+
+
 class FailedBundle(ValueError):
     """A bundle whose training failed (bundle.json "failed"): refused for serving and scoring."""
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from troupe.actors.field_domains import bounded, one_of, resource
 from troupe.actors.hardware import node_id, resolve_dtype
 from troupe.actors.protocol import Rollout
 
@@ -125,14 +126,14 @@ class JudgeConfig:
     every `type: judge` objective whose `pool` names it (actors/reward/judge.py)."""
 
     model: str = ""  # a local path or builtin:<name>
-    replicas: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    dtype: str = "auto"
-    max_model_len: int = 2048
-    gpu_memory_utilization: float = 0.5
-    omp_threads: int = 1  # CPU engines: threads per replica
-    batch_size: int = 64  # judge prompts per engine call
+    replicas: int = bounded(1, ge=1)
+    num_cpus: float = resource(1.0)
+    num_gpus: float = resource(0.0)
+    dtype: str = one_of("auto", "bfloat16", "float32", "float16")
+    max_model_len: int = bounded(2048, ge=1)
+    gpu_memory_utilization: float = bounded(0.5, gt=0, le=1)
+    omp_threads: int = bounded(1, ge=1)  # CPU engines: threads per replica
+    batch_size: int = bounded(64, ge=1)  # judge prompts per engine call
     enforce_eager: bool = True  # False: CUDA graphs on GPUs (slower start, faster calls)
 
 

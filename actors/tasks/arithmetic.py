@@ -69,7 +69,8 @@ class ArithmeticTask:
     def __post_init__(self) -> None:
         if not 0 <= self.min_operand <= self.max_operand:
             raise ValueError(
-                f"task operands: need 0 <= min_operand <= max_operand, got {self.min_operand}, {self.max_operand}"
+                f"task.min_operand ({self.min_operand}) and task.max_operand ({self.max_operand}): need "
+                "0 <= min_operand <= max_operand"
             )
         unknown = set(self.operations) - {"+", "-", "*"}
         if unknown or not self.operations:

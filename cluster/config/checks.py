@@ -1,13 +1,16 @@
-"""Cross-field checks of the typed config, each failing with a ConfigError that names the keys involved."""
+"""Checks of the typed config, each failing with a ConfigError that names the keys involved: first every field's
+declared domain (actors/field_domains.py: ranges, finiteness, choices), then what fields mean together."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+from troupe.actors.field_domains import Domain, domain_errors
 from troupe.actors.learner.advantages import lookup
-from troupe.actors.learner.step import LOSS_AGGREGATIONS
 from troupe.actors.plugins import PluginError
-from troupe.cluster.config.reward_checks import check_rewards
+from troupe.actors.tasks.arithmetic import ArithmeticTask
+from troupe.cluster.config.reward_checks import check_rewards, check_serve
 from troupe.cluster.config.schema import TroupeConfig
 
 
@@ -16,16 +19,13 @@ class ConfigError(ValueError):
 
 
 def validate(cfg: TroupeConfig) -> None:
-    """Cross-field checks, each naming the keys involved."""
+    """Every check that needs no actor, for every job: the CLI and the Python API run it before Ray starts."""
+    errors = domain_errors(cfg)
+    if errors:
+        raise ConfigError("\n".join(errors))
     g, lr, d = cfg.generator, cfg.learner, cfg.data
-    _one_of("generator.backend", g.backend, ("vllm", "hf"))
-    _one_of("learner.dtype", lr.dtype, ("auto", "bfloat16", "float32"))
-    _one_of("generator.dtype", g.dtype, ("auto", "bfloat16", "float32", "float16"))
     a = cfg.algo
-    _one_of("job", cfg.job, ("rl", "rm_train", "rm_eval", "rm_import", "rm_serve", "best_of_n"))
-    _one_of("run.mode", cfg.run.mode, ("sync", "async"))
     pl = cfg.placement
-    _one_of("sync.transport", cfg.sync.transport, ("auto", "object_store", "nccl"))
     gpus = cfg.generator.num_gpus >= 1 and cfg.learner.num_gpus >= 1  # one NCCL rank per GPU
     if cfg.sync.transport == "nccl" and not (
         gpus and cfg.generator.tensor_parallel_size == 1 and pl.layout == "split"
@@ -34,29 +34,29 @@ def validate(cfg: TroupeConfig) -> None:
             "sync.transport=nccl needs whole GPUs (generator.num_gpus >= 1, learner.num_gpus >= 1), "
             "generator.tensor_parallel_size=1 and placement.layout=split"
         )
-    _one_of("placement.layout", pl.layout, ("split", "colocated"))
     for role in ("generator", "reward"):
         _one_of(f"placement.{role}.strategy", getattr(pl, role).strategy, ("DEFAULT", "SPREAD"))
     _one_of(
         "placement.learner.strategy", pl.learner.strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
     )
+    _check_custom_resources(cfg)
     if pl.layout == "colocated" and cfg.generator.replicas != cfg.learner.world_size:
         raise ConfigError(
             f"placement.layout=colocated puts generator i in learner rank i's bundle: generator.replicas "
             f"({cfg.generator.replicas}) must equal learner.world_size ({cfg.learner.world_size})"
         )
-    _one_of("algo.tis_scope", a.tis_scope, ("stale", "all"))
     if cfg.run.mode == "async" and cfg.run.max_staleness < 1:
         raise ConfigError(
             f"run.mode=async needs run.max_staleness >= 1 (got {cfg.run.max_staleness}); 0 is run.mode=sync"
         )
-    if a.tis_cap < 0:
-        raise ConfigError(
-            f"algo.tis_cap must be >= 0 (0 turns the importance correction off), got {a.tis_cap}"
-        )
-    if cfg.sync.bucket_mb <= 0:
-        raise ConfigError(f"sync.bucket_mb must be > 0, got {cfg.sync.bucket_mb}")
-    _one_of("rm.stage", cfg.rm.stage, ("regression", "gating", "probe", "bt", "haf"))
+    _check_autoscale(cfg)
+    t = cfg.task
+    try:
+        ArithmeticTask(t.min_operand, t.max_operand, t.operations, t.seed, t.steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if len(lr.adam_betas) != 2:
+        raise ConfigError(f"learner.adam_betas: expected two numbers [beta1, beta2], got {lr.adam_betas}")
     _check_rm_dataset(cfg)
     if cfg.job == "rl" and cfg.algo.source == "rollouts" and not d.train:
         raise ConfigError(
@@ -106,54 +106,25 @@ def validate(cfg: TroupeConfig) -> None:
         raise ConfigError(
             "troupe rm import needs rm.checkpoint (a folder laid out like RLHFlow/ArmoRM-Llama3-8B-v0.1)"
         )
+    if cfg.job == "rm_serve":
+        check_serve(cfg.serve, ConfigError)
     if cfg.job == "best_of_n" and not cfg.best_of_n.prompts:
         raise ConfigError("troupe best-of-n needs best_of_n.prompts (a JSONL file of prompts)")
+    if cfg.job == "rm_serve":
+        _check_reward_fleet(cfg)
     if cfg.job != "rl":
         return
     _validate_algo(cfg)
-    _one_of("learner.lr_schedule", lr.lr_schedule, ("constant", "linear", "cosine"))
     if lr.offload_params and lr.zero_stage != 3:
         raise ConfigError("learner.offload_params needs learner.zero_stage=3")
     if lr.lora.enabled and lr.zero_stage == 3:
         raise ConfigError(
             "learner.lora.enabled supports learner.zero_stage 0-2 (adapters are merged on rank 0)"
         )
-    if cfg.task.steps < 1:
-        raise ConfigError(f"task.steps must be >= 1, got {cfg.task.steps}")
-    if cfg.eval.every < 0 or cfg.eval.prompts < 1 or cfg.eval.samples < 0:
-        raise ConfigError("eval.every and eval.samples must be >= 0 and eval.prompts >= 1")
     if cfg.data.eval and not (cfg.eval.greedy or cfg.eval.samples):
         raise ConfigError("data.eval is set but eval.greedy=false and eval.samples=0: nothing to evaluate")
-    if lr.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"learner.zero_stage must be 0-3, got {lr.zero_stage}")
-    for key, value in (
-        ("run.iterations", cfg.run.iterations),
-        ("data.prompts_per_iteration", d.prompts_per_iteration),
-        ("generator.replicas", g.replicas),
-        ("generator.samples_per_prompt", g.samples_per_prompt),
-        ("reward.shards", cfg.reward.shards),
-        ("learner.world_size", lr.world_size),
-        ("learner.micro_batch_size", lr.micro_batch_size),
-        ("learner.mini_batches", lr.mini_batches),
-        ("learner.epochs", lr.epochs),
-        ("run.keep_checkpoints", cfg.run.keep_checkpoints),
-    ):
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
     _check_durability(cfg)
-    _one_of("reward.aggregation", cfg.reward.aggregation, ("weighted_sum", "hierarchy"))
-    check_rewards(cfg, ConfigError)
-    for name, expert in cfg.reward.experts.items():
-        if not expert.bundle:
-            raise ConfigError(
-                f"reward.experts.{name} needs a bundle folder (reward.experts.{name}.bundle=...)"
-            )
-        _one_of(f"reward.experts.{name}.dtype", expert.dtype, ("auto", "bfloat16", "float32"))
-        if expert.replicas < 1:
-            raise ConfigError(f"reward.experts.{name}.replicas must be >= 1, got {expert.replicas}")
-    unknown = sorted(set(cfg.reward.weights) - set(cfg.reward.objectives))
-    if cfg.reward.aggregation == "weighted_sum" and unknown and not cfg.reward.experts:
-        raise ConfigError(f"reward.weights names objectives not in reward.objectives: {unknown}")
+    _check_reward_fleet(cfg)
     if g.max_new_tokens >= g.max_model_len:
         raise ConfigError(
             f"generator.max_new_tokens ({g.max_new_tokens}) must be < generator.max_model_len ({g.max_model_len})"
@@ -173,14 +144,6 @@ def validate(cfg: TroupeConfig) -> None:
 def _validate_algo(cfg: TroupeConfig) -> None:
     """The algorithm's typed fields and how they fit together (conf/algo/*.yaml)."""
     a, g = cfg.algo, cfg.generator
-    _one_of("algo.update", a.update, ("policy_gradient", "dpo"))
-    _one_of("algo.source", a.source, ("rollouts", "dataset"))
-    _one_of("algo.kl_placement", a.kl_placement, ("loss", "reward"))
-    _one_of("algo.kl_estimator", a.kl_estimator, ("k1", "k2", "k3"))
-    _one_of("algo.loss_agg", a.loss_agg, LOSS_AGGREGATIONS)
-    _one_of("algo.dpo_loss", a.dpo_loss, ("sigmoid", "ipo"))
-    _one_of("algo.pair_strategy", a.pair_strategy, ("max_min", "max_random", "max_min_length"))
-    _one_of("algo.dpo_reference", a.dpo_reference, ("initial", "previous"))
     try:
         est = lookup(a.estimator)
     except PluginError as e:
@@ -194,10 +157,13 @@ def _validate_algo(cfg: TroupeConfig) -> None:
         raise ConfigError(
             f"algo.estimator={a.estimator} needs algo.critic=true (it reads the critic's values)"
         )
+    if a.kl_target is not None and not a.kl_coef > 0:
+        raise ConfigError(
+            "algo.kl_target adapts algo.kl_coef by multiplying it, so it needs algo.kl_coef > 0 "
+            f"(got {a.kl_coef}: no reference model is loaded and the coefficient stays 0)"
+        )
     if a.group_baseline and a.estimator != "returns":
         raise ConfigError(f"algo.group_baseline applies to algo.estimator=returns, not {a.estimator}")
-    if not 0.0 <= a.label_smoothing < 0.5:
-        raise ConfigError(f"algo.label_smoothing must be in [0, 0.5), got {a.label_smoothing}")
     if a.source == "dataset" and a.update != "dpo":
         raise ConfigError("algo.source=dataset trains on a preference file: it needs algo.update=dpo")
     if a.source == "dataset" and not cfg.dataset.path:
@@ -221,28 +187,11 @@ def _validate_algo(cfg: TroupeConfig) -> None:
 
 def _check_durability(cfg: TroupeConfig) -> None:
     f = cfg.faults
-    if cfg.run.checkpoint_every < 0:
-        raise ConfigError(f"run.checkpoint_every must be >= 0 (0: none), got {cfg.run.checkpoint_every}")
-    for key in ("generate_s", "score_s", "learn_s", "sync_s"):
-        if getattr(f, key) <= 0:
-            raise ConfigError(f"faults.{key} must be > 0 seconds, got {getattr(f, key)}")
     unknown = sorted(set(f.retries) - {"generator", "reward", "learner", "critic"})
     if unknown:
         raise ConfigError(
             f"faults.retries has unknown roles {unknown}; roles: generator, reward, learner, critic"
         )
-    for role, n in f.retries.items():
-        if n < 0:
-            raise ConfigError(f"faults.retries.{role} must be >= 0, got {n}")
-    if f.retry_window_iterations < 0:
-        raise ConfigError(
-            f"faults.retry_window_iterations must be >= 0 (0: the whole run), got {f.retry_window_iterations}"
-        )
-    _one_of("faults.on_nonfinite", f.on_nonfinite, ("skip", "stop"))
-    for key in ("generators", "reward"):
-        b = getattr(cfg.autoscale, key)
-        if not 1 <= b.min <= b.max:
-            raise ConfigError(f"autoscale.{key}: needs 1 <= min <= max, got min={b.min}, max={b.max}")
     if cfg.resume is not None and (cfg.job != "rl" or cfg.algo.source != "rollouts"):
         raise ConfigError("resume= continues an RL run (job=rl with generated rollouts)")
     if cfg.resume is not None and cfg.run.overwrite:
@@ -271,13 +220,6 @@ def _check_bundle_output(cfg: TroupeConfig) -> None:
 
 def _check_rm_dataset(cfg: TroupeConfig) -> None:
     d = cfg.dataset
-    _one_of("dataset.sample", d.sample, ("first", "random"))
-    for key, value in (
-        ("dataset.max_pairs", d.max_pairs),
-        ("dataset.max_pairs_per_subset", d.max_pairs_per_subset),
-    ):
-        if value is not None and value < 1:
-            raise ConfigError(f"{key} must be >= 1 (unset: all pairs), got {value}")
     if d.max_pairs_per_subset is not None and not cfg.rm.subset_key:
         raise ConfigError(
             "dataset.max_pairs_per_subset needs rm.subset_key (the record field naming the subset)"
@@ -289,6 +231,49 @@ def _check_rm_dataset(cfg: TroupeConfig) -> None:
         )
 
 
+def _check_reward_fleet(cfg: TroupeConfig) -> None:
+    """The reward section, for the jobs that build the reward fleet (rl, rm_serve)."""
+    for name, expert in cfg.reward.experts.items():
+        if not expert.bundle:
+            raise ConfigError(
+                f"reward.experts.{name} needs a bundle folder (reward.experts.{name}.bundle=...)"
+            )
+    check_rewards(cfg, ConfigError)
+
+
+def _check_autoscale(cfg: TroupeConfig) -> None:
+    a = cfg.autoscale
+    for pool in ("generators", "reward"):
+        bounds = getattr(a, pool)
+        if bounds.min > bounds.max:
+            raise ConfigError(
+                f"autoscale.{pool}.min ({bounds.min}) must be <= autoscale.{pool}.max ({bounds.max})"
+            )
+    if a.shrink_wait_frac >= a.grow_wait_frac:
+        raise ConfigError(
+            f"autoscale.shrink_wait_frac ({a.shrink_wait_frac}) must be < autoscale.grow_wait_frac "
+            f"({a.grow_wait_frac}): otherwise no wait keeps a pool at its size, and it changes every cooldown"
+        )
+
+
+def _check_custom_resources(cfg: TroupeConfig) -> None:
+    """placement.<role>.resources: a mapping of amounts under Ray's rule for resources (typed Any, see schema)."""
+    amount = Domain(ge=0, whole_above=1)
+    for role in ("generator", "reward", "learner"):
+        try:
+            resources, _ = getattr(cfg.placement, role).needs()
+        except (AttributeError, TypeError, ValueError) as e:
+            raise ConfigError(
+                f"placement.{role}.resources / labels: expected mappings like {{rollout: 1}} ({e})"
+            ) from e
+        for name, value in resources.items():
+            problem = "expected a finite number" if not math.isfinite(value) else amount.expected(value)
+            if problem:
+                raise ConfigError(f"placement.{role}.resources.{name}={value!r}: {problem}")
+
+
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    """A choice that depends on another field (the domain of a declared field is checked by its declaration)."""
+    problem = Domain(choices=allowed).expected(value)
+    if problem:
+        raise ConfigError(f"{key}={value!r}: {problem}")

@@ -11,6 +11,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from troupe.actors.field_domains import bounded, one_of
 from troupe.actors.generator.config import GeneratorConfig
 from troupe.actors.learner.config import AlgoConfig, CriticConfig, LearnerConfig
 from troupe.cluster.config.reward_schema import (  # noqa: F401 (the schema's reward sections, importable here too)
@@ -30,21 +31,25 @@ class RunConfig:
     # overwrite=true deletes them. `troupe -m` (multirun) puts job N in <output_dir>/<N>_<swept key=value,...>.
     output_dir: str = "outputs/${run.name}"
     overwrite: bool = False
-    iterations: int = 3
-    seed: int = 0
+    iterations: int = bounded(3, ge=1)
+    seed: int = bounded(0, ge=0)
     progress_bar: bool = True
     print_table: bool = True
     save_checkpoint: bool = True  # the final HF checkpoint (checkpoint-final)
     # Run checkpoints (<output_dir>/checkpoints/iter-NNNNNN): every N iterations (0: none), and on SIGTERM/SIGINT.
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2  # the newest ones kept; older ones are deleted once a newer one is complete
+    checkpoint_every: int = bounded(0, ge=0)
+    # the newest ones kept; older ones are deleted once a newer one is complete
+    keep_checkpoints: int = bounded(2, ge=1)
     # Seeded per-request sampling and deterministic torch kernels: a resumed run repeats the uninterrupted one.
     deterministic: bool = False
     # sync: generate, score, learn and sync in turn. async: the generators sample the next batch while the
     # learners train; a rollout is at most max_staleness weight versions behind the learner (older groups are
     # sampled again) and its tokens are importance-corrected (algo.tis_cap).
-    mode: str = "sync"
-    max_staleness: int = 1
+    mode: str = one_of("sync", "async")
+    # At most 8: each version keeps one more batch in flight (its prompts, rollouts and object-store
+    # refs held by the driver), and a few versions back pi_old / pi_behaviour is clipped at algo.tis_cap for most
+    # tokens, so such rollouts teach little; async RL systems run with 1-4.
+    max_staleness: int = bounded(1, ge=0, le=8)
 
 
 @dataclass
@@ -52,16 +57,16 @@ class SyncConfig:
     """Weight transfer learner -> generators (cluster/sync/object_store.py)."""
 
     # Flat buffers of at most this size, each checksummed; the generator checks all of them before loading any.
-    bucket_mb: float = 256
+    bucket_mb: float = bounded(256, gt=0)
     # auto: NCCL broadcast from learner rank 0 when generators and learners are on GPUs (cluster/sync/nccl.py),
     # else the object store | object_store | nccl
-    transport: str = "auto"
+    transport: str = one_of("auto", "object_store", "nccl")
 
 
 @dataclass
 class PoolBounds:
-    min: int = 1
-    max: int = 4
+    min: int = bounded(1, ge=1)  # a pool of 0 could neither generate nor score
+    max: int = bounded(4, ge=1)
 
 
 @dataclass
@@ -72,10 +77,10 @@ class AutoscaleConfig:
     generators: PoolBounds = field(default_factory=PoolBounds)
     reward: PoolBounds = field(default_factory=PoolBounds)  # each reward pool
     # A pool the loop waited on (time/generate, time/score) for more than this fraction of the iteration grows...
-    grow_wait_frac: float = 0.3
+    grow_wait_frac: float = bounded(0.3, ge=0, le=1)
     # ...and one it waited on for less than this fraction shrinks (async: the generators were ahead, idle).
-    shrink_wait_frac: float = 0.05
-    cooldown: int = 2  # iterations between two changes of one pool
+    shrink_wait_frac: float = bounded(0.05, ge=0, le=1)
+    cooldown: int = bounded(2, ge=0)  # iterations between two changes of one pool
 
 
 @dataclass
@@ -103,13 +108,13 @@ class PlacementConfig:
 
     # split: generators have their own resources. colocated: generator i shares learner rank i's placement bundle
     # (its node, and a share of its GPU): generator.replicas = learner.world_size, fixed for the run.
-    layout: str = "split"
+    layout: str = one_of("split", "colocated")
     generator: RolePlacement = field(default_factory=RolePlacement)
     reward: RolePlacement = field(default_factory=RolePlacement)
     learner: RolePlacement = field(default_factory=lambda: RolePlacement(strategy="PACK"))
     # An actor whose resources no node has: the run fails after this long (at once on an embedded local Ray,
     # which cannot grow), naming the role and what it asked for.
-    wait_s: float = 120.0
+    wait_s: float = bounded(120.0, gt=0)
 
 
 @dataclass
@@ -119,10 +124,10 @@ class BestOfNConfig:
 
     prompts: str | None = None  # a JSONL file
     reference_key: str | None = None  # the answer field, for objectives that check one
-    n: int = 4
+    n: int = bounded(4, ge=1)
     out: str = "${run.output_dir}/best_of_n.jsonl"
     url: str = "http://127.0.0.1:8008"  # the reward service
-    batch: int = 64  # items per request (whole prompts)
+    batch: int = bounded(64, ge=1)  # items per request (whole prompts)
 
 
 @dataclass
@@ -130,11 +135,11 @@ class RayConfig:
     address: str | None = (
         None  # None: start an embedded local Ray; "auto" or "ray://host:port": join a cluster
     )
-    num_cpus: int | None = None  # for the embedded local Ray only
+    num_cpus: int | None = bounded(None, ge=1)  # for the embedded local Ray only
     include_dashboard: bool = False
     dashboard_host: str = "127.0.0.1"  # loopback unless the user opts in
-    object_store_memory: int | None = None
-    actor_timeout_s: float = 600.0
+    object_store_memory: int | None = bounded(None, ge=1)  # bytes
+    actor_timeout_s: float = bounded(600.0, gt=0)
 
 
 @dataclass
@@ -147,11 +152,11 @@ class ModelConfig:
 class TaskConfig:
     """The built-in arithmetic word problems (`data.train=builtin:arithmetic`), generated on the fly."""
 
-    min_operand: int = 1
-    max_operand: int = 9
+    min_operand: int = bounded(1, ge=0)
+    max_operand: int = bounded(9, ge=0)
     operations: str = "+-"
-    steps: int = 1  # operations per problem: 2 or 3 make multi-step word problems
-    seed: int = 0
+    steps: int = bounded(1, ge=1)  # operations per problem: 2 or 3 make multi-step word problems
+    seed: int = bounded(0, ge=0)
 
 
 @dataclass
@@ -176,28 +181,27 @@ class DataConfig:
     )  # more fields for the objectives (e.g. IFEval's kwargs)
     # After the chat template; longer prompts are skipped and counted. None: generator.max_model_len minus
     # generator.max_new_tokens (what the generator can take).
-    max_prompt_tokens: int | None = None
-    prompts_per_iteration: int = 8
+    max_prompt_tokens: int | None = bounded(None, ge=1)
+    prompts_per_iteration: int = bounded(8, ge=1)
     shuffle: bool = True  # a new seeded order each epoch
-    seed: int = "${run.seed}"  # type: ignore[assignment]
+    seed: int = bounded("${run.seed}", ge=0)  # type: ignore[assignment]
 
 
 @dataclass
 class EvalConfig:
     """Evaluation on data.eval: before the first iteration, every `every` iterations, and after the last."""
 
-    every: int = 0  # 0: only before the first and after the last iteration
-    prompts: int = 64  # at most this many eval prompts (the first ones of the eval source)
+    every: int = bounded(0, ge=0)  # 0: only before the first and after the last iteration
+    prompts: int = bounded(64, ge=1)  # at most this many eval prompts (the first ones of the eval source)
     greedy: bool = True  # one greedy completion per prompt (metrics eval/greedy/*)
-    samples: int = (
-        0  # also this many sampled completions per prompt at generator.temperature (eval/sampled/*)
-    )
+    samples: int = bounded(0, ge=0)  # also this many sampled completions per prompt at generator.temperature
     accuracy_objective: str = "correctness"  # eval/<mode>/accuracy is its mean where the objective is served
 
 
 @dataclass
 class MonitorConfig:
-    length_corr_max: float = 0.5  # warn (and count) when corr(reward, response length) in a batch exceeds it
+    # warn (and count) when corr(reward, response length) in a batch exceeds it
+    length_corr_max: float = bounded(0.5, ge=-1, le=1)
 
 
 @dataclass
@@ -206,7 +210,7 @@ class LoggingConfig:
     wandb_project: str | None = (
         None  # set to log to Weights & Biases too (needs `wandb` installed and a login)
     )
-    wandb_mode: str = "online"  # online | offline
+    wandb_mode: str = one_of("online", "offline")
     # Set to log to MLflow too (needs `mlflow` or `mlflow-skinny`): "file:./mlruns", "sqlite:///mlflow.db",
     # "http://host:5000". Params are the flattened config (learner.lr, ...); resume=... continues the same MLflow run.
     mlflow_tracking_uri: str | None = None
@@ -215,8 +219,8 @@ class LoggingConfig:
     # Share of the prompt groups whose samples go to <run dir>/rollouts.jsonl with their reward breakdown (1: all,
     # 0: none); `troupe inspect <run dir>` reads it. The first `text_samples` of each iteration also go to
     # TensorBoard as text.
-    rollouts: float = 1.0
-    text_samples: int = 2
+    rollouts: float = bounded(1.0, ge=0, le=1)
+    text_samples: int = bounded(2, ge=0)
 
 
 @dataclass
@@ -225,21 +229,21 @@ class FaultsConfig:
     lost member; a role that loses more than its budget (within the window) stops the run with a checkpoint and an
     error naming it. Non-finite values: cluster/durability/nonfinite.py."""
 
-    generate_s: float = 600.0
-    score_s: float = 600.0
+    generate_s: float = bounded(600.0, gt=0)
+    score_s: float = bounded(600.0, gt=0)
     # Every learner/critic group call (train, export, checkpoint): also bounds a stalled collective.
-    learn_s: float = 1800.0
-    sync_s: float = 600.0
-    retries: dict[str, int] = field(
-        default_factory=lambda: {"generator": 3, "reward": 3, "learner": 2, "critic": 2}
+    learn_s: float = bounded(1800.0, gt=0)
+    sync_s: float = bounded(600.0, gt=0)
+    retries: dict[str, int] = bounded(
+        factory=lambda: {"generator": 3, "reward": 3, "learner": 2, "critic": 2}, ge=0
     )
     # Losses older than this many iterations stop counting against faults.retries, so the budgets refill (0: every
     # loss of the run counts).
-    retry_window_iterations: int = 50
+    retry_window_iterations: int = bounded(50, ge=0)
     # A non-finite (inf/NaN) reward or advantage drops its prompt group; a non-finite loss skips its optimizer step.
     # Both are counted (faults/nonfinite_*). skip: the run goes on | stop: a checkpoint after the iteration, then
     # an error.
-    on_nonfinite: str = "skip"
+    on_nonfinite: str = one_of("skip", "stop")
 
 
 @dataclass
@@ -252,28 +256,29 @@ class DatasetConfig:
     rejected_key: str = "rejected"
     # Offline DPO: prompt + response tokens, longer pairs are skipped and counted. Reward-model training
     # (bt / haf / regression) uses it when rm.max_length is unset.
-    max_length: int = 512
-    max_pairs: int | None = None
+    max_length: int = bounded(512, ge=1)
+    max_pairs: int | None = bounded(None, ge=1)
     # Reward-model jobs (rm train / rm eval): which pairs max_pairs / max_pairs_per_subset keep: "first" (file
     # order) or "random" (seeded by run.seed, kept in file order); max_pairs_per_subset caps each rm.subset_key
     # value, before max_pairs. The pairs left out are counted in the report's `dropped`.
-    sample: str = "first"
-    max_pairs_per_subset: int | None = None
-    pairs_per_iteration: int = 64  # offline DPO: pairs per learner call (one row of the metrics table)
+    sample: str = one_of("first", "random")
+    max_pairs_per_subset: int | None = bounded(None, ge=1)
+    # offline DPO: pairs per learner call (one row of the metrics table)
+    pairs_per_iteration: int = bounded(64, ge=1)
 
 
 @dataclass
 class RmConfig:
     """Reward-model jobs: `troupe rm train rm.stage=regression|gating|probe|bt|haf` and `troupe rm eval`."""
 
-    stage: str = "regression"
+    stage: str = one_of("regression", "gating", "probe", "bt", "haf")
     name: str = "armo"  # the bundle's name = the objective key its scalar is served under
     backbone: str = "builtin:smollm2-135m-instruct"
     output: str = "${run.output_dir}/rm-${rm.name}"
     cache: str = "${run.output_dir}/feature-cache"  # a sub-folder per fingerprint, shared by all stages
     # Tokens per prompt + response, cut by one rule (actors/reward/backbone.py). Unset: rm_train uses
     # dataset.max_length (gating: the stage-1 bundle's), rm_eval the bundle's own. Set, it wins for every job.
-    max_length: int | None = None
+    max_length: int | None = bounded(None, ge=1)
     # regression: a ratings file with one rating field per objective and its scale
     ratings_path: str | None = None
     response_key: str = "response"
@@ -285,24 +290,24 @@ class RmConfig:
     # gating: the stage-1 bundle and the debiasing settings (pairs come from `dataset`)
     stage1: str | None = None
     verbosity: str | None = None
-    verbosity_threshold: float = 0.03
-    gating_steps: int = 2000
-    gating_lr: float = 1e-3
-    gating_batch: int = 1024
-    gating_hidden: int = 1024
-    gating_layers: int = 3
-    gating_temperature: float = 10.0
-    gating_dropout: float = 0.2
+    verbosity_threshold: float = bounded(0.03, ge=-1, le=1)  # a Spearman correlation
+    gating_steps: int = bounded(2000, ge=1)
+    gating_lr: float = bounded(1e-3, gt=0)
+    gating_batch: int = bounded(1024, ge=1)
+    gating_hidden: int = bounded(1024, ge=1)
+    gating_layers: int = bounded(3, ge=0)  # hidden layers of the gating MLP
+    gating_temperature: float = bounded(10.0, gt=0)
+    gating_dropout: float = bounded(0.2, ge=0, lt=1)
     # gating / probe: a Bradley-Terry loss that ends at chance (log 2) fails the job and marks the bundle failed
     # (serving refuses it); true keeps such a bundle as a usable one (rm eval of a failed bundle needs it too)
     allow_chance: bool = False
     # probe: a Bradley-Terry linear head on frozen backbone features of the response (L-BFGS, L2 penalty)
-    probe_l2: float = 1e-3
-    probe_steps: int = 500
+    probe_l2: float = bounded(1e-3, ge=0)
+    probe_steps: int = bounded(500, ge=1)
     # bt / haf: trained on the learner group (learner.* sets DeepSpeed, lr, micro-batches)
-    haf_alpha: float = 0.2  # HaF's policy-loss weight; rm.stage=bt forces 0
-    haf_beta: float = 0.1
-    epochs: int = 1
+    haf_alpha: float = bounded(0.2, ge=0)  # HaF's policy-loss weight; rm.stage=bt forces 0
+    haf_beta: float = bounded(0.1, gt=0)
+    epochs: int = bounded(1, ge=1)
     # rm_eval: which bundle and which of its outputs to compare; optional subset field and sections
     bundle: str | None = None
     eval_key: str | None = None  # default: the bundle's name
@@ -335,9 +340,8 @@ class TroupeConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
-    # Set by the subcommand (cluster/cli.py): rl (troupe train / dpo) | rm_train | rm_eval | rm_import | rm_serve |
-    # best_of_n
-    job: str = "rl"
+    # Set by the subcommand (cluster/cli.py): rl is troupe train / dpo
+    job: str = one_of("rl", "rm_train", "rm_eval", "rm_import", "rm_serve", "best_of_n")
     # Continue a run: "latest" (the newest complete checkpoint under run.output_dir) or a checkpoint folder.
     resume: str | None = None
     # Config keys a resume may find changed (globs: faults.*; a group name covers its keys). Any other change from

@@ -1,6 +1,7 @@
 """The reward service (`troupe rm serve`): the reward fleet over HTTP on loopback, per-objective breakdowns that
-match the aggregation, 4xx answers that name the field at fault, concurrent requests merged into fleet batches, a
-bearer token, an item a plug-in fails on answered alone, and best-of-N through it."""
+match the aggregation, 4xx answers that name the field at fault (with a request id), concurrent requests merged
+into fleet batches, a bearer token, an item a plug-in fails on answered alone, and best-of-N through it. Hostile
+clients (stalled, oversized, deeply nested requests, shard-killing items) are tests/unit/test_rm_serve_hostile.py."""
 
 import http.client
 import json
@@ -143,6 +144,7 @@ def test_bad_requests_get_a_4xx_naming_the_field(service, body, status, message)
     url, _, _ = service
     got, answer = _call(url, "/score", body)
     assert got == status and message in answer["error"], answer
+    assert set(answer) == {"error", "request_id"}  # every error names its request for the server's log
 
 
 def test_malformed_json_and_unknown_paths(service):
@@ -160,6 +162,7 @@ def test_malformed_json_and_unknown_paths(service):
     connection.endheaders()
     reply = connection.getresponse()
     assert reply.status == 413 and "serve.max_body_mb" in json.loads(reply.read())["error"]
+    assert reply.getheader("X-Request-ID")
     connection.close()
 
 

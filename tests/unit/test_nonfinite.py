@@ -246,5 +246,5 @@ def test_on_nonfinite_is_checked():
     cfg = TroupeConfig()
     assert cfg.faults.on_nonfinite == "skip"
     cfg.faults.on_nonfinite = "halt"
-    with pytest.raises(ConfigError, match="faults.on_nonfinite must be one of"):
+    with pytest.raises(ConfigError, match="faults.on_nonfinite='halt': expected one of skip, stop"):
         validate(cfg)

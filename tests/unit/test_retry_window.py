@@ -86,5 +86,5 @@ def test_the_window_is_checked_and_defaults_to_50():
     cfg = TroupeConfig()
     assert cfg.faults.retry_window_iterations == 50
     cfg.faults.retry_window_iterations = -1
-    with pytest.raises(ConfigError, match="faults.retry_window_iterations must be >= 0"):
+    with pytest.raises(ConfigError, match="faults.retry_window_iterations=-1: expected an integer >= 0"):
         validate(cfg)
