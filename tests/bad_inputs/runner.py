@@ -340,6 +340,8 @@ def _http(spec, tmp, module: str = "troupe.cluster.jobs.rm_http"):
         http = None
     if http is None or not hasattr(http, "make_app"):
         raise NotRun(HTTP_SKIP)
+    if spec.get("over_socket"):
+        raise NotRun("h11 refuses this request before the app: it needs a real connection")
     response = _http_client(http).request(
         spec["method"], spec["path"], headers=spec.get("headers", {}), content=_bytes(spec, "body") or b""
     )
@@ -354,17 +356,27 @@ def _http(spec, tmp, module: str = "troupe.cluster.jobs.rm_http"):
 _CLIENTS: dict = {}
 
 
+class _NoFleet:
+    """A reward fleet with no pools: a bad request is refused before scoring, so nothing reaches it."""
+
+    pools: dict = {}
+
+    def score(self, rollouts, deadline_s=None):
+        raise RuntimeError("a bad-input case reached scoring: the request was accepted")
+
+
 def _http_client(http):
     if http.__name__ not in _CLIENTS:
         from fastapi.testclient import TestClient
 
         from troupe.cluster.config.compose import compose
-        from troupe.cluster.jobs import rm_serve
+        from troupe.cluster.jobs.rm_serve import RewardService
 
         cfg = compose(["reward=open"])
-        service = getattr(http, "RewardService", rm_serve.RewardService)(cfg, None, None, _tokenizer())
-        app = http.make_app(service, cfg.serve.max_body_mb << 20, None)
-        _CLIENTS[http.__name__] = TestClient(app, raise_server_exceptions=False)
+        service = RewardService(cfg, _NoFleet(), None, _tokenizer())
+        _CLIENTS[http.__name__] = TestClient(
+            http.make_app(service, cfg.serve, None), raise_server_exceptions=False
+        )
     return _CLIENTS[http.__name__]
 
 
