@@ -170,7 +170,9 @@ async def read_body(request: Request, serve: ServeConfig) -> bytes:
     """The whole body within serve.body_timeout_s and serve.max_body_mb (declared or counted as it streams)."""
     limit = serve.max_body_mb << 20
     too_large = f"over serve.max_body_mb={serve.max_body_mb}"
-    declared = request.headers.get("content-length")  # h11 has checked that it is an integer
+    declared = request.headers.get("content-length")  # h11 checks it on a socket; the app checks it too
+    if declared is not None and not declared.isdigit():
+        raise Refusal("Content-Length: not an integer", HTTPStatus.BAD_REQUEST)
     if declared is not None and int(declared) > limit:
         raise Refusal(f"body: {declared} bytes, {too_large}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
     data = bytearray()
