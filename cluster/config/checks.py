@@ -243,8 +243,13 @@ def _check_durability(cfg: TroupeConfig) -> None:
         b = getattr(cfg.autoscale, key)
         if not 1 <= b.min <= b.max:
             raise ConfigError(f"autoscale.{key}: needs 1 <= min <= max, got min={b.min}, max={b.max}")
-    if cfg.resume is not None and (cfg.job != "rl" or cfg.algo.source != "rollouts"):
-        raise ConfigError("resume= continues an RL run (job=rl with generated rollouts)")
+    resumable = cfg.job == "rl" or (cfg.job == "rm_train" and cfg.rm.stage in ("gating", "bt", "haf"))
+    if cfg.resume is not None and not resumable:
+        what = f"rm.stage={cfg.rm.stage}" if cfg.job == "rm_train" else f"job={cfg.job}"
+        raise ConfigError(
+            f"resume={cfg.resume}: {what} has no run checkpoints; resume= continues an RL run, offline DPO, or "
+            "rm train with rm.stage=gating|bt|haf"
+        )
     if cfg.resume is not None and cfg.run.overwrite:
         raise ConfigError(
             f"resume={cfg.resume} and run.overwrite=true contradict each other: overwrite deletes the run "
