@@ -108,6 +108,7 @@ def validate(cfg: TroupeConfig) -> None:
         )
     if cfg.job == "best_of_n" and not cfg.best_of_n.prompts:
         raise ConfigError("troupe best-of-n needs best_of_n.prompts (a JSONL file of prompts)")
+    _check_resume(cfg)
     if cfg.job != "rl":
         return
     _validate_algo(cfg)
@@ -243,14 +244,19 @@ def _check_durability(cfg: TroupeConfig) -> None:
         b = getattr(cfg.autoscale, key)
         if not 1 <= b.min <= b.max:
             raise ConfigError(f"autoscale.{key}: needs 1 <= min <= max, got min={b.min}, max={b.max}")
-    resumable = cfg.job == "rl" or (cfg.job == "rm_train" and cfg.rm.stage in ("gating", "bt", "haf"))
-    if cfg.resume is not None and not resumable:
+
+
+def _check_resume(cfg: TroupeConfig) -> None:
+    """resume= continues a job that writes run checkpoints: RL, offline DPO, rm train rm.stage=gating|bt|haf."""
+    if cfg.resume is None:
+        return
+    if not (cfg.job == "rl" or (cfg.job == "rm_train" and cfg.rm.stage in ("gating", "bt", "haf"))):
         what = f"rm.stage={cfg.rm.stage}" if cfg.job == "rm_train" else f"job={cfg.job}"
         raise ConfigError(
             f"resume={cfg.resume}: {what} has no run checkpoints; resume= continues an RL run, offline DPO, or "
             "rm train with rm.stage=gating|bt|haf"
         )
-    if cfg.resume is not None and cfg.run.overwrite:
+    if cfg.run.overwrite:
         raise ConfigError(
             f"resume={cfg.resume} and run.overwrite=true contradict each other: overwrite deletes the run "
             "(checkpoints included) that resume continues"
