@@ -36,6 +36,7 @@ class RunConfig:
     print_table: bool = True
     save_checkpoint: bool = True  # the final HF checkpoint (checkpoint-final)
     # Run checkpoints (<output_dir>/checkpoints/iter-NNNNNN): every N iterations (0: none), and on SIGTERM/SIGINT.
+    # Offline DPO and rm bt/haf: every N learner calls; rm gating: every N gating steps (<rm.output>.train/).
     checkpoint_every: int = 0
     keep_checkpoints: int = 2  # the newest ones kept; older ones are deleted once a newer one is complete
     # Seeded per-request sampling and deterministic torch kernels: a resumed run repeats the uninterrupted one.
