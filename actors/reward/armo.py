@@ -190,6 +190,7 @@ def train_gating(
     dropout: float = 0.2,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    checkpoints=None,
 ) -> tuple[GatingNetwork, list[float]]:
     """Bradley-Terry on frozen features: only the gate trains (W and M fixed). The gate runs once per pair
     from the prompt feature, so chosen and rejected get the same weights.
@@ -207,9 +208,11 @@ def train_gating(
     weights, transform = weights.to(dtype), transform.to(dtype)
     r_chosen, r_rejected = chosen @ weights.T, rejected @ weights.T  # frozen stage-1 objectives
     gen = torch.Generator().manual_seed(seed)
-    losses = []
+    losses, start = [], 0
+    if checkpoints is not None:
+        start, losses = checkpoints.restore(gate, opt, sched, gen)
     gate.train()
-    for _ in range(steps):
+    for step in range(start, steps):
         idx = torch.randint(0, len(prompt), (min(batch_size, len(prompt)),), generator=gen)
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             g = gate(prompt[idx])
@@ -221,5 +224,7 @@ def train_gating(
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
+        if checkpoints is not None and checkpoints.due(step):
+            checkpoints.save(step, gate, opt, sched, gen, losses)
     gate.eval()
     return gate, losses

@@ -112,6 +112,7 @@ def validate(cfg: TroupeConfig) -> None:
         raise ConfigError("troupe best-of-n needs best_of_n.prompts (a JSONL file of prompts)")
     if cfg.job == "rm_serve":
         _check_reward_fleet(cfg)
+    _check_resume(cfg)
     if cfg.job != "rl":
         return
     _validate_algo(cfg)
@@ -192,9 +193,19 @@ def _check_durability(cfg: TroupeConfig) -> None:
         raise ConfigError(
             f"faults.retries has unknown roles {unknown}; roles: generator, reward, learner, critic"
         )
-    if cfg.resume is not None and (cfg.job != "rl" or cfg.algo.source != "rollouts"):
-        raise ConfigError("resume= continues an RL run (job=rl with generated rollouts)")
-    if cfg.resume is not None and cfg.run.overwrite:
+
+
+def _check_resume(cfg: TroupeConfig) -> None:
+    """resume= continues a job that writes run checkpoints: RL, offline DPO, rm train rm.stage=gating|bt|haf."""
+    if cfg.resume is None:
+        return
+    if not (cfg.job == "rl" or (cfg.job == "rm_train" and cfg.rm.stage in ("gating", "bt", "haf"))):
+        what = f"rm.stage={cfg.rm.stage}" if cfg.job == "rm_train" else f"job={cfg.job}"
+        raise ConfigError(
+            f"resume={cfg.resume}: {what} has no run checkpoints; resume= continues an RL run, offline DPO, or "
+            "rm train with rm.stage=gating|bt|haf"
+        )
+    if cfg.run.overwrite:
         raise ConfigError(
             f"resume={cfg.resume} and run.overwrite=true contradict each other: overwrite deletes the run "
             "(checkpoints included) that resume continues"

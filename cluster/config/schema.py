@@ -37,6 +37,7 @@ class RunConfig:
     print_table: bool = True
     save_checkpoint: bool = True  # the final HF checkpoint (checkpoint-final)
     # Run checkpoints (<output_dir>/checkpoints/iter-NNNNNN): every N iterations (0: none), and on SIGTERM/SIGINT.
+    # Offline DPO and rm bt/haf: every N learner calls; rm gating: every N gating steps (<rm.output>.train/).
     checkpoint_every: int = bounded(0, ge=0)
     # the newest ones kept; older ones are deleted once a newer one is complete
     keep_checkpoints: int = bounded(2, ge=1)

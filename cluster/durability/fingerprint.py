@@ -27,7 +27,14 @@ from troupe.cluster.config.compose import config_record
 from troupe.cluster.config.schema import TroupeConfig
 from troupe.cluster.data.prompts import BUILTIN_ARITHMETIC
 from troupe.cluster.data.records import content_sha256
-from troupe.cluster.durability.checkpoint import CheckpointError, checkpoints_root, complete
+from troupe.cluster.durability.checkpoint import (
+    CheckpointError,
+    checkpoints_root,
+    complete,
+    find_checkpoint,
+    set_aside_after,
+    verify,
+)
 
 log = logging.getLogger("troupe.durable")
 RUN_FILE = "run.json"
@@ -72,6 +79,8 @@ def fingerprint(cfg: TroupeConfig) -> dict:
     else:
         data = {"cursor": "dataset", "sha256": content_sha256(d.train), "seed": d.seed, "shuffle": d.shuffle}
     data["batch_size"] = d.prompts_per_iteration
+    if cfg.job != "rl" or cfg.algo.source == "dataset":  # offline DPO and reward models train on dataset.path
+        data["pairs_sha256"] = content_sha256(cfg.dataset.path) if cfg.dataset.path else None
     flat.update({DATA + k: v for k, v in data.items()})
     return json.loads(json.dumps(flat, default=str))
 
@@ -131,6 +140,22 @@ def admit(cfg: TroupeConfig, out_dir: Path, resume: tuple[Path, dict] | None) ->
             )
     _write_run_file(Path(out_dir), run_id)
     return {"run_id": run_id, "fingerprint": current}
+
+
+def resume_point(cfg: TroupeConfig, out_dir: Path) -> tuple[tuple[Path, dict] | None, dict]:
+    """The verified checkpoint under `out_dir` to resume from and its state (None without `resume=`), and the
+    run's identity (`admit`). Another run's checkpoint or a changed config is refused before anything moves; then
+    newer checkpoints are set aside."""
+    resume = None
+    if cfg.resume:
+        folder = find_checkpoint(out_dir, cfg.resume)
+        # before anything is loaded: a bad checkpoint fails in seconds, and nothing in it is loaded unverified
+        resume = (folder, verify(folder))
+    identity = admit(cfg, out_dir, resume)
+    if resume is not None:
+        for moved in set_aside_after(checkpoints_root(out_dir), resume[0]):
+            log.warning("checkpoint of the abandoned timeline set aside: %s", moved)
+    return resume, identity
 
 
 def _lineage(out_dir: Path, checkpoint: Path, state: dict) -> str | None:

@@ -15,7 +15,6 @@ rm.allow_chance=true.
 from __future__ import annotations
 
 import json
-import random
 import shlex
 from dataclasses import replace
 from pathlib import Path
@@ -45,7 +44,7 @@ def run_rm_job(cfg: TroupeConfig) -> dict:
     # bt / haf write metrics.jsonl and TensorBoard: a new run of them. The other stages and rm eval add their
     # bundle or report beside the earlier stages' (they share the feature cache).
     learner_stage = cfg.job == "rm_train" and cfg.rm.stage in ("bt", "haf")
-    with Job(cfg, RM_COLUMNS, fresh=learner_stage) as job:
+    with Job(cfg, RM_COLUMNS, fresh=learner_stage and not cfg.resume) as job:
         try:
             folder, stats = _train(cfg, job) if cfg.job == "rm_train" else (None, evaluate_bundle(cfg, job))
         except (ChanceLevel, FailedBundle) as e:  # the CLI prints a ConfigError's message alone, exit 2
@@ -85,6 +84,7 @@ def _train(cfg: TroupeConfig, job: Job) -> tuple[Path, dict]:
         stats["scales"] = scales
     elif rm.stage == "gating":
         from troupe.actors.reward.bundle import read_info
+        from troupe.cluster.jobs.gating_checkpoints import gating_checkpoints
         from troupe.cluster.jobs.rm_training import train_gating_stage
 
         stage1_length = read_info(rm.stage1).max_length
@@ -113,6 +113,7 @@ def _train(cfg: TroupeConfig, job: Job) -> tuple[Path, dict]:
             progress=cfg.run.progress_bar,
             report=True,
             allow_chance=rm.allow_chance,
+            checkpoints=gating_checkpoints(cfg, job),
         )
         stats["dropped"] = skipped
     elif rm.stage == "probe":
@@ -175,8 +176,11 @@ def train_bt_or_haf(cfg: TroupeConfig, prefs=None, job: Job | None = None) -> tu
     from transformers import AutoTokenizer
 
     from troupe.actors.learner.reward_trainer import RewardTrainer
+    from troupe.cluster.durability.fingerprint import resume_point
     from troupe.cluster.fleet.learners import LearnerGroup, policy_setup
     from troupe.cluster.jobs.bundle_output import save_reward_head_bundle
+    from troupe.cluster.jobs.pair_checkpoints import PairCheckpoints, restore, rewind
+    from troupe.cluster.jobs.pair_passes import PairPasses
     from troupe.cluster.jobs.rm_training import (
         tokenize_for_rm,
         train_reward_head,
@@ -193,21 +197,30 @@ def train_bt_or_haf(cfg: TroupeConfig, prefs=None, job: Job | None = None) -> tu
     pairs, cut = tokenize_for_rm(prefs, AutoTokenizer.from_pretrained(backbone), max_length)
     warn_cut(cut, len(pairs), "pairs (either side)", max_length)
     per_call = max(cfg.dataset.pairs_per_iteration, lc.world_size)
-    steps = rm.epochs * -(-len(pairs) // per_call) * lc.mini_batches
+    passes = PairPasses(len(pairs), rm.epochs, per_call, lc.world_size, cfg.run.seed)
+    steps = passes.total * lc.mini_batches
     alpha = rm.haf_alpha if rm.stage == "haf" else 0.0
     policy = policy_setup(cfg, backbone, total_steps=steps)
     # The reward model trains its full body; LoRA applies to the policy learner only.
     spec = replace(policy, train=replace(lc, lora=LoraConfig()), haf_alpha=alpha, haf_beta=rm.haf_beta)
+    # verified and admitted before any actor starts (the folder is held by `job`)
+    resume, identity = resume_point(cfg, job.out_dir)
+    checkpoints = PairCheckpoints(cfg, job.out_dir, identity)
     job.connect_ray()
     group = job.on_exit(
         LearnerGroup(spec, learner_env(lc), cfg.ray.actor_timeout_s, role=RewardTrainer), "shutdown"
     )
     group.wait_ready()
+    if resume is not None:
+        restore(group, passes, *resume)
     job.start(
         f"troupe: {rm.stage} reward model on {len(pairs)} pairs (dropped {skipped}, cut {cut} to "
         f"max_length {max_length}), backbone {rm.backbone}"
+        + (f"; resumed from {resume[0]} at step {passes.step}" if resume else "")
     )
-    history = train_reward_head(group, pairs, rm.epochs, per_call, random.Random(cfg.run.seed), job.record)
+    redone = rewind(job, resume[1]) if resume else 0
+    history = train_reward_head(group, pairs, passes, job.record, checkpoints)
+    earlier = resume[1] if resume else {}
     stats = {
         "stage": rm.stage,
         "alpha": alpha,
@@ -215,8 +228,9 @@ def train_bt_or_haf(cfg: TroupeConfig, prefs=None, job: Job | None = None) -> tu
         "dropped": skipped,
         "cut": cut,
         "max_length": max_length,
-        "first": history[0],
-        "last": history[-1],
+        "first": earlier["first"] if earlier else history[0],
+        "last": history[-1] if history else earlier["last"],
+        "redone_steps": redone,
     }
     folder = save_reward_head_bundle(group, rm.output, rm.name, backbone, max_length, {rm.stage: stats})
     return folder, stats

@@ -162,10 +162,11 @@ def train_gating_stage(
     progress: bool = False,
     report: bool = False,
     allow_chance: bool = False,
+    checkpoints=None,
 ) -> tuple[Path, dict]:
     """`dtype` (auto | bfloat16 | float32): the backbone's and the gate's compute dtype (features are float32).
     A Bradley-Terry loss at chance raises ChanceLevel (the bundle is written marked failed) unless
-    `allow_chance`."""
+    `allow_chance`. `checkpoints`: cluster/jobs/gating_checkpoints.py (periodic checkpoints, resume)."""
     info, tensors = load_bundle(stage1)
     w = tensors["regression"]
     backbone = RewardBackbone(info.backbone, dtype=dtype, max_length=info.max_length)
@@ -215,6 +216,7 @@ def train_gating_stage(
             dropout,
             seed,
             getattr(torch, backbone.dtype),
+            checkpoints,
         )
     stats["bt_loss_first_last"] = (losses[0], losses[-1])
     chance = at_chance(losses)  # the gate did not learn (it may have collapsed)
@@ -377,20 +379,15 @@ def tokenize_for_rm(prefs: list[Preference], tokenizer, max_length: int) -> tupl
 
 
 def train_reward_head(
-    group, pairs: list[PreferencePair], epochs: int, per_call: int, rng, record=None
+    group, pairs: list[PreferencePair], passes, record=None, checkpoints=None
 ) -> list[dict]:
-    """Bradley-Terry / HaF epochs over `pairs` on a LearnerGroup of RewardTrainer ranks; `record` gets each row."""
-    from troupe.cluster.run.learn import pad_to_multiple
-
+    """Bradley-Terry / HaF steps over `pairs` on a LearnerGroup of RewardTrainer ranks, from `passes`' position
+    (cluster/jobs/pair_passes.py); `record` gets each row, `checkpoints` (PairCheckpoints) saves when due."""
     history = []
-    world = len(group.ranks)
-    for epoch in range(epochs):
-        order = pairs[:]
-        rng.shuffle(order)
-        for lo in range(0, len(order), per_call):
-            chunk = pad_to_multiple(order[lo : lo + per_call], world, rng)
-            history.append(group.train_pairs(chunk))
-            if record is not None:
-                row = {"iteration": len(history) - 1, "epoch": epoch}
-                record(row | {f"train/{k}": v for k, v in history[-1].items()})
+    for epoch, step, chunk in passes:
+        history.append(group.train_pairs([pairs[i] for i in chunk]))
+        if record is not None:
+            record({"iteration": step, "epoch": epoch} | {f"train/{k}": v for k, v in history[-1].items()})
+        if checkpoints is not None and checkpoints.due(step):
+            checkpoints.save(group, passes, step, {"first": history[0], "last": history[-1]})
     return history

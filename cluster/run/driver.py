@@ -19,15 +19,9 @@ from troupe.cluster.config.checks import validate
 from troupe.cluster.config.compose import config_record
 from troupe.cluster.config.schema import TroupeConfig, register
 from troupe.cluster.data.prompts import build_prompt_sources
-from troupe.cluster.durability.checkpoint import (
-    checkpoints_root,
-    find_checkpoint,
-    save_hf_checkpoint,
-    set_aside_after,
-    verify,
-)
+from troupe.cluster.durability.checkpoint import save_hf_checkpoint
 from troupe.cluster.durability.faults import RetryBudget
-from troupe.cluster.durability.fingerprint import admit
+from troupe.cluster.durability.fingerprint import resume_point
 from troupe.cluster.durability.run_checkpoints import (
     RunCheckpoints,
     driver_state,
@@ -197,7 +191,7 @@ def run(cfg: TroupeConfig) -> dict:
     load_key()  # every run can write a checkpoint (on SIGTERM): a key that cannot be used fails now
     # The folder is held (and, for a fresh run, checked) before the checkpoint is read or any actor starts.
     with Job(cfg, _table_columns(cfg), total=cfg.run.iterations, fresh=not cfg.resume) as job:
-        resume, identity = _resume_point(cfg, out_dir)
+        resume, identity = resume_point(cfg, out_dir)
         job.connect_ray()
         check_capacity(cfg)
         run_state = build_fleet(cfg, model_path, resume)
@@ -246,21 +240,6 @@ def run(cfg: TroupeConfig) -> dict:
                 run_state.learners, job.out_dir / "checkpoint-final", model_path, state
             )
         return job.finish(checkpoint=checkpoint)
-
-
-def _resume_point(cfg: TroupeConfig, out_dir: Path) -> tuple[tuple[Path, dict] | None, dict]:
-    """The verified checkpoint to resume from and its state (None for a fresh run), and the run's identity. Another
-    run's checkpoint or a changed config is refused before anything moves; then newer checkpoints are set aside."""
-    resume = None
-    if cfg.resume:
-        folder = find_checkpoint(out_dir, cfg.resume)
-        # before any actor starts: a bad checkpoint fails in seconds, and nothing in it is loaded unverified
-        resume = (folder, verify(folder))
-    identity = admit(cfg, out_dir, resume)
-    if resume is not None:
-        for moved in set_aside_after(checkpoints_root(out_dir), resume[0]):
-            log.warning("checkpoint of the abandoned timeline set aside: %s", moved)
-    return resume, identity
 
 
 def resume_run(run_state: RunState, checkpoints: RunCheckpoints, job: Job, folder: Path, state: dict) -> int:

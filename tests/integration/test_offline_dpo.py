@@ -61,3 +61,50 @@ def test_offline_dpo_checkpoint_loads(offline_run):
 
     model = AutoModelForCausalLM.from_pretrained(offline_run[0] / "checkpoint-final", dtype=torch.float32)
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_offline_dpo_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, ray_session, monkeypatch):
+    """run.checkpoint_every=2 over 4 learner calls, killed after step 2's row: resume=latest redoes step 2 and
+    ends with the weights of the uninterrupted run; metrics.jsonl holds each step once."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.integration.conftest import tiny_config
+    from troupe.cluster.jobs.pair_checkpoints import PairCheckpoints
+    from troupe.cluster.run.driver import run
+
+    rows = [
+        {"prompt": f"What is {a} + 1?", "chosen": f"Answer: {a + 1}", "rejected": "No."} for a in range(8)
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["algo=dpo_offline", f"dataset.path={data}", "dataset.pairs_per_iteration=4", "run.iterations=2",
+            "learner.lr=2e-3", "learner.dtype=float32", "run.deterministic=true", "run.progress_bar=false"]  # fmt: skip
+
+    run(tiny_config(*base, f"run.output_dir={tmp_path / 'whole'}"))
+    split = [*base, f"run.output_dir={tmp_path / 'split'}", "run.checkpoint_every=2"]
+    real_due = PairCheckpoints.due
+
+    def due_or_die(self, step):
+        if step == 2:
+            raise Killed
+        return real_due(self, step)
+
+    with monkeypatch.context() as patched, pytest.raises(Killed):
+        patched.setattr(PairCheckpoints, "due", due_or_die)
+        run(tiny_config(*split))
+    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == ["iter-000001"]
+
+    result = run(tiny_config(*split, "resume=latest"))
+    assert result["redone_steps"] == 1
+    metrics = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in metrics] == [0, 1, 2, 3]
+    whole = load_file(str(tmp_path / "whole" / "checkpoint-final" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "split" / "checkpoint-final" / "model.safetensors"))
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-6, msg=k)

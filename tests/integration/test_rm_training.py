@@ -104,3 +104,48 @@ def test_rm_eval_job_reports_subsets_and_sections(haf_bundle_bf16, tmp_path):
     rows = Path(report["scores_path"]).read_text().splitlines()
     assert len(rows) == 16 and json.loads(rows[0])["subset"] == "format"
     assert "pairwise accuracy (haf)" in proc.stdout
+
+
+class Killed(Exception):
+    pass
+
+
+def test_bt_killed_and_resumed_ends_like_an_uninterrupted_run(ray_session, tmp_path, monkeypatch):
+    """rm.stage=bt with run.checkpoint_every=2 over 4 steps, killed after step 2's row: resume=latest redoes
+    step 2 and writes the bundle of the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from troupe.cluster.jobs.pair_checkpoints import PairCheckpoints
+    from troupe.cluster.jobs.reward_model import run_rm_job
+
+    data = _pairs_file(tmp_path / "pairs.jsonl")
+    base = ["job=rm_train", "rm.stage=bt", "rm.backbone=builtin:tiny-llama", "rm.max_length=64", "rm.epochs=2",
+            f"dataset.path={data}", "dataset.pairs_per_iteration=8", "learner.lr=1e-3", "learner.dtype=float32",
+            "run.deterministic=true", "run.progress_bar=false"]  # fmt: skip
+
+    def cfg(name, *extra):
+        return tiny_config(
+            *base, f"run.output_dir={tmp_path / name}", f"rm.output={tmp_path / name / 'rm'}", *extra
+        )
+
+    run_rm_job(cfg("whole"))
+    real_due = PairCheckpoints.due
+
+    def due_or_die(self, step):
+        if step == 2:
+            raise Killed
+        return real_due(self, step)
+
+    with monkeypatch.context() as patched, pytest.raises(Killed):
+        patched.setattr(PairCheckpoints, "due", due_or_die)
+        run_rm_job(cfg("split", "run.checkpoint_every=2"))
+    result = run_rm_job(cfg("split", "run.checkpoint_every=2", "resume=latest"))
+    assert result["stats"]["redone_steps"] == 1
+    metrics = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in metrics] == [0, 1, 2, 3]
+    whole = {p.name: load_file(str(p)) for p in (tmp_path / "whole" / "rm").glob("*.safetensors")}
+    resumed = {p.name: load_file(str(p)) for p in (tmp_path / "split" / "rm").glob("*.safetensors")}
+    assert whole.keys() == resumed.keys() and whole
+    for name, tensors in whole.items():
+        for k, v in tensors.items():
+            torch.testing.assert_close(resumed[name][k], v, rtol=0, atol=1e-6, msg=f"{name}:{k}")

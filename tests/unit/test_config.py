@@ -130,7 +130,11 @@ def test_rm_output_is_refused_when_a_bundle_swap_would_replace_other_files(tmp_p
         (["faults.learn_s=0"], "faults.learn_s"),
         (["faults.retries.learner=-1"], "faults.retries.learner"),
         (["+faults.retries.planner=1"], "unknown roles"),
-        (["resume=latest", "algo=dpo_offline", "dataset.path=p.jsonl"], "resume="),
+        (
+            ["resume=latest", "job=rm_train", "rm.stage=probe", "dataset.path=p.jsonl"],
+            "rm.stage=probe has no run",
+        ),
+        (["resume=latest", "algo=dpo_offline", "dataset.path=p.jsonl", "run.overwrite=true"], "contradict"),
     ],
 )
 def test_durability_keys_are_checked_naming_them(overrides, key):
