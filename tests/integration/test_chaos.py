@@ -70,16 +70,18 @@ def chaos_run(ray_session, tmp_path_factory, tiny_model_path):
         "run.progress_bar=false",
         "faults.learn_s=120",  # a stalled all-reduce becomes a rank loss within 2 minutes
     )
-    with running_fleet(cfg, tiny_model_path) as run, Job(cfg, rl_columns([], False, None)) as job:
-        job.start("chaos")
-        checkpoints = RunCheckpoints(out, 2, 2, tiny_model_path)
-        checkpoints.initial = driver_state(run, -1)
-        killer = Killer(run, out / "metrics.jsonl", [(0, "generator"), (1, "reward"), (4, "learner")])
-        killer.start()
-        try:
-            train(run, job, checkpoints)
-        finally:
-            killer.stop = True
+    with running_fleet(cfg, tiny_model_path) as run:
+        # the job ends (and gives up the folder) before the tests: the SIGTERM test runs a job of its own there
+        with Job(cfg, rl_columns([], False, None)) as job:
+            job.start("chaos")
+            checkpoints = RunCheckpoints(out, 2, 2, tiny_model_path)
+            checkpoints.initial = driver_state(run, -1)
+            killer = Killer(run, out / "metrics.jsonl", [(0, "generator"), (1, "reward"), (4, "learner")])
+            killer.start()
+            try:
+                train(run, job, checkpoints)
+            finally:
+                killer.stop = True
         yield run, out, killer.killed, checkpoints
 
 
