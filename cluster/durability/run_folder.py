@@ -79,10 +79,12 @@ def claim(folder: str | Path) -> FolderClaim:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _describe(_read(fd))
+        recorded = _read(fd)
         os.close(fd)
+        this = recorded and (recorded.get("host"), recorded.get("pid")) == (socket.gethostname(), os.getpid())
+        who = "this process, in a job that has not ended" if this else "another troupe process"
         raise FolderInUse(
-            f"run folder {folder} is in use by another troupe process ({holder}); wait for it to end, or give "
+            f"run folder {folder} is in use by {who} ({_describe(recorded)}); wait for it to end, or give "
             "this run another run.output_dir"
         ) from None
     holder = {
