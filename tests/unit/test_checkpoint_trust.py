@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.unit.test_durable import _parts  # the same checkpoint parts
 from troupe.actors.reward.bundle import BundleInfo, load_bundle, read_info
 from troupe.cluster.cli import main
 from troupe.cluster.durability.atomic import swap_in, tmp_for
@@ -27,16 +28,6 @@ from troupe.cluster.durability.checkpoint import (
 from troupe.cluster.durability.signing import ENV, CheckpointKeyError, key_path, load_key
 from troupe.cluster.durability.trust_command import trust
 from troupe.cluster.jobs.bundle_output import write_bundle
-
-
-def _parts(payload: bytes):
-    def write(tmp):
-        (tmp / "policy").mkdir()
-        (tmp / "policy" / "model.safetensors").write_bytes(payload)
-        (tmp / "policy-ds").mkdir()
-        (tmp / "policy-ds" / "rank0.safetensors").write_bytes(payload[::-1])
-
-    return write
 
 
 def _checkpoint(out: Path, iteration: int = 0, **state) -> Path:
