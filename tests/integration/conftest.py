@@ -76,3 +76,25 @@ def running_fleet(cfg, model_path):
 def fleet(ray_session, tiny_cfg, tiny_model_path):
     with running_fleet(tiny_cfg, tiny_model_path) as f:
         yield f
+
+
+class Killed(Exception):
+    """What `killed_at_step` raises in place of a SIGKILL."""
+
+
+@contextmanager
+def killed_at_step(monkeypatch, step: int):
+    """A pairs job (offline DPO, rm bt/haf) dies when it asks whether step `step` is due for a checkpoint: after
+    that step's row and before its checkpoint, like a kill at the worst moment."""
+    from troupe.cluster.jobs.pair_checkpoints import PairCheckpoints
+
+    real_due = PairCheckpoints.due
+
+    def due_or_die(self, at):
+        if at == step:
+            raise Killed
+        return real_due(self, at)
+
+    with monkeypatch.context() as patched, pytest.raises(Killed):
+        patched.setattr(PairCheckpoints, "due", due_or_die)
+        yield

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import TINY_OVERRIDES
+from tests.integration.conftest import TINY_OVERRIDES, killed_at_step, tiny_config
 
 pytestmark = pytest.mark.integration
 
@@ -63,18 +63,12 @@ def test_offline_dpo_checkpoint_loads(offline_run):
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
-class Killed(Exception):
-    pass
-
-
 def test_offline_dpo_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, ray_session, monkeypatch):
     """run.checkpoint_every=2 over 4 learner calls, killed after step 2's row: resume=latest redoes step 2 and
     ends with the weights of the uninterrupted run; metrics.jsonl holds each step once."""
     import torch
     from safetensors.torch import load_file
 
-    from tests.integration.conftest import tiny_config
-    from troupe.cluster.jobs.pair_checkpoints import PairCheckpoints
     from troupe.cluster.run.driver import run
 
     rows = [
@@ -87,15 +81,7 @@ def test_offline_dpo_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path,
 
     run(tiny_config(*base, f"run.output_dir={tmp_path / 'whole'}"))
     split = [*base, f"run.output_dir={tmp_path / 'split'}", "run.checkpoint_every=2"]
-    real_due = PairCheckpoints.due
-
-    def due_or_die(self, step):
-        if step == 2:
-            raise Killed
-        return real_due(self, step)
-
-    with monkeypatch.context() as patched, pytest.raises(Killed):
-        patched.setattr(PairCheckpoints, "due", due_or_die)
+    with killed_at_step(monkeypatch, 2):
         run(tiny_config(*split))
     assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == ["iter-000001"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.conftest import TINY_OVERRIDES, tiny_config
+from tests.integration.conftest import TINY_OVERRIDES, killed_at_step, tiny_config
 from troupe.actors.reward.bundle import BundleScorer
 from troupe.cluster.data.preferences import load_preferences
 from troupe.cluster.jobs.reward_model import train_bt_or_haf
@@ -106,16 +106,11 @@ def test_rm_eval_job_reports_subsets_and_sections(haf_bundle_bf16, tmp_path):
     assert "pairwise accuracy (haf)" in proc.stdout
 
 
-class Killed(Exception):
-    pass
-
-
 def test_bt_killed_and_resumed_ends_like_an_uninterrupted_run(ray_session, tmp_path, monkeypatch):
     """rm.stage=bt with run.checkpoint_every=2 over 4 steps, killed after step 2's row: resume=latest redoes
     step 2 and writes the bundle of the uninterrupted run."""
     from safetensors.torch import load_file
 
-    from troupe.cluster.jobs.pair_checkpoints import PairCheckpoints
     from troupe.cluster.jobs.reward_model import run_rm_job
 
     data = _pairs_file(tmp_path / "pairs.jsonl")
@@ -129,15 +124,7 @@ def test_bt_killed_and_resumed_ends_like_an_uninterrupted_run(ray_session, tmp_p
         )
 
     run_rm_job(cfg("whole"))
-    real_due = PairCheckpoints.due
-
-    def due_or_die(self, step):
-        if step == 2:
-            raise Killed
-        return real_due(self, step)
-
-    with monkeypatch.context() as patched, pytest.raises(Killed):
-        patched.setattr(PairCheckpoints, "due", due_or_die)
+    with killed_at_step(monkeypatch, 2):
         run_rm_job(cfg("split", "run.checkpoint_every=2"))
     result = run_rm_job(cfg("split", "run.checkpoint_every=2", "resume=latest"))
     assert result["stats"]["redone_steps"] == 1

@@ -3,13 +3,12 @@ moved aside, logged and counted, and the run goes on."""
 
 import json
 import time
-from types import SimpleNamespace
 
 import pytest
 
+from tests.unit.test_elastic import _run  # the same tiny fleet of pools
 from troupe.cluster.config.schema import AutoscaleConfig, PoolBounds
 from troupe.cluster.fleet.elastic import FleetControl
-from troupe.cluster.fleet.pool import Health, Member, Pool
 from troupe.cluster.fleet.requests import (
     BOUNDS_FILE,
     MAX_BYTES,
@@ -21,7 +20,6 @@ from troupe.cluster.fleet.requests import (
     read_bounds,
     read_request_file,
 )
-from troupe.cluster.fleet.reward_pools import RewardFleet
 
 NOW = 1_700_000_000.0
 BOUNDS = {"generators": Bounds(1, 4, "autoscale.generators.min/max"), "reward.rules": Bounds(1, 2, "x")}
@@ -77,17 +75,6 @@ def test_a_good_request_passes_with_or_without_bounds():
     assert check_request(_request({"anything": 9}), None, now=NOW).sizes == {"anything": 9}
     with pytest.raises(FleetRequestError, match=r"sizes\.generators=0: expected an integer >= 1"):
         check_request(_request({"generators": 0}), None, now=NOW)
-
-
-def _run(generators=1, rules=1):
-    def pool(role, n):
-        p = Pool(role, factory=None, timeout_s=1)
-        p.members = [Member(i, handle=None, health=Health.HEALTHY) for i in range(n)]
-        return p
-
-    return SimpleNamespace(
-        generators=pool("generator", generators), rewards=RewardFleet({"rules": pool("reward", rules)})
-    )
 
 
 ISSUE_PROBES = [  # what broke runs (and every resume of them) before
