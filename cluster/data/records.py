@@ -18,6 +18,7 @@ logs the first few of each reason with where they are.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -91,11 +92,20 @@ def content_sha256(source: str) -> str | None:
         if _looks_local(source):
             raise FileNotFoundError(f"prompt dataset not found: {source}")
         return None
+    path = path.absolute()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stats = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _hash_files(str(path), path.is_dir(), stats)
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_files(root: str, is_dir: bool, stats: tuple) -> str:
+    """Keyed by each file's size and mtime: a launch hashes its data once (fingerprint, then cursor), and a
+    file changed in between is hashed again."""
     h = hashlib.sha256()
-    for file in files:
-        if path.is_dir():  # name and size first: the same bytes split across other files differ
-            h.update(f"{file.relative_to(path)}\0{file.stat().st_size}\0".encode())
+    for file, size, _ in stats:
+        if is_dir:  # name and size first: the same bytes split across other files differ
+            h.update(f"{Path(file).relative_to(root)}\0{size}\0".encode())
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)

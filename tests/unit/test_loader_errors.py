@@ -6,6 +6,7 @@ import gzip
 import json
 import logging
 import math
+import os
 
 import pytest
 
@@ -248,3 +249,21 @@ def test_a_good_bundle_json_reads(tmp_path):
     )
     info = read_info(tmp_path)
     assert (info.name, info.objectives, info.verbosity, info.max_length) == ("x", ["a"], None, 512)
+
+
+def test_a_launch_hashes_its_data_once_and_a_changed_file_again(tmp_path):
+    from troupe.cluster.data.records import _hash_files, content_sha256
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "a"}\n')
+    first = content_sha256(str(data))
+    hits = _hash_files.cache_info().hits
+    assert content_sha256(str(data)) == first and _hash_files.cache_info().hits == hits + 1
+    data.write_text('{"prompt": "b"}\n')  # same size, new content and mtime
+    os.utime(data, ns=(1, 1))
+    assert content_sha256(str(data)) != first
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("x\n")
+    (folder / "b.jsonl").write_text("y\n")
+    assert content_sha256(str(folder)) != content_sha256(str(folder / "a.jsonl"))
