@@ -81,13 +81,18 @@ def policy_gradient_update(learner, batch: RolloutBatch, kl_coef: float) -> tupl
             group_size=group_size,
         )
         current = logp.detach()
+        # Outside the mask (padding, rows a non-finite advantage dropped) the inputs may be inf/NaN, and the mask's
+        # 0 does not cancel them (NaN x 0 is NaN, in the loss and in its gradient): they become the current
+        # log-probs there, so those tokens add exactly nothing.
+        keep = m.bool()
         old = columns(old_logp, rows, w)
-        base = current if old is None else old  # the policy before this update (pi_old)
+        base = current if old is None else torch.where(keep, old, current)  # the policy before this update
+        behaviour = torch.where(keep, mb.behaviour_logprobs.to(device), current)
         pg, clipped = clipped_policy_loss(logp, base, mb.advantages.to(device), algo.clip_eps)
         stats = {}
         if tis_rows is not None:
             in_scope = tis_rows[rows].to(device)
-            iw = truncated_importance_weights(base, mb.behaviour_logprobs.to(device), algo.tis_cap, in_scope)
+            iw = truncated_importance_weights(base, behaviour, algo.tis_cap, in_scope)
             pg = pg * iw
             scope = m * in_scope[:, None]
             stats["tis/weight_mean"] = norm.per_token((iw * scope).sum())
@@ -100,10 +105,11 @@ def policy_gradient_update(learner, batch: RolloutBatch, kl_coef: float) -> tupl
             "advantage/abs_mean": norm.per_token((mb.advantages.to(device).abs() * m).sum()),
         }
         if old is None:  # on-policy: the current log-probs are the old ones (one step, so measured once)
-            gap = (current - mb.behaviour_logprobs.to(device)).abs() * m
+            gap = (current - behaviour).abs() * m
             stats["logprob_mismatch"] = norm.per_token(gap.sum())
         ref = columns(ref_logp, rows, w)
         if ref is not None:
+            ref = torch.where(keep, ref, current)
             kl = kl_penalty(logp, ref, algo.kl_estimator)
             stats["kl"] = norm.per_token((kl.detach() * m).sum())  # a token mean whatever loss_agg is
             stats["kl_seq"] = norm.per_sequence(((current - ref) * m).sum())  # adaptive KL's measure

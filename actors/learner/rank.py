@@ -111,6 +111,7 @@ class DeepSpeedRank:
                 )
                 norm = StepNorm(tokens, sequences, t.world_size, self.spec.response_budget)
                 finite = True
+                step_sums: dict[str, float] = {}
                 for mb in units.micro_batches(step_units, t.micro_batch_size):
                     loss, stats = micro_loss(mb, norm)
                     if not bool(torch.isfinite(loss.detach()).all()):
@@ -119,15 +120,18 @@ class DeepSpeedRank:
                     # The caller owns the accumulation boundary (managed_gradient_accumulation=false).
                     self.engine.backward(loss, scale_wrt_gas=False)
                     for key, value in stats.items():
-                        sums[key] = sums.get(key, 0.0) + float(value)
+                        step_sums[key] = step_sums.get(key, 0.0) + float(value)
                 applied = self._step(finite)
                 self.steps += 1
                 steps += 1
                 skipped += not applied
+                if applied:  # a skipped step's NaN stats would make the whole call's means NaN
+                    for key, value in step_sums.items():
+                        sums[key] = sums.get(key, 0.0) + value
                 norm_value = self.engine.get_global_grad_norm()
                 if applied and norm_value is not None:
                     grad_norms.append(float(norm_value))
-        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+        metrics = {k: v / max(steps - skipped, 1) for k, v in sums.items()}
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
         metrics["nonfinite_steps"] = float(
             skipped
@@ -139,10 +143,16 @@ class DeepSpeedRank:
     def _step(self, finite: bool) -> bool:
         """The optimizer step, unless a micro-batch loss was inf/NaN on any rank (the ranks agree, so ZeRO's
         collectives stay in step) or DeepSpeed finds the gradients inf/NaN. Returns whether it was applied."""
+        engine, skipped = self.engine, self.engine.skipped_steps
+        checked_by_deepspeed = engine.zero_optimization() or engine.bfloat16_enabled()
+        if finite and not checked_by_deepspeed:  # plain fp32 has no overflow check: a finite loss can still
+            grads = [
+                p.grad for p in engine.module.parameters() if p.grad is not None
+            ]  # give inf/NaN gradients
+            finite = all(bool(torch.isfinite(g).all()) for g in grads)
         if self.spec.train.world_size > 1:
             finite = float(all_reduce_sum(torch.tensor([0.0 if finite else 1.0]))[0]) == 0.0
-        engine, skipped = self.engine, self.engine.skipped_steps
-        if finite or engine.zero_optimization() or engine.bfloat16_enabled():
+        if finite or checked_by_deepspeed:
             # ZeRO's optimizers and the bf16 one drop a step whose gradient norm is inf/NaN (skipped_steps)
             engine.step()
             if not finite and engine.skipped_steps == skipped:

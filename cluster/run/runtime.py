@@ -60,10 +60,13 @@ def own_session():
     SIGTERM, could write no checkpoint. They still end with the driver: Ray starts them with the kernel's
     parent-death signal, and the driver's ray.shutdown stops them. Where the kernel cannot do that, Ray's
     reaper cleans up by process group instead, so they stay in the driver's group."""
-    from ray._private import services, utils  # Ray has no option for this; Windows gets its own group already
+    try:  # Ray has no option for this, so private names: if a Ray release moves them, start as Ray does
+        from ray._private import services, utils
 
-    popen = getattr(services, "ConsolePopen", None)
-    if popen is None or not sys.platform.startswith("linux") or not utils.detect_fate_sharing_support():
+        popen, fate_sharing = services.ConsolePopen, utils.detect_fate_sharing_support()
+    except (ImportError, AttributeError):
+        popen, fate_sharing = None, False
+    if popen is None or not sys.platform.startswith("linux") or not fate_sharing:
         yield
         return
 

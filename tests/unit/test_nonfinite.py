@@ -134,6 +134,7 @@ class _Engine:
     def __init__(self, zero: bool, broken: bool = False):
         self.zero, self.broken = zero, broken
         self.w = torch.nn.Parameter(torch.ones(2))
+        self.module = torch.nn.ParameterList([self.w])
         self.skipped_steps, self.calls, self.norm = 0, [], None
 
     def train(self):
@@ -166,13 +167,16 @@ class _Engine:
         return self.norm
 
 
-def _optimize(engine):
+def _optimize(engine, finite_loss_inf_grad=False):
     rank = DeepSpeedRank(
         RankSetup("model", LearnerConfig(world_size=1, micro_batch_size=1, mini_batches=2)), 0
     )
     rank.engine = engine
 
     def micro_loss(rows, norm):
+        if int(rows[0]) == 0 and finite_loss_inf_grad:  # sqrt at 0: the loss is 0, its gradient inf
+            loss = torch.sqrt(engine.w - 1.0).sum()
+            return loss, {"loss": loss.detach()}
         # row 0's loss is NaN while its gradient alone would be finite (1 per weight): it must not be applied
         loss = engine.w.sum() + (math.nan if int(rows[0]) == 0 else 0.0)
         return loss, {"loss": loss.detach()}
@@ -191,8 +195,16 @@ def test_a_nonfinite_loss_is_never_applied(zero):
     assert metrics["nonfinite_steps"] == 1.0 and engine.skipped_steps == int(zero)
     assert metrics["grad_norm"] == pytest.approx(math.sqrt(2))  # the applied step's norm only
     assert rank.version == 1 and rank.steps == 2
+    assert metrics["loss"] == pytest.approx(2.0)  # the applied step's loss: the skipped one's NaN is left out
     with pytest.raises(RuntimeError, match="non-finite loss"):
         _optimize(_Engine(zero=True, broken=True))
+
+
+def test_plain_fp32_skips_a_finite_loss_whose_gradient_is_inf():
+    engine = _Engine(zero=False)  # DeepSpeed's plain fp32 path has no overflow check of its own
+    rank, metrics = _optimize(engine, finite_loss_inf_grad=True)
+    assert engine.calls == ["zero_grad", "step"] and metrics["nonfinite_steps"] == 1.0
+    assert engine.w.tolist() == pytest.approx([0.9, 0.9])  # only the finite step moved the weights
 
 
 def test_metrics_count_the_values_written_as_null(tmp_path):
