@@ -7,12 +7,14 @@ The writer fills `<name>.<host>-<pid>.tmp` (`fresh_tmp`), then `swap_in`:
   4. fsync the parent folder, then delete <name>.old
 Interrupted after 2 and before 3, only <name>.old is complete under a final name: `restore_lone_old` (which the
 next swap and the checkpoint readers call) renames it back, so one complete copy always survives. The tmp name
-carries the writer's host and pid, so a writer cleans up its own interrupted writes and never another's.
+carries the writer's host and pid, so a writer cleans up its own interrupted writes and those of dead writers on its
+host (killed mid-write), never a running writer's.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -29,6 +31,20 @@ def tmp_for(target: Path) -> Path:
 
 def is_own_tmp(path: Path) -> bool:
     return path.name.endswith(f".{writer_tag()}.tmp")
+
+
+def is_abandoned_tmp(path: Path) -> bool:
+    """A tmp folder whose writer ran on this host and runs no longer (it was killed in the middle of a write)."""
+    found = re.search(rf"\.{re.escape(socket.gethostname())}-(\d+)\.tmp$", path.name)
+    if found is None:
+        return False  # another host's: whether its writer lives cannot be told from here
+    try:
+        os.kill(int(found.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # a live process of another user
+        return False
+    return False
 
 
 def old_for(target: Path) -> Path:

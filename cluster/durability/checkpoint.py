@@ -25,7 +25,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from troupe.cluster.durability.atomic import fresh_tmp, is_own_tmp, restore_lone_old, swap_in
+from troupe.cluster.durability.atomic import (
+    fresh_tmp,
+    is_abandoned_tmp,
+    is_own_tmp,
+    restore_lone_old,
+    swap_in,
+)
 from troupe.cluster.durability.signing import load_key, sign, signed_by
 from troupe.cluster.fleet.learners import LearnerGroup
 
@@ -176,13 +182,14 @@ def complete(root: Path) -> list[Path]:
 def prune(root: Path, keep: int, newest: Path) -> None:
     """Keep the `keep` newest complete checkpoints, `newest` (just written) always among them; a pruned folder
     loses its manifest first, so an interrupted delete leaves a partial folder, never a corrupt complete one.
-    Interrupted writes (`.tmp`) are deleted only when this process made them: another may still be writing."""
+    Interrupted writes (`.tmp`) are deleted when this process made them or their writer on this host has died;
+    a live writer's (another process, another host) is left alone."""
     for old in [p for p in complete(root) if p != newest][: -max(keep - 1, 0) or None]:
         (old / MANIFEST).unlink(missing_ok=True)
         shutil.rmtree(old, ignore_errors=True)
     others = []
     for partial in root.glob(f"{PREFIX}*.tmp"):
-        if partial.is_dir() and is_own_tmp(partial):
+        if partial.is_dir() and (is_own_tmp(partial) or is_abandoned_tmp(partial)):
             shutil.rmtree(partial, ignore_errors=True)
         elif partial.is_dir():
             others.append(partial.name)

@@ -8,6 +8,9 @@ import json
 import os
 import pickle
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -249,14 +252,23 @@ def test_a_reward_bundle_is_swapped_in_whole_and_never_replaces_another_folder(t
     assert (mine / "todo.txt").read_text() == "keep me"
 
 
-def test_prune_deletes_only_this_process_interrupted_writes(tmp_path):
+def test_prune_deletes_own_and_dead_writers_interrupted_writes_only(tmp_path):
     root = tmp_path / "checkpoints"
-    other = root / "iter-000003.otherhost-4242.tmp"  # another writer, maybe still writing
-    other.mkdir(parents=True)
-    (other / "state.json").write_text("{}")
+    other = root / "iter-000003.otherhost-4242.tmp"  # another host's writer, maybe still writing
+    host = socket.gethostname()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    running = root / f"iter-000003.{host}-{alive.pid}.tmp"  # a live writer on this host
+    killed = root / f"iter-000002.{host}-{dead.pid}.tmp"  # a writer killed mid-write on this host
     mine = tmp_for(root / "iter-000002")  # this process's own write, interrupted earlier
-    mine.mkdir()
-    (mine / "state.json").write_text("{}")
-    folder = _checkpoint(tmp_path, 4)
-    assert other.is_dir() and not mine.exists()
+    for partial in (other, running, killed, mine):
+        partial.mkdir(parents=True)
+        (partial / "state.json").write_text("{}")
+    try:
+        folder = _checkpoint(tmp_path, 4)
+    finally:
+        alive.kill()
+    assert other.is_dir() and running.is_dir()
+    assert not mine.exists() and not killed.exists()
     assert [p.name for p in complete(root)] == [folder.name] == [find_checkpoint(tmp_path, "latest").name]
