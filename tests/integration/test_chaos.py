@@ -1,7 +1,8 @@
 """Chaos: processes of a running tiny-model run are killed with SIGKILL (a generator, a reward shard, a learner
 rank) and the run finishes on its own: the generator and the shard are replaced and their chunks redone, the
 learner group is rebuilt from the newest checkpoint, every iteration appears once in the metrics and every prompt
-is accounted for."""
+is accounted for. All of it twice: in sync mode, and in async mode, where the next batch is being generated while
+the learners train, so every kill finds a batch in flight."""
 
 import json
 import os
@@ -60,10 +61,11 @@ class Killer(threading.Thread):
             time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def chaos_run(ray_session, tmp_path_factory, tiny_model_path):
-    out = tmp_path_factory.mktemp("chaos")
+@pytest.fixture(scope="module", params=["sync", "async"])
+def chaos_run(request, ray_session, tmp_path_factory, tiny_model_path):
+    out = tmp_path_factory.mktemp(f"chaos-{request.param}")
     cfg = tiny_config(
+        f"run.mode={request.param}",
         f"run.output_dir={out}",
         f"run.iterations={ITERATIONS}",
         "run.checkpoint_every=2",
@@ -82,17 +84,20 @@ def chaos_run(ray_session, tmp_path_factory, tiny_model_path):
                 train(run, job, checkpoints)
             finally:
                 killer.stop = True
-        yield run, out, killer.killed, checkpoints
+        yield run, out, killer.killed, checkpoints, request.param
 
 
 def test_every_kill_happened_and_each_iteration_appears_once(chaos_run):
-    run, out, killed, _ = chaos_run
+    run, out, killed, _, mode = chaos_run
     assert killed == [(0, "generator"), (1, "reward"), (4, "learner")]
-    assert [r["iteration"] for r in _rows(out / "metrics.jsonl")] == list(range(ITERATIONS))
+    rows = _rows(out / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == list(range(ITERATIONS))
+    # async: each kill found the next batch being generated while the learners trained
+    assert [r["pipeline/in_flight"] for r in rows[:5]] == [int(mode == "async")] * 5
 
 
 def test_lost_members_are_replaced_and_the_learner_group_rebuilt(chaos_run):
-    run, out, _, checkpoints = chaos_run
+    run, out, _, checkpoints, _ = chaos_run
     assert run.generators.replacements == 1 and run.rewards.pools["rules"].replacements == 1
     assert run.learners.rebuilds == 1
     last = _rows(out / "metrics.jsonl")[-1]
@@ -103,7 +108,7 @@ def test_lost_members_are_replaced_and_the_learner_group_rebuilt(chaos_run):
 
 
 def test_the_accounting_adds_up(chaos_run):
-    run, out, _, _ = chaos_run
+    run, out, _, _, _ = chaos_run
     t = run.ledger.totals()
     per_iteration = run.prompts.per_batch
     assert t["accounting/lost"] == 0 and t["accounting/in_flight"] == 0
@@ -116,7 +121,7 @@ def test_the_accounting_adds_up(chaos_run):
 
 
 def test_sigterm_finishes_the_iteration_then_checkpoints_and_stops(chaos_run):
-    run, out, _, checkpoints = chaos_run
+    run, out, _, checkpoints, _ = chaos_run
     job_rows = len(_rows(out / "metrics.jsonl"))
     restore = checkpoints.watch_signals()
     run.iterations = ITERATIONS + 2
