@@ -287,9 +287,9 @@ def run_command(name: str, args: list[str]) -> int:
     from troupe.cluster.config.compose import compose, config_record
     from troupe.cluster.config.sweep import sweep_jobs
     from troupe.cluster.durability.checkpoint import CheckpointError
-    from troupe.cluster.durability.run_checkpoints import Stopped
     from troupe.cluster.durability.run_folder import RunFolderError
     from troupe.cluster.durability.signing import CheckpointKeyError
+    from troupe.cluster.durability.stop_signal import Stopped
 
     logging.basicConfig(level=os.environ.get("TROUPE_LOG_LEVEL", "WARNING"))
     try:

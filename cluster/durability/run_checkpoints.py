@@ -9,13 +9,13 @@ weights, and rewind the metrics so no iteration appears twice.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from troupe.cluster.durability.checkpoint import checkpoint_name, verify, write_checkpoint
 from troupe.cluster.durability.faults import RankLost
+from troupe.cluster.durability.stop_signal import watch_stop_signals
 from troupe.cluster.sync.object_store import push_weights
 
 log = logging.getLogger("troupe.durable")
@@ -180,34 +180,8 @@ class RunCheckpoints:
         return state["iteration"] + 1
 
     def watch_signals(self):
-        """SIGTERM/SIGINT: finish the iteration, write a checkpoint, stop. A second signal stops at once.
-        Returns a function that puts the previous handlers back. Installed after ray.init, whose own SIGTERM
-        handler it replaces. A SIGTERM to the driver's whole process group works too: the embedded Ray's
-        processes are in a session of their own (runtime.own_session)."""
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-        def ask(signum, _frame) -> None:
-            if self.stop_signal is not None:
-                raise KeyboardInterrupt
-            self.stop_signal = signum
-            log.warning("signal %d: stopping after this iteration with a checkpoint", signum)
-
-        for sig in previous:
-            signal.signal(sig, ask)
-
-        def restore() -> None:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-        return restore
-
-
-class Stopped(Exception):
-    """The run stopped on a signal after writing a checkpoint."""
-
-    def __init__(self, signum: int, checkpoint: Path) -> None:
-        super().__init__(f"stopped by signal {signum}; resume with resume={checkpoint}")
-        self.signum, self.checkpoint = signum, checkpoint
+        """SIGTERM/SIGINT: finish the iteration, write a checkpoint, stop (durability/stop_signal.py)."""
+        return watch_stop_signals(self, "iteration")
 
 
 def rejoin_generators(run) -> None:

@@ -22,6 +22,7 @@ from troupe.cluster.config.schema import TroupeConfig
 from troupe.cluster.durability.checkpoint import checkpoints_root, complete, write_checkpoint
 from troupe.cluster.durability.fingerprint import resume_point
 from troupe.cluster.durability.run_folder import RunFolderError, claim
+from troupe.cluster.durability.stop_signal import Stopped, watch_stop_signals
 from troupe.cluster.durability.tensor_state import join, split
 
 TENSORS = "train.safetensors"
@@ -35,12 +36,17 @@ def train_folder(bundle: str | Path) -> Path:
 
 
 class GatingCheckpoints:
-    """What `train_gating` calls: `restore` before the first step, `due` and `save` after each step."""
+    """What `train_gating` calls: `restore` before the first step, `due` and `save` after each step. A stop signal
+    (SIGTERM/SIGINT, durability/stop_signal.py) makes the step it arrived in due; `save` then raises `Stopped`."""
 
     def __init__(self, out_dir: Path, every: int, keep: int, identity: dict, resume=None) -> None:
         self.out_dir, self.every, self.keep, self.identity = Path(out_dir), every, keep, identity
         self.resume = resume  # (verified folder, its state) or None
         self.last: Path | None = None
+        self.stop_signal: int | None = None
+
+    def watch_signals(self):
+        return watch_stop_signals(self)
 
     def restore(self, gate, opt, sched, sampler: torch.Generator) -> tuple[int, list[float]]:
         """(first step to take, losses so far): the checkpoint's, or (0, []) for a fresh run."""
@@ -59,7 +65,7 @@ class GatingCheckpoints:
         return state["iteration"] + 1, list(state["losses"])
 
     def due(self, step: int) -> bool:
-        return self.every > 0 and (step + 1) % self.every == 0
+        return self.stop_signal is not None or (self.every > 0 and (step + 1) % self.every == 0)
 
     def save(self, step: int, gate, opt, sched, sampler: torch.Generator, losses: list[float]) -> Path:
         rng = {"torch": torch.get_rng_state(), "sampler": sampler.get_state()}
@@ -77,6 +83,8 @@ class GatingCheckpoints:
             self.out_dir, step, lambda tmp: save_file(tensors, str(tmp / TENSORS)), state, self.keep
         )
         log.info("checkpoint %s (%.1f MB in %.1fs)", self.last, written["bytes"] / 1e6, written["write_s"])
+        if self.stop_signal is not None:
+            raise Stopped(self.stop_signal, self.last)
         return self.last
 
 
@@ -97,4 +105,8 @@ def gating_checkpoints(cfg: TroupeConfig, job) -> GatingCheckpoints | None:
             )
         shutil.rmtree(checkpoints_root(out_dir))
     resume, identity = resume_point(cfg, out_dir)
-    return GatingCheckpoints(out_dir, cfg.run.checkpoint_every, cfg.run.keep_checkpoints, identity, resume)
+    checkpoints = GatingCheckpoints(
+        out_dir, cfg.run.checkpoint_every, cfg.run.keep_checkpoints, identity, resume
+    )
+    job.on_exit(checkpoints.watch_signals(), "__call__")  # the stage runs in this process, without Ray
+    return checkpoints

@@ -47,6 +47,7 @@ def run_offline_dpo(cfg: TroupeConfig) -> dict:
         resume, identity = resume_point(cfg, job.out_dir)
         checkpoints = PairCheckpoints(cfg, job.out_dir, identity)
         job.connect_ray()
+        job.on_exit(checkpoints.watch_signals(), "__call__")  # after ray.init, whose handler it replaces
         spec = policy_setup(cfg, model_path, total_steps=calls * lc.epochs * lc.mini_batches)
         group = job.on_exit(LearnerGroup(spec, learner_env(lc), cfg.ray.actor_timeout_s), "shutdown")
         group.wait_ready()

@@ -207,6 +207,7 @@ def train_bt_or_haf(cfg: TroupeConfig, prefs=None, job: Job | None = None) -> tu
     resume, identity = resume_point(cfg, job.out_dir)
     checkpoints = PairCheckpoints(cfg, job.out_dir, identity)
     job.connect_ray()
+    job.on_exit(checkpoints.watch_signals(), "__call__")  # after ray.init, whose handler it replaces
     group = job.on_exit(
         LearnerGroup(spec, learner_env(lc), cfg.ray.actor_timeout_s, role=RewardTrainer), "shutdown"
     )

@@ -26,7 +26,8 @@ from troupe.cluster.data.prompts import ArithmeticCursor, DatasetCursor, PromptS
 from troupe.cluster.durability.accounting import Ledger
 from troupe.cluster.durability.faults import RankLost, RetriesExhausted, RetryBudget
 from troupe.cluster.durability.nonfinite import NonFiniteStop, learn_counts, stop_reason
-from troupe.cluster.durability.run_checkpoints import RunCheckpoints, Stopped, driver_state
+from troupe.cluster.durability.run_checkpoints import RunCheckpoints, driver_state
+from troupe.cluster.durability.stop_signal import Stopped
 from troupe.cluster.fleet.elastic import FleetControl
 from troupe.cluster.fleet.learners import LearnerGroup
 from troupe.cluster.fleet.pool import Member, Pool

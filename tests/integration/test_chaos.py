@@ -14,7 +14,8 @@ import pytest
 
 from tests.integration.conftest import running_fleet, tiny_config
 from troupe.cluster.durability.checkpoint import complete, verify
-from troupe.cluster.durability.run_checkpoints import RunCheckpoints, Stopped, driver_state
+from troupe.cluster.durability.run_checkpoints import RunCheckpoints, driver_state
+from troupe.cluster.durability.stop_signal import Stopped
 from troupe.cluster.observe.metrics import rl_columns
 from troupe.cluster.run.job import Job
 from troupe.cluster.run.loop import train

@@ -63,12 +63,20 @@ def test_offline_dpo_checkpoint_loads(offline_run):
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
-def test_offline_dpo_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, ray_session, monkeypatch):
+def test_offline_dpo_killed_or_stopped_and_resumed_ends_like_an_uninterrupted_run(
+    tmp_path, ray_session, monkeypatch
+):
     """run.checkpoint_every=2 over 4 learner calls, killed after step 2's row: resume=latest redoes step 2 and
-    ends with the weights of the uninterrupted run; metrics.jsonl holds each step once."""
+    ends with the weights of the uninterrupted run; metrics.jsonl holds each step once. Without periodic
+    checkpoints, a SIGTERM during step 1 finishes the step, writes its checkpoint and stops; resumed, the same."""
+    import os
+    import signal
+
     import torch
     from safetensors.torch import load_file
 
+    from troupe.cluster.durability.stop_signal import Stopped
+    from troupe.cluster.fleet.learners import LearnerGroup
     from troupe.cluster.run.driver import run
 
     rows = [
@@ -89,8 +97,30 @@ def test_offline_dpo_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path,
     assert result["redone_steps"] == 1
     metrics = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in metrics] == [0, 1, 2, 3]
+
+    stopped = [*base, f"run.output_dir={tmp_path / 'stopped'}"]  # run.checkpoint_every=0
+    train_dpo, calls = LearnerGroup.train_dpo, []
+
+    def train_dpo_signalled(self, pairs):
+        calls.append(1)
+        if len(calls) == 2:  # step 1: the signal arrives while the learners train
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_dpo(self, pairs)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as patched, pytest.raises(Stopped) as stop:
+        patched.setattr(LearnerGroup, "train_dpo", train_dpo_signalled)
+        run(tiny_config(*stopped))
+    assert stop.value.signum == signal.SIGTERM and stop.value.checkpoint.name == "iter-000001"
+    assert signal.getsignal(signal.SIGTERM) is handler  # the job put the previous handler back
+    result = run(tiny_config(*stopped, "resume=latest"))
+    assert result["redone_steps"] == 0
+    metrics = [json.loads(x) for x in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in metrics] == [0, 1, 2, 3]
+
     whole = load_file(str(tmp_path / "whole" / "checkpoint-final" / "model.safetensors"))
-    resumed = load_file(str(tmp_path / "split" / "checkpoint-final" / "model.safetensors"))
-    assert whole.keys() == resumed.keys()
-    for k in whole:
-        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-6, msg=k)
+    for name in ("split", "stopped"):
+        resumed = load_file(str(tmp_path / name / "checkpoint-final" / "model.safetensors"))
+        assert whole.keys() == resumed.keys()
+        for k in whole:
+            torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-6, msg=f"{name}: {k}")

@@ -83,3 +83,30 @@ def test_gating_killed_and_resumed_writes_the_uninterrupted_bundle(stage1, monke
 def test_resume_is_refused_for_stages_without_checkpoints(stage1, capsys):
     rc = troupe(["rm", "train", "rm.stage=probe", "dataset.path=pairs.jsonl", "resume=latest"])
     assert rc == 2 and "rm.stage=probe has no run checkpoints" in capsys.readouterr().err
+
+
+def test_gating_stopped_by_sigterm_checkpoints_the_step_and_resumes_to_the_same_bundle(stage1, monkeypatch):
+    import os
+    import signal
+
+    assert troupe(GATING + ["rm.output=outputs/whole"]) == 0
+    _, expected = load_bundle(stage1 / "outputs/whole")
+    stopped = GATING + ["rm.output=outputs/stopped", "run.checkpoint_every=100"]  # none due within 30 steps
+    real_due = GatingCheckpoints.due
+
+    def signalled_due(self, step):
+        if step == 14:  # the signal arrives during step 14
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_due(self, step)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as patched:
+        patched.setattr(GatingCheckpoints, "due", signalled_due)
+        assert troupe(stopped) == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is handler
+    checkpoints = train_folder(stage1 / "outputs/stopped") / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter-000014"]
+    assert troupe(stopped + ["resume=latest"]) == 0
+    _, tensors = load_bundle(stage1 / "outputs/stopped")
+    for k in expected:
+        assert torch.equal(tensors[k], expected[k]), k
