@@ -4,7 +4,8 @@ uvicorn lacks. Every stage of a request is bounded:
 
 - connection: at most serve.max_connections open (a request on one more gets a 503 with Retry-After and the
   connection is closed); the request line and headers must arrive within serve.header_timeout_s (408) and fit in
-  serve.max_header_kb (431); an idle keep-alive connection is closed after serve.keep_alive_s;
+  serve.max_header_kb (431); an idle keep-alive connection is closed after serve.keep_alive_s, and one whose
+  client stops reading its responses (the write buffers stay full) after serve.write_timeout_s;
 - body: within serve.body_timeout_s (408) and serve.max_body_mb (413, counted as it streams, chunked too); JSON
   nested deeper than serve.max_json_depth gets a 400, measured on the bytes before parsing, without recursion;
 - work: parsing and results run on serve.workers threads; at most serve.max_queued items wait for the fleet (503
@@ -227,12 +228,14 @@ def parse_json(data: bytes, max_depth: int) -> Any:
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol plus what it lacks: a deadline for the request line and headers (408), the header
     cap (h11's max incomplete event size) answered 431 instead of 400, a JSON 503 on connections past
-    serve.max_connections, and an end to connections that keep sending a body already answered."""
+    serve.max_connections, an end to connections that keep sending a body already answered, and a deadline for
+    a client to read what it was sent (uvicorn's send waits for the buffers to drain for ever)."""
 
     def __init__(self, *args, serve: ServeConfig, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.serve = serve
         self.header_deadline: asyncio.TimerHandle | None = None
+        self.write_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -250,7 +253,30 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._headers_arrived()
+        self._drained()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.write_deadline is None:
+            self.write_deadline = self.loop.call_later(self.serve.write_timeout_s, self._write_late)
+
+    def resume_writing(self) -> None:
+        self._drained()
+        super().resume_writing()
+
+    def _drained(self) -> None:
+        if self.write_deadline is not None:
+            self.write_deadline.cancel()
+            self.write_deadline = None
+
+    def _write_late(self) -> None:
+        self.write_deadline = None
+        log.warning(
+            "a client read nothing of its response for serve.write_timeout_s=%s: connection closed",
+            self.serve.write_timeout_s,
+        )
+        self.transport.abort()  # nothing more can reach it; its pending writes are dropped
 
     def on_response_complete(self) -> None:
         if self.conn.their_state is h11.SEND_BODY:  # answered before its body arrived (413, 408, 401...)

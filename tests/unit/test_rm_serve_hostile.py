@@ -190,6 +190,36 @@ def test_an_idle_keep_alive_connection_is_closed(serve):
     assert _closed(sock, within_s=3)
 
 
+def test_a_client_that_stops_reading_its_responses_loses_its_connection(serve, caplog):
+    """Pipelined requests from a client that reads nothing: once the socket's buffers are full, the response
+    waits serve.write_timeout_s for the client, then the connection is dropped; other clients are served."""
+    srv, _ = serve(write_timeout_s=0.5, body_timeout_s=60, keep_alive_s=60)
+    sock = socket.socket()
+    sock.setsockopt(
+        socket.SOL_SOCKET, socket.SO_RCVBUF, 4096
+    )  # a small window: the server's buffers fill fast
+    sock.connect((srv.host, srv.port))
+    body = json.dumps({"items": [ITEM] * 256}).encode()
+    head = b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    request = head % len(body) + body
+
+    def flood() -> None:
+        sock.settimeout(30)
+        try:
+            for _ in range(2000):
+                sock.sendall(request)
+        except OSError:  # the server dropped the connection, or stopped reading: either ends the flood
+            pass
+
+    with caplog.at_level(logging.WARNING, logger="troupe.rm_serve"):
+        threading.Thread(target=flood, daemon=True).start()
+        _until(lambda: "read nothing of its response" in caplog.text, within_s=30)
+    _until(lambda: not srv.server.server_state.connections)
+    status, _, _ = _call(srv, "GET", "/health")
+    assert status == 200
+    sock.close()
+
+
 def test_bodies_over_the_limit_get_413_declared_or_streamed(serve):
     srv, _ = serve()
     sock = _connect(srv)
