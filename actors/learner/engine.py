@@ -98,7 +98,8 @@ def ds_config(spec: LearnerConfig, dtype: str, on_gpu: bool) -> dict:
         "gradient_clipping": spec.grad_clip,
         "zero_optimization": zero,
         "managed_gradient_accumulation": False,
-        # bf16 skips a step whose gradients are inf/NaN (older DeepSpeed releases applied it by default; rank._step counts it)
+        # ZeRO-1/2 in bf16 skip a step whose gradients are inf/NaN (rank._step counts it); its default was False
+        # before DeepSpeed PR #8035
         "bf16": {"enabled": dtype == "bfloat16", "check_grad_overflow": True},
         # Without offload, plain torch AdamW: no JIT-built op is needed on CPU.
         "zero_force_ds_cpu_optimizer": spec.offload_optimizer,

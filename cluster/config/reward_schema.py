@@ -35,7 +35,7 @@ class ServeConfig:
     header_timeout_s: float = bounded(10.0, gt=0)
     body_timeout_s: float = bounded(30.0, gt=0)
     keep_alive_s: float = bounded(5.0, gt=0)
-    # a response the client does not read (the socket's buffers stay full) for write_timeout_s ends its connection
+    # a client that reads nothing of its responses for write_timeout_s (the socket's buffers stay full) is dropped
     write_timeout_s: float = bounded(30.0, gt=0)
     max_header_kb: int = bounded(16, ge=1)  # request line + headers; more gets a 431
     max_json_depth: int = bounded(32, ge=1)  # arrays/objects nested deeper get a 400

@@ -35,9 +35,9 @@ def is_own_tmp(path: Path) -> bool:
 
 def is_abandoned_tmp(path: Path) -> bool:
     """A tmp folder whose writer ran on this host and runs no longer (it was killed in the middle of a write)."""
-    found = re.search(rf"\.{re.escape(socket.gethostname())}-(\d+)\.tmp$", path.name)
+    found = re.fullmatch(rf"[^.]+\.{re.escape(socket.gethostname())}-(\d{{1,9}})\.tmp", path.name)
     if found is None:
-        return False  # another host's: whether its writer lives cannot be told from here
+        return False  # another host's (or not a tmp name): whether its writer lives cannot be told from here
     try:
         os.kill(int(found.group(1)), 0)
     except ProcessLookupError:

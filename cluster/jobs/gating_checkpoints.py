@@ -88,11 +88,9 @@ class GatingCheckpoints:
         return self.last
 
 
-def gating_checkpoints(cfg: TroupeConfig, job) -> GatingCheckpoints | None:
-    """The stage's checkpoints (None when run.checkpoint_every=0 and nothing is resumed), its folder held by this
+def gating_checkpoints(cfg: TroupeConfig, job) -> GatingCheckpoints:
+    """The stage's checkpoints (every run.checkpoint_every steps, and on a stop signal), its folder held by this
     process for the job. A fresh run refuses a folder with an earlier run's checkpoints unless run.overwrite."""
-    if not cfg.run.checkpoint_every and not cfg.resume:
-        return None
     out_dir = train_folder(cfg.rm.output)
     job.on_exit(claim(out_dir), "release")
     earlier = complete(checkpoints_root(out_dir))

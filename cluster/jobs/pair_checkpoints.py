@@ -41,13 +41,15 @@ class PairCheckpoints:
 
     def save(self, group, passes: PairPasses, step: int, extra: dict | None = None) -> Path:
         """The state after `step` (`passes` already points at the next one); `extra` goes into state.json. Raises
-        `Stopped` once it is written when a stop signal arrived."""
+        `Stopped` once it is written when a stop signal arrived and steps remain."""
         state = {**(extra or {}), "iteration": step, "data": passes.state_dict(), **self.identity}
         self.last, written = write_checkpoint(
             self.out_dir, step, lambda tmp: group.save_state(str(tmp / LEARNER_DS)), state, self.keep
         )
         log.info("checkpoint %s (%.1f MB in %.1fs)", self.last, written["bytes"] / 1e6, written["write_s"])
-        if self.stop_signal is not None:
+        if (
+            self.stop_signal is not None and passes.step < passes.total
+        ):  # after the last step the job just ends
             raise Stopped(self.stop_signal, self.last)
         return self.last
 

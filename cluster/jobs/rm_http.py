@@ -259,7 +259,7 @@ class GuardedH11Protocol(H11Protocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self.write_deadline is None:
-            self.write_deadline = self.loop.call_later(self.serve.write_timeout_s, self._write_late)
+            self._await_reader(self.transport.get_write_buffer_size())
 
     def resume_writing(self) -> None:
         self._drained()
@@ -270,10 +270,21 @@ class GuardedH11Protocol(H11Protocol):
             self.write_deadline.cancel()
             self.write_deadline = None
 
-    def _write_late(self) -> None:
+    def _await_reader(self, buffered: int) -> None:
+        self.write_deadline = self.loop.call_later(self.serve.write_timeout_s, self._write_late, buffered)
+
+    def _write_late(self, buffered: int) -> None:
+        """No drain within serve.write_timeout_s: a client that read some of it gets another period, one that
+        read nothing loses the connection."""
         self.write_deadline = None
+        if self.transport.is_closing():
+            return
+        now = self.transport.get_write_buffer_size()
+        if now < buffered:
+            self._await_reader(now)
+            return
         log.warning(
-            "a client read nothing of its response for serve.write_timeout_s=%s: connection closed",
+            "a client read nothing of its responses for serve.write_timeout_s=%s: connection closed",
             self.serve.write_timeout_s,
         )
         self.transport.abort()  # nothing more can reach it; its pending writes are dropped

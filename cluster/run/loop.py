@@ -124,7 +124,7 @@ def train(run: RunState, job, checkpoints: RunCheckpoints, start: int = 0) -> No
     while iteration < run.iterations:
         before = driver_state(run, iteration - 1)
         run.budget.tick()  # losses older than faults.retry_window_iterations stop counting
-        run.learning, recorded = False, False
+        run.learning, recorded, saved = False, False, False
         try:
             record = run_iteration(run, iteration)
             record.update(run.budget.metrics())
@@ -134,6 +134,7 @@ def train(run: RunState, job, checkpoints: RunCheckpoints, start: int = 0) -> No
             nonfinite = stop_reason(record, run.faults.on_nonfinite)
             if checkpoints.due(iteration) or nonfinite:
                 checkpoints.save(run, iteration)
+                saved = True
             if nonfinite:  # inf/NaN values were left out, so this iteration's state is whole: stop after it
                 raise NonFiniteStop(
                     f"iteration {iteration}: {nonfinite} (faults.on_nonfinite=stop); they were left out, and the "
@@ -151,7 +152,10 @@ def train(run: RunState, job, checkpoints: RunCheckpoints, start: int = 0) -> No
         except Exception as error:
             checkpoints.save_after_error(run, error, before, recorded)
             raise
-        if checkpoints.stop_signal is not None:
+        # a stop signal: stop after this iteration with its checkpoint, unless it was the last (the run is done)
+        if checkpoints.stop_signal is not None and iteration + 1 < run.iterations:
+            if not saved:  # the signal came after the checkpoint decision
+                checkpoints.save(run, iteration)
             raise Stopped(checkpoints.stop_signal, checkpoints.last)
         iteration += 1
 

@@ -2,7 +2,8 @@
 test_chaos_driver.py). The faults are the real thing, only their timing is chosen here:
 
   kill-in-checkpoint-write N   SIGKILL to this process while checkpoint N is written: the learners' parts and
-                               state.json are on disk, the manifest is not
+                               state.json are on disk, the manifest is not (once MARKER.go exists: the test
+                               keeps this process alive until it has tried a second one on the folder)
   sigterm-group-in-learn N     SIGTERM to this process's whole group while the learners train, in the Nth learn
                                phase of this process (as Slurm or `kill -TERM -<pgid>` stop a job)
   none                         no fault
@@ -29,6 +30,8 @@ def kill_in_checkpoint_write(at: int, marker: Path) -> None:
     def sign_or_die(manifest: dict, key: bytes) -> dict:
         if manifest["iteration"] == at:
             marker.write_text(json.dumps({"killed_in_write_of": at, "files": sorted(manifest["files"])}))
+            while not marker.with_suffix(".go").exists():
+                time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
         return sign(manifest, key)
 
@@ -46,8 +49,8 @@ def sigterm_group_in_learn(at: int, marker: Path) -> None:
         while not learning.is_set():
             time.sleep(0.005)
         time.sleep(0.05)  # the learners have their batch and are working on it
-        marker.write_text(json.dumps({"signalled_while_learning": learning.is_set(), "learn_call": at}))
         os.killpg(os.getpgid(0), signal.SIGTERM)
+        marker.write_text(json.dumps({"signalled_while_learning": learning.is_set(), "learn_call": at}))
 
     def train_and_signal(self, *args, **kwargs):
         calls[0] += 1

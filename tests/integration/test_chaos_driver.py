@@ -3,9 +3,10 @@ its own embedded Ray; chaos_child.py injects the faults):
 
   A  a fresh run, SIGKILLed in the middle of writing checkpoint 2;
   B  while A runs, the same command on the same folder: refused, naming A;
-  C  resume=latest: takes checkpoint 1 (not A's partial write), and is stopped by a SIGTERM to its whole process
-     group in the middle of its second learn phase: it finishes the iteration, writes checkpoint 3 and exits 143;
-  D  resume=latest: runs iterations 4 and 5 to the end.
+  C  resume=latest, with periodic checkpoints now every 10 iterations (an intended change, allowed): takes
+     checkpoint 1 (not A's partial write), and is stopped by a SIGTERM to its whole process group in the middle of
+     its first learn phase: it finishes iteration 2, writes checkpoint 2 (not due) and exits 143;
+  D  resume=latest: runs iterations 3 to 5 to the end.
 
 Every iteration appears once in the metrics and the accounting loses no prompt.
 """
@@ -81,14 +82,20 @@ def launches(tmp_path_factory):
     facts["holder"] = lock_holder(out)
     b = launch("none", 0, folder / "b.json", command, folder / "b.log")
     facts["b"] = finish(b, folder / "b.log", timeout=300)
+    (folder / "a.go").touch()  # A may die now (it waits in its checkpoint write)
     facts["a"] = finish(a, folder / "a.log")
     facts["a_marker"] = json.loads((folder / "a.json").read_text())
     facts["after_kill"] = checkpoint_names(out)
     facts["rows_after_kill"] = [
         json.loads(x)["iteration"] for x in (out / "metrics.jsonl").read_text().splitlines()
     ]
-    resume = [*command, "resume=latest"]
-    c = launch("sigterm-group-in-learn", 2, folder / "c.json", resume, folder / "c.log")
+    resume = [
+        *command,
+        "run.checkpoint_every=10",
+        "resume=latest",
+        "resume_allow_changes=[run.checkpoint_every]",
+    ]
+    c = launch("sigterm-group-in-learn", 1, folder / "c.json", resume, folder / "c.log")
     facts["c"] = finish(c, folder / "c.log")
     facts["c_marker"] = json.loads((folder / "c.json").read_text())
     facts["after_sigterm"] = checkpoint_names(out)
@@ -123,8 +130,8 @@ def test_a_group_sigterm_while_learning_ends_with_a_complete_checkpoint(launches
     assert c["rc"] == 128 + signal.SIGTERM, c["output"][-3000:]
     assert facts["c_marker"]["signalled_while_learning"]
     assert "stopped by signal 15; resume with resume=" in c["output"]
-    # resumed from 1 (not the partial 2), learnt 2 and 3; the dead writer's partial folder was cleaned up
-    assert facts["after_sigterm"] == ["iter-000001", "iter-000002", "iter-000003"]
+    # resumed from 1 (not the partial 2), learnt 2 and saved it; the dead writer's partial folder was cleaned up
+    assert facts["after_sigterm"] == ["iter-000000", "iter-000001", "iter-000002"]
 
 
 def test_the_run_finishes_with_every_iteration_once_and_nothing_lost(launches):
@@ -135,15 +142,11 @@ def test_the_run_finishes_with_every_iteration_once_and_nothing_lost(launches):
     last = rows[-1]
     assert last["weight_version"] == ITERATIONS
     assert last["accounting/lost"] == 0 and last["accounting/in_flight"] == 0
-    assert (
-        last["accounting/trained"] == ITERATIONS * 4
-    )  # data.prompts_per_iteration=4, each batch trained once
-    assert [p.name for p in complete(out / "checkpoints")] == ["iter-000003", "iter-000004", "iter-000005"]
-    assert verify(out / "checkpoints" / "iter-000005")["iteration"] == ITERATIONS - 1
+    # data.prompts_per_iteration=4, each batch trained once
+    assert last["accounting/trained"] == ITERATIONS * 4
+    assert [p.name for p in complete(out / "checkpoints")] == ["iter-000000", "iter-000001", "iter-000002"]
+    assert verify(out / "checkpoints" / "iter-000002")["iteration"] == 2
     final = json.loads((out / "checkpoint-final" / "troupe_state.json").read_text())
-    assert (
-        final["run_id"] == json.loads((out / "run.json").read_text())["run_id"]
-    )  # one run through 3 launches
-    assert (
-        final["weight_version"] == ITERATIONS and (out / "checkpoint-final" / "model.safetensors").is_file()
-    )
+    assert final["run_id"] == json.loads((out / "run.json").read_text())["run_id"]  # one run, 3 launches
+    assert final["weight_version"] == ITERATIONS
+    assert (out / "checkpoint-final" / "model.safetensors").is_file()

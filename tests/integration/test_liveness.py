@@ -82,13 +82,14 @@ def _train(run, model_path, out, iterations):
 
 def test_inf_rewards_are_left_out_and_accounted_and_the_run_goes_on(live, tmp_path):
     run, switch, model_path = live
-    run.faults.on_nonfinite = "skip"
+    policy, run.faults.on_nonfinite = run.faults.on_nonfinite, "skip"
     version = run.version
     switch.touch()
     try:
         rows = _train(run, model_path, tmp_path / "skip", 2)
     finally:
         switch.unlink()
+        run.faults.on_nonfinite = policy
     per_batch = run.prompts.per_batch
     for row in rows:
         assert row["reward/nonfinite"] >= 1
@@ -100,14 +101,14 @@ def test_inf_rewards_are_left_out_and_accounted_and_the_run_goes_on(live, tmp_pa
 
 def test_inf_rewards_with_on_nonfinite_stop_checkpoint_the_iteration_then_stop(live, tmp_path):
     run, switch, model_path = live
-    run.faults.on_nonfinite = "stop"
+    policy, run.faults.on_nonfinite = run.faults.on_nonfinite, "stop"
     switch.touch()
     try:
         with pytest.raises(NonFiniteStop, match="samples with an inf/NaN reward") as stopped:
             _train(run, model_path, tmp_path / "stop", 3)
     finally:
         switch.unlink()
-        run.faults.on_nonfinite = "skip"
+        run.faults.on_nonfinite = policy
     rows = [json.loads(x) for x in (tmp_path / "stop" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["accounting/lost"] == 0  # it stopped after the first iteration
     state = verify(tmp_path / "stop" / "checkpoints" / "iter-000000")

@@ -107,12 +107,18 @@ def test_offline_dpo_killed_or_stopped_and_resumed_ends_like_an_uninterrupted_ru
             os.kill(os.getpid(), signal.SIGTERM)
         return train_dpo(self, pairs)
 
-    handler = signal.getsignal(signal.SIGTERM)
-    with monkeypatch.context() as patched, pytest.raises(Stopped) as stop:
-        patched.setattr(LearnerGroup, "train_dpo", train_dpo_signalled)
-        run(tiny_config(*stopped))
+    def not_taken(signum, frame):
+        raise AssertionError("the SIGTERM reached the test's handler: the job did not take it")
+
+    previous = signal.signal(signal.SIGTERM, not_taken)
+    try:
+        with monkeypatch.context() as patched, pytest.raises(Stopped) as stop:
+            patched.setattr(LearnerGroup, "train_dpo", train_dpo_signalled)
+            run(tiny_config(*stopped))
+        assert signal.getsignal(signal.SIGTERM) is not_taken  # the job put the handler back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert stop.value.signum == signal.SIGTERM and stop.value.checkpoint.name == "iter-000001"
-    assert signal.getsignal(signal.SIGTERM) is handler  # the job put the previous handler back
     result = run(tiny_config(*stopped, "resume=latest"))
     assert result["redone_steps"] == 0
     metrics = [json.loads(x) for x in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]

@@ -269,6 +269,7 @@ def test_prune_deletes_own_and_dead_writers_interrupted_writes_only(tmp_path):
         folder = _checkpoint(tmp_path, 4)
     finally:
         alive.kill()
+        alive.wait()
     assert other.is_dir() and running.is_dir()
     assert not mine.exists() and not killed.exists()
     assert [p.name for p in complete(root)] == [folder.name] == [find_checkpoint(tmp_path, "latest").name]

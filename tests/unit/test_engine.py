@@ -16,9 +16,8 @@ def test_ds_config_exposes_zero_offload_and_precision():
     assert zero["stage"] == 3
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
     assert cfg["bf16"]["enabled"] and cfg["zero_force_ds_cpu_optimizer"]
-    assert cfg["bf16"][
-        "check_grad_overflow"
-    ]  # an inf/NaN gradient skips the step whatever DeepSpeed's default
+    # an inf/NaN gradient skips the step whatever DeepSpeed's default
+    assert cfg["bf16"]["check_grad_overflow"]
     plain = ds_config(spec(zero_stage=1, grad_clip=0.5), "float32", on_gpu=False)
     assert "offload_optimizer" not in plain["zero_optimization"] and not plain["bf16"]["enabled"]
     assert plain["gradient_clipping"] == 0.5

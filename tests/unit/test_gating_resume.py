@@ -91,7 +91,7 @@ def test_gating_stopped_by_sigterm_checkpoints_the_step_and_resumes_to_the_same_
 
     assert troupe(GATING + ["rm.output=outputs/whole"]) == 0
     _, expected = load_bundle(stage1 / "outputs/whole")
-    stopped = GATING + ["rm.output=outputs/stopped", "run.checkpoint_every=100"]  # none due within 30 steps
+    stopped = GATING + ["rm.output=outputs/stopped"]  # run.checkpoint_every=0: only the signal's checkpoint
     real_due = GatingCheckpoints.due
 
     def signalled_due(self, step):
@@ -99,11 +99,17 @@ def test_gating_stopped_by_sigterm_checkpoints_the_step_and_resumes_to_the_same_
             os.kill(os.getpid(), signal.SIGTERM)
         return real_due(self, step)
 
-    handler = signal.getsignal(signal.SIGTERM)
-    with monkeypatch.context() as patched:
-        patched.setattr(GatingCheckpoints, "due", signalled_due)
-        assert troupe(stopped) == 128 + signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) is handler
+    def not_taken(signum, frame):
+        raise AssertionError("the SIGTERM reached the test's handler: the job did not take it")
+
+    previous = signal.signal(signal.SIGTERM, not_taken)
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(GatingCheckpoints, "due", signalled_due)
+            assert troupe(stopped) == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is not_taken  # the job put the handler back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     checkpoints = train_folder(stage1 / "outputs/stopped") / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["iter-000014"]
     assert troupe(stopped + ["resume=latest"]) == 0

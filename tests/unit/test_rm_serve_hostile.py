@@ -195,9 +195,8 @@ def test_a_client_that_stops_reading_its_responses_loses_its_connection(serve, c
     waits serve.write_timeout_s for the client, then the connection is dropped; other clients are served."""
     srv, _ = serve(write_timeout_s=0.5, body_timeout_s=60, keep_alive_s=60)
     sock = socket.socket()
-    sock.setsockopt(
-        socket.SOL_SOCKET, socket.SO_RCVBUF, 4096
-    )  # a small window: the server's buffers fill fast
+    # a small window: the server's buffers fill fast
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect((srv.host, srv.port))
     body = json.dumps({"items": [ITEM] * 256}).encode()
     head = b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
@@ -213,7 +212,7 @@ def test_a_client_that_stops_reading_its_responses_loses_its_connection(serve, c
 
     with caplog.at_level(logging.WARNING, logger="troupe.rm_serve"):
         threading.Thread(target=flood, daemon=True).start()
-        _until(lambda: "read nothing of its response" in caplog.text, within_s=30)
+        _until(lambda: "read nothing of its responses" in caplog.text, within_s=30)
     _until(lambda: not srv.server.server_state.connections)
     status, _, _ = _call(srv, "GET", "/health")
     assert status == 200
