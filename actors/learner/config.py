@@ -116,6 +116,12 @@ class AlgoConfig:
     gamma: float = bounded(1.0, ge=0, le=1)
     lam: float = bounded(0.95, ge=0, le=1)
     clip_eps: float = bounded(0.2, gt=0)
+    # DAPO's clip-higher: the ratio's upper clip 1 + clip_eps_high (None: clip_eps); DAPO uses 0.28 with 0.2
+    clip_eps_high: float | None = bounded(None, gt=0)
+    # dual clip (Ye et al. 2020): a negative advantage's loss is capped at -dual_clip * A (None: off; verl uses 3)
+    dual_clip: float | None = bounded(None, gt=1)
+    # |log pi - log pi_other| bound before exp, in the ratio, every KL estimator and the off-policy weights
+    log_ratio_clamp: float = bounded(20.0, gt=0, le=80)
     kl_coef: float = bounded(0.0, ge=0)  # 0: no reference model is loaded
     kl_estimator: str = one_of("k1", "k2", "k3", default="k3")  # Schulman's estimators
     # loss (a loss term) | reward (-kl_coef * KL_t in each token's reward)
@@ -126,12 +132,17 @@ class AlgoConfig:
     # seq_mean_token_mean: each sequence's token mean, averaged over the step's sequences;
     # seq_mean_token_sum_norm: token sums / (sequences x generator.max_new_tokens), a constant (Dr. GRPO).
     loss_agg: str = one_of(*LOSS_AGGREGATIONS, default="seq_mean_token_mean")
-    # Off-policy correction (truncated importance sampling, TIS): each token's policy loss is weighted by
-    # min(pi_old / pi_behaviour, tis_cap), pi_old being the learner's log-probs before this update and
-    # pi_behaviour the generator's. It corrects rollouts from older weights (run.mode=async) and the
-    # engine/learner mismatch. 0: no correction. tis_scope: stale (rows from older weights) | all (every row).
-    tis_cap: float = bounded(2.0, ge=0)
-    tis_scope: str = one_of("stale", "all")
+    # Off-policy correction (actors/learner/off_policy.py): each token's policy loss is weighted by a function of
+    # rho = pi_old / pi_behaviour, pi_old being the learner's log-probs before this update and pi_behaviour the
+    # generator's. It corrects rollouts from older weights (run.mode=async) and the engine/learner mismatch.
+    # token_tis: min(rho_t, tis_cap) | seq_tis: min(prod rho_t, tis_cap) per row | geo_mask: a row whose geometric
+    # mean rho is outside [correction_low, correction_high] is left out | icepop: rho_t, or 0 outside the bounds.
+    correction: str = one_of("token_tis", "seq_tis", "geo_mask", "icepop")
+    tis_cap: float = bounded(2.0, ge=0)  # token_tis / seq_tis; 0: no correction
+    # geo_mask / icepop bounds on rho (None: 0.99 / 1.01 for geo_mask, 0.5 / 5.0 for icepop)
+    correction_low: float | None = bounded(None, gt=0)
+    correction_high: float | None = bounded(None, gt=0)
+    tis_scope: str = one_of("stale", "all")  # the rows corrected: stale (from older weights) | all
     dpo_beta: float = bounded(0.1, gt=0)
     dpo_loss: str = one_of("sigmoid", "ipo")
     # conservative DPO (RLHFlow run_loop2 uses 0.1); 0.5 would make chosen and rejected interchangeable
@@ -141,6 +152,10 @@ class AlgoConfig:
     length_penalty: float = bounded(0.0, ge=0)
     # previous: the policy at the start of each call (RLHFlow's code); initial: the frozen start model
     dpo_reference: str = one_of("previous", "initial")
+
+    def corrects(self) -> bool:
+        """Whether any off-policy correction applies (the masking modes have no cap)."""
+        return self.tis_cap > 0 or self.correction in ("geo_mask", "icepop")
 
     def needs_reference(self) -> bool:
         if self.update == "dpo":

@@ -25,9 +25,17 @@ def group_advantages(
     return centred.view(-1)
 
 
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1/k2/k3)."""
-    log_ratio = logp - ref_logp
+LOG_RATIO_CLAMP = (
+    20.0  # |log-ratio| bound before exp: e^20 ~ 5e8 is finite in fp32 and bf16 (verl, SkyRL: 20)
+)
+
+
+def kl_penalty(
+    logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3", clamp: float = LOG_RATIO_CLAMP
+) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1/k2/k3). The log-ratio is clamped
+    to +-`clamp` first, so every estimator and its gradient stay finite for any input (k3 has exp(-x))."""
+    log_ratio = (logp - ref_logp).clamp(-clamp, clamp)
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":
@@ -37,28 +45,31 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
     raise ValueError(f"kl estimator must be k1, k2 or k3, got {estimator!r}")
 
 
-def truncated_importance_weights(
-    old_logp: torch.Tensor, behaviour_logp: torch.Tensor, cap: float, rows: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per-token min(pi_old / pi_behaviour, cap) (TIS), detached; 1 outside `rows` ([B] bool, None: all rows).
-
-    The log-ratio is clamped before exp so a token the learner finds far likelier cannot overflow."""
-    w = torch.exp((old_logp - behaviour_logp).detach().clamp(-20.0, 20.0)).clamp(max=cap)
-    if rows is not None:
-        w = torch.where(rows[:, None], w, torch.ones_like(w))
-    return w
-
-
 def clipped_policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token PPO-clip loss -min(rho*A, clip(rho, 1-eps, 1+eps)*A) and a mask of clipped tokens.
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_low: float,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    clamp: float = LOG_RATIO_CLAMP,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token PPO-clip loss max(-rho*A, -clip(rho, 1-clip_low, 1+clip_high)*A), the mask of clipped tokens,
+    and the mask of tokens the dual clip capped.
 
-    `advantages` is per sequence [B] or per token [B, T]; logp/old_logp are [B, T].
-    """
+    clip_high > clip_low is DAPO's clip-higher (None: symmetric). `dual_clip` c > 1 caps the loss of a negative
+    advantage at -c*A (Ye et al. 2020), which the clip leaves unbounded as rho grows. The log-ratio is clamped to
+    +-`clamp` before exp, so the ratio is finite for any input. `advantages` is per sequence [B] or per token
+    [B, T]; logp/old_logp are [B, T]."""
     adv = advantages[:, None] if advantages.ndim == 1 else advantages
-    ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * adv
-    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
-    loss = -torch.minimum(unclipped, clipped)
-    return loss, (clipped < unclipped).float()
+    high = clip_low if clip_high is None else clip_high
+    ratio = torch.exp((logp - old_logp).clamp(-clamp, clamp))
+    unclipped = -ratio * adv
+    clipped = -ratio.clamp(1.0 - clip_low, 1.0 + high) * adv
+    loss = torch.maximum(unclipped, clipped)
+    capped = torch.zeros_like(loss, dtype=torch.bool)
+    if dual_clip is not None:
+        cap = -dual_clip * adv
+        capped = (adv < 0) & (loss > cap)
+        loss = torch.where(capped, cap, loss)
+    return loss, (clipped > unclipped).float(), capped.float()

@@ -15,8 +15,9 @@ import torch
 
 from troupe.actors.learner.advantages import AdvantageInputs, estimate
 from troupe.actors.learner.batch import RolloutBatch
-from troupe.actors.learner.grpo import clipped_policy_loss, kl_penalty, truncated_importance_weights
+from troupe.actors.learner.grpo import clipped_policy_loss, kl_penalty
 from troupe.actors.learner.logprobs import causal_lm, response_logprobs
+from troupe.actors.learner.off_policy import MASKING, correction_weights, mismatch_kl
 from troupe.actors.learner.ppo import masked_whiten
 
 
@@ -40,7 +41,9 @@ def policy_gradient_update(learner, batch: RolloutBatch, kl_coef: float) -> tupl
 
     token_rewards = batch.token_rewards
     if kl_in_reward:
-        token_rewards = token_rewards - kl_coef * (old_logp - ref_logp) * mask
+        token_rewards = (
+            token_rewards - kl_coef * kl_penalty(old_logp, ref_logp, "k1", algo.log_ratio_clamp) * mask
+        )
     advantages, returns = estimate(
         algo, AdvantageInputs(batch.rewards, token_rewards, mask, batch.group_size, batch.values)
     )
@@ -59,7 +62,7 @@ def policy_gradient_update(learner, batch: RolloutBatch, kl_coef: float) -> tupl
     # Rows whose tokens are importance-corrected: those from older weights, or all of them (algo.tis_scope).
     stale_rows = batch.weight_version != learner.version
     tis_rows = None
-    if algo.tis_cap > 0 and (algo.tis_scope == "all" or bool(stale_rows.any())):
+    if algo.corrects() and (algo.tis_scope == "all" or bool(stale_rows.any())):
         tis_rows = torch.ones_like(stale_rows) if algo.tis_scope == "all" else stale_rows
     group_size = batch.group_size if train.share_prompts else 1
 
@@ -88,19 +91,32 @@ def policy_gradient_update(learner, batch: RolloutBatch, kl_coef: float) -> tupl
         old = columns(old_logp, rows, w)
         base = current if old is None else torch.where(keep, old, current)  # the policy before this update
         behaviour = torch.where(keep, mb.behaviour_logprobs.to(device), current)
-        pg, clipped = clipped_policy_loss(logp, base, mb.advantages.to(device), algo.clip_eps)
-        stats = {}
+        pg, clipped, dual_capped = clipped_policy_loss(
+            logp, base, mb.advantages.to(device), algo.clip_eps, algo.clip_eps_high, algo.dual_clip,
+            algo.log_ratio_clamp,
+        )  # fmt: skip
+        # the train/inference mismatch KL(pi_behaviour || pi_old), on every row
+        stats = {
+            "mismatch/kl": norm.per_token((mismatch_kl(base, behaviour, m, algo.log_ratio_clamp) * m).sum())
+        }
         if tis_rows is not None:
-            in_scope = tis_rows[rows].to(device)
-            iw = truncated_importance_weights(base, behaviour, algo.tis_cap, in_scope)
+            scope = m * tis_rows[rows].to(device)[:, None]
+            bounds = (algo.correction_low, algo.correction_high)
+            iw, masked = correction_weights(
+                algo.correction, base, behaviour, m, algo.tis_cap, bounds, algo.log_ratio_clamp
+            )
+            iw = torch.where(scope.bool(), iw, 1.0)
             pg = pg * iw
-            scope = m * in_scope[:, None]
             stats["tis/weight_mean"] = norm.per_token((iw * scope).sum())
-            stats["tis/truncated_frac"] = norm.per_token(((iw >= algo.tis_cap) * scope).sum())
+            if algo.correction in MASKING:
+                stats["tis/masked_frac"] = norm.per_token((masked * scope).sum())
+            else:
+                stats["tis/truncated_frac"] = norm.per_token(((iw >= algo.tis_cap) * scope).sum())
         loss = norm.reduce(pg, m, algo.loss_agg)
         stats |= {
             "pg_loss": loss.detach(),
             "clip_frac": norm.per_token((clipped * m).sum()),
+            "dual_clip_frac": norm.per_token((dual_capped * m).sum()),
             "entropy": norm.per_token((entropy * m).sum()),
             "advantage/abs_mean": norm.per_token((mb.advantages.to(device).abs() * m).sum()),
         }
@@ -110,7 +126,7 @@ def policy_gradient_update(learner, batch: RolloutBatch, kl_coef: float) -> tupl
         ref = columns(ref_logp, rows, w)
         if ref is not None:
             ref = torch.where(keep, ref, current)
-            kl = kl_penalty(logp, ref, algo.kl_estimator)
+            kl = kl_penalty(logp, ref, algo.kl_estimator, algo.log_ratio_clamp)
             stats["kl"] = norm.per_token((kl.detach() * m).sum())  # a token mean whatever loss_agg is
             stats["kl_seq"] = norm.per_sequence(((current - ref) * m).sum())  # adaptive KL's measure
             if kl_in_loss:
@@ -123,8 +139,9 @@ def policy_gradient_update(learner, batch: RolloutBatch, kl_coef: float) -> tupl
     metrics["stale_rows_frac"] = float(stale_rows.float().mean())
     if tis_rows is not None:  # per_token sums were over all tokens: make them means over the corrected ones
         frac = float((mask * tis_rows[:, None]).sum() / mask.sum().clamp(min=1.0))
-        for key in ("tis/weight_mean", "tis/truncated_frac"):
-            metrics[key] = metrics[key] / frac if frac > 0 else float("nan")
+        for key in ("tis/weight_mean", "tis/truncated_frac", "tis/masked_frac"):
+            if key in metrics:
+                metrics[key] = metrics[key] / frac if frac > 0 else float("nan")
     metrics["prompts_packed"] = float(
         group_size > 1 and getattr(causal_lm(engine), "_troupe_packing", False) is True
     )

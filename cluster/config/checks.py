@@ -163,6 +163,17 @@ def _validate_algo(cfg: TroupeConfig) -> None:
             "algo.kl_target adapts algo.kl_coef by multiplying it, so it needs algo.kl_coef > 0 "
             f"(got {a.kl_coef}: no reference model is loaded and the coefficient stays 0)"
         )
+    if a.clip_eps >= 1:
+        raise ConfigError(
+            f"algo.clip_eps={a.clip_eps}: the ratio's lower clip 1 - clip_eps must stay above 0"
+        )
+    low, high = a.correction_low, a.correction_high
+    if (low is not None or high is not None) and a.correction not in ("geo_mask", "icepop"):
+        raise ConfigError(
+            f"algo.correction_low/high bound the masking corrections (geo_mask, icepop), not {a.correction}"
+        )
+    if low is not None and high is not None and not low < high:
+        raise ConfigError(f"algo.correction_low={low} must be below algo.correction_high={high}")
     if a.group_baseline and a.estimator != "returns":
         raise ConfigError(f"algo.group_baseline applies to algo.estimator=returns, not {a.estimator}")
     if a.source == "dataset" and a.update != "dpo":

@@ -167,3 +167,32 @@ def test_critic_and_dpo_train_in_bf16_and_fp32(ray_session, tiny_model_path, dty
         assert second["loss"] < first["loss"] + 1e-6
     finally:
         learner.shutdown()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_correction_modes_on_real_ranks_bf16_and_fp32(ray_session, tiny_model_path, dtype):
+    """Rows whose behaviour log-probs are far below the learner's (ratio ~e^20 after the clamp): sequence TIS
+    weighs every token by the cap; geometric masking and IcePop leave every token out, so the step has no
+    gradient; the dual clip and clip-higher keep the loss finite and reported."""
+    base = _batch()
+    stale = replace(
+        base,
+        weight_version=torch.full((8,), -1),
+        behaviour_logprobs=torch.full(base.action_mask.shape, -1000.0),
+    )
+    off = ("algo.tis_cap=0",)
+    plain, _ = _one_step(tiny_model_path, dtype, 1, 8, batch=stale, extra=off)
+    seq, _ = _one_step(tiny_model_path, dtype, 1, 4, batch=stale, extra=("algo.correction=seq_tis",))
+    assert seq["tis/weight_mean"] == pytest.approx(2.0) and seq["tis/truncated_frac"] == pytest.approx(1.0)
+    assert seq["pg_loss"] == pytest.approx(2.0 * plain["pg_loss"], rel=1e-3 if dtype == "float32" else 2e-2)
+    for mode in ("geo_mask", "icepop"):
+        masked, _ = _one_step(tiny_model_path, dtype, 1, 4, batch=stale, extra=(f"algo.correction={mode}",))
+        assert masked["tis/masked_frac"] == pytest.approx(1.0), mode
+        assert masked["pg_loss"] == 0.0 and masked["grad_norm"] == 0.0, mode  # no token has a gradient
+        assert masked["mismatch/kl"] > 1e6, mode  # the clamped k3 of a log-ratio of 20
+    clipped, _ = _one_step(
+        tiny_model_path, dtype, 1, 4, batch=stale,
+        extra=(*off, "algo.clip_eps_high=0.28", "algo.dual_clip=3.0"),
+    )  # fmt: skip
+    assert math.isfinite(clipped["pg_loss"]) and math.isfinite(clipped["grad_norm"])
+    assert 0.0 <= clipped["dual_clip_frac"] <= 1.0

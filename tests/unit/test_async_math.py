@@ -1,10 +1,11 @@
-"""Truncated importance weights (TIS) and the staleness rule of the async pipeline."""
+"""Token-level truncated importance weights (TIS) and the staleness rule of the async pipeline (the other
+correction modes: test_off_policy.py)."""
 
 import math
 
 import torch
 
-from troupe.actors.learner.grpo import truncated_importance_weights
+from troupe.actors.learner.off_policy import correction_weights
 from troupe.actors.protocol import Prompt, Rollout
 from troupe.cluster.run.pipeline import stale_groups
 
@@ -13,18 +14,18 @@ def test_weights_are_the_ratio_capped_and_detached():
     old = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))
     behaviour = torch.log(torch.tensor([[0.25, 0.4, 0.1]]))
     old.requires_grad_(True)
-    w = truncated_importance_weights(old, behaviour, cap=2.0)
+    w, masked = correction_weights("token_tis", old, behaviour, torch.ones(1, 3), cap=2.0)
     assert torch.allclose(w, torch.tensor([[2.0, 0.5, 2.0]]))  # 2.0 exactly, 0.5, 9.0 capped
+    assert not masked.any()
     assert not w.requires_grad
 
 
-def test_rows_out_of_scope_weigh_one_and_huge_ratios_do_not_overflow():
-    old = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
-    behaviour = torch.tensor([[-1000.0, -1.0], [-1000.0, -1.0]])
-    w = truncated_importance_weights(old, behaviour, cap=5.0, rows=torch.tensor([True, False]))
+def test_huge_ratios_do_not_overflow():
+    old = torch.tensor([[0.0, 0.0]])
+    behaviour = torch.tensor([[-1000.0, -1.0]])
+    w, _ = correction_weights("token_tis", old, behaviour, torch.ones(1, 2), cap=5.0)
     assert torch.isfinite(w).all()
     assert torch.allclose(w[0], torch.tensor([5.0, math.e]))
-    assert torch.equal(w[1], torch.ones(2))
 
 
 def test_the_capped_weight_scales_the_policy_gradient():
@@ -32,8 +33,9 @@ def test_the_capped_weight_scales_the_policy_gradient():
     from troupe.actors.learner.grpo import clipped_policy_loss
 
     logp = torch.zeros(1, 2, requires_grad=True)
-    w = truncated_importance_weights(torch.zeros(1, 2), torch.log(torch.tensor([[0.5, 0.1]])), cap=3.0)
-    loss, _ = clipped_policy_loss(logp, logp.detach(), torch.tensor([1.0]), 0.2)
+    behaviour = torch.log(torch.tensor([[0.5, 0.1]]))
+    w, _ = correction_weights("token_tis", torch.zeros(1, 2), behaviour, torch.ones(1, 2), cap=3.0)
+    loss, _, _ = clipped_policy_loss(logp, logp.detach(), torch.tensor([1.0]), 0.2)
     (loss * w).sum().backward()
     assert torch.allclose(logp.grad, -torch.tensor([[2.0, 3.0]]))
 
