@@ -1,6 +1,6 @@
-"""Rule objectives: task correctness, answer format, brevity, non-repetition, and the instruction-following
-checks of actors/reward/ifeval.py (`ifeval`, `instructions`). Each maps rollouts to values in
-[0, 1]. An objective with `score_tokens` also gives per-token values (the flat per-token channel of
+"""Rule objectives: task correctness, answer format, brevity, non-repetition, truncation, and the
+instruction-following checks of actors/reward/ifeval.py (`ifeval`, `instructions`). Each maps rollouts to values
+in [0, 1]. An objective with `score_tokens` also gives per-token values (the flat per-token channel of
 actors/reward/aggregation.py) whose sum per rollout is its sequence value.
 
 Pure functions of the rollout text and its prompt's reference or metadata; no model, no Ray.
@@ -111,11 +111,25 @@ class NonRepetition:
         return torch.tensor(out, dtype=torch.float32)
 
 
+@dataclass(frozen=True)
+class Truncation:
+    """1 for a reply that ended on its own, 0 for one cut at generator.max_new_tokens: an aspect (or weight)
+    against truncated answers."""
+
+    name: str = "truncation"
+
+    def score(self, rollouts: Sequence[Rollout]) -> torch.Tensor:
+        return torch.tensor(
+            [0.0 if r.finish_reason == "length" else 1.0 for r in rollouts], dtype=torch.float32
+        )
+
+
 RULES = {
     "correctness": Correctness,
     "format": AnswerFormat,
     "length": Brevity,
     "repetition": NonRepetition,
+    "truncation": Truncation,
     "ifeval": IFEval,
     "instructions": Instructions,
 }

@@ -163,6 +163,12 @@ def _validate_algo(cfg: TroupeConfig) -> None:
             "algo.kl_target adapts algo.kl_coef by multiplying it, so it needs algo.kl_coef > 0 "
             f"(got {a.kl_coef}: no reference model is loaded and the coefficient stays 0)"
         )
+    buffer = cfg.reward.overlong.buffer_tokens
+    if buffer and buffer > cfg.generator.max_new_tokens:
+        raise ConfigError(
+            f"reward.overlong.buffer_tokens={buffer} is over generator.max_new_tokens="
+            f"{cfg.generator.max_new_tokens}: the penalty ramps over the last buffer_tokens of a reply"
+        )
     if a.clip_eps >= 1:
         raise ConfigError(
             f"algo.clip_eps={a.clip_eps}: the ratio's lower clip 1 - clip_eps must stay above 0"

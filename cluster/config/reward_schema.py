@@ -86,6 +86,15 @@ class ExpertConfig:
 
 
 @dataclass
+class OverlongConfig:
+    """DAPO's soft overlong punishment on training rewards (cluster/run/shaping.py): 0 up to
+    generator.max_new_tokens - buffer_tokens, falling linearly to -penalty at max_new_tokens."""
+
+    buffer_tokens: int = bounded(0, ge=0)  # 0: off
+    penalty: float = bounded(1.0, ge=0)
+
+
+@dataclass
 class RewardConfig:
     shards: int = bounded(1, ge=1)  # replicas of the rule shard; a batch is split across them
     # rule objectives are cheap; shards that host a backbone need real CPUs/GPUs
@@ -113,6 +122,7 @@ class RewardConfig:
     timeout_s: float = bounded(60.0, gt=0)  # per call of a plug-in or remote objective
     aggregation: str = one_of("weighted_sum", "hierarchy")  # with reward.weights | reward.hierarchy
     hierarchy: HierarchyConfig = field(default_factory=lambda: HierarchyConfig())
+    overlong: OverlongConfig = field(default_factory=lambda: OverlongConfig())
 
     def __post_init__(self) -> None:
         # `<objective>: null` turns a default objective off: a config file can add keys to a dict, not delete them

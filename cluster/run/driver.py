@@ -41,6 +41,7 @@ from troupe.cluster.run.loop import RunState, initial_eval, train
 from troupe.cluster.run.pipeline import RolloutPipeline
 from troupe.cluster.run.runtime import check_capacity, generator_env, learner_env
 from troupe.cluster.run.scoring import ErrorPolicy
+from troupe.cluster.run.shaping import OverlongShaping
 from troupe.cluster.sync.nccl import NcclSync, nccl_enabled
 
 log = logging.getLogger("troupe.driver")
@@ -111,6 +112,7 @@ def build_fleet(cfg: TroupeConfig, model_path: str, resume: tuple[Path, dict] | 
         budget=budget,
         seed=cfg.run.seed if deterministic else None,
         on_error=ErrorPolicy.of(r),
+        overlong=OverlongShaping(g.max_new_tokens, r.overlong.buffer_tokens, r.overlong.penalty),
         samples_logged=cfg.logging.rollouts,
         # sync is depth 0, and every rollout then comes from the learners' current weights
         pipeline=RolloutPipeline(*(2 * [cfg.run.max_staleness if cfg.run.mode == "async" else 0])),

@@ -37,6 +37,7 @@ from troupe.cluster.run.evaluation import batch_stats, evaluate
 from troupe.cluster.run.learn import learn_dpo, learn_policy_gradient
 from troupe.cluster.run.pipeline import RolloutPipeline
 from troupe.cluster.run.scoring import ErrorPolicy, ObjectiveFailed, dropped_groups, score_batch
+from troupe.cluster.run.shaping import OverlongShaping
 from troupe.cluster.sync.nccl import NcclSync
 from troupe.cluster.sync.object_store import push_weights, refit
 
@@ -77,6 +78,9 @@ class RunState:
     ledger: Ledger = field(default_factory=Ledger)
     seed: int | None = None  # run.deterministic: the seed of every request's sampling stream; None: unseeded
     on_error: ErrorPolicy = field(default_factory=ErrorPolicy)  # what a failed reward sample becomes
+    overlong: OverlongShaping = field(
+        default_factory=lambda: OverlongShaping(0, 0, 0.0)
+    )  # DAPO's soft penalty
     learning: bool = False  # the learners were called this iteration: they no longer hold the state before it
 
     def __post_init__(self) -> None:
@@ -186,7 +190,7 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     with timed(timings, "score"):
         values = run.rewards.score(rollouts, deadline_s=run.faults.score_s)
         result = score_batch(rollouts, values, run.aggregation, run.on_error, run.sampling.n)
-        scored = result.scored
+        scored, shaping_stats = run.overlong.apply(result.scored)  # outside the hierarchy's gates
         _nothing_kept_alarm(run, result)
 
     # 3. Learn: policy gradient (advantages, [critic values], clipped update, [critic update]) or DPO on pairs.
@@ -224,6 +228,7 @@ def run_iteration(run: RunState, iteration: int) -> dict:
 
     record = _metrics(iteration, run.version, scored, learn_stats, sync_stats, timings)
     record.update(result.metrics())
+    record.update(shaping_stats)
     record.update(getattr(run.aggregation, "metrics", dict)())  # e.g. ALaRM's aspect selection
     record.update(staleness)
     record.update(fleet_stats)
