@@ -163,6 +163,17 @@ def _validate_algo(cfg: TroupeConfig) -> None:
             "algo.kl_target adapts algo.kl_coef by multiplying it, so it needs algo.kl_coef > 0 "
             f"(got {a.kl_coef}: no reference model is loaded and the coefficient stays 0)"
         )
+    if cfg.data.dynamic_sampling and a.update != "policy_gradient":
+        raise ConfigError(
+            f"data.dynamic_sampling keeps prompt groups whose rewards vary, for a policy gradient; algo={a.name} "
+            "builds DPO pairs, which skip tied groups already (pairs/skipped_ties)"
+        )
+    if cfg.data.dynamic_sampling and cfg.run.mode == "async" and cfg.run.max_staleness > 1:
+        raise ConfigError(
+            "data.dynamic_sampling with run.mode=async needs run.max_staleness=1: its refill batches are drawn "
+            f"before the next batch, and run.max_staleness={cfg.run.max_staleness} keeps later batches in flight "
+            "already, so a checkpoint could not resume right after the refills"
+        )
     buffer = cfg.reward.overlong.buffer_tokens
     if buffer and buffer > cfg.generator.max_new_tokens:
         raise ConfigError(

@@ -184,6 +184,11 @@ class DataConfig:
     # generator.max_new_tokens (what the generator can take).
     max_prompt_tokens: int | None = bounded(None, ge=1)
     prompts_per_iteration: int = bounded(8, ge=1)
+    # Dynamic sampling (cluster/run/dynamic_sampling.py): prompt groups whose rewards do not vary are left out
+    # (`zero_variance`) and more batches are drawn until prompts_per_iteration groups are informative, at most
+    # max_oversampling batches per iteration
+    dynamic_sampling: bool = False
+    max_oversampling: int = bounded(4, ge=2, le=64)
     shuffle: bool = True  # a new seeded order each epoch
     seed: int = bounded("${run.seed}", ge=0)  # type: ignore[assignment]
 

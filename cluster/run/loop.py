@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -33,10 +34,11 @@ from troupe.cluster.fleet.learners import LearnerGroup
 from troupe.cluster.fleet.pool import Member, Pool
 from troupe.cluster.fleet.reward_pools import RewardFleet
 from troupe.cluster.observe.rollouts import sample_rows
+from troupe.cluster.run.dynamic_sampling import fill_batch, needs_more
 from troupe.cluster.run.evaluation import batch_stats, evaluate
 from troupe.cluster.run.learn import learn_dpo, learn_policy_gradient
 from troupe.cluster.run.pipeline import RolloutPipeline
-from troupe.cluster.run.scoring import ErrorPolicy, ObjectiveFailed, dropped_groups, score_batch
+from troupe.cluster.run.scoring import ErrorPolicy, ObjectiveFailed, ScoredBatch, dropped_groups, score_batch
 from troupe.cluster.run.shaping import OverlongShaping
 from troupe.cluster.sync.nccl import NcclSync
 from troupe.cluster.sync.object_store import push_weights, refit
@@ -78,9 +80,11 @@ class RunState:
     ledger: Ledger = field(default_factory=Ledger)
     seed: int | None = None  # run.deterministic: the seed of every request's sampling stream; None: unseeded
     on_error: ErrorPolicy = field(default_factory=ErrorPolicy)  # what a failed reward sample becomes
-    overlong: OverlongShaping = field(
-        default_factory=lambda: OverlongShaping(0, 0, 0.0)
-    )  # DAPO's soft penalty
+    # DAPO's soft overlong penalty on training rewards (off: no buffer)
+    overlong: OverlongShaping = field(default_factory=lambda: OverlongShaping(0, 0, 0.0))
+    max_batches_drawn: int = (
+        1  # dynamic sampling: batches an iteration may draw (data.max_oversampling); 1: off
+    )
     learning: bool = False  # the learners were called this iteration: they no longer hold the state before it
 
     def __post_init__(self) -> None:
@@ -174,6 +178,7 @@ def run_iteration(run: RunState, iteration: int) -> dict:
 
     # 1. Generate: each generator samples n completions for its contiguous share of the prompts (async: the
     #    batch was submitted an iteration ahead; groups staler than run.max_staleness are sampled again).
+    remaining = run.iterations - 1 - iteration
     with timed(timings, "generate"):
         batch, rollouts, staleness = run.pipeline.next_batch(
             run.prompts,
@@ -181,17 +186,28 @@ def run_iteration(run: RunState, iteration: int) -> dict:
             run.sampling_for,
             run.version,
             run.faults.generate_s,
-            remaining=run.iterations - 1 - iteration,
+            remaining=remaining,
+            top_up=run.max_batches_drawn == 1,  # dynamic sampling draws its refills first
         )
         run.ledger.enter(len(batch))
 
     # 2. Score: reward shards return per-objective values; samples that user code failed on follow
-    #    reward.on_error; the aggregation makes the scalar of the rest.
+    #    reward.on_error; the aggregation makes the scalar of the rest; training rewards are shaped.
     with timed(timings, "score"):
-        values = run.rewards.score(rollouts, deadline_s=run.faults.score_s)
-        result = score_batch(rollouts, values, run.aggregation, run.on_error, run.sampling.n)
-        scored, shaping_stats = run.overlong.apply(result.scored)  # outside the hierarchy's gates
+        result, scored = _score(run, rollouts)
         _nothing_kept_alarm(run, result)
+
+    # 2b. Dynamic sampling: groups whose rewards do not vary are left out, and more batches are drawn, generated
+    #     with the current weights and scored until the batch holds prompts_per_iteration informative groups.
+    refill_stats: dict = {}
+    left_out: dict[str, int] = {}
+    if run.max_batches_drawn > 1:
+        with timed(timings, "refill"):
+            scored, left_out, refill_stats = _refill(run, scored)
+            run.pipeline.top_up(
+                run.prompts, run.generators, run.sampling_for, min(run.pipeline.depth, remaining)
+            )
+    kept = any(not s.reward.dropped for s in scored)
 
     # 3. Learn: policy gradient (advantages, [critic values], clipped update, [critic update]) or DPO on pairs.
     #    Dropped prompt groups ride along with no loss; a batch with nothing kept trains nothing.
@@ -199,14 +215,14 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     advantages = None
     with timed(timings, "learn"):
         learn = learn_dpo if run.algo.update == "dpo" else learn_policy_gradient
-        if result.kept:  # groups with an inf/NaN advantage come back dropped
+        if kept:  # groups with an inf/NaN advantage come back dropped
             run.learning = True
             learn_stats, advantages, scored = learn(run, scored)
 
     # 4. Sync: the new weights go to every generator, tagged with the next version (skipped if nothing trained).
     sync_stats: dict = {}
     with timed(timings, "sync"):
-        if result.kept and learn_stats.get("pairs/built", 1):
+        if kept and learn_stats.get("pairs/built", 1):
             run.version += 1
             # GPUs: a broadcast over the NCCL weight-update group; None (or CPU): the object store
             # async: the generators finish the batches in flight before loading, so the wait covers them too
@@ -228,7 +244,8 @@ def run_iteration(run: RunState, iteration: int) -> dict:
 
     record = _metrics(iteration, run.version, scored, learn_stats, sync_stats, timings)
     record.update(result.metrics())
-    record.update(shaping_stats)
+    record.update(run.overlong.metrics(scored))
+    record.update(refill_stats)
     record.update(getattr(run.aggregation, "metrics", dict)())  # e.g. ALaRM's aspect selection
     record.update(staleness)
     record.update(fleet_stats)
@@ -236,7 +253,10 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     record.update(run.prompts.metrics())
     record.update(learn_counts(scored, learn_stats))
     # DPO: a prompt whose samples all tie builds no pair, so nothing of it is trained
-    dropped = {"tie": learn_stats.get("pairs/skipped_ties", 0), **dropped_groups(scored, run.sampling.n)}
+    dropped = Counter(
+        {"tie": learn_stats.get("pairs/skipped_ties", 0), **dropped_groups(scored, run.sampling.n)}
+    )
+    dropped.update(left_out)  # drawn by dynamic sampling, not in the batch
     record.update(run.ledger.settle(dropped))
     record.update(eval_stats)
     record["algo"] = run.algo.name
@@ -244,6 +264,30 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     run.last_record = record
     run.last_samples = sample_rows(iteration, scored, advantages, run.samples_logged)
     return record
+
+
+def _score(run: RunState, rollouts) -> tuple[ScoredBatch, list[ScoredRollout]]:
+    values = run.rewards.score(rollouts, deadline_s=run.faults.score_s)
+    result = score_batch(rollouts, values, run.aggregation, run.on_error, run.sampling.n)
+    return result, run.overlong.apply(result.scored)  # shaped outside the hierarchy's gates
+
+
+def _refill(run: RunState, scored: list[ScoredRollout]) -> tuple[list[ScoredRollout], dict, dict]:
+    """Draw, generate and score more batches while too few groups are informative (cluster/run/dynamic_sampling.py);
+    returns the training batch, the groups left out of it per reason, and the row's dynamic/* metrics."""
+    n, groups = run.sampling.n, run.prompts.per_batch
+    rounds, errors = [scored], 0
+    while needs_more(rounds, groups, n, run.max_batches_drawn):
+        more = run.prompts.next_batch()
+        run.ledger.enter(len(more))
+        chunks = run.generators.map_chunks(
+            "generate", more.prompts, run.sampling_for(more), deadline_s=run.faults.generate_s
+        )
+        result, shaped = _score(run, [r for chunk in chunks for r in chunk])
+        errors += sum(result.errors.values())
+        rounds.append(shaped)
+    filled = fill_batch(rounds, groups, n)
+    return filled.scored, filled.left_out, {**filled.stats, "dynamic/refill_reward_errors": errors}
 
 
 def initial_eval(run: RunState) -> dict:

@@ -43,15 +43,17 @@ class RolloutPipeline:
         version: int,
         deadline_s: float | None,
         remaining: int,
+        top_up: bool = True,
     ) -> tuple[PromptBatch, list[Rollout], dict]:
         """The next batch and its rollouts, each group at most `max_staleness` versions behind `version` (the
         weights the learners hold now). Tops the pipeline up before waiting, so the generators stay busy, but
-        never beyond the `remaining` batches the run still trains after this one."""
+        never beyond the `remaining` batches the run still trains after this one; `top_up=False` leaves that to
+        a later `top_up` call (dynamic sampling draws its refill batches first)."""
         if not self.queue:
             self._submit(prompts, generators, sampling_for)
         head = self.queue[0]
-        while len(self.queue) < 1 + min(self.depth, remaining):
-            self._submit(prompts, generators, sampling_for)
+        if top_up:  # the head is still queued
+            self.top_up(prompts, generators, sampling_for, 1 + min(self.depth, remaining))
         chunks = head.pending.collect(deadline_s)
         self.queue.popleft()  # only now: a failure above leaves it to discard(), with the cursor state before it
         rollouts = [r for chunk in chunks for r in chunk]
@@ -70,6 +72,11 @@ class RolloutPipeline:
             regenerated = len(stale) * n
             self.regenerated += regenerated
         return head.batch, rollouts, self._stats(rollouts, version, regenerated)
+
+    def top_up(self, prompts, generators: Pool, sampling_for, in_flight: int) -> None:
+        """Submit batches until `in_flight` are queued (after a head was taken: min(depth, batches remaining))."""
+        while len(self.queue) < in_flight:
+            self._submit(prompts, generators, sampling_for)
 
     def cursor_state(self, prompts) -> dict:
         """The cursor as if no batch were in flight: what a checkpoint records."""

@@ -29,9 +29,9 @@ class OverlongShaping:
         over = n_tokens - (self.max_tokens - self.buffer_tokens)
         return -self.penalty * min(max(over, 0) / self.buffer_tokens, 1.0)
 
-    def apply(self, scored: Sequence[ScoredRollout]) -> tuple[list[ScoredRollout], dict]:
-        """The rollouts with the term added to kept ones' rewards, and the row's metrics."""
-        out, terms = [], []
+    def apply(self, scored: Sequence[ScoredRollout]) -> list[ScoredRollout]:
+        """The rollouts with the term added to the rewards of kept ones."""
+        out = []
         for s in scored:
             term = 0.0 if s.reward.dropped else self.term(len(s.rollout.response_ids))
             if term:
@@ -40,11 +40,14 @@ class OverlongShaping:
                     tokens = (*tokens[:-1], tokens[-1] + term)
                 s = replace(s, reward=replace(s.reward, scalar=s.reward.scalar + term, token_rewards=tokens))
             out.append(s)
-            if not s.reward.dropped:
-                terms.append(term)
+        return out
+
+    def metrics(self, scored: Sequence[ScoredRollout]) -> dict:
+        """The mean term and the share of penalised replies over the kept rollouts (none when off)."""
+        terms = [self.term(len(s.rollout.response_ids)) for s in scored if not s.reward.dropped]
         if self.buffer_tokens <= 0 or not terms:
-            return out, {}
-        return out, {
+            return {}
+        return {
             "reward/overlong/mean": sum(terms) / len(terms),
             "reward/overlong/frac": sum(t < 0 for t in terms) / len(terms),
         }

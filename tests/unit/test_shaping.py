@@ -32,7 +32,7 @@ def test_apply_shapes_kept_rewards_and_their_last_token_and_reports_it():
         _scored(14, scalar=0.5, tokens=(0.25,) * 2),
         _scored(16, dropped="reward_error"),
     ]
-    shaped, stats = shaping.apply(batch)
+    shaped, stats = shaping.apply(batch), shaping.metrics(batch)
     assert [s.reward.scalar for s in shaped] == [1.0, 0.0, 0.0, 1.0]  # the dropped one is untouched
     assert shaped[2].reward.token_rewards == (0.25, -0.25)  # still sums to the scalar
     assert shaped[1].reward.objectives == {"x": 1.0}  # the objectives are what the shards said
@@ -43,7 +43,8 @@ def test_apply_shapes_kept_rewards_and_their_last_token_and_reports_it():
 
 def test_shaping_off_changes_nothing_and_reports_nothing():
     batch = [_scored(16, finish="length")]
-    shaped, stats = OverlongShaping(16, 0, 1.0).apply(batch)
+    shaping = OverlongShaping(16, 0, 1.0)
+    shaped, stats = shaping.apply(batch), shaping.metrics(batch)
     assert shaped == batch and stats == {}
 
 

@@ -1,0 +1,55 @@
+"""Dynamic sampling's batch (cluster/run/dynamic_sampling.py): zero-variance groups left out, refills until the
+batch has its informative groups or the draw budget is spent, surplus and riders accounted."""
+
+import torch
+
+from troupe.actors.protocol import Prompt, RewardBreakdown, Rollout, ScoredRollout
+from troupe.cluster.run.dynamic_sampling import SURPLUS, ZERO_VARIANCE, fill_batch, group_reasons, needs_more
+
+N = 2  # samples per prompt
+
+
+def _group(uid, *rewards, dropped=""):
+    return [
+        ScoredRollout(
+            Rollout(Prompt(uid, (1,), "q"), i, (5,), "r", torch.zeros(1), 0, "stop", 1.0),
+            RewardBreakdown(r, {"x": r}, dropped=dropped),
+        )
+        for i, r in enumerate(rewards)
+    ]
+
+
+def test_groups_are_informative_zero_variance_or_already_dropped():
+    scored = _group("a", 1.0, 0.0) + _group("b", 0.0, 0.0) + _group("c", 0.0, 1.0, dropped="reward_error")
+    assert group_reasons(scored, N) == ["", ZERO_VARIANCE, "reward_error"]
+
+
+def test_the_batch_takes_the_first_informative_groups_and_leaves_the_rest_out_with_reasons():
+    rounds = [_group("a", 0.0, 0.0) + _group("b", 1.0, 0.0), _group("c", 0.0, 1.0) + _group("d", 1.0, 0.5)]
+    filled = fill_batch(rounds, groups=2, n=N)
+    assert [s.rollout.prompt.uid for s in filled.scored[::N]] == ["b", "c"]
+    assert not any(s.reward.dropped for s in filled.scored)
+    assert filled.left_out == {ZERO_VARIANCE: 1, SURPLUS: 1}
+    assert filled.stats == {"dynamic/rounds": 1, "dynamic/prompts_drawn": 4, "dynamic/informative_groups": 3,
+                            "dynamic/filled_frac": 1.0}  # fmt: skip
+
+
+def test_short_of_informative_groups_left_out_ones_ride_along_without_a_loss():
+    rounds = [_group("a", 0.0, 0.0) + _group("b", 1.0, 1.0), _group("c", 0.0, 0.0) + _group("d", 1.0, 0.0)]
+    filled = fill_batch(rounds, groups=2, n=N)
+    assert [s.rollout.prompt.uid for s in filled.scored[::N]] == ["a", "d"]  # draw order kept
+    assert [s.reward.dropped for s in filled.scored] == [ZERO_VARIANCE] * 2 + [""] * 2
+    assert all(s.reward.scalar == 0.0 for s in filled.scored[:2])
+    assert filled.left_out == {ZERO_VARIANCE: 2}
+    assert filled.stats["dynamic/filled_frac"] == 0.5
+    drawn = 4
+    in_batch = len(filled.scored) // N
+    assert in_batch + sum(filled.left_out.values()) == drawn  # every drawn group is somewhere
+
+
+def test_refills_stop_when_the_batch_is_full_or_the_budget_is_spent():
+    poor, rich = _group("a", 0.0, 0.0) + _group("b", 0.0, 0.0), _group("c", 1.0, 0.0) + _group("d", 0.0, 1.0)
+    assert needs_more([poor], groups=2, n=N, max_rounds=3)
+    assert needs_more([poor, poor], groups=2, n=N, max_rounds=3)
+    assert not needs_more([poor, poor, poor], groups=2, n=N, max_rounds=3)
+    assert not needs_more([poor, rich], groups=2, n=N, max_rounds=3)
