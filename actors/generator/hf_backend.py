@@ -1,6 +1,9 @@
 """transformers inference backend with the vLLM backend's interface, for machines without vLLM.
 
-Slower than vLLM (no paged attention, no continuous batching) but exact and dependency-light.
+Slower than vLLM (no paged attention, no continuous batching) but exact and dependency-light. It samples from
+exactly the configured distribution (temperature, top-p): the checkpoint's own generation_config (a repetition
+penalty, top-k, suppressed tokens...) is set aside, and transformers' top-k default of 50 is turned off, since the
+learner models softmax(logits / T) and nothing else.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ class HFBackend:
     def __init__(
         self, model_path: str, dtype: str, seed: int, trust_remote_code: bool, batch_size: int = 16
     ) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
@@ -30,6 +33,7 @@ class HFBackend:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.eos_ids = _eos_ids(self.model.generation_config, self.tokenizer)
+        self.model.generation_config = GenerationConfig()  # generate() fills unset values from it: none here
 
     @torch.no_grad()
     def generate(
@@ -62,7 +66,8 @@ class HFBackend:
             do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p,
-            top_k=None,
+            top_k=0,  # not transformers' default 50
+            repetition_penalty=1.0,
             max_new_tokens=sampling.max_new_tokens,
             num_return_sequences=sampling.n,
             pad_token_id=self.pad_id,

@@ -77,3 +77,45 @@ def test_a_wrong_packing_is_caught_by_the_agreement_check():
         right, _ = _fused(model, model, *args, packed)
         bad, _ = _fused(model, model, *args, wrong)
     assert _agree(plain, right) and not _agree(plain, bad)
+
+
+def _packed_logprobs(model, prompts, responses, packed_attention=None):
+    """fp32 log-probs of the rows through the packed forward (optionally with another attention mask)."""
+    from dataclasses import replace
+
+    from troupe.actors.learner.logprobs import _fused
+
+    ids, att, action = pad_sequences(prompts, responses, pad_id=0)
+    packed = pack_groups(ids, action, group_size=len(responses))
+    if packed_attention is not None:
+        packed = replace(packed, attention=packed_attention(packed))
+    positions = action.bool()
+    args = (ids, att, positions, ids[:, 1:][positions], torch.full((int(positions.sum()),), 0.7), False, 1024)
+    with torch.no_grad():
+        flat, _ = _fused(model, model, *args, packed)
+    logp = torch.zeros(action.shape)
+    logp[positions] = flat.float()
+    return logp
+
+
+def test_changing_one_response_leaves_its_siblings_log_probs_bit_identical():
+    """The exact packing check: in fp32, a sibling's log-probs do not move by one bit when another response of
+    its group changes (a mask that leaks, even one token, moves them); the changed response's own do move."""
+    model = tiny_lm(torch.float32)
+    prompts = [(1, 2, 3, 4, 5)] * 4
+    responses = [(7, 8, 9, 10), (11, 12, 13, 14), (15, 16, 17, 18), (19, 20, 21, 22)]
+    changed = [*responses[:2], (30, 31, 32, 33), responses[3]]
+    before = _packed_logprobs(model, prompts, responses)
+    after = _packed_logprobs(model, prompts, changed)
+    for row in (0, 1, 3):
+        assert torch.equal(after[row], before[row]), row
+    assert not torch.equal(after[2], before[2])
+
+    def leak_one_token(packed):  # response 4 may see the last token of response 3
+        attention = packed.attention.clone()
+        attention[0, 0, 5 + 12 :, 5 + 11] = True
+        return attention
+
+    leaky_before = _packed_logprobs(model, prompts, responses, leak_one_token)
+    leaky_after = _packed_logprobs(model, prompts, changed, leak_one_token)
+    assert not torch.equal(leaky_after[3], leaky_before[3])  # the exact check catches a one-token leak
