@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import ray
+import torch
 
 from troupe.actors.weight_buckets import BucketedWeights
 from troupe.cluster.fleet.pool import Health
@@ -50,17 +51,25 @@ def test_next_iteration_samples_with_the_synced_weights(fleet):
     assert record["weight_version"] == fleet.version
 
 
-def test_learner_scores_rollouts_at_their_sampling_temperature(fleet):
-    """Sampled at T=0.7: the learner's log-probs (on-policy, so no extra forward) match the generator's."""
+def test_learner_scores_rollouts_at_their_sampling_temperature(fleet, monkeypatch):
+    """Sampled at T=0.7: the learner's log-probs (on-policy, so no extra forward) match the generator's far better
+    than those of a learner that scores the same kind of rollouts at T=1 (the bug this guards against), whatever
+    state the fleet is in."""
+    train = fleet.learners.train
+
+    def scored_at_t1(batch, kl_coef):  # the bug: the rollouts' temperature ignored
+        return train(batch.with_columns(temperature=torch.ones_like(batch.temperature)), kl_coef)
+
     fleet.sampling = replace(fleet.sampling, temperature=0.7)
     try:
-        record = run_iteration(fleet, iteration=3)
+        right = run_iteration(fleet, iteration=3)
+        monkeypatch.setattr(fleet.learners, "train", scored_at_t1)
+        wrong = run_iteration(fleet, iteration=4)
     finally:
         fleet.sampling = replace(fleet.sampling, temperature=1.0)
-    assert record["train/old_logprobs_forward"] == 0.0
-    # A sanity bound (bf16 engines on the peaked tiny model differ by ~0.1 per token); the discriminating checks
-    # are test_generation.py (vLLM's log-probs) and tests/unit/test_logprobs.py (the learner's).
-    assert record["train/logprob_mismatch"] < 0.2, record["train/logprob_mismatch"]
+    assert right["train/old_logprobs_forward"] == 0.0
+    mismatch, at_t1 = right["train/logprob_mismatch"], wrong["train/logprob_mismatch"]
+    assert mismatch < 0.5 * at_t1, (mismatch, at_t1)
 
 
 def test_generator_rejects_a_stale_weight_version(fleet):
