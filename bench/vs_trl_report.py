@@ -24,21 +24,48 @@ TRL_PHASES = (
 # ----------------------------------------------------------------------------------------------------------- install
 
 
-def matmul_peak(dtype_name: str, threads: int = 2, sizes=((2048, 4), (4096, 2))) -> float:
-    """Best TFLOP/s of torch square matmuls (2048 and 4096; (n, repeats) pairs) with `threads` threads."""
+def layer_matmuls(model_path: str) -> list[tuple[int, int, int]]:
+    """The model's own matmuls per token, as (in, out, how many): every decoder layer's q/k/v/o and MLP
+    projections, and the LM head (config.json of a Llama-style causal LM)."""
+    c = json.loads((Path(model_path) / "config.json").read_text())
+    h, layers = c["hidden_size"], c["num_hidden_layers"]
+    heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or h // heads
+    kv = c.get("num_key_value_heads") or heads
+    return [
+        (h, heads * head_dim, layers),  # q
+        (h, kv * head_dim, 2 * layers),  # k, v
+        (heads * head_dim, h, layers),  # o
+        (h, c["intermediate_size"], 2 * layers),  # gate, up
+        (c["intermediate_size"], h, layers),  # down
+        (h, c["vocab_size"], 1),  # LM head
+    ]
+
+
+def matmul_peak(
+    model_path: str, dtype_name: str, tokens=(512, 2048), threads: int = 2, reps: int = 3
+) -> float:
+    """The learner's roofline: TFLOP/s of the model's own matmul shapes ([tokens, in] x [in, out], each the best
+    of `reps`), weighted by how much of a step each is, at the best of the `tokens` sizes, with `threads`
+    threads. Square matrices would overstate it: the small model's thin shapes run slower."""
     import torch
 
     torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
     best = 0.0
-    for n, reps in sizes:
-        a = torch.randn(n, n, dtype=dtype)
-        b = torch.randn(n, n, dtype=dtype)
-        torch.mm(a, b)  # warm-up
-        for _ in range(reps):
-            t = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e12)
+    for m in tokens:
+        flops = seconds = 0.0
+        for k, n, count in layer_matmuls(model_path):
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            torch.mm(a, b)  # warm-up
+            fastest = float("inf")
+            for _ in range(reps):
+                t = time.perf_counter()
+                torch.mm(a, b)
+                fastest = min(fastest, time.perf_counter() - t)
+            flops += 2 * m * k * n * count
+            seconds += fastest * count
+        best = max(best, flops / seconds / 1e12)
     return best
 
 
@@ -118,7 +145,7 @@ def report(
     )
     print(
         f"machine: {os.cpu_count()} CPUs, {_cpu_model()}, native bf16: {'yes' if spec['native_bf16'] else 'no'}; "
-        "torch matmul peak with 2 threads: bf16 "
+        "matmul roofline (the model's layer shapes, 2 threads): bf16 "
         + (
             f"{peaks['bfloat16']:.3f} TFLOP/s"
             if peaks["bfloat16"] is not None
