@@ -45,26 +45,33 @@ def layer_matmuls(model_path: str) -> list[tuple[int, int, int]]:
 def matmul_peak(
     model_path: str, dtype_name: str, tokens=(512, 2048), threads: int = 2, reps: int = 3
 ) -> float:
-    """The learner's roofline: TFLOP/s of the model's own matmul shapes ([tokens, in] x [in, out], each the best
-    of `reps`), weighted by how much of a step each is, at the best of the `tokens` sizes, with `threads`
-    threads. Square matrices would overstate it: the small model's thin shapes run slower."""
+    """The learner's roofline: TFLOP/s of the model's own matmuls as a training step runs them, for each weight
+    [in, out] the forward [tokens, in] x [in, out] and the backward's two ([tokens, out] x [out, in] for the input
+    gradient, [in, tokens] x [tokens, out] for the weight gradient), each the best of `reps`, weighted by how much
+    of a step each is, at the best of the `tokens` sizes, with `threads` threads. Square matrices would overstate
+    it: a small model's thin shapes run slower."""
     import torch
 
     torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
+
+    def fastest(a, b) -> float:
+        torch.mm(a, b)  # warm-up
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t)
+        return best
+
     best = 0.0
     for m in tokens:
         flops = seconds = 0.0
         for k, n, count in layer_matmuls(model_path):
-            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-            torch.mm(a, b)  # warm-up
-            fastest = float("inf")
-            for _ in range(reps):
-                t = time.perf_counter()
-                torch.mm(a, b)
-                fastest = min(fastest, time.perf_counter() - t)
-            flops += 2 * m * k * n * count
-            seconds += fastest * count
+            for rows, inner, cols in ((m, k, n), (m, n, k), (k, m, n)):  # forward, input grad, weight grad
+                a, b = torch.randn(rows, inner, dtype=dtype), torch.randn(inner, cols, dtype=dtype)
+                flops += 2 * rows * inner * cols * count
+                seconds += fastest(a, b) * count
         best = max(best, flops / seconds / 1e12)
     return best
 

@@ -66,8 +66,7 @@ class HFBackend:
             do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p,
-            top_k=0,  # not transformers' default 50
-            repetition_penalty=1.0,
+            top_k=None if greedy else 0,  # not transformers' default 50
             max_new_tokens=sampling.max_new_tokens,
             num_return_sequences=sampling.n,
             pad_token_id=self.pad_id,

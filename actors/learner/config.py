@@ -13,6 +13,11 @@ from troupe.actors.field_domains import bounded, one_of, resource
 
 # how per-token losses become the step's loss (algo.loss_agg; actors/learner/step.py)
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+# off-policy corrections (actors/learner/off_policy.py); the masking ones take bounds, the others a cap
+CORRECTIONS = ("token_tis", "seq_tis", "geo_mask", "icepop")
+MASKING = ("geo_mask", "icepop")
+# |log-ratio| bound before exp: e^20 ~ 5e8 is finite in fp32 and bf16 (verl and SkyRL clamp at 20 too)
+LOG_RATIO_CLAMP = 20.0
 
 
 @dataclass
@@ -121,7 +126,7 @@ class AlgoConfig:
     # dual clip (Ye et al. 2020): a negative advantage's loss is capped at -dual_clip * A (None: off; verl uses 3)
     dual_clip: float | None = bounded(None, gt=1)
     # |log pi - log pi_other| bound before exp, in the ratio, every KL estimator and the off-policy weights
-    log_ratio_clamp: float = bounded(20.0, gt=0, le=80)
+    log_ratio_clamp: float = bounded(LOG_RATIO_CLAMP, gt=0, le=80)
     kl_coef: float = bounded(0.0, ge=0)  # 0: no reference model is loaded
     kl_estimator: str = one_of("k1", "k2", "k3", default="k3")  # Schulman's estimators
     # loss (a loss term) | reward (-kl_coef * KL_t in each token's reward)
@@ -137,9 +142,9 @@ class AlgoConfig:
     # generator's. It corrects rollouts from older weights (run.mode=async) and the engine/learner mismatch.
     # token_tis: min(rho_t, tis_cap) | seq_tis: min(prod rho_t, tis_cap) per row | geo_mask: a row whose geometric
     # mean rho is outside [correction_low, correction_high] is left out | icepop: rho_t, or 0 outside the bounds.
-    correction: str = one_of("token_tis", "seq_tis", "geo_mask", "icepop")
+    correction: str = one_of(*CORRECTIONS)
     tis_cap: float = bounded(2.0, ge=0)  # token_tis / seq_tis; 0: no correction
-    # geo_mask / icepop bounds on rho (None: 0.99 / 1.01 for geo_mask, 0.5 / 5.0 for icepop)
+    # geo_mask / icepop bounds on rho (None: the mode's default, off_policy.DEFAULT_BOUNDS)
     correction_low: float | None = bounded(None, gt=0)
     correction_high: float | None = bounded(None, gt=0)
     tis_scope: str = one_of("stale", "all")  # the rows corrected: stale (from older weights) | all
@@ -155,7 +160,7 @@ class AlgoConfig:
 
     def corrects(self) -> bool:
         """Whether any off-policy correction applies (the masking modes have no cap)."""
-        return self.tis_cap > 0 or self.correction in ("geo_mask", "icepop")
+        return self.tis_cap > 0 or self.correction in MASKING
 
     def needs_reference(self) -> bool:
         if self.update == "dpo":

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from troupe.actors.learner.config import LOG_RATIO_CLAMP
+
 
 def group_advantages(
     rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6
@@ -23,11 +25,6 @@ def group_advantages(
     if scale_by_std and group_size > 1:
         centred = centred / (groups.std(dim=1, keepdim=True) + eps)
     return centred.view(-1)
-
-
-LOG_RATIO_CLAMP = (
-    20.0  # |log-ratio| bound before exp: e^20 ~ 5e8 is finite in fp32 and bf16 (verl, SkyRL: 20)
-)
 
 
 def kl_penalty(

@@ -9,17 +9,16 @@ update). Each mode turns rho_t = pi_old / pi_b on a row's response tokens into p
   icepop     rho_t if low <= rho_t <= high, else 0                IcePop token masking (AReaL, OpenRLHF, slime)
 
 Weights are detached; masked tokens give no gradient but stay in the loss's token count (as AReaL and SkyRL
-do), so a mask does not inflate the remaining tokens' share. Log-ratios are clamped before exp. Rows are whole
+do), so a mask does not inflate the remaining tokens' share; `tis/masked_frac` counts tokens (a geo_mask row
+counts all its tokens). A NaN log-prob is not masked here: its NaN loss skips the step (faults/nonfinite_updates). Log-ratios are clamped before exp. Rows are whole
 in every micro-batch, so the per-row sums and means do not depend on the micro-batch size."""
 
 from __future__ import annotations
 
 import torch
 
-from troupe.actors.learner.grpo import LOG_RATIO_CLAMP
+from troupe.actors.learner.config import CORRECTIONS, LOG_RATIO_CLAMP
 
-MODES = ("token_tis", "seq_tis", "geo_mask", "icepop")
-MASKING = ("geo_mask", "icepop")
 DEFAULT_BOUNDS = {
     "geo_mask": (0.99, 1.01),
     "icepop": (0.5, 5.0),
@@ -56,7 +55,7 @@ def correction_weights(
         rho = torch.exp(log_rho)
         keep = (rho >= low) & (rho <= high)
         return torch.where(keep, rho, 0.0), m & ~keep
-    raise ValueError(f"off-policy correction must be one of {', '.join(MODES)}, got {mode!r}")
+    raise ValueError(f"off-policy correction must be one of {', '.join(CORRECTIONS)}, got {mode!r}")
 
 
 def mismatch_kl(

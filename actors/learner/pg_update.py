@@ -15,9 +15,10 @@ import torch
 
 from troupe.actors.learner.advantages import AdvantageInputs, estimate
 from troupe.actors.learner.batch import RolloutBatch
+from troupe.actors.learner.config import MASKING
 from troupe.actors.learner.grpo import clipped_policy_loss, kl_penalty
 from troupe.actors.learner.logprobs import causal_lm, response_logprobs
-from troupe.actors.learner.off_policy import MASKING, correction_weights, mismatch_kl
+from troupe.actors.learner.off_policy import correction_weights, mismatch_kl
 from troupe.actors.learner.ppo import masked_whiten
 
 
@@ -92,9 +93,14 @@ def policy_gradient_update(learner, batch: RolloutBatch, kl_coef: float) -> tupl
         base = current if old is None else torch.where(keep, old, current)  # the policy before this update
         behaviour = torch.where(keep, mb.behaviour_logprobs.to(device), current)
         pg, clipped, dual_capped = clipped_policy_loss(
-            logp, base, mb.advantages.to(device), algo.clip_eps, algo.clip_eps_high, algo.dual_clip,
-            algo.log_ratio_clamp,
-        )  # fmt: skip
+            logp,
+            base,
+            mb.advantages.to(device),
+            clip_low=algo.clip_eps,
+            clip_high=algo.clip_eps_high,
+            dual_clip=algo.dual_clip,
+            clamp=algo.log_ratio_clamp,
+        )
         # the train/inference mismatch KL(pi_behaviour || pi_old), on every row
         stats = {
             "mismatch/kl": norm.per_token((mismatch_kl(base, behaviour, m, algo.log_ratio_clamp) * m).sum())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from troupe.actors.field_domains import Domain, domain_errors
 from troupe.actors.learner.advantages import lookup
+from troupe.actors.learner.config import MASKING
 from troupe.actors.plugins import PluginError
 from troupe.actors.tasks.arithmetic import ArithmeticTask
 from troupe.cluster.config.reward_checks import check_rewards, check_serve
@@ -168,6 +169,24 @@ def _validate_algo(cfg: TroupeConfig) -> None:
             f"data.dynamic_sampling keeps prompt groups whose rewards vary, for a policy gradient; algo={a.name} "
             "builds DPO pairs, which skip tied groups already (pairs/skipped_ties)"
         )
+    group_relative = (est.compares_group or a.group_baseline) and not a.critic
+    if cfg.data.dynamic_sampling and not (
+        group_relative and not (a.kl_placement == "reward" and a.kl_coef > 0)
+    ):
+        raise ConfigError(
+            f"data.dynamic_sampling leaves out groups with equal rewards, which teach nothing only under a group "
+            f"baseline (algo.estimator=group or rloo, or returns with algo.group_baseline) without a critic or KL "
+            f"in the reward; algo={a.name} (estimator {a.estimator}) still learns from them"
+        )
+    if a.correction in MASKING and a.tis_scope == "stale" and cfg.run.mode == "sync":
+        raise ConfigError(
+            f"algo.correction={a.correction} with algo.tis_scope=stale corrects nothing in run.mode=sync (every "
+            "row is from the current weights): set algo.tis_scope=all to mask the engine/learner mismatch"
+        )
+    if a.correction == "seq_tis" and a.tis_cap <= 0:
+        raise ConfigError(
+            "algo.correction=seq_tis needs algo.tis_cap > 0 (the cap is what makes it truncated)"
+        )
     if cfg.data.dynamic_sampling and cfg.run.mode == "async" and cfg.run.max_staleness > 1:
         raise ConfigError(
             "data.dynamic_sampling with run.mode=async needs run.max_staleness=1: its refill batches are drawn "
@@ -185,7 +204,7 @@ def _validate_algo(cfg: TroupeConfig) -> None:
             f"algo.clip_eps={a.clip_eps}: the ratio's lower clip 1 - clip_eps must stay above 0"
         )
     low, high = a.correction_low, a.correction_high
-    if (low is not None or high is not None) and a.correction not in ("geo_mask", "icepop"):
+    if (low is not None or high is not None) and a.correction not in MASKING:
         raise ConfigError(
             f"algo.correction_low/high bound the masking corrections (geo_mask, icepop), not {a.correction}"
         )

@@ -61,7 +61,7 @@ def fill_batch(rounds: list[list[ScoredRollout]], groups: int, n: int) -> Filled
     rows = [s for g in batch for s in scored[g * n : (g + 1) * n]]
     zero = [reasons[g] == ZERO_VARIANCE for g in batch for _ in range(n)]
     stats = {
-        "dynamic/rounds": len(rounds) - 1,
+        "dynamic/refills": len(rounds) - 1,
         "dynamic/prompts_drawn": len(reasons),
         "dynamic/informative_groups": len(informative),
         "dynamic/filled_frac": len(chosen) / groups,

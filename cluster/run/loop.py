@@ -203,10 +203,11 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     left_out: dict[str, int] = {}
     if run.max_batches_drawn > 1:
         with timed(timings, "refill"):
-            scored, left_out, refill_stats = _refill(run, scored)
-            run.pipeline.top_up(
-                run.prompts, run.generators, run.sampling_for, min(run.pipeline.depth, remaining)
-            )
+            result, left_out, refill_stats = _refill(run, result, scored)
+            scored = result.scored
+            ahead = min(run.pipeline.depth, remaining)
+            run.pipeline.top_up(run.prompts, run.generators, run.sampling_for, ahead)
+            staleness["pipeline/in_flight"] = len(run.pipeline.queue)  # now that the next batch is drawn
     kept = any(not s.reward.dropped for s in scored)
 
     # 3. Learn: policy gradient (advantages, [critic values], clipped update, [critic update]) or DPO on pairs.
@@ -272,11 +273,12 @@ def _score(run: RunState, rollouts) -> tuple[ScoredBatch, list[ScoredRollout]]:
     return result, run.overlong.apply(result.scored)  # shaped outside the hierarchy's gates
 
 
-def _refill(run: RunState, scored: list[ScoredRollout]) -> tuple[list[ScoredRollout], dict, dict]:
-    """Draw, generate and score more batches while too few groups are informative (cluster/run/dynamic_sampling.py);
-    returns the training batch, the groups left out of it per reason, and the row's dynamic/* metrics."""
+def _refill(run: RunState, first: ScoredBatch, scored: list[ScoredRollout]) -> tuple[ScoredBatch, dict, dict]:
+    """Draw, generate and score more batches while too few groups are informative (cluster/run/dynamic_sampling.py).
+    Returns the training batch (with the reward errors and inf/NaN counts of every batch drawn), the groups left out
+    of it per reason, and the row's dynamic/* metrics."""
     n, groups = run.sampling.n, run.prompts.per_batch
-    rounds, errors = [scored], 0
+    rounds, errors, nonfinite = [scored], Counter(first.errors), first.nonfinite
     while needs_more(rounds, groups, n, run.max_batches_drawn):
         more = run.prompts.next_batch()
         run.ledger.enter(len(more))
@@ -284,10 +286,11 @@ def _refill(run: RunState, scored: list[ScoredRollout]) -> tuple[list[ScoredRoll
             "generate", more.prompts, run.sampling_for(more), deadline_s=run.faults.generate_s
         )
         result, shaped = _score(run, [r for chunk in chunks for r in chunk])
-        errors += sum(result.errors.values())
+        errors.update(result.errors)
+        nonfinite += result.nonfinite
         rounds.append(shaped)
     filled = fill_batch(rounds, groups, n)
-    return filled.scored, filled.left_out, {**filled.stats, "dynamic/refill_reward_errors": errors}
+    return ScoredBatch(filled.scored, dict(errors), nonfinite=nonfinite), filled.left_out, filled.stats
 
 
 def initial_eval(run: RunState) -> dict:

@@ -55,26 +55,27 @@ def test_zero_variance_groups_are_refilled_and_accounted(fleet):
     rows = [run_iteration(run, i) for i in range(2)]
     for row in rows:
         assert row["prompts/dropped/zero_variance"] >= 1  # the constant half was left out...
-        assert row["dynamic/rounds"] >= 1 and row["dynamic/filled_frac"] == 1.0  # ...and refilled
+        assert row["dynamic/refills"] >= 1 and row["dynamic/filled_frac"] == 1.0  # ...and refilled
         assert row["samples"] == groups * run.sampling.n  # the batch trained has its usual size
         _check_accounting(row, groups)
 
 
 def test_async_refills_come_before_the_next_batch_so_the_cursor_resumes_after_them(fleet):
     run = fleet
+    iterations, run.iterations = run.iterations, 10
     run.pipeline = RolloutPipeline(1, 1)  # run.mode=async, run.max_staleness=1
-    run.iterations = 10
     try:
         first = run.prompts.state_dict()["batches"]
         row = run_iteration(run, 0)
         _check_accounting(row, run.prompts.per_batch)
+        assert row["pipeline/in_flight"] == 1
         in_flight = run.pipeline.queue[0].batch
         # batch `first`, its refills, then the next batch (in flight while the learners trained)
-        assert in_flight.iteration == first + 1 + row["dynamic/rounds"]
+        assert in_flight.iteration == first + 1 + row["dynamic/refills"]
         assert run.pipeline.cursor_state(run.prompts)["batches"] == in_flight.iteration
         row = run_iteration(run, 1)  # the in-flight batch is the next one trained
         assert row["staleness/max"] <= 1
         _check_accounting(row, run.prompts.per_batch)
     finally:
         run.pipeline.discard()
-        run.pipeline = RolloutPipeline(0, 0)
+        run.pipeline, run.iterations = RolloutPipeline(0, 0), iterations

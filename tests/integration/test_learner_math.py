@@ -173,7 +173,7 @@ def test_critic_and_dpo_train_in_bf16_and_fp32(ray_session, tiny_model_path, dty
 def test_correction_modes_on_real_ranks_bf16_and_fp32(ray_session, tiny_model_path, dtype):
     """Rows whose behaviour log-probs are far below the learner's (ratio ~e^20 after the clamp): sequence TIS
     weighs every token by the cap; geometric masking and IcePop leave every token out, so the step has no
-    gradient; the dual clip and clip-higher keep the loss finite and reported."""
+    gradient; with the dual clip and clip-higher on, the step stays finite."""
     base = _batch()
     stale = replace(
         base,
@@ -194,5 +194,4 @@ def test_correction_modes_on_real_ranks_bf16_and_fp32(ray_session, tiny_model_pa
         tiny_model_path, dtype, 1, 4, batch=stale,
         extra=(*off, "algo.clip_eps_high=0.28", "algo.dual_clip=3.0"),
     )  # fmt: skip
-    assert math.isfinite(clipped["pg_loss"]) and math.isfinite(clipped["grad_norm"])
-    assert 0.0 <= clipped["dual_clip_frac"] <= 1.0
+    assert math.isfinite(clipped["pg_loss"]) and math.isfinite(clipped["grad_norm"])  # the math: test_grpo.py

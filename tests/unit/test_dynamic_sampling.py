@@ -30,7 +30,7 @@ def test_the_batch_takes_the_first_informative_groups_and_leaves_the_rest_out_wi
     assert [s.rollout.prompt.uid for s in filled.scored[::N]] == ["b", "c"]
     assert not any(s.reward.dropped for s in filled.scored)
     assert filled.left_out == {ZERO_VARIANCE: 1, SURPLUS: 1}
-    assert filled.stats == {"dynamic/rounds": 1, "dynamic/prompts_drawn": 4, "dynamic/informative_groups": 3,
+    assert filled.stats == {"dynamic/refills": 1, "dynamic/prompts_drawn": 4, "dynamic/informative_groups": 3,
                             "dynamic/filled_frac": 1.0}  # fmt: skip
 
 
