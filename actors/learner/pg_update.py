@@ -62,8 +62,9 @@ def policy_gradient_update(learner, batch: RolloutBatch, kl_coef: float) -> tupl
     kl_in_loss = with_reference and algo.kl_placement == "loss" and kl_coef > 0
     # Rows whose tokens are importance-corrected: those from older weights, or all of them (algo.tis_scope).
     stale_rows = batch.weight_version != learner.version
+    # Decided by the config alone, so every rank reports the same metrics (one rank's share may hold no stale row).
     tis_rows = None
-    if algo.corrects() and (algo.tis_scope == "all" or bool(stale_rows.any())):
+    if algo.corrects():
         tis_rows = torch.ones_like(stale_rows) if algo.tis_scope == "all" else stale_rows
     group_size = batch.group_size if train.share_prompts else 1
 
@@ -113,7 +114,8 @@ def policy_gradient_update(learner, batch: RolloutBatch, kl_coef: float) -> tupl
             )
             iw = torch.where(scope.bool(), iw, 1.0)
             pg = pg * iw
-            stats["tis/weight_mean"] = norm.per_token((iw * scope).sum())
+            # over every response token (a token out of scope weighs 1), so ranks and micro-batches average alike
+            stats["tis/weight_mean"] = norm.per_token((iw * m).sum())
             if algo.correction in MASKING:
                 stats["tis/masked_frac"] = norm.per_token((masked * scope).sum())
             else:
@@ -143,11 +145,6 @@ def policy_gradient_update(learner, batch: RolloutBatch, kl_coef: float) -> tupl
     metrics = learner.optimize(batch.lengths, mask.sum(-1), micro_loss, not on_policy, group_size)
     metrics["old_logprobs_forward"] = float(old_logp is not None)
     metrics["stale_rows_frac"] = float(stale_rows.float().mean())
-    if tis_rows is not None:  # per_token sums were over all tokens: make them means over the corrected ones
-        frac = float((mask * tis_rows[:, None]).sum() / mask.sum().clamp(min=1.0))
-        for key in ("tis/weight_mean", "tis/truncated_frac", "tis/masked_frac"):
-            if key in metrics:
-                metrics[key] = metrics[key] / frac if frac > 0 else float("nan")
     metrics["prompts_packed"] = float(
         group_size > 1 and getattr(causal_lm(engine), "_troupe_packing", False) is True
     )

@@ -129,7 +129,9 @@ def test_stale_rows_are_weighted_by_the_truncated_importance_ratio_bf16_and_fp32
     assert corrected["pg_loss"] == pytest.approx(
         2.0 * plain["pg_loss"], rel=1e-3 if dtype == "float32" else 2e-2
     )
-    assert "tis/weight_mean" not in plain and "tis/weight_mean" not in fresh  # fresh rows: tis_scope=stale
+    assert "tis/weight_mean" not in plain  # algo.tis_cap=0: no correction
+    # tis_scope=stale: fresh rows are not corrected
+    assert fresh["tis/weight_mean"] == 1.0 and fresh["tis/truncated_frac"] == 0.0
     assert fresh["stale_rows_frac"] == 0.0
 
 
@@ -186,7 +188,8 @@ def test_correction_modes_on_real_ranks_bf16_and_fp32(ray_session, tiny_model_pa
     assert seq["tis/weight_mean"] == pytest.approx(2.0) and seq["tis/truncated_frac"] == pytest.approx(1.0)
     assert seq["pg_loss"] == pytest.approx(2.0 * plain["pg_loss"], rel=1e-3 if dtype == "float32" else 2e-2)
     for mode in ("geo_mask", "icepop"):
-        masked, _ = _one_step(tiny_model_path, dtype, 1, 4, batch=stale, extra=(f"algo.correction={mode}",))
+        extra = (f"algo.correction={mode}", "algo.tis_scope=all")
+        masked, _ = _one_step(tiny_model_path, dtype, 1, 4, batch=stale, extra=extra)
         assert masked["tis/masked_frac"] == pytest.approx(1.0), mode
         assert masked["pg_loss"] == 0.0 and masked["grad_norm"] == 0.0, mode  # no token has a gradient
         assert masked["mismatch/kl"] > 1e6, mode  # the clamped k3 of a log-ratio of 20
