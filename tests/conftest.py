@@ -1,6 +1,8 @@
 """Shared test settings: offline hub, vLLM in-process on CPU, and the data folder beside the checkout."""
 
 import os
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,3 +12,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TROUPE_CHECKPOINT_KEY", "troupe-test-suite-checkpoint-key")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@contextmanager
+def sigterm_must_be_taken():
+    """While a test sends SIGTERM to its own process: a handler that fails the test if the signal reaches it (the
+    job under test did not take it), and a check that the job put it back."""
+
+    def not_taken(signum, frame):
+        raise AssertionError("the SIGTERM reached the test's handler: the job did not take it")
+
+    previous = signal.signal(signal.SIGTERM, not_taken)
+    try:
+        yield
+        assert signal.getsignal(signal.SIGTERM) is not_taken, "the job did not put the handler back"
+    finally:
+        signal.signal(signal.SIGTERM, previous)

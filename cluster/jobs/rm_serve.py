@@ -49,7 +49,8 @@ from troupe.cluster.config.reward_checks import check_serve
 from troupe.cluster.config.schema import TroupeConfig
 from troupe.cluster.data.prompts import SkipRow, prompt_encoder
 from troupe.cluster.jobs.rm_batcher import Batcher, QueueFull
-from troupe.cluster.jobs.rm_http import Listening, Refusal, listen, make_app
+from troupe.cluster.jobs.rm_http import Refusal, make_app
+from troupe.cluster.jobs.rm_listen import Listening, listen
 from troupe.cluster.run.scoring import DROP_REASON, ErrorPolicy, ObjectiveFailed, score_batch
 
 log = logging.getLogger("troupe.rm_serve")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import sigterm_must_be_taken
 from tests.integration.conftest import TINY_OVERRIDES, killed_at_step, tiny_config
 
 pytestmark = pytest.mark.integration
@@ -107,17 +108,9 @@ def test_offline_dpo_killed_or_stopped_and_resumed_ends_like_an_uninterrupted_ru
             os.kill(os.getpid(), signal.SIGTERM)
         return train_dpo(self, pairs)
 
-    def not_taken(signum, frame):
-        raise AssertionError("the SIGTERM reached the test's handler: the job did not take it")
-
-    previous = signal.signal(signal.SIGTERM, not_taken)
-    try:
-        with monkeypatch.context() as patched, pytest.raises(Stopped) as stop:
-            patched.setattr(LearnerGroup, "train_dpo", train_dpo_signalled)
-            run(tiny_config(*stopped))
-        assert signal.getsignal(signal.SIGTERM) is not_taken  # the job put the handler back
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with sigterm_must_be_taken(), monkeypatch.context() as patched, pytest.raises(Stopped) as stop:
+        patched.setattr(LearnerGroup, "train_dpo", train_dpo_signalled)
+        run(tiny_config(*stopped))
     assert stop.value.signum == signal.SIGTERM and stop.value.checkpoint.name == "iter-000001"
     result = run(tiny_config(*stopped, "resume=latest"))
     assert result["redone_steps"] == 0

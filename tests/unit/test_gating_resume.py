@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from tests.conftest import sigterm_must_be_taken
 from troupe.actors.reward.bundle import load_bundle
 from troupe.cluster.cli import main as troupe
 from troupe.cluster.jobs.gating_checkpoints import GatingCheckpoints, train_folder
@@ -99,17 +100,9 @@ def test_gating_stopped_by_sigterm_checkpoints_the_step_and_resumes_to_the_same_
             os.kill(os.getpid(), signal.SIGTERM)
         return real_due(self, step)
 
-    def not_taken(signum, frame):
-        raise AssertionError("the SIGTERM reached the test's handler: the job did not take it")
-
-    previous = signal.signal(signal.SIGTERM, not_taken)
-    try:
-        with monkeypatch.context() as patched:
-            patched.setattr(GatingCheckpoints, "due", signalled_due)
-            assert troupe(stopped) == 128 + signal.SIGTERM
-        assert signal.getsignal(signal.SIGTERM) is not_taken  # the job put the handler back
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with sigterm_must_be_taken(), monkeypatch.context() as patched:
+        patched.setattr(GatingCheckpoints, "due", signalled_due)
+        assert troupe(stopped) == 128 + signal.SIGTERM
     checkpoints = train_folder(stage1 / "outputs/stopped") / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["iter-000014"]
     assert troupe(stopped + ["resume=latest"]) == 0

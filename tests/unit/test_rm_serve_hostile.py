@@ -31,7 +31,8 @@ from troupe.cluster.fleet import pool as pool_module
 from troupe.cluster.fleet.pool import Pool
 from troupe.cluster.fleet.reward_pools import RewardFleet
 from troupe.cluster.jobs.rm_batcher import Batcher
-from troupe.cluster.jobs.rm_http import json_depth, listen, make_app
+from troupe.cluster.jobs.rm_http import json_depth, make_app
+from troupe.cluster.jobs.rm_listen import listen
 from troupe.cluster.jobs.rm_serve import RewardService
 
 OBJECTIVES = ("correctness", "format", "length")
