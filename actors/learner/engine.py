@@ -130,7 +130,7 @@ def make_optimizer(params, spec: LearnerConfig, on_gpu: bool) -> torch.optim.Opt
             params, lr=spec.lr, betas=tuple(spec.adam_betas), weight_decay=spec.weight_decay
         )
     return torch.optim.AdamW(
-        params, lr=spec.lr, betas=tuple(spec.adam_betas), weight_decay=spec.weight_decay, fused=on_gpu or None
+        params, lr=spec.lr, betas=tuple(spec.adam_betas), weight_decay=spec.weight_decay, fused=True
     )
 
 

@@ -99,7 +99,7 @@ def test_algorithm_and_deepspeed_cross_checks_name_keys():
         (["algo=rloo", "algo.kl_placement=reward"], "algo.kl_placement"),
         (["algo.estimator=gae"], "algo.critic"),
         (["algo.estimator=vtrace"], "algo.estimator"),
-        (["data.prompts_per_iteration=3"], "data.prompts_per_iteration"),
+        (["data.prompts_per_iteration=3", "learner.world_size=2"], "data.prompts_per_iteration"),
     ]
     for overrides, key in cases:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -1,0 +1,238 @@
+"""The learn phase alone, on the real learner group, for each rank layout: where the policy update's time goes and
+how close it comes to this machine's matmul roofline.
+
+For each layout RANKS x THREADS (e.g. 2x1: two DeepSpeed ranks of one OMP thread each; 1x2: one rank with two), a
+LearnerGroup is built from conf/demo.yaml exactly as the driver builds it, and trained on the same batch: the
+arithmetic task's real prompts (token ids from its PromptSource), GROUP responses per prompt sampled from the
+model itself, rewards +-1 so every group teaches. Each timed step is one `LearnerGroup.train` call (on-policy: the batch's weight version follows the
+learner's, so no old-policy forward), the first one is a warm-up. It prints, per layout, the median seconds per
+step, the achieved TFLOP/s — counted as the work actually done (with shared-prompt packing a group's prompt is
+computed once; the LM head only at response tokens) and as vs_trl.py counts it (every row's prompt, the head at
+every token) — and each against the matmul roofline of the learner's dtype (vs_trl_report.matmul_peak, 2 threads).
+
+Run: .venv/bin/python -m bench.learn_phase [--layouts 2x1,1x2] [--steps 5] [--override KEY=VALUE ...]
+     [--out outputs/bench/learn_phase.json]
+Smoke: .venv/bin/python -m bench.learn_phase --smoke [--out FOLDER]: the tiny model, 2 steps, both layouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS, GROUP = 8, 4  # bench/vs_trl.py's batch
+VS_TRL = ["generator.max_new_tokens=64", "generator.temperature=1.0"]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from troupe.cluster.config.checks import validate
+    from troupe.cluster.config.schema import register
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = OmegaConf.to_object(hydra_compose(config_name="demo", overrides=overrides))
+    validate(cfg)
+    return cfg
+
+
+def synthetic_batch(cfg, model_path: str, seed: int):
+    """PROMPTS real prompts x GROUP responses sampled from the model itself (seeded, at the config's temperature and
+    max_new_tokens), right-padded as the driver's batches are. Sampled, not random, tokens: the learner's one-time
+    packing check compares log-probs, and random tokens' (about -17 nats each) carry more bf16 noise than it allows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from troupe.actors.learner.batch import RolloutBatch
+    from troupe.cluster.data.prompts import build_prompt_sources
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    source, _ = build_prompt_sources(cfg, tokenizer)
+    prompts = [p.token_ids for p in source.next_batch().prompts][:PROMPTS]
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
+    g = cfg.generator
+    torch.manual_seed(seed)
+    rows = []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = model.generate(
+                torch.tensor([prompt]),
+                do_sample=True,
+                temperature=g.temperature,
+                top_k=0,
+                max_new_tokens=g.max_new_tokens,
+                num_return_sequences=GROUP,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+            for seq in out[:, len(prompt) :].tolist():
+                if tokenizer.eos_token_id in seq:
+                    seq = seq[: seq.index(tokenizer.eos_token_id) + 1]
+                rows.append((list(prompt), seq))
+    del model
+    rng = torch.Generator().manual_seed(seed)
+    width = max(len(p) + len(r) for p, r in rows)
+    b = len(rows)
+    ids = torch.zeros(b, width, dtype=torch.long)
+    attention = torch.zeros(b, width, dtype=torch.long)
+    action = torch.zeros(b, width - 1)
+    for i, (p, r) in enumerate(rows):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        attention[i, : len(p) + len(r)] = 1
+        action[i, len(p) - 1 : len(p) + len(r) - 1] = 1
+    rewards = (torch.randint(0, 2, (b,), generator=rng) * 2 - 1).float()
+    token_rewards = torch.zeros(b, width - 1)
+    last = (action.cumsum(-1) == action.sum(-1, keepdim=True)) & action.bool()
+    token_rewards[last] = rewards
+    batch = RolloutBatch(
+        input_ids=ids,
+        attention_mask=attention,
+        action_mask=action,
+        behaviour_logprobs=torch.full((b, width - 1), -3.0) * action,
+        rewards=rewards,
+        token_rewards=token_rewards,
+        temperature=torch.full((b,), float(cfg.generator.temperature)),
+        weight_version=torch.zeros(b, dtype=torch.long),
+        group_size=GROUP,
+    )
+    shape = {
+        "prompt_tokens": [len(p) for p in prompts],
+        "response_tokens": [len(r) for _, r in rows],
+    }
+    return batch, shape
+
+
+def step_flops(model_path: str, shape: dict) -> dict:
+    """FLOPs of one forward + backward (6 per weight per token): done (packed prompts, head at response tokens
+    only) and as bench/vs_trl.py counts them (every row with its own prompt, every weight at every token)."""
+    from bench.vs_trl_report import layer_matmuls
+
+    per_token = {"body": 0, "head": 0}
+    for k, n, count in layer_matmuls(model_path):
+        per_token["head" if n > 4 * k and count == 1 else "body"] += k * n * count
+    responses = sum(shape["response_tokens"])
+    packed = sum(shape["prompt_tokens"]) + responses
+    unpacked = GROUP * sum(shape["prompt_tokens"]) + responses
+    return {
+        "done": 6 * (per_token["body"] * packed + per_token["head"] * responses),
+        "vs_trl_count": 6 * (per_token["body"] + per_token["head"]) * unpacked,
+    }
+
+
+def time_layout(layout: str, args, model_path: str) -> dict:
+    from troupe.cluster.fleet.learners import LearnerGroup, policy_setup
+    from troupe.cluster.run.runtime import learner_env
+
+    ranks, threads = (int(x) for x in layout.split("x"))
+    overrides = [
+        f"model.policy={args.model}",
+        f"learner.world_size={ranks}",
+        f"learner.omp_threads={threads}",
+        "learner.mini_batches=1",
+        "algo.kl_coef=0.0",
+        *VS_TRL,
+        f"run.iterations={args.steps}",
+        *args.override,
+    ]
+    cfg = compose(overrides)
+    batch, shape = synthetic_batch(cfg, model_path, cfg.run.seed)
+    spec = policy_setup(cfg, model_path)
+    group = LearnerGroup(spec, learner_env(cfg.learner), cfg.ray.actor_timeout_s)
+    try:
+        group.wait_ready()
+        steps = []
+        for step in range(args.steps):
+            batch = batch.with_columns(weight_version=torch.full((len(batch),), step, dtype=torch.long))
+            started = time.perf_counter()
+            metrics, _ = group.train(batch, 0.0)
+            steps.append({"wall_s": time.perf_counter() - started, "rank_train_s": metrics["train_s"]})
+            print(f"bench/learn_phase: {layout} step {step + 1}: {steps[-1]['wall_s']:.2f}s", flush=True)
+    finally:
+        group.shutdown()
+    timed = steps[1:] if len(steps) > 1 else steps
+    return {
+        "layout": layout,
+        "ranks": ranks,
+        "threads": threads,
+        "dtype": spec.train.dtype,
+        "micro_batch_size": cfg.learner.micro_batch_size,
+        "zero_stage": cfg.learner.zero_stage,
+        "overrides": overrides,
+        "steps": steps,
+        "median_s": statistics.median(s["wall_s"] for s in timed),
+        "shape": shape,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layouts", default="2x1,1x2", help="comma-separated RANKSxTHREADS")
+    p.add_argument("--steps", type=int, default=5, help="train calls per layout, the first a warm-up")
+    p.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="troupe override")
+    p.add_argument("--out", default="outputs/bench/learn_phase.json")
+    p.add_argument("--smoke", action="store_true", help="the tiny model, 2 steps, outputs under --out")
+    args = p.parse_args()
+
+    import ray
+
+    from bench.vs_trl_report import matmul_peak
+    from troupe.actors.hardware import resolve_dtype
+    from troupe.actors.models import resolve_model
+    from troupe.cluster.config.schema import RayConfig
+    from troupe.cluster.run.runtime import start_ray
+
+    out = Path(args.out)
+    if args.smoke:
+        from bench.troupe_run import smoke_out
+
+        out = (
+            smoke_out(args.out if args.out != p.get_default("out") else None, "learn-phase")
+            / "learn_phase.json"
+        )
+        args.model, args.steps = "builtin:tiny-llama", 2
+    model_path = resolve_model(args.model)
+    dtype = resolve_dtype(compose([f"model.policy={args.model}", *args.override]).learner.dtype)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start_ray(RayConfig(num_cpus=2), log_to_driver=False)
+    try:
+        results = [time_layout(layout, args, model_path) for layout in args.layouts.split(",")]
+    finally:
+        ray.shutdown()
+    print("bench/learn_phase: measuring the matmul roofline with the model's own layer shapes (2 threads)")
+    peak = matmul_peak(model_path, dtype, tokens=(64,) if args.smoke else (512, 2048))
+    for r in results:
+        flops = step_flops(model_path, r["shape"])
+        r["tflops"] = {k: v / r["median_s"] / 1e12 for k, v in flops.items()}
+        r["roofline_fraction"] = {k: v / peak for k, v in r["tflops"].items()}
+    report = {"model": args.model, "dtype": dtype, "peak_tflops_2_threads": peak, "layouts": results}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(
+        f"\nlearn phase of {PROMPTS} prompts x {GROUP} on {args.model} ({dtype}); roofline {peak:.3f} TFLOP/s"
+    )
+    print(
+        f"{'layout':>8} {'median s':>9} {'TFLOP/s done':>13} {'of roofline':>12} {'vs_trl count':>13} {'of roofline':>12}"
+    )
+    for r in results:
+        t, f = r["tflops"], r["roofline_fraction"]
+        print(
+            f"{r['layout']:>8} {r['median_s']:9.2f} {t['done']:13.3f} {f['done']:11.0%} "
+            f"{t['vs_trl_count']:13.3f} {f['vs_trl_count']:11.0%}"
+        )
+    if len(results) == 2:
+        a, b = results
+        print(f"{a['layout']} / {b['layout']} time: {a['median_s'] / b['median_s']:.2f}")
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
