@@ -51,6 +51,11 @@ bench-async: $(STAMP)
 bench-scale: $(STAMP)
 	$(BIN)/python -m bench.scale
 
+# the learn phase alone on the demo's model, 2 ranks x 1 thread against 1 rank x 2 threads, against the roofline
+.PHONY: bench-learn
+bench-learn: $(STAMP)
+	$(BIN)/python -m bench.learn_phase $(BENCH_ARGS)
+
 # troupe vs TRL GRPO, one after the other (installs TRL into .bench-trl/ on first use): make bench-trl BENCH_ARGS="--steps 10"
 .PHONY: bench-trl
 bench-trl: $(STAMP)

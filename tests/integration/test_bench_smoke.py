@@ -112,6 +112,18 @@ def check_recovery(out: Path, _) -> None:
     printed(stdout, "generator killed: extra time", "driver killed: restart", "checkpoint size")
 
 
+def check_learn_phase(out: Path, _) -> None:
+    stdout = smoke("learn_phase", out)
+    r = json.loads((out / "learn_phase.json").read_text())
+    has(r, "model", "dtype", "peak_tflops_2_threads", "layouts")
+    assert [row["layout"] for row in r["layouts"]] == ["2x1", "1x2"], r["layouts"]
+    for row in r["layouts"]:
+        has(row, "ranks", "threads", "steps", "median_s", "tflops", "roofline_fraction", "shape")
+        has(row["tflops"], "done", "vs_trl_count")
+        assert len(row["steps"]) == 2 and row["median_s"] > 0 and sum(row["shape"]["response_tokens"]) > 0, row
+    printed(stdout, "TFLOP/s done", "2x1 / 1x2 time:")
+
+
 RM_MODELS = (
     "BT (linear probe, frozen)",
     "ArmoRM (gating)",
@@ -211,6 +223,7 @@ CHECKS = {
     "judge": check_judge,
     "rm_serve": check_rm_serve,
     "generator_dtype": check_generator_dtype,
+    "learn_phase": check_learn_phase,
     "learning_check": check_learning_check,
     "real_data": check_real_data,
     "recovery": check_recovery,
