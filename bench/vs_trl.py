@@ -11,7 +11,7 @@ TFLOP/s against this machine's matmul roofline (the model's own layer shapes), a
 TRL is not a troupe dependency: on first use it is installed into .bench-trl/ (pip --target, only the packages this
 environment lacks, at versions that leave torch / transformers / vllm untouched) and put on the TRL process's path.
 
-Run: .venv/bin/python -m bench.vs_trl [--steps 10] [--tiny] [--troupe-override learner.world_size=1 ...]
+Run: .venv/bin/python -m bench.vs_trl [--steps 10] [--tiny] [--troupe-override learner.world_size=2 ...]
      [--out outputs/bench/vs_trl.json]
 Smoke: .venv/bin/python -m bench.vs_trl --smoke [--out FOLDER]: the tiny model for 2 steps, everything under FOLDER (a
 temporary one by default). It never installs TRL: without it in .bench-trl/ it runs troupe's half and checks TRL's
@@ -279,7 +279,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra Hydra override for troupe (repeatable), e.g. learner.world_size=1",
+        help="extra Hydra override for troupe (repeatable), e.g. learner.world_size=2",
     )
     p.add_argument("--only", choices=("trl", "troupe"), help="run one half (no ratio)")
     p.add_argument("--out", default="outputs/bench/vs_trl.json", help="results as JSON")

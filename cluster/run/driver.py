@@ -208,7 +208,8 @@ def run(cfg: TroupeConfig) -> dict:
             start = resume_run(run_state, checkpoints, job, *resume)
         job.start(
             f"troupe: fleet ready in {job.elapsed_s:.0f}s ({cfg.generator.replicas} generator, "
-            f"{cfg.reward.shards} reward shard, {cfg.learner.world_size} learner ranks); policy {cfg.model.policy}"
+            f"{cfg.reward.shards} reward shard, {_count(cfg.learner.world_size, 'learner rank')}); "
+            f"policy {cfg.model.policy}"
             + (f"; resumed from {resume[0]} at iteration {start}" if resume else "")
         )
         if resume is not None:
@@ -268,3 +269,7 @@ def _table_columns(cfg: TroupeConfig) -> tuple:
     objectives = [read_info(e.bundle).name for e in r.experts.values()] + list(r.objectives)
     eval_mode = ("greedy" if cfg.eval.greedy else "sampled") if cfg.data.eval else None
     return rl_columns(objectives, r.aggregation == "hierarchy", eval_mode)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"

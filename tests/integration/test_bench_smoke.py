@@ -120,7 +120,9 @@ def check_learn_phase(out: Path, _) -> None:
     for row in r["layouts"]:
         has(row, "ranks", "threads", "steps", "median_s", "tflops", "roofline_fraction", "shape")
         has(row["tflops"], "done", "vs_trl_count")
-        assert len(row["steps"]) == 2 and row["median_s"] > 0 and sum(row["shape"]["response_tokens"]) > 0, row
+        assert len(row["steps"]) == 2 and row["median_s"] > 0 and sum(row["shape"]["response_tokens"]) > 0, (
+            row
+        )
     printed(stdout, "TFLOP/s done", "2x1 / 1x2 time:")
 
 
