@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(name: str, args: list[str]) -> int:
+    callers_ray = _ray_up()  # called from Python with a Ray already up: it is the caller's, left running
     multirun = any(a in MULTIRUN for a in args)
     recipe, overrides, want_help, print_config = parse_options([a for a in args if a not in MULTIRUN])
     name, overrides = resolve_deprecated(name, overrides)
@@ -325,7 +326,7 @@ def run_command(name: str, args: list[str]) -> int:
             result = run(cfg)
             if command.job == "best_of_n":
                 print(json.dumps(result))
-            _stop_ray()  # the next job of a sweep starts its own, with its own settings
+            _stop_ray(callers_ray)  # the next job of a sweep starts its own, with its own settings
         return 0
     except (ConfigError, PluginError, CheckpointError, CheckpointKeyError, RunFolderError) as e:
         if os.environ.get("TROUPE_TRACEBACK"):
@@ -335,13 +336,17 @@ def run_command(name: str, args: list[str]) -> int:
         print(f"troupe: {stopped}", file=sys.stderr, flush=True)
         return 128 + stopped.signum
     finally:
-        _stop_ray()
+        _stop_ray(callers_ray)
 
 
-def _stop_ray() -> None:
+def _ray_up() -> bool:
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    return ray is not None and ray.is_initialized()
+
+
+def _stop_ray(callers: bool) -> None:
+    if not callers and _ray_up():
+        sys.modules["ray"].shutdown()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from troupe.cluster.run.loop import run_iteration
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # each test its own fleet: the tests step it, and each assumes where the run stands
 def async_fleet(ray_session, tiny_model_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("async")
     cfg = tiny_config(
@@ -67,6 +67,7 @@ def test_groups_past_the_staleness_bound_are_sampled_again(async_fleet):
 def test_a_fleet_request_grows_and_shrinks_the_generators_between_iterations(async_fleet):
     pool = async_fleet.generators
     assert len(pool.live()) == 1
+    _step(async_fleet)  # past the initial weights: a new member must load the latest export
     request_resize(async_fleet.fleet.run_dir, {"generators": 2})
     grown = _step(async_fleet)
     assert grown["fleet/generators"] == 2 and grown["fleet/added"] == 1

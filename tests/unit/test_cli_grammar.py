@@ -157,3 +157,33 @@ def test_python_dash_m_troupe_is_the_troupe_command(tmp_path):
         [sys.executable, "-m", "troupe", "rm", "eval", "--help"], capture_output=True, text=True, cwd=tmp_path
     )
     assert proc.returncode == 0 and proc.stdout.startswith("usage: troupe rm eval"), proc.stderr
+
+
+class _FakeRay:
+    """Stands in for the ray module in sys.modules: up or not, and whether shutdown was called."""
+
+    def __init__(self, up: bool) -> None:
+        self.up, self.shutdowns = up, 0
+
+    def is_initialized(self) -> bool:
+        return self.up
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+        self.up = False
+
+
+def test_a_ray_the_caller_started_is_left_running(tmp_path, monkeypatch, capsys):
+    """`main()` called from Python (tests, notebooks) inside a caller's Ray must not shut that Ray down; a Ray the
+    command started itself is stopped at its end."""
+    from troupe.cluster import cli
+
+    callers = _FakeRay(up=True)
+    monkeypatch.setitem(sys.modules, "ray", callers)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "learner.zero_stage=7"]) != 0  # a config error: through the command's finally
+    assert callers.shutdowns == 0 and callers.up
+    ours = _FakeRay(up=True)  # up by the time the command ends, as the embedded Ray it started
+    monkeypatch.setitem(sys.modules, "ray", ours)
+    cli._stop_ray(callers=False)
+    assert ours.shutdowns == 1
