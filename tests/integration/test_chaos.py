@@ -85,44 +85,51 @@ def chaos_run(request, ray_session, tmp_path_factory, tiny_model_path):
                 train(run, job, checkpoints)
             finally:
                 killer.stop = True
-        yield run, out, killer.killed, checkpoints, request.param
+        # what the chaos run left, taken now: the SIGTERM test trains on (another row, checkpoint and update)
+        after = {
+            "rows": _rows(out / "metrics.jsonl"),
+            "checkpoints": [p.name for p in complete(out / "checkpoints")],
+            "totals": run.ledger.totals(),
+            "replacements": (run.generators.replacements, run.rewards.pools["rules"].replacements),
+            "rebuilds": run.learners.rebuilds,
+        }
+        yield run, out, killer.killed, checkpoints, request.param, after
 
 
 def test_every_kill_happened_and_each_iteration_appears_once(chaos_run):
-    run, out, killed, _, mode = chaos_run
+    run, out, killed, _, mode, after = chaos_run
     assert killed == [(0, "generator"), (1, "reward"), (4, "learner")]
-    rows = _rows(out / "metrics.jsonl")
+    rows = after["rows"]
     assert [r["iteration"] for r in rows] == list(range(ITERATIONS))
     # async: each kill found the next batch being generated while the learners trained
     assert [r["pipeline/in_flight"] for r in rows[:5]] == [int(mode == "async")] * 5
 
 
 def test_lost_members_are_replaced_and_the_learner_group_rebuilt(chaos_run):
-    run, out, _, checkpoints, _ = chaos_run
-    assert run.generators.replacements == 1 and run.rewards.pools["rules"].replacements == 1
-    assert run.learners.rebuilds == 1
-    last = _rows(out / "metrics.jsonl")[-1]
+    after = chaos_run[-1]
+    assert after["replacements"] == (1, 1)
+    assert after["rebuilds"] == 1
+    last = after["rows"][-1]
     assert last["faults/lost/generator"] == 1 and last["faults/lost/reward"] == 1
     assert last["faults/lost/learner"] == 1
     assert last["weight_version"] == ITERATIONS  # one update per iteration, the rolled-back ones redone
-    assert [p.name for p in complete(out / "checkpoints")] == ["iter-000003", "iter-000005"]
+    assert after["checkpoints"] == ["iter-000003", "iter-000005"]
 
 
 def test_the_accounting_adds_up(chaos_run):
-    run, out, _, _, _ = chaos_run
-    t = run.ledger.totals()
+    run, _, _, _, _, after = chaos_run
+    t = after["totals"]
     per_iteration = run.prompts.per_batch
     assert t["accounting/lost"] == 0 and t["accounting/in_flight"] == 0
     assert t["accounting/trained"] == ITERATIONS * per_iteration  # each kept iteration trained its batch once
     # the learner died during iteration 5 (after 4's row): 4 (done, rolled back) and 5 (in flight) are retried
     assert t["accounting/retried"] == 2 * per_iteration
     assert t["accounting/entered"] == t["accounting/trained"] + t["accounting/retried"]
-    rows = _rows(out / "metrics.jsonl")
-    assert sum(r["prompts/trained"] for r in rows) == t["accounting/trained"]
+    assert sum(r["prompts/trained"] for r in after["rows"]) == t["accounting/trained"]
 
 
 def test_sigterm_finishes_the_iteration_then_checkpoints_and_stops(chaos_run):
-    run, out, _, checkpoints, _ = chaos_run
+    run, out, _, checkpoints, _, _ = chaos_run
     job_rows = len(_rows(out / "metrics.jsonl"))
     restore = checkpoints.watch_signals()
     run.iterations = ITERATIONS + 2
