@@ -29,9 +29,8 @@ from pathlib import Path
 
 import torch
 
-from bench.vs_trl import GROUP, MAX_NEW_TOKENS, PROMPTS, TEMPERATURE
+from bench.vs_trl import GROUP, MAX_NEW_TOKENS, PROMPTS, TEMPERATURE, compose_troupe
 
-ROOT = Path(__file__).resolve().parent.parent
 # bench/vs_trl.py's batch and sampling
 VS_TRL = [
     f"data.prompts_per_iteration={PROMPTS}",
@@ -39,21 +38,6 @@ VS_TRL = [
     f"generator.max_new_tokens={MAX_NEW_TOKENS}",
     f"generator.temperature={TEMPERATURE}",
 ]
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from troupe.cluster.config.checks import validate
-    from troupe.cluster.config.schema import register
-
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = OmegaConf.to_object(hydra_compose(config_name="demo", overrides=overrides))
-    validate(cfg)
-    return cfg
 
 
 def synthetic_batch(cfg, model_path: str, seed: int):
@@ -67,7 +51,7 @@ def synthetic_batch(cfg, model_path: str, seed: int):
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     source, _ = build_prompt_sources(cfg, tokenizer)
-    prompts = [p.token_ids for p in source.next_batch().prompts][:PROMPTS]
+    prompts = [p.token_ids for p in source.next_batch().prompts]
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
     g = cfg.generator
     torch.manual_seed(seed)
@@ -129,7 +113,7 @@ def step_flops(model_path: str, shape: dict, packed: bool) -> dict:
     }
 
 
-def time_layout(layout: str, args, model_path: str) -> dict:
+def time_layout(layout: str, args, model_path: str, batch, shape: dict) -> dict:
     from troupe.actors.hardware import resolve_dtype
     from troupe.cluster.fleet.learners import LearnerGroup, policy_setup
     from troupe.cluster.run.runtime import learner_env
@@ -145,8 +129,7 @@ def time_layout(layout: str, args, model_path: str) -> dict:
         f"run.iterations={args.steps}",
         *args.override,
     ]
-    cfg = compose(overrides)
-    batch, shape = synthetic_batch(cfg, model_path, cfg.run.seed)
+    cfg = compose_troupe(overrides)
     spec = policy_setup(cfg, model_path)
     group = LearnerGroup(spec, learner_env(cfg.learner), cfg.ray.actor_timeout_s)
     try:
@@ -213,13 +196,20 @@ def main() -> None:
         )
         args.model, args.steps, args.rounds = "builtin:tiny-llama", 2, 1
     model_path = resolve_model(args.model)
-    base = compose([f"model.policy={args.model}", *args.override])
+    base = compose_troupe([f"model.policy={args.model}", *VS_TRL, *args.override])
     dtype = resolve_dtype(base.learner.dtype)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start_ray(base.ray, log_to_driver=False)
     try:
         layouts = args.layouts.split(",")
-        runs = [time_layout(layout, args, model_path) for _ in range(args.rounds) for layout in layouts]
+        batch, shape = synthetic_batch(
+            base, model_path, base.run.seed
+        )  # one batch for every layout and round
+        runs = [
+            time_layout(layout, args, model_path, batch, shape)
+            for _ in range(args.rounds)
+            for layout in layouts
+        ]
     finally:
         ray.shutdown()
     results = []
