@@ -5,6 +5,8 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Checkpoints are signed (cluster/durability/signing.py): a fixed key for the suite, so no test writes the real
@@ -28,3 +30,15 @@ def sigterm_must_be_taken():
         assert signal.getsignal(signal.SIGTERM) is not_taken, "the job did not put the handler back"
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture
+def ray_must_not_start(monkeypatch):
+    """The call under test must stop before Ray starts. Asserting `not ray.is_initialized()` afterwards cannot tell:
+    the integration tests' session Ray may be up (and a run joins a Ray that is up instead of starting one)."""
+    from troupe.cluster.run import runtime
+
+    def refused(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(runtime, "start_ray", refused)

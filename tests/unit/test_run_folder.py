@@ -154,9 +154,7 @@ def _cfg(tmp_path, *overrides):
     return compose([f"model.policy={model}", f"run.output_dir={out}", "run.progress_bar=false", *overrides])
 
 
-def test_the_driver_refuses_a_used_folder_before_ray_starts(tmp_path):
-    import ray
-
+def test_the_driver_refuses_a_used_folder_before_ray_starts(tmp_path, ray_must_not_start):
     from troupe.cluster.run.driver import run
 
     cfg = _cfg(tmp_path)
@@ -165,14 +163,11 @@ def test_the_driver_refuses_a_used_folder_before_ray_starts(tmp_path):
     (out / "metrics.jsonl").write_text('{"iteration": 0}\n')
     with pytest.raises(RunFolderError, match=r"holds an earlier run \(metrics\.jsonl\)"):
         run(cfg)
-    assert not ray.is_initialized()
     with claim(out):  # the refused run gave its claim back
         pass
 
 
-def test_the_driver_resumes_into_a_used_folder_keeping_its_files(tmp_path):
-    import ray
-
+def test_the_driver_resumes_into_a_used_folder_keeping_its_files(tmp_path, ray_must_not_start):
     from troupe.cluster.run.driver import run
 
     cfg = _cfg(tmp_path, "resume=latest")
@@ -182,13 +177,10 @@ def test_the_driver_resumes_into_a_used_folder_keeping_its_files(tmp_path):
     # past the fresh-run check, on to the checkpoint, which this folder lacks
     with pytest.raises(CheckpointError, match="resume=latest: no complete checkpoint"):
         run(cfg)
-    assert not ray.is_initialized()
     assert (out / "metrics.jsonl").read_text() == '{"iteration": 0}\n'
 
 
-def test_the_driver_refuses_a_folder_another_process_holds(tmp_path):
-    import ray
-
+def test_the_driver_refuses_a_folder_another_process_holds(tmp_path, ray_must_not_start):
     from troupe.cluster.run.driver import run
 
     cfg = _cfg(tmp_path)
@@ -199,7 +191,6 @@ def test_the_driver_refuses_a_folder_another_process_holds(tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=60)
-    assert not ray.is_initialized()
 
 
 def test_resume_and_overwrite_together_are_a_config_error(tmp_path):
