@@ -33,13 +33,23 @@ PARTS = {"gsm8k": ("gsm8k", GSM8K), "chat": ("chat_armo", ARENA_HARD)}
 HEADLINE = {"gsm8k": "accuracy", "chat": "objective/armo"}
 
 
-def carve(source: Path, dev: int, out: Path, seed: int = 0) -> tuple[Path, Path]:
-    """A fixed dev split of `dev` rows drawn with `seed`; train is the rest. Rows keep their source line number."""
+def solution_steps(answer: str) -> int:
+    """A GSM8K reference solution's steps: its lines before the `#### <number>` line (2 to 9 in train)."""
+    return answer.split("####")[0].strip().count("\n") + 1
+
+
+def carve(
+    source: Path, dev: int, out: Path, seed: int = 0, max_steps: int | None = None
+) -> tuple[Path, Path]:
+    """A fixed dev split of `dev` rows drawn with `seed`; train is the rest. Rows keep their source line number.
+    `max_steps`: only problems whose reference solution has at most that many steps (both splits)."""
     rows = [
         {**json.loads(line), "source_line": i}
         for i, line in enumerate(source.read_text().splitlines(), 1)
         if line.strip()
     ]
+    if max_steps is not None:
+        rows = [r for r in rows if solution_steps(r["answer"]) <= max_steps]
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     held = set(order[:dev])
@@ -79,7 +89,8 @@ def spread(values: list[float | None]) -> str:
 
 def run_part(part: str, args, out: Path, results: dict) -> None:
     config, source = PARTS[part]
-    train_file, dev_file = carve(source, args.dev, out / part / "data")
+    max_steps = _max_steps(part, args)
+    train_file, dev_file = carve(source, args.dev, out / part / f"data{max_steps or ''}", max_steps=max_steps)
     per_iteration = args.prompts_per_iteration * args.samples_per_prompt
     iterations = max(1, args.samples // per_iteration)
     overrides = [
@@ -93,9 +104,10 @@ def run_part(part: str, args, out: Path, results: dict) -> None:
     ]
     if part == "chat":
         overrides.append(f"reward.experts.armo.bundle={args.bundle}")
-    runs = results.get(part)
+    key = result_key(part, args)
+    runs = results.get(key)
     if not runs or runs["overrides"] != overrides:  # reuse finished seeds only for the same settings
-        runs = results[part] = {"config": config, "overrides": overrides, "seeds": {}}
+        runs = results[key] = {"config": config, "overrides": overrides, "seeds": {}}
     for seed in args.seeds:
         if str(seed) in runs["seeds"]:
             continue
@@ -116,12 +128,22 @@ def run_part(part: str, args, out: Path, results: dict) -> None:
         )
 
 
+def _max_steps(part: str, args) -> int | None:
+    return args.max_steps if part == "gsm8k" else None
+
+
+def result_key(part: str, args) -> str:
+    """The part's entry in results.json: a GSM8K subset is its own entry."""
+    max_steps = _max_steps(part, args)
+    return part if max_steps is None else f"{part}-max{max_steps}steps"
+
+
 def _headline(part: str, row: dict) -> str:
     key = HEADLINE[part]
     return f"{key} {row[key]:.3f}" if defined(row.get(key)) else f"{key} n/a"
 
 
-def table(part: str, runs: dict) -> str:
+def table(part: str, runs: dict, title: str) -> str:
     seeds = runs["seeds"]
     befores = [s["before"] for s in seeds.values()]
     afters = [s["after"] for s in seeds.values()]
@@ -133,7 +155,7 @@ def table(part: str, runs: dict) -> str:
     )
     keys += ["reward/mean", "reward/length_corr", "response_tokens/mean", "truncated/frac"]
     lines = [
-        f"| {part} (greedy, held-out) | before | after | after - before | per seed (after) |",
+        f"| {title} (greedy, held-out) | before | after | after - before | per seed (after) |",
         "|---|---|---|---|---|",
     ]
     for key in keys:
@@ -158,6 +180,11 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=256, help="generated training samples per run")
     parser.add_argument("--prompts-per-iteration", type=int, default=8)
     parser.add_argument("--samples-per-prompt", type=int, default=4)
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        help="gsm8k: only problems whose reference solution has at most this many steps (train and dev)",
+    )
     parser.add_argument("--dev", type=int, default=128, help="held-out prompts carved from the source")
     parser.add_argument(
         "--bundle", default="outputs/bench-rm/stage2", help="the ArmoRM bundle (make bench-rm)"
@@ -185,7 +212,7 @@ def main() -> int:
     for part in args.part:
         run_part(part, args, out, results)
     for part in args.part:
-        print("\n" + table(part, results[part]))
+        print("\n" + table(part, results[result_key(part, args)], result_key(part, args)))
     print(f"results: {results_file}")
     return 0
 

@@ -18,6 +18,8 @@ CORRECTIONS = ("token_tis", "seq_tis", "geo_mask", "icepop")
 MASKING = ("geo_mask", "icepop")
 # |log-ratio| bound before exp: e^20 ~ 5e8 is finite in fp32 and bf16 (verl and SkyRL clamp at 20 too)
 LOG_RATIO_CLAMP = 20.0
+# bound on k3's value: exp(20) - 21 ~ 5e8 is finite but lets one token steer the step (verl clamps k3 at 10)
+KL_VALUE_CLAMP = 10.0
 
 
 @dataclass
@@ -128,7 +130,7 @@ class AlgoConfig:
     # dual clip (Ye et al. 2020): a negative advantage's loss is capped at -dual_clip * A (None: off; verl uses 3)
     dual_clip: float | None = bounded(None, gt=1)
     # |log pi - log pi_other| bound before exp, in the ratio, every KL estimator and the off-policy weights
-    log_ratio_clamp: float = bounded(LOG_RATIO_CLAMP, gt=0, le=80)
+    log_ratio_clamp: float = bounded(LOG_RATIO_CLAMP, gt=0, le=LOG_RATIO_CLAMP)
     kl_coef: float = bounded(0.0, ge=0)  # 0: no reference model is loaded
     kl_estimator: str = one_of("k1", "k2", "k3", default="k3")  # Schulman's estimators
     # loss (a loss term) | reward (-kl_coef * KL_t in each token's reward)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from troupe.actors.learner.config import LOG_RATIO_CLAMP
+from troupe.actors.learner.config import KL_VALUE_CLAMP, LOG_RATIO_CLAMP
 
 
 def group_advantages(
@@ -31,14 +31,15 @@ def kl_penalty(
     logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3", clamp: float = LOG_RATIO_CLAMP
 ) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1/k2/k3). The log-ratio is clamped
-    to +-`clamp` first, so every estimator and its gradient stay finite for any input (k3 has exp(-x))."""
+    to +-`clamp` first, so every estimator and its gradient stay finite for any input (k3 has exp(-x)); k3's value
+    is also capped at KL_VALUE_CLAMP, past which a token adds no gradient (one outlier cannot steer the step)."""
     log_ratio = (logp - ref_logp).clamp(-clamp, clamp)
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":
         return 0.5 * log_ratio.pow(2)
     if estimator == "k3":  # unbiased and always >= 0: exp(-x) - 1 + x with x = logp - ref_logp
-        return torch.expm1(-log_ratio) + log_ratio
+        return (torch.expm1(-log_ratio) + log_ratio).clamp(max=KL_VALUE_CLAMP)
     raise ValueError(f"kl estimator must be k1, k2 or k3, got {estimator!r}")
 
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from troupe.actors.learner.config import KL_VALUE_CLAMP
 from troupe.actors.learner.grpo import clipped_policy_loss, group_advantages, kl_penalty
 
 
@@ -93,7 +94,20 @@ def test_ratio_and_kl_estimators_stay_finite_with_finite_gradients(dtype, gap):
 
 def test_clamped_kl_matches_the_unclamped_estimators_inside_the_bound():
     logp = torch.randn(4, 5, dtype=torch.float64)
-    ref = logp + 3 * torch.randn(4, 5, dtype=torch.float64)  # |log-ratio| well under 20
+    ref = logp - (3 * torch.randn(4, 5, dtype=torch.float64)).clamp(-2, 10)  # x in [-2, 10]: k3 under its cap
     x = logp - ref
     assert torch.allclose(kl_penalty(logp, ref, "k3"), torch.exp(-x) - 1 + x)
     assert torch.allclose(kl_penalty(logp, ref, "k2"), 0.5 * x * x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_k3_is_capped_so_one_outlier_token_adds_no_gradient(dtype):
+    # log-ratios -20 (k3 = e^20 - 21 ~ 5e8 uncapped), -3 (k3 = e^3 - 4 ~ 16: capped), -1 and 0.5 (under the cap)
+    x = torch.tensor([-20.0, -3.0, -1.0, 0.5], dtype=dtype)
+    logp = x.clone().requires_grad_(True)
+    kl = kl_penalty(logp, torch.zeros_like(x), "k3")
+    (grad,) = torch.autograd.grad(kl.sum(), logp)
+    assert kl[:2].tolist() == [KL_VALUE_CLAMP, KL_VALUE_CLAMP] and grad[:2].tolist() == [0.0, 0.0]
+    x64 = x.double()[2:]
+    assert torch.allclose(kl[2:].double(), torch.exp(-x64) - 1 + x64, rtol=1e-2)
+    assert torch.allclose(grad[2:].double(), 1 - torch.exp(-x64), rtol=1e-2)  # d/dx (e^-x - 1 + x)

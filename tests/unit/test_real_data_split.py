@@ -1,0 +1,46 @@
+"""bench/real_data.py's splits: a fixed dev split, and the documented GSM8K subset rule (solution steps)."""
+
+import json
+
+from bench.real_data import carve, solution_steps
+
+TWO_STEPS = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+
+
+def test_solution_steps_counts_the_lines_before_the_answer():
+    assert solution_steps(TWO_STEPS) == 2
+    assert solution_steps("One line: 2+2 = <<2+2=4>>4.\n#### 4") == 1
+    assert solution_steps("a\nb\nc\nd\n#### 1") == 4
+
+
+def _source(tmp_path, steps_per_row):
+    rows = [
+        {"question": f"q{i}", "answer": "\n".join(["step"] * s) + f"\n#### {i}"}
+        for i, s in enumerate(steps_per_row)
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_dev_split_is_fixed_and_disjoint_from_train(tmp_path):
+    source = _source(tmp_path, [2, 3] * 10)
+    train, dev = carve(source, 5, tmp_path / "a")
+    again_train, again_dev = carve(source, 5, tmp_path / "b")
+    assert _read(dev) == _read(again_dev) and _read(train) == _read(again_train)
+    dev_lines = {r["source_line"] for r in _read(dev)}
+    train_lines = {r["source_line"] for r in _read(train)}
+    assert len(dev_lines) == 5 and not dev_lines & train_lines and len(dev_lines | train_lines) == 20
+
+
+def test_max_steps_keeps_only_short_solutions_in_both_splits(tmp_path):
+    steps = [2, 3, 4, 2, 5, 2, 3, 2, 6, 2]
+    train, dev = carve(_source(tmp_path, steps), 2, tmp_path / "sub", max_steps=2)
+    rows = _read(train) + _read(dev)
+    assert len(rows) == steps.count(2) and len(_read(dev)) == 2
+    assert all(solution_steps(r["answer"]) <= 2 for r in rows)
+    assert {r["source_line"] for r in rows} == {i + 1 for i, s in enumerate(steps) if s <= 2}
