@@ -31,7 +31,9 @@ def test_the_batch_takes_the_first_informative_groups_and_leaves_the_rest_out_wi
     assert not any(s.reward.dropped for s in filled.scored)
     assert filled.left_out == {ZERO_VARIANCE: 1, SURPLUS: 1}
     assert filled.stats == {"dynamic/refills": 1, "dynamic/prompts_drawn": 4, "dynamic/informative_groups": 3,
-                            "dynamic/filled_frac": 1.0}  # fmt: skip
+                            "dynamic/filled_frac": 1.0,
+                            # every drawn rollout: 0 0 1 0 | 0 1 1 0.5, not only the batch's b and c
+                            "dynamic/drawn/reward": 3.5 / 8, "dynamic/drawn/x": 3.5 / 8}  # fmt: skip
 
 
 def test_short_of_informative_groups_left_out_ones_ride_along_without_a_loss():
