@@ -189,6 +189,10 @@ class DataConfig:
     # max_oversampling batches per iteration
     dynamic_sampling: bool = False
     max_oversampling: int = bounded(4, ge=2, le=64)
+    # The rewards the variance test sees. reward: the aggregated reward before reward.overlong's penalty (DAPO
+    # filters on accuracy; verl's filter_groups.metric=acc). shaped_reward: after it, so groups differing only in
+    # length are informative too (verl's seq_reward): with sparse rewards those then fill most of the batch.
+    dynamic_sampling_on: str = one_of("reward", "shaped_reward")
     shuffle: bool = True  # a new seeded order each epoch
     seed: int = bounded("${run.seed}", ge=0)  # type: ignore[assignment]
 

@@ -114,6 +114,7 @@ def build_fleet(cfg: TroupeConfig, model_path: str, resume: tuple[Path, dict] | 
         on_error=ErrorPolicy.of(r),
         overlong=OverlongShaping(g.max_new_tokens, r.overlong.buffer_tokens, r.overlong.penalty),
         max_batches_drawn=cfg.data.max_oversampling if cfg.data.dynamic_sampling else 1,
+        judge_shaped=cfg.data.dynamic_sampling_on == "shaped_reward",
         samples_logged=cfg.logging.rollouts,
         # sync is depth 0, and every rollout then comes from the learners' current weights
         pipeline=RolloutPipeline(*(2 * [cfg.run.max_staleness if cfg.run.mode == "async" else 0])),

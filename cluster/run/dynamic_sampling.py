@@ -4,7 +4,8 @@ Under a group baseline, a prompt group whose rewards are all equal has zero adva
 with sparse rewards (a small model on GSM8K) almost every group is all wrong. With `data.dynamic_sampling=true`
 such groups are left out as `zero_variance`, and more batches of prompts are drawn from the data cursor,
 generated with the current weights and scored, until `data.prompts_per_iteration` informative groups are found
-or `data.max_oversampling` times that many prompts were drawn this iteration.
+or `data.max_oversampling` times that many prompts were drawn this iteration. The variance test sees the reward
+before reward.overlong's penalty, as DAPO filters on accuracy (data.dynamic_sampling_on=shaped_reward: after it).
 
 The batch trained always has prompts_per_iteration groups (the learner ranks split a fixed number of groups):
 the first informative ones in draw order, then, when too few were found, left-out groups riding along without a
@@ -49,10 +50,13 @@ def group_reasons(scored: list[ScoredRollout], n: int) -> list[str]:
     return reasons
 
 
-def fill_batch(rounds: list[list[ScoredRollout]], groups: int, n: int) -> FilledBatch:
-    """The training batch of `groups` groups out of the scored rounds (the batch, then its refills)."""
+def fill_batch(
+    rounds: list[list[ScoredRollout]], groups: int, n: int, judged: list[list[ScoredRollout]] | None = None
+) -> FilledBatch:
+    """The training batch of `groups` groups out of the scored rounds (the batch, then its refills). `judged`: the
+    same rounds with the rewards the variance test sees (data.dynamic_sampling_on; default: `rounds`)."""
     scored = [s for r in rounds for s in r]
-    reasons = group_reasons(scored, n)
+    reasons = group_reasons([s for r in (judged or rounds) for s in r], n)
     informative = [g for g, why in enumerate(reasons) if not why]
     chosen = informative[:groups]
     riders = [g for g, why in enumerate(reasons) if why][: groups - len(chosen)]
@@ -84,7 +88,8 @@ def drawn_means(scored: list[ScoredRollout]) -> dict:
 
 
 def needs_more(rounds: list[list[ScoredRollout]], groups: int, n: int, max_rounds: int) -> bool:
-    """Whether another batch should be drawn: too few informative groups, and drawing budget left."""
+    """Whether another batch should be drawn: too few informative groups in the (judged) rounds, and drawing
+    budget left."""
     if len(rounds) >= max_rounds:
         return False
     return sum(not why for why in group_reasons([s for r in rounds for s in r], n)) < groups

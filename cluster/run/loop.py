@@ -85,6 +85,9 @@ class RunState:
     max_batches_drawn: int = (
         1  # dynamic sampling: batches an iteration may draw (data.max_oversampling); 1: off
     )
+    judge_shaped: bool = (
+        False  # dynamic sampling's variance test sees the shaped reward (data.dynamic_sampling_on)
+    )
     learning: bool = False  # the learners were called this iteration: they no longer hold the state before it
 
     def __post_init__(self) -> None:
@@ -279,7 +282,8 @@ def _refill(run: RunState, first: ScoredBatch, scored: list[ScoredRollout]) -> t
     of it per reason, and the row's dynamic/* metrics."""
     n, groups = run.sampling.n, run.prompts.per_batch
     rounds, errors, nonfinite = [scored], Counter(first.errors), first.nonfinite
-    while needs_more(rounds, groups, n, run.max_batches_drawn):
+    judged = [scored if run.judge_shaped else first.scored]  # same rollouts, same drops; the scalars differ
+    while needs_more(judged, groups, n, run.max_batches_drawn):
         more = run.prompts.next_batch()
         run.ledger.enter(len(more))
         chunks = run.generators.map_chunks(
@@ -289,7 +293,8 @@ def _refill(run: RunState, first: ScoredBatch, scored: list[ScoredRollout]) -> t
         errors.update(result.errors)
         nonfinite += result.nonfinite
         rounds.append(shaped)
-    filled = fill_batch(rounds, groups, n)
+        judged.append(shaped if run.judge_shaped else result.scored)
+    filled = fill_batch(rounds, groups, n, judged)
     return ScoredBatch(filled.scored, dict(errors), nonfinite=nonfinite), filled.left_out, filled.stats
 
 

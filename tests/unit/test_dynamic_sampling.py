@@ -5,6 +5,7 @@ import torch
 
 from troupe.actors.protocol import Prompt, RewardBreakdown, Rollout, ScoredRollout
 from troupe.cluster.run.dynamic_sampling import SURPLUS, ZERO_VARIANCE, fill_batch, group_reasons, needs_more
+from troupe.cluster.run.shaping import OverlongShaping
 
 N = 2  # samples per prompt
 
@@ -55,3 +56,37 @@ def test_refills_stop_when_the_batch_is_full_or_the_budget_is_spent():
     assert needs_more([poor, poor], groups=2, n=N, max_rounds=3)
     assert not needs_more([poor, poor, poor], groups=2, n=N, max_rounds=3)
     assert not needs_more([poor, rich], groups=2, n=N, max_rounds=3)
+
+
+def _lengths(uid, reward, *lengths):
+    return [
+        ScoredRollout(
+            Rollout(Prompt(uid, (1,), "q"), i, (5,) * k, "r", torch.zeros(k), 0, "stop", 1.0),
+            RewardBreakdown(reward, {"x": reward}),
+        )
+        for i, k in enumerate(lengths)
+    ]
+
+
+def test_the_variance_test_sees_the_reward_before_or_after_the_overlong_penalty():
+    shaping = OverlongShaping(max_tokens=8, buffer_tokens=4, penalty=1.0)
+    # a: all wrong, one reply cut at 8 tokens (shaped -1 vs -2); b: all wrong, same length; c: right and wrong
+    raw = _lengths("a", -1.0, 3, 8) + _lengths("b", -1.0, 3, 3) + _lengths("c", -1.0, 3, 3)
+    raw[-1] = ScoredRollout(raw[-1].rollout, RewardBreakdown(1.0, {"x": 1.0}))
+    shaped = shaping.apply(raw)
+    assert group_reasons(shaped, N) == ["", ZERO_VARIANCE, ""]  # the cut reply makes group a vary
+    on_reward = fill_batch([shaped], groups=2, n=N, judged=[raw])  # DAPO: on accuracy, only c teaches
+    assert [s.rollout.prompt.uid for s in on_reward.scored[::N]] == ["a", "c"]  # a rides along, in draw order
+    assert [s.reward.dropped for s in on_reward.scored] == [ZERO_VARIANCE] * 2 + [""] * 2
+    assert on_reward.stats["dynamic/informative_groups"] == 1 and on_reward.left_out == {ZERO_VARIANCE: 1}
+    assert [s.reward.scalar for s in on_reward.scored[2:]] == [
+        -1.0,
+        1.0,
+    ]  # the batch keeps the shaped rewards
+    on_shaped = fill_batch([shaped], groups=2, n=N)
+    assert not any(s.reward.dropped for s in on_shaped.scored)
+    assert [s.reward.scalar for s in on_shaped.scored[:2]] == [-1.0, -2.0]
+    assert on_shaped.stats["dynamic/informative_groups"] == 2 and on_shaped.left_out == {ZERO_VARIANCE: 1}
+    assert needs_more([raw], groups=2, n=N, max_rounds=2) and not needs_more(
+        [shaped], groups=2, n=N, max_rounds=2
+    )
