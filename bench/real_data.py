@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 from pathlib import Path
 
@@ -38,18 +39,36 @@ def solution_steps(answer: str) -> int:
     return answer.split("####")[0].strip().count("\n") + 1
 
 
-def carve(
-    source: Path, dev: int, out: Path, seed: int = 0, max_steps: int | None = None
-) -> tuple[Path, Path]:
+def solution_ops(answer: str) -> set[str]:
+    """The operators of a GSM8K solution's calculator annotations (`<<48/2=24>>`); `x` counts as `*`."""
+    calcs = re.findall(r"<<([^=>]*)=", answer)
+    return {"*" if c == "x" else c for calc in calcs for c in calc if c in "+-*/x"}
+
+
+def subset_rule(max_steps: int | None, ops: str | None):
+    """The documented GSM8K subset: solutions of at most `max_steps` steps whose annotated calculations use only
+    the operators in `ops` (None: no bound). Returns the row filter and the subset's name ("" for all of it)."""
+
+    def keeps(row: dict) -> bool:
+        answer = row["answer"]
+        if max_steps is not None and solution_steps(answer) > max_steps:
+            return False
+        return ops is None or ("<<" in answer and solution_ops(answer) <= set(ops))
+
+    name = (f"-max{max_steps}steps" if max_steps is not None else "") + (f"-ops{ops}" if ops else "")
+    return keeps, name
+
+
+def carve(source: Path, dev: int, out: Path, seed: int = 0, keeps=None) -> tuple[Path, Path]:
     """A fixed dev split of `dev` rows drawn with `seed`; train is the rest. Rows keep their source line number.
-    `max_steps`: only problems whose reference solution has at most that many steps (both splits)."""
+    `keeps`: a row filter applied first (a subset rule: both splits come from it)."""
     rows = [
         {**json.loads(line), "source_line": i}
         for i, line in enumerate(source.read_text().splitlines(), 1)
         if line.strip()
     ]
-    if max_steps is not None:
-        rows = [r for r in rows if solution_steps(r["answer"]) <= max_steps]
+    if keeps is not None:
+        rows = [r for r in rows if keeps(r)]
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     held = set(order[:dev])
@@ -89,8 +108,8 @@ def spread(values: list[float | None]) -> str:
 
 def run_part(part: str, args, out: Path, results: dict) -> None:
     config, source = PARTS[part]
-    max_steps = _max_steps(part, args)
-    train_file, dev_file = carve(source, args.dev, out / part / f"data{max_steps or ''}", max_steps=max_steps)
+    keeps, name = _subset(part, args)
+    train_file, dev_file = carve(source, args.dev, out / part / f"data{name}", keeps=keeps)
     per_iteration = args.prompts_per_iteration * args.samples_per_prompt
     iterations = max(1, args.samples // per_iteration)
     overrides = [
@@ -128,14 +147,13 @@ def run_part(part: str, args, out: Path, results: dict) -> None:
         )
 
 
-def _max_steps(part: str, args) -> int | None:
-    return args.max_steps if part == "gsm8k" else None
+def _subset(part: str, args):
+    return subset_rule(args.max_steps, args.ops) if part == "gsm8k" else (None, "")
 
 
 def result_key(part: str, args) -> str:
     """The part's entry in results.json: a GSM8K subset is its own entry."""
-    max_steps = _max_steps(part, args)
-    return part if max_steps is None else f"{part}-max{max_steps}steps"
+    return part + _subset(part, args)[1]
 
 
 def _headline(part: str, row: dict) -> str:
@@ -184,6 +202,9 @@ def main() -> int:
         "--max-steps",
         type=int,
         help="gsm8k: only problems whose reference solution has at most this many steps (train and dev)",
+    )
+    parser.add_argument(
+        "--ops", help="gsm8k: only problems whose annotated calculations use only these operators, e.g. '+-'"
     )
     parser.add_argument("--dev", type=int, default=128, help="held-out prompts carved from the source")
     parser.add_argument(

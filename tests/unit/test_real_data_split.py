@@ -2,7 +2,7 @@
 
 import json
 
-from bench.real_data import carve, solution_steps
+from bench.real_data import carve, solution_ops, solution_steps, subset_rule
 
 TWO_STEPS = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
 
@@ -39,8 +39,22 @@ def test_the_dev_split_is_fixed_and_disjoint_from_train(tmp_path):
 
 def test_max_steps_keeps_only_short_solutions_in_both_splits(tmp_path):
     steps = [2, 3, 4, 2, 5, 2, 3, 2, 6, 2]
-    train, dev = carve(_source(tmp_path, steps), 2, tmp_path / "sub", max_steps=2)
+    keeps, name = subset_rule(2, None)
+    train, dev = carve(_source(tmp_path, steps), 2, tmp_path / "sub", keeps=keeps)
+    assert name == "-max2steps"
     rows = _read(train) + _read(dev)
     assert len(rows) == steps.count(2) and len(_read(dev)) == 2
     assert all(solution_steps(r["answer"]) <= 2 for r in rows)
     assert {r["source_line"] for r in rows} == {i + 1 for i, s in enumerate(steps) if s <= 2}
+
+
+def test_the_operator_rule_reads_the_calculator_annotations():
+    assert solution_ops(TWO_STEPS) == {"/", "+"}
+    assert solution_ops("3 x 4 = <<3x4=12>>12\n#### 12") == {"*"}
+    keeps, name = subset_rule(2, "+-")
+    assert name == "-max2steps-ops+-"
+    assert keeps({"answer": "a <<5+3=8>>8\nb <<8-2=6>>6\n#### 6"})
+    assert not keeps({"answer": TWO_STEPS})  # a division
+    assert not keeps({"answer": "a <<1+1=2>>2\nb <<2+1=3>>3\nc <<3+1=4>>4\n#### 4"})  # 3 steps
+    assert not keeps({"answer": "no annotation\nat all\n#### 4"})  # nothing to check the operators by
+    assert subset_rule(None, None)[1] == ""
