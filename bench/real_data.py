@@ -40,14 +40,17 @@ def solution_steps(answer: str) -> int:
 
 
 def solution_ops(answer: str) -> set[str]:
-    """The operators of a GSM8K solution's calculator annotations (`<<48/2=24>>`); `x` counts as `*`."""
-    calcs = re.findall(r"<<([^=>]*)=", answer)
-    return {"*" if c == "x" else c for calc in calcs for c in calc if c in "+-*/x"}
+    """The operators a GSM8K solution computes with: in its calculator annotations (`<<48/2=24>>`) and in the
+    arithmetic written in its text outside them ("46*7kg"); `x` and `×` count as `*`."""
+    annotated = re.findall(r"<<([^=>]*)=", answer)
+    written = re.findall(r"\d\s*([-+*/x×])\s*\$?\d", re.sub(r"<<[^>]*>>", " ", answer))
+    ops = [c for calc in annotated for c in calc if c in "+-*/x"] + written
+    return {"*" if c in "x×" else c for c in ops}
 
 
 def subset_rule(max_steps: int | None, ops: str | None):
-    """The documented GSM8K subset: solutions of at most `max_steps` steps whose annotated calculations use only
-    the operators in `ops` (None: no bound). Returns the row filter and the subset's name ("" for all of it)."""
+    """The documented GSM8K subset: solutions of at most `max_steps` steps that compute with only the operators in
+    `ops` and carry calculator annotations (None: no bound). Returns the row filter and the subset's name ("" for all of it)."""
 
     def keeps(row: dict) -> bool:
         answer = row["answer"]

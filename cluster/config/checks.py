@@ -178,6 +178,11 @@ def _validate_algo(cfg: TroupeConfig) -> None:
             f"baseline (algo.estimator=group or rloo, or returns with algo.group_baseline) without a critic or KL "
             f"in the reward; algo={a.name} (estimator {a.estimator}) still learns from them"
         )
+    if cfg.data.dynamic_sampling_on == "shaped_reward" and not cfg.data.dynamic_sampling:
+        raise ConfigError(
+            "data.dynamic_sampling_on=shaped_reward chooses the rewards dynamic sampling's variance test sees, and "
+            "data.dynamic_sampling is off: set data.dynamic_sampling=true"
+        )
     if a.correction in MASKING and a.tis_scope == "stale" and cfg.run.mode == "sync":
         raise ConfigError(
             f"algo.correction={a.correction} with algo.tis_scope=stale corrects nothing in run.mode=sync (every "

@@ -4,7 +4,14 @@ batch has its informative groups or the draw budget is spent, surplus and riders
 import torch
 
 from troupe.actors.protocol import Prompt, RewardBreakdown, Rollout, ScoredRollout
-from troupe.cluster.run.dynamic_sampling import SURPLUS, ZERO_VARIANCE, fill_batch, group_reasons, needs_more
+from troupe.cluster.run.dynamic_sampling import (
+    SURPLUS,
+    ZERO_VARIANCE,
+    drawn_means,
+    fill_batch,
+    group_reasons,
+    needs_more,
+)
 from troupe.cluster.run.shaping import OverlongShaping
 
 N = 2  # samples per prompt
@@ -70,23 +77,34 @@ def _lengths(uid, reward, *lengths):
 
 def test_the_variance_test_sees_the_reward_before_or_after_the_overlong_penalty():
     shaping = OverlongShaping(max_tokens=8, buffer_tokens=4, penalty=1.0)
-    # a: all wrong, one reply cut at 8 tokens (shaped -1 vs -2); b: all wrong, same length; c: right and wrong
-    raw = _lengths("a", -1.0, 3, 8) + _lengths("b", -1.0, 3, 3) + _lengths("c", -1.0, 3, 3)
+    # a: all wrong, one reply cut at 8 tokens (shaped -1 vs -2); b: all wrong, same length; c: right (7 tokens,
+    # shaped 1 - 0.75) and wrong
+    raw = _lengths("a", -1.0, 3, 8) + _lengths("b", -1.0, 3, 3) + _lengths("c", -1.0, 3, 7)
     raw[-1] = ScoredRollout(raw[-1].rollout, RewardBreakdown(1.0, {"x": 1.0}))
     shaped = shaping.apply(raw)
     assert group_reasons(shaped, N) == ["", ZERO_VARIANCE, ""]  # the cut reply makes group a vary
-    on_reward = fill_batch([shaped], groups=2, n=N, judged=[raw])  # DAPO: on accuracy, only c teaches
+    on_reward = fill_batch([shaped], groups=2, n=N, judged=[raw])  # on the reward, only c teaches
     assert [s.rollout.prompt.uid for s in on_reward.scored[::N]] == ["a", "c"]  # a rides along, in draw order
     assert [s.reward.dropped for s in on_reward.scored] == [ZERO_VARIANCE] * 2 + [""] * 2
     assert on_reward.stats["dynamic/informative_groups"] == 1 and on_reward.left_out == {ZERO_VARIANCE: 1}
     assert [s.reward.scalar for s in on_reward.scored[2:]] == [
         -1.0,
-        1.0,
+        0.25,
     ]  # the batch keeps the shaped rewards
     on_shaped = fill_batch([shaped], groups=2, n=N)
     assert not any(s.reward.dropped for s in on_shaped.scored)
     assert [s.reward.scalar for s in on_shaped.scored[:2]] == [-1.0, -2.0]
     assert on_shaped.stats["dynamic/informative_groups"] == 2 and on_shaped.left_out == {ZERO_VARIANCE: 1}
-    assert needs_more([raw], groups=2, n=N, max_rounds=2) and not needs_more(
-        [shaped], groups=2, n=N, max_rounds=2
-    )
+    assert needs_more([raw], groups=2, n=N, max_rounds=2)
+    assert not needs_more([shaped], groups=2, n=N, max_rounds=2)
+
+
+def test_drawn_means_cover_every_kept_rollout_drawn_and_each_objective():
+    kept = [
+        ScoredRollout(r.rollout, RewardBreakdown(r.reward.scalar, {"acc": a, "fmt": 0.5}))
+        for r, a in zip(_group("a", 1.0, -1.0) + _group("b", -1.0, -1.0), (1.0, 0.0, 0.0, 0.0), strict=True)
+    ]
+    dropped = _group("c", 9.0, 9.0, dropped="reward_error")
+    means = drawn_means(kept + dropped)
+    assert means == {"dynamic/drawn/reward": -0.5, "dynamic/drawn/acc": 0.25, "dynamic/drawn/fmt": 0.5}
+    assert drawn_means(dropped) == {}

@@ -51,6 +51,8 @@ def test_max_steps_keeps_only_short_solutions_in_both_splits(tmp_path):
 def test_the_operator_rule_reads_the_calculator_annotations():
     assert solution_ops(TWO_STEPS) == {"/", "+"}
     assert solution_ops("3 x 4 = <<3x4=12>>12\n#### 12") == {"*"}
+    assert solution_ops("46 bags weigh 46*7kg = <<322=322>>322kg\n#### 322") == {"*"}  # written outside <<>>
+    assert solution_ops("a 5-year-old had $10 - $4 = $<<10-4=6>>6\n#### 6") == {"-"}
     keeps, name = subset_rule(2, "+-")
     assert name == "-max2steps-ops+-"
     assert keeps({"answer": "a <<5+3=8>>8\nb <<8-2=6>>6\n#### 6"})
