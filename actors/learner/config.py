@@ -14,8 +14,8 @@ from troupe.actors.field_domains import bounded, one_of, resource
 # how per-token losses become the step's loss (algo.loss_agg; actors/learner/step.py)
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 # off-policy corrections (actors/learner/off_policy.py); the masking ones take bounds, the others a cap
-CORRECTIONS = ("token_tis", "seq_tis", "geo_mask", "icepop")
-MASKING = ("geo_mask", "icepop")
+CORRECTIONS = ("token_tis", "seq_tis", "seq_mask", "geo_mask", "icepop")
+MASKING = ("seq_mask", "geo_mask", "icepop")
 # |log-ratio| bound before exp: e^20 ~ 5e8 is finite in fp32 and bf16 (verl and SkyRL clamp at 20 too)
 LOG_RATIO_CLAMP = 20.0
 # bound on k3's value: exp(20) - 21 ~ 5e8 is finite but lets one token steer the step (verl clamps k3 at 10)
@@ -144,11 +144,12 @@ class AlgoConfig:
     # Off-policy correction (actors/learner/off_policy.py): each token's policy loss is weighted by a function of
     # rho = pi_old / pi_behaviour, pi_old being the learner's log-probs before this update and pi_behaviour the
     # generator's. It corrects rollouts from older weights (run.mode=async) and the engine/learner mismatch.
-    # token_tis: min(rho_t, tis_cap) | seq_tis: min(prod rho_t, tis_cap) per row | geo_mask: a row whose geometric
-    # mean rho is outside [correction_low, correction_high] is left out | icepop: rho_t, or 0 outside the bounds.
+    # token_tis: min(rho_t, tis_cap) | seq_tis: min(prod rho_t, tis_cap) per row | seq_mask: prod rho_t per row, or
+    # 0 outside [correction_low, correction_high] (TRL's sequence_mask) | geo_mask: a row whose geometric mean rho is
+    # outside the bounds is left out | icepop: rho_t, or 0 outside the bounds.
     correction: str = one_of(*CORRECTIONS)
     tis_cap: float = bounded(2.0, ge=0)  # token_tis / seq_tis; 0: no correction
-    # geo_mask / icepop bounds on rho (None: the mode's default, off_policy.DEFAULT_BOUNDS)
+    # seq_mask / geo_mask / icepop bounds on rho (None: the mode's default, off_policy.DEFAULT_BOUNDS)
     correction_low: float | None = bounded(None, gt=0)
     correction_high: float | None = bounded(None, gt=0)
     tis_scope: str = one_of("stale", "all")  # the rows corrected: stale (from older weights) | all

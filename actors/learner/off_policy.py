@@ -4,6 +4,8 @@ update). Each mode turns rho_t = pi_old / pi_b on a row's response tokens into p
 
   token_tis  min(rho_t, cap)                                      truncated IS per token (verl, SkyRL, OpenRLHF)
   seq_tis    min(prod_t rho_t, cap), on every token of the row    sequence-level IS (verl, SkyRL)
+  seq_mask   prod_t rho_t if low <= it <= high, else 0            sequence-level masked IS (TRL's sequence_mask,
+                                                                  its default)
   geo_mask   1 if low <= exp(mean_t log rho_t) <= high, else 0    geometric-mean rejection of the whole row
                                                                   (SkyRL's geometric mask, verl's seq_mean_k1)
   icepop     rho_t if low <= rho_t <= high, else 0                IcePop token masking (AReaL, OpenRLHF, slime)
@@ -20,9 +22,10 @@ import torch
 from troupe.actors.learner.config import CORRECTIONS, LOG_RATIO_CLAMP
 
 DEFAULT_BOUNDS = {
+    "seq_mask": (0.0, 3.0),
     "geo_mask": (0.99, 1.01),
     "icepop": (0.5, 5.0),
-}  # SkyRL's geometric mask; IcePop's alpha, beta
+}  # TRL's vllm_importance_sampling_clip_min/max; SkyRL's geometric mask; IcePop's alpha, beta
 
 
 def correction_weights(
@@ -47,6 +50,10 @@ def correction_weights(
     default_low, default_high = DEFAULT_BOUNDS.get(mode, (0.0, 0.0))
     low = default_low if bounds[0] is None else bounds[0]
     high = default_high if bounds[1] is None else bounds[1]
+    if mode == "seq_mask":
+        row = torch.exp(log_rho.sum(-1).clamp(-clamp, clamp))
+        keep = ((row >= low) & (row <= high))[:, None].expand_as(m)
+        return torch.where(keep, row[:, None], 0.0), m & ~keep
     if mode == "geo_mask":
         geometric = torch.exp(log_rho.sum(-1) / m.sum(-1).clamp(min=1))
         keep = ((geometric >= low) & (geometric <= high))[:, None].expand_as(m)

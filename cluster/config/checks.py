@@ -211,7 +211,7 @@ def _validate_algo(cfg: TroupeConfig) -> None:
     low, high = a.correction_low, a.correction_high
     if (low is not None or high is not None) and a.correction not in MASKING:
         raise ConfigError(
-            f"algo.correction_low/high bound the masking corrections (geo_mask, icepop), not {a.correction}"
+            f"algo.correction_low/high bound the masking corrections ({', '.join(MASKING)}), not {a.correction}"
         )
     if low is not None and high is not None and not low < high:
         raise ConfigError(f"algo.correction_low={low} must be below algo.correction_high={high}")

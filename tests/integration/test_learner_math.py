@@ -187,7 +187,7 @@ def test_correction_modes_on_real_ranks_bf16_and_fp32(ray_session, tiny_model_pa
     seq, _ = _one_step(tiny_model_path, dtype, 1, 4, batch=stale, extra=("algo.correction=seq_tis",))
     assert seq["tis/weight_mean"] == pytest.approx(2.0) and seq["tis/truncated_frac"] == pytest.approx(1.0)
     assert seq["pg_loss"] == pytest.approx(2.0 * plain["pg_loss"], rel=1e-3 if dtype == "float32" else 2e-2)
-    for mode in ("geo_mask", "icepop"):
+    for mode in ("seq_mask", "geo_mask", "icepop"):
         extra = (f"algo.correction={mode}", "algo.tis_scope=all")
         masked, _ = _one_step(tiny_model_path, dtype, 1, 4, batch=stale, extra=extra)
         assert masked["tis/masked_frac"] == pytest.approx(1.0), mode

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from troupe.actors.learner.config import CORRECTIONS
 from troupe.actors.learner.off_policy import DEFAULT_BOUNDS, correction_weights, mismatch_kl
 
 MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
@@ -23,6 +24,19 @@ def test_sequence_tis_weighs_every_token_by_the_row_product_capped():
     assert torch.allclose(w[0], torch.full((3,), 1.25, dtype=w.dtype))  # 1.25 * 1 * 1
     assert torch.allclose(w[1], torch.full((3,), 2.0, dtype=w.dtype))  # 3 * 1 capped at 2; padding ignored
     assert not masked.any()
+
+
+def test_sequence_mask_keeps_the_row_product_inside_the_bounds_and_zeroes_the_row_outside():
+    old = _logs([0.5, 0.5, 0.5], [0.9, 0.5, 1.0])
+    behaviour = _logs([0.4, 0.5, 0.5], [0.2, 0.5, 0.01])  # products 1.25 | 4.5 (padding ignored)
+    w, masked = correction_weights("seq_mask", old, behaviour, MASK, cap=2.0)
+    assert DEFAULT_BOUNDS["seq_mask"] == (0.0, 3.0)  # TRL: clip_max 3, no clip_min
+    assert torch.allclose(w[0], torch.full((3,), 1.25, dtype=w.dtype))  # kept as the weight, not capped at 2
+    assert w[1].tolist() == [0.0, 0.0, 0.0]  # 4.5 > 3: the whole row
+    assert masked.tolist() == [[False, False, False], [True, True, False]]
+    w, masked = correction_weights("seq_mask", old, behaviour, MASK, cap=2.0, bounds=(1.3, 5.0))
+    assert w[0].tolist() == [0.0, 0.0, 0.0] and masked[0].all()  # 1.25 < 1.3
+    assert torch.allclose(w[1], torch.full((3,), 4.5, dtype=w.dtype)) and not masked[1].any()
 
 
 def test_geometric_mask_rejects_whole_rows_out_of_bounds():
@@ -47,7 +61,7 @@ def test_icepop_keeps_the_ratio_inside_the_bounds_and_zeroes_it_outside():
     assert torch.allclose(w * MASK, torch.tensor([[2.0, 9.0, 0.4], [1.0, 10.0, 0.0]], dtype=w.dtype))
 
 
-@pytest.mark.parametrize("mode", ["token_tis", "seq_tis", "geo_mask", "icepop"])
+@pytest.mark.parametrize("mode", CORRECTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_mode_is_finite_detached_and_row_by_row(mode, dtype):
     gen = torch.Generator().manual_seed(0)
@@ -64,7 +78,7 @@ def test_every_mode_is_finite_detached_and_row_by_row(mode, dtype):
 
 
 def test_unknown_mode_is_named():
-    with pytest.raises(ValueError, match="token_tis, seq_tis, geo_mask, icepop"):
+    with pytest.raises(ValueError, match="token_tis, seq_tis, seq_mask, geo_mask, icepop"):
         correction_weights("tis", torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), cap=2.0)
 
 
