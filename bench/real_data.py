@@ -50,7 +50,8 @@ def solution_ops(answer: str) -> set[str]:
 
 def subset_rule(max_steps: int | None, ops: str | None):
     """The documented GSM8K subset: solutions of at most `max_steps` steps that compute with only the operators in
-    `ops` and carry calculator annotations (None: no bound). Returns the row filter and the subset's name ("" for all of it)."""
+    `ops` and carry calculator annotations (None: no bound). Returns the row filter and the subset's name ("" for
+    all of it)."""
 
     def keeps(row: dict) -> bool:
         answer = row["answer"]
@@ -165,6 +166,7 @@ def _headline(part: str, row: dict) -> str:
 
 
 def table(part: str, runs: dict, title: str) -> str:
+    """The before/after table of one results.json entry (`title`: its key)."""
     seeds = runs["seeds"]
     befores = [s["before"] for s in seeds.values()]
     afters = [s["after"] for s in seeds.values()]
@@ -236,7 +238,8 @@ def main() -> int:
     for part in args.part:
         run_part(part, args, out, results)
     for part in args.part:
-        print("\n" + table(part, results[result_key(part, args)], result_key(part, args)))
+        key = result_key(part, args)
+        print("\n" + table(part, results[key], key))
     print(f"results: {results_file}")
     return 0
 

@@ -12,8 +12,8 @@ update). Each mode turns rho_t = pi_old / pi_b on a row's response tokens into p
 
 Weights are detached; masked tokens give no gradient but stay in the loss's token count (as AReaL and SkyRL
 do), so a mask does not inflate the remaining tokens' share; `tis/masked_frac` counts tokens (a geo_mask row
-counts all its tokens). A NaN log-prob is not masked here: its NaN loss skips the step (faults/nonfinite_updates). Log-ratios are clamped before exp. Rows are whole
-in every micro-batch, so the per-row sums and means do not depend on the micro-batch size."""
+counts all its tokens). A NaN log-prob is not masked here: its NaN loss skips the step
+(faults/nonfinite_updates). Log-ratios are clamped before exp. Rows are whole in every micro-batch, so the per-row sums and means do not depend on the micro-batch size."""
 
 from __future__ import annotations
 
@@ -42,16 +42,15 @@ def correction_weights(
     m = mask.bool()
     log_rho = torch.where(m, (old_logp - behaviour_logp).detach().float(), 0.0).clamp(-clamp, clamp)
     no_mask = torch.zeros_like(m)
+    row = torch.exp(log_rho.sum(-1).clamp(-clamp, clamp))  # the sequence's importance weight, prod_t rho_t
     if mode == "token_tis":
         return torch.exp(log_rho).clamp(max=cap), no_mask
     if mode == "seq_tis":
-        row = torch.exp(log_rho.sum(-1).clamp(-clamp, clamp)).clamp(max=cap)
-        return row[:, None].expand_as(log_rho).clone(), no_mask
+        return row.clamp(max=cap)[:, None].expand_as(log_rho).clone(), no_mask
     default_low, default_high = DEFAULT_BOUNDS.get(mode, (0.0, 0.0))
     low = default_low if bounds[0] is None else bounds[0]
     high = default_high if bounds[1] is None else bounds[1]
     if mode == "seq_mask":
-        row = torch.exp(log_rho.sum(-1).clamp(-clamp, clamp))
         keep = ((row >= low) & (row <= high))[:, None].expand_as(m)
         return torch.where(keep, row[:, None], 0.0), m & ~keep
     if mode == "geo_mask":
