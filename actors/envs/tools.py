@@ -1,0 +1,128 @@
+"""Tools the model may call, and the parsing of its calls out of generated text.
+
+A tool is a Python function with a JSON schema for its arguments. The schemas reach the model through its chat
+template's `tools=` support (or the system turn, for templates without it); calls are read from the generation
+by a parser, by default the Hermes / Qwen format:
+
+    <tool_call>
+    {"name": "calculator", "arguments": {"expression": "127 * 48"}}
+    </tool_call>
+
+A parser is any callable `text -> list[ToolCall]` that raises ToolCallError on a malformed call; name your own
+with `env.tool_parser: mypkg.parsers:parse_my_format`. A malformed call, an unknown tool, arguments that do not
+match the schema, or a tool that raises all become an error observation the model sees, and are counted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_CALLS_PER_TURN = 8
+MAX_RESULT_CHARS = 2000  # a tool result longer than this is cut, so one call cannot flood the context
+
+JSON_TYPES = {
+    "string": str,
+    "integer": int,
+    "number": (int, float),
+    "boolean": bool,
+    "object": dict,
+    "array": list,
+}
+
+
+class ToolCallError(ValueError):
+    """A call the model wrote that cannot be run; the message is shown to the model."""
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict  # a JSON schema of type "object"
+    fn: Callable[..., Any] = field(compare=False)
+
+    def schema(self) -> dict:
+        """The OpenAI-style function schema chat templates take in `tools=`."""
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
+
+    def check(self, arguments: dict) -> None:
+        """ToolCallError naming the argument when `arguments` do not match the schema's properties and required."""
+        props = self.parameters.get("properties", {})
+        missing = [k for k in self.parameters.get("required", []) if k not in arguments]
+        if missing:
+            raise ToolCallError(f"{self.name}: missing argument(s) {missing}")
+        unknown = sorted(set(arguments) - set(props))
+        if unknown:
+            raise ToolCallError(f"{self.name}: unknown argument(s) {unknown}; it takes {sorted(props)}")
+        for key, value in arguments.items():
+            expected = JSON_TYPES.get(props[key].get("type"), object)
+            if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+                raise ToolCallError(
+                    f"{self.name}: argument {key}={value!r} should be a {props[key].get('type')}"
+                )
+
+    def run(self, arguments: dict) -> str:
+        self.check(arguments)
+        result = self.fn(**arguments)
+        text = result if isinstance(result, str) else json.dumps(result)
+        return text[:MAX_RESULT_CHARS]
+
+
+HERMES_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+
+
+def parse_hermes(text: str) -> list[ToolCall]:
+    """Every `<tool_call>{json}</tool_call>` in `text` (an unclosed last one is read to the end of the text, as a
+    generation stopped at the closing tag leaves it). ToolCallError on the first malformed call."""
+    calls = []
+    for body in HERMES_CALL.findall(text):
+        try:
+            obj = json.loads(body.strip())
+        except ValueError as e:
+            raise ToolCallError(f"tool call is not valid JSON ({e.msg} at character {e.pos})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            raise ToolCallError('tool call must be a JSON object {"name": ..., "arguments": {...}}')
+        arguments = obj.get("arguments", {})
+        if isinstance(arguments, str):  # some models encode the arguments as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                raise ToolCallError(f"{obj['name']}: arguments are not a JSON object") from None
+        if not isinstance(arguments, dict):
+            raise ToolCallError(
+                f"{obj['name']}: arguments must be a JSON object, got {type(arguments).__name__}"
+            )
+        calls.append(ToolCall(obj["name"], arguments))
+    if len(calls) > MAX_CALLS_PER_TURN:
+        raise ToolCallError(f"{len(calls)} tool calls in one turn (at most {MAX_CALLS_PER_TURN})")
+    return calls
+
+
+def calculator_tool(calculator=None) -> Tool:
+    """The sandboxed calculator as a tool (see calculator.py)."""
+    from troupe.actors.envs.calculator import shared_calculator
+
+    calc = calculator or shared_calculator()
+    return Tool(
+        name="calculator",
+        description="Evaluate an arithmetic expression with + - * / // % ** and parentheses; returns the number.",
+        parameters={
+            "type": "object",
+            "properties": {"expression": {"type": "string", "description": "for example '127 * 48'"}},
+            "required": ["expression"],
+        },
+        fn=lambda expression: calc.evaluate(expression),
+    )
