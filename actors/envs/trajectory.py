@@ -1,0 +1,98 @@
+"""A multi-turn trajectory as token ids, exactly as the generator saw them (token in, token out).
+
+The first messages are chat-templated once. After that, each assistant turn appends the ids the engine sampled
+(never re-tokenised text), and each observation appends the template's rendering of the new messages alone,
+sliced from a fixed two-turn base conversation (what a template adds after an assistant turn's end token, then the
+new messages, then the next generation prompt). So the ids the learner trains on are the ids the engine sampled
+and conditioned on, with no drift from detokenising and re-tokenising (the mismatch TRL, verl and SkyRL each
+worked around). Observation tokens carry no loss (loss_mask 0), no log-prob and no weight version (-1).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from troupe.actors.envs.protocol import EnvError
+
+BASE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+OBSERVATION = -1  # the version of a token the model did not write
+
+
+class TurnEncoder:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos = tokenizer.eos_token_id
+        self.base = self._ids(BASE, generation_prompt=False)
+        ends = [i for i, t in enumerate(self.base) if t == self.eos]
+        if not ends:
+            raise EnvError(
+                "the chat template does not end an assistant turn with the EOS token; multi-turn needs it"
+            )
+        self.cut = (
+            ends[-1] + 1
+        )  # the base's assistant turn ends here; what follows belongs to the next messages
+
+    def _ids(self, messages: list[dict], generation_prompt: bool) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def first(self, messages: list[dict]) -> list[int]:
+        return self._ids(messages, generation_prompt=True)
+
+    def observation(self, messages: list[dict], last_token: int) -> list[int]:
+        """The ids that continue a conversation after an assistant turn whose last sampled token is `last_token`:
+        the turn's end token when the engine stopped on another one, the new messages, then the generation
+        prompt of the next assistant turn."""
+        full = self._ids(BASE + messages, generation_prompt=True)
+        if full[: self.cut] != self.base[: self.cut]:
+            raise EnvError(
+                "the chat template changes earlier turns when messages are added; cannot continue it"
+            )
+        return ([] if last_token == self.eos else [self.eos]) + full[self.cut :]
+
+
+@dataclass
+class Trajectory:
+    prompt: object  # the Prompt it started from
+    sample_index: int
+    prompt_ids: list[int]
+    messages: list[dict]  # the conversation as text (reward models and judges read it)
+    ids: list[int] = field(default_factory=list)  # everything after prompt_ids: turns and observations
+    loss_mask: list[int] = field(default_factory=list)  # 1 on generated tokens
+    logprobs: list[float] = field(default_factory=list)  # behaviour log-probs; 0.0 on observations
+    versions: list[int] = field(default_factory=list)  # weight version per token; OBSERVATION on observations
+    turn_ends: list[int] = field(default_factory=list)  # index in `ids` of each turn's last generated token
+    turn_rewards: list[float] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+    end: str = ""  # why it ended: done, max_turns, max_tokens, length, error, timeout
+
+    @property
+    def turns(self) -> int:
+        return len(self.turn_ends)
+
+    def add_turn(self, ids: list[int], logprobs: list[float], version: int, text: str) -> None:
+        """One assistant turn as sampled (a resumed partial turn adds its continuation with the new version)."""
+        if len(ids) != len(logprobs):
+            raise ValueError(f"turn of {len(ids)} tokens with {len(logprobs)} log-probs")
+        self.ids += ids
+        self.loss_mask += [1] * len(ids)
+        self.logprobs += [float(x) for x in logprobs]
+        self.versions += [version] * len(ids)
+        self.messages.append({"role": "assistant", "content": text})
+        self.turn_ends.append(len(self.ids) - 1)
+        self.turn_rewards.append(0.0)
+
+    def add_observation(self, messages: list[dict], ids: list[int], reward: float) -> None:
+        self.turn_rewards[-1] += reward  # the env's reward for the turn just taken
+        self.messages += messages
+        self.ids += ids
+        self.loss_mask += [0] * len(ids)
+        self.logprobs += [0.0] * len(ids)
+        self.versions += [OBSERVATION] * len(ids)
+
+    def context(self) -> list[int]:
+        """What the next turn is generated from."""
+        return self.prompt_ids + self.ids
