@@ -2,7 +2,8 @@
 
     [prompt][response 1][response 2]...[response n]
 
-A custom 4-D attention mask lets each response attend to the prompt and to its own earlier tokens only, and
+A response is every token from its first trained one to its last: a multi-turn trajectory's observation tokens
+in between are context, packed with it but given no source. A custom 4-D attention mask lets each response attend to the prompt and to its own earlier tokens only, and
 position ids restart after the prompt for each response, so every response sees exactly the context it was
 sampled with. The prompt's forward (and backward) is done once per group instead of once per sample: with
 GRPO's groups of 4 and prompts longer than responses, that is most of the learner's compute.
@@ -37,13 +38,13 @@ def pack_groups(
         return None
     mask = action_mask.bool()
     lengths = mask.sum(-1)
-    starts = torch.where(
-        lengths > 0, mask.float().argmax(-1), torch.full_like(lengths, -1)
-    )  # last prompt token
+    positions = torch.arange(mask.shape[1])
+    first = torch.where(mask, positions, mask.shape[1]).min(-1).values  # the prompt's last token
+    last = torch.where(mask, positions, -1).max(-1).values
     groups = []
     for g in range(rows // group_size):
         members = range(g * group_size, (g + 1) * group_size)
-        spans = [int(starts[i]) + 1 for i in members if lengths[i] > 0]
+        spans = [int(first[i]) + 1 for i in members if lengths[i] > 0]
         if not spans or len(set(spans)) != 1:
             return None
         prompt_len = spans[0]
@@ -51,10 +52,23 @@ def pack_groups(
         for i in members:
             if lengths[i] > 0 and not torch.equal(input_ids[i, :prompt_len], prompt):
                 return None
+        # a response runs from its first to its last trained token; tokens between that carry no loss (a
+        # multi-turn trajectory's observations) are packed as context, and only trained ones get a source
         groups.append(
-            (prompt, [(i, input_ids[i, prompt_len : prompt_len + int(lengths[i])]) for i in members])
+            (
+                prompt,
+                [
+                    (
+                        i,
+                        input_ids[i, prompt_len : int(last[i]) + 2],
+                        mask[i, prompt_len - 1 : int(last[i]) + 1],
+                    )
+                    for i in members
+                    if lengths[i] > 0
+                ],
+            )
         )
-    width = max(len(p) + sum(len(r) for _, r in rs) for p, rs in groups)
+    width = max(len(p) + sum(len(r) for _, r, _ in rs) for p, rs in groups)
     ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(groups), width), dtype=torch.long)
     attn = torch.zeros((len(groups), 1, width, width), dtype=torch.bool)
@@ -65,17 +79,15 @@ def pack_groups(
         pos[g, :n_prompt] = torch.arange(n_prompt)
         attn[g, 0, :n_prompt, :n_prompt] = torch.ones(n_prompt, n_prompt, dtype=torch.bool).tril()
         at = n_prompt
-        for row, tokens in responses:
+        for row, tokens, trained in responses:
             n = len(tokens)
-            if n == 0:
-                continue
             ids[g, at : at + n] = tokens
             pos[g, at : at + n] = torch.arange(n_prompt, n_prompt + n)
             attn[g, 0, at : at + n, :n_prompt] = True
             attn[g, 0, at : at + n, at : at + n] = torch.ones(n, n, dtype=torch.bool).tril()
             # token 0 is predicted from the prompt's last position, token k from the response's token k-1
             predictors = torch.cat([torch.tensor([n_prompt - 1]), torch.arange(at, at + n - 1)])
-            source_of_row[row] = g * width + predictors
+            source_of_row[row] = (g * width + predictors)[trained]
             at += n
         pad = torch.arange(at, width)
         attn[g, 0, pad, pad] = True  # padding attends to itself only (no empty softmax rows)

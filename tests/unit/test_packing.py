@@ -119,3 +119,48 @@ def test_changing_one_response_leaves_its_siblings_log_probs_bit_identical():
     leaky_before = _packed_logprobs(model, prompts, responses, leak_one_token)
     leaky_after = _packed_logprobs(model, prompts, changed, leak_one_token)
     assert not torch.equal(leaky_after[3], leaky_before[3])  # the exact check catches a one-token leak
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_responses_with_untrained_tokens_inside_pack_like_unpacked(dtype):
+    """Multi-turn rows: observation tokens between turns carry no loss (action mask 0) but stay context. Packed,
+    each trained token is predicted from the same context as unpacked, and the targets line up."""
+    ids, att, action = _groups()
+    action[0, 4] = 0  # row 0's second response token is an observation
+    action[2, 5:7] = 0  # row 2: two in the middle
+    action[4, 1] = 0  # row 4 (group 2): its first response token is context, so its prompt looks longer
+    packed = pack_groups(ids, action, group_size=3)
+    assert packed is None  # group 2's rows no longer share where their trained tokens start: not packed
+    action[4, 1] = 1
+    packed = pack_groups(ids, action, group_size=3)
+    assert packed.targets.tolist() == ids[:, 1:][action.bool()].tolist()
+    assert packed.input_ids[0, :13].tolist() == [
+        1,
+        2,
+        3,
+        4,
+        7,
+        8,
+        9,
+        10,
+        11,
+        12,
+        13,
+        14,
+        15,
+    ]  # all tokens kept
+    assert len(packed.source) == int(action.sum())
+    temps = torch.full((6,), 0.9)
+    results = []
+    for group_size in (1, 3):
+        model = tiny_lm(dtype)
+        logp, _ = response_logprobs(model, ids, att, action, temps, group_size=group_size)
+        (logp * torch.arange(1, 7)[:, None]).sum().backward()
+        grad = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+        results.append((logp.detach(), grad, getattr(model, "_troupe_packing", None)))
+    (plain, g_plain, _), (packed_logp, g_packed, used) = results
+    assert used is True
+    assert torch.equal(plain[action == 0], torch.zeros(int((action == 0).sum())))
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(packed_logp, plain, atol=tol)
+    assert float((g_packed - g_plain).norm() / g_plain.norm()) < tol
