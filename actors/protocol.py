@@ -65,13 +65,35 @@ class Rollout:
     weight_version: int
     finish_reason: str  # "stop" (EOS / stop string) or "length" (hit max_new_tokens)
     temperature: float  # the sampling temperature: logprobs above are of the distribution at this temperature
+    # A multi-turn trajectory (actors/envs): response_ids hold its turns and the observations between them, as
+    # sampled and templated; loss_mask is 1 on the tokens the policy wrote (None: every token), versions their
+    # weight version (None: weight_version). logprobs are 0 on observation tokens.
+    loss_mask: tuple[int, ...] | None = None
+    versions: tuple[int, ...] | None = None
+    turn_ends: tuple[int, ...] = ()  # index in response_ids of each turn's last token
+    turn_rewards: tuple[float, ...] = ()  # the environment's reward for each turn
+    conversation: tuple[tuple[str, str], ...] = ()  # (role, content) of the messages after the prompt
+    env_counts: tuple[tuple[str, int], ...] = ()  # e.g. turns, tool_calls, tool_errors, ended/<reason>
+    failed: str = ""  # env_error / env_timeout: the environment failed it and env.on_error=drop
 
     def __post_init__(self) -> None:
-        if self.logprobs.shape != (len(self.response_ids),):
+        n = len(self.response_ids)
+        where = f"rollout {self.prompt.uid}#{self.sample_index}"
+        if self.logprobs.shape != (n,):
+            raise ValueError(f"{where}: logprobs shape {tuple(self.logprobs.shape)} != ({n},)")
+        for name in ("loss_mask", "versions"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"{where}: {name} of {len(value)} for {n} response tokens")
+        if len(self.turn_rewards) != len(self.turn_ends) or any(not 0 <= e < n for e in self.turn_ends):
             raise ValueError(
-                f"rollout {self.prompt.uid}#{self.sample_index}: logprobs shape {tuple(self.logprobs.shape)} "
-                f"!= ({len(self.response_ids)},)"
+                f"{where}: turn_ends {self.turn_ends} / turn_rewards {self.turn_rewards} do not fit"
             )
+
+    @property
+    def trained_tokens(self) -> int:
+        """Tokens the policy wrote (what the loss covers)."""
+        return len(self.response_ids) if self.loss_mask is None else sum(self.loss_mask)
 
 
 @dataclass(frozen=True)

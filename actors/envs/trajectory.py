@@ -67,7 +67,8 @@ class Trajectory:
     turn_ends: list[int] = field(default_factory=list)  # index in `ids` of each turn's last generated token
     turn_rewards: list[float] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
-    end: str = ""  # why it ended: done, max_turns, max_tokens, length, error, timeout
+    end: str = ""  # why it ended: done, max_turns, max_tokens, error, timeout (runner.ENDS)
+    error: str = ""  # the environment's error or timeout, when it ended on one
 
     @property
     def turns(self) -> int:
@@ -96,3 +97,49 @@ class Trajectory:
     def context(self) -> list[int]:
         """What the next turn is generated from."""
         return self.prompt_ids + self.ids
+
+
+def to_rollout(traj: Trajectory, temperature: float, on_error: str):
+    """The trajectory as a Rollout: its prompt is what the environment's reset gave (templated), its response
+    every turn and observation; the reply the reward objectives read is the last assistant message."""
+    import dataclasses
+
+    import torch
+
+    from troupe.actors.protocol import Rollout
+
+    first = traj.messages[: len(traj.messages) - len(_after_prompt(traj))]
+    prompt = dataclasses.replace(
+        traj.prompt,
+        token_ids=tuple(traj.prompt_ids) or traj.prompt.token_ids,
+        messages=tuple((m["role"], m["content"]) for m in first) or traj.prompt.messages,
+    )
+    replies = [m["content"] for m in traj.messages if m["role"] == "assistant"]
+    versions = [v for v in traj.versions if v != OBSERVATION]
+    counts = {"turns": traj.turns, f"ended/{traj.end}": 1, **traj.counts}
+    failed = f"env_{traj.end}" if traj.end in ("error", "timeout") and on_error == "drop" else ""
+    return Rollout(
+        prompt=prompt,
+        sample_index=traj.sample_index,
+        response_ids=tuple(traj.ids),
+        response_text=replies[-1] if replies else "",
+        logprobs=torch.tensor(traj.logprobs, dtype=torch.float32),
+        weight_version=min(versions) if versions else 0,  # the oldest weights any of its tokens came from
+        finish_reason="length" if traj.end == "max_tokens" else "stop",
+        temperature=temperature,
+        loss_mask=tuple(traj.loss_mask),
+        versions=tuple(traj.versions),
+        turn_ends=tuple(traj.turn_ends),
+        turn_rewards=tuple(traj.turn_rewards),
+        conversation=tuple((m["role"], m["content"]) for m in _after_prompt(traj)),
+        env_counts=tuple(sorted(counts.items())),
+        failed=failed,
+    )
+
+
+def _after_prompt(traj: Trajectory) -> list[dict]:
+    """The messages from the first assistant turn on."""
+    for i, m in enumerate(traj.messages):
+        if m["role"] == "assistant":
+            return traj.messages[i:]
+    return []

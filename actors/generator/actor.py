@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from troupe.actors import weight_buckets
+from troupe.actors.envs.config import EnvConfig
 from troupe.actors.generator.config import GeneratorConfig
 from troupe.actors.generator.sampling import Sampling, prompt_seed
 from troupe.actors.hardware import node_id, placement_group_id, resolve_dtype
@@ -32,8 +33,10 @@ class Generator:
         replica: int = 0,
         seed: int = 0,
         trust_remote_code: bool = False,
+        env: EnvConfig | None = None,
     ) -> None:
         self.spec = config
+        self.env = env  # multi-turn: every generate() runs trajectories against it
         self.model_path = model_path
         self.replica = replica
         self.version = 0
@@ -62,6 +65,7 @@ class Generator:
             self.backend = HFBackend(model_path, self.dtype, seed, trust_remote_code)
         else:
             raise ValueError(f"generator.backend must be 'vllm' or 'hf', got {config.backend!r}")
+        self._env_calls = None  # built on the first multi-turn call
         log.info("generator %d ready (%s, %s)", replica, config.backend, model_path)
 
     def ready(self) -> dict:
@@ -76,6 +80,15 @@ class Generator:
         }
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
+        """n samples per prompt; with an environment (env.target), n multi-turn trajectories per prompt."""
+        if self.env is not None:
+            from troupe.actors.envs.trajectory import to_rollout
+
+            trajectories, _ = self.run_trajectories(prompts, sampling, self.env)
+            rollouts = [to_rollout(t, sampling.temperature, self.env.on_error) for t in trajectories]
+            self.stats["prompts"] += len(prompts)
+            self.stats["tokens"] += sum(r.trained_tokens for r in rollouts)
+            return rollouts
         start = time.perf_counter()
         seeds = None if sampling.seed is None else [prompt_seed(sampling.seed, p.uid) for p in prompts]
         groups = self.backend.generate([p.token_ids for p in prompts], sampling, seeds)
@@ -100,6 +113,44 @@ class Generator:
         self.stats["tokens"] += sum(len(r.response_ids) for r in rollouts)
         self.stats["generate_s"] += time.perf_counter() - start
         return rollouts
+
+    def run_trajectories(
+        self, prompts: Sequence[Prompt], sampling: Sampling, env: EnvConfig
+    ) -> tuple[list, dict]:
+        """Multi-turn trajectories (sampling.n per prompt) against `env`; and the run's env/* counts."""
+        from troupe.actors.envs.runner import run_trajectories
+
+        if self.spec.backend != "vllm":
+            raise ValueError("multi-turn environments need generator.backend=vllm")
+        calls = self._env_calls
+        if calls is None or (calls.max_workers, calls.timeout_s) != (env.workers, env.step_timeout_s):
+            from transformers import AutoTokenizer
+
+            from troupe.actors.envs.calls import EnvCalls
+            from troupe.actors.envs.trajectory import TurnEncoder
+
+            if calls is not None:
+                calls.close()  # calls still stuck in user code finish on their own threads
+            self._env_calls = EnvCalls(env.workers, env.step_timeout_s)
+            self._encoder = TurnEncoder(AutoTokenizer.from_pretrained(self.model_path))
+        from troupe.actors.generator.vllm_turns import VLLMTurns
+
+        factory = env.factory()
+        start = time.perf_counter()
+        trajectories, counts = run_trajectories(
+            VLLMTurns(self.backend.llm, sampling),
+            self._encoder,
+            factory,
+            prompts,
+            sampling.n,
+            self.version,
+            env.limits(sampling.max_new_tokens, self.spec.max_model_len),
+            self._env_calls,
+            seed_of=None if sampling.seed is None else lambda t: prompt_seed(sampling.seed, turn_stream(t)),
+        )
+        self.stats["generate_s"] += time.perf_counter() - start
+        self.stats["samples"] += len(trajectories)
+        return trajectories, dict(counts)
 
     def update_weights(self, bundle: WeightBundle | BucketedWeights, rollback: bool = False) -> dict:
         """Load newer weights; `rollback` (after a learner rebuild from a checkpoint) may go back to older ones.
@@ -171,6 +222,11 @@ class Generator:
 
     def get_stats(self) -> dict:
         return dict(self.stats, version=self.version, replica=self.replica)
+
+
+def turn_stream(traj) -> str:
+    """A turn's own sampling stream: its prompt, sample and turn (not which generator or batch serves it)."""
+    return f"{traj.prompt.uid}:{traj.sample_index}:{traj.turns}"
 
 
 def _fetch(buckets) -> list:

@@ -103,7 +103,8 @@ def pad_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
 
 def from_scored(scored: Sequence[ScoredRollout], pad_id: int, group_size: int) -> RolloutBatch:
     """Collate scored rollouts into columns. A rollout whose reward has no per-token placement gets its scalar
-    on its last response token; a dropped rollout (`reward.dropped`) has no response tokens in the action mask."""
+    on its last response token; a dropped rollout (`reward.dropped`) has no response tokens in the action mask,
+    nor do a trajectory's observation tokens (`loss_mask` 0)."""
     rollouts = [s.rollout for s in scored]
     input_ids, attention, action = pad_sequences(
         [r.prompt.token_ids for r in rollouts], [r.response_ids for r in rollouts], pad_id
@@ -119,6 +120,8 @@ def from_scored(scored: Sequence[ScoredRollout], pad_id: int, group_size: int) -
         if n == 0:
             continue
         span = slice(len(r.prompt.token_ids) - 1, len(r.prompt.token_ids) - 1 + n)
+        if r.loss_mask is not None:  # a trajectory's observations: context, not actions
+            action[i, span] *= torch.tensor(r.loss_mask, dtype=torch.float32)
         behaviour[i, span] = r.logprobs.float()
         dense = s.reward.token_rewards
         if dense is not None:

@@ -51,6 +51,7 @@ def validate(cfg: TroupeConfig) -> None:
             f"run.mode=async needs run.max_staleness >= 1 (got {cfg.run.max_staleness}); 0 is run.mode=sync"
         )
     _check_autoscale(cfg)
+    _check_env(cfg)
     t = cfg.task
     try:
         ArithmeticTask(t.min_operand, t.max_operand, t.operations, t.seed, t.steps)
@@ -340,3 +341,23 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     problem = Domain(choices=allowed).expected(value)
     if problem:
         raise ConfigError(f"{key}={value!r}: {problem}")
+
+
+def _check_env(cfg: TroupeConfig) -> None:
+    """Multi-turn environments: the target loads here (a bad path fails before Ray starts, naming env.target)."""
+    e = cfg.env
+    if e.target is None:
+        return
+    if cfg.generator.backend != "vllm":
+        raise ConfigError(
+            f"env.target needs generator.backend=vllm (the engine loop), got {cfg.generator.backend}"
+        )
+    if e.max_tokens >= cfg.generator.max_model_len:
+        raise ConfigError(
+            f"env.max_tokens={e.max_tokens} leaves no room for the prompt in generator.max_model_len="
+            f"{cfg.generator.max_model_len}"
+        )
+    try:
+        e.factory()
+    except PluginError as err:
+        raise ConfigError(str(err)) from err

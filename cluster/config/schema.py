@@ -11,6 +11,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from troupe.actors.envs.config import EnvConfig
 from troupe.actors.field_domains import bounded, one_of
 from troupe.actors.generator.config import GeneratorConfig
 from troupe.actors.learner.config import AlgoConfig, CriticConfig, LearnerConfig
@@ -338,6 +339,9 @@ class TroupeConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    env: EnvConfig = field(
+        default_factory=EnvConfig
+    )  # multi-turn environments (env.target unset: single-turn)
     reward: RewardConfig = field(default_factory=RewardConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)

@@ -85,16 +85,18 @@ def rule_objectives(r: RewardConfig) -> dict[str, dict]:
     return {k: v for k, v in entries.items() if v.get("type") != "judge"}
 
 
-def plugin_files(r: RewardConfig) -> list[str]:
-    """Plug-in files named by path (`/dir/file.py:fn`). They travel to every node with Ray's job-level runtime
-    environment (py_modules, importable by the file's name: `start_ray`), so code outside the repo works on a
-    multi-node cluster; a shard on the driver's machine also finds the file at its path."""
-    files = set()
-    for name, params in rule_objectives(r).items():
-        _, file = resolve_target(params.get("target"), f"reward.objectives.{name}.target")
-        if file is not None:
-            files.add(file)
-    return sorted(files)
+def plugin_files(cfg: TroupeConfig) -> list[str]:
+    """Plug-in files named by path (`/dir/file.py:fn`): reward objectives' and the environment's. They travel to
+    every node with Ray's job-level runtime environment (py_modules, importable by the file's name: `start_ray`),
+    so code outside the repo works on a multi-node cluster; an actor on the driver's machine also finds the file
+    at its path."""
+    targets = {
+        f"reward.objectives.{name}.target": p.get("target") for name, p in rule_objectives(cfg.reward).items()
+    }
+    if cfg.env.target is not None:
+        targets["env.target"] = cfg.env.target
+    files = {resolve_target(target, key)[1] for key, target in targets.items()}
+    return sorted(f for f in files if f is not None)
 
 
 def build_aggregation(r: RewardConfig):

@@ -242,7 +242,7 @@ def run_rm_serve(cfg: TroupeConfig) -> dict:
     from troupe.cluster.fleet.reward_model import plugin_files
     from troupe.cluster.run.runtime import start_ray
 
-    start_ray(cfg.ray, py_modules=plugin_files(cfg.reward))
+    start_ray(cfg.ray, py_modules=plugin_files(cfg))
     served, service = start_service(cfg)
     print(
         f"troupe: reward service on {served.url} (POST /score, GET /health); objectives "

@@ -172,7 +172,14 @@ def _generator_pool(cfg: TroupeConfig, model_path: str, budget: RetryBudget, ran
             runtime_env={"env_vars": generator_env(g)},
             max_restarts=0,
             **where(slot),
-        ).remote(g, model_path, index, cfg.run.seed, cfg.model.trust_remote_code)
+        ).remote(
+            g,
+            model_path,
+            index,
+            cfg.run.seed,
+            cfg.model.trust_remote_code,
+            cfg.env if cfg.env.target else None,
+        )
 
     return Pool("generator", make, cfg.ray.actor_timeout_s, budget)
 

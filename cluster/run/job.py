@@ -97,9 +97,7 @@ class Job:
         from troupe.cluster.observe.run_log import link_ray_logs
         from troupe.cluster.run.runtime import start_ray
 
-        start_ray(
-            self.cfg.ray, log_to_driver=not self.cfg.logging.quiet, py_modules=plugin_files(self.cfg.reward)
-        )
+        start_ray(self.cfg.ray, log_to_driver=not self.cfg.logging.quiet, py_modules=plugin_files(self.cfg))
         link_ray_logs(self.log_dir)
 
     @property

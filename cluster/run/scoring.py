@@ -9,7 +9,8 @@ failed on (a NaN value: an exception, a timeout or an invalid value in user or r
 
 The aggregation sees the kept samples only, so a failure never moves a normaliser or a gate. A sample whose reward
 is not finite (an objective's inf, an inf/NaN token reward, or an aggregation that made one) has its prompt group
-dropped the same way, as `nonfinite_reward`, and counted (`reward/nonfinite`).
+dropped the same way, as `nonfinite_reward`, and counted (`reward/nonfinite`). A trajectory whose environment
+failed (`Rollout.failed`, env.on_error=drop) has its group dropped for that reason (env_error, env_timeout).
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ def score_batch(
     # whose normalisers would carry it into every later reward
     nonfinite_rows = _nonfinite_rows(values, rollouts) & ~failed_rows
     drop: dict[int, str] = {}  # prompt group -> why it is left out
+    for i, r in enumerate(rollouts):  # a trajectory its environment failed (env.on_error=drop)
+        if r.failed:
+            drop.setdefault(i // group_size, r.failed)
     for reason, rows in ((DROP_REASON, failed_rows), (NONFINITE_REASON, nonfinite_rows)):
         for i in rows.nonzero().flatten().tolist():
             drop.setdefault(i // group_size, reason)
