@@ -1,5 +1,6 @@
 """Rule objectives: task correctness, answer format, brevity, non-repetition, truncation, and the
-instruction-following checks of actors/reward/ifeval.py (`ifeval`, `instructions`). Each maps rollouts to values
+instruction-following checks of actors/reward/ifeval.py (`ifeval`, `instructions`), and the trajectory objectives
+of actors/reward/trajectory_rules.py (`env`, `tool_validity`, `turns`). Each maps rollouts to values
 in [0, 1]. An objective with `score_tokens` also gives per-token values (the flat per-token channel of
 actors/reward/aggregation.py) whose sum per rollout is its sequence value.
 
@@ -16,6 +17,7 @@ import torch
 from troupe.actors.protocol import Rollout
 from troupe.actors.reward.ifeval import IFEval, Instructions
 from troupe.actors.reward.math_answer import has_final_answer, is_correct
+from troupe.actors.reward.trajectory_rules import EnvReward, ToolValidity, TurnEconomy
 
 
 @dataclass(frozen=True)
@@ -132,4 +134,7 @@ RULES = {
     "truncation": Truncation,
     "ifeval": IFEval,
     "instructions": Instructions,
+    "env": EnvReward,
+    "tool_validity": ToolValidity,
+    "turns": TurnEconomy,
 }

@@ -49,6 +49,7 @@ def evaluate(run, prompts: list[Prompt], cfg: EvalConfig) -> dict:
         result = score_batch(rollouts, values, copy.deepcopy(run.aggregation), run.on_error, sampling.n)
         stats = batch_stats(result.kept) if result.kept else {}
         stats.update(result.metrics())
+        stats.update(env_stats(rollouts))
         if f"objective/{cfg.accuracy_objective}" in stats:
             stats["accuracy"] = stats[f"objective/{cfg.accuracy_objective}"]
         out.update({f"eval/{mode}/{k}": v for k, v in stats.items()})
@@ -73,6 +74,24 @@ def batch_stats(scored: list[ScoredRollout]) -> dict:
     if len(branches) > 1 or branches != ["weighted_sum"]:
         for b in branches:
             out[f"branch/{b}"] = sum(s.reward.branch == b for s in scored) / n
+    return out
+
+
+def env_stats(rollouts) -> dict:
+    """Multi-turn trajectories over every rollout (failed ones too): turns, tool calls and errors per trajectory,
+    the share that called a tool, and why they ended (env/ended/<reason>). Empty for single-turn rollouts."""
+    counts = [dict(r.env_counts) for r in rollouts if r.env_counts]
+    if not counts:
+        return {}
+    n = len(counts)
+    out = {
+        "env/turns": sum(c.get("turns", 0) for c in counts) / n,
+        "env/tool_calls": sum(c.get("tool_calls", 0) for c in counts) / n,
+        "env/tool_call_rate": sum(c.get("tool_calls", 0) > 0 for c in counts) / n,
+        "env/tool_errors": sum(c.get("tool_errors", 0) for c in counts) / n,
+    }
+    ends = sorted({k for c in counts for k in c if k.startswith("ended/")})
+    out.update({f"env/{k}": sum(c.get(k, 0) for c in counts) / n for k in ends})
     return out
 
 

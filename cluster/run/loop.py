@@ -35,7 +35,7 @@ from troupe.cluster.fleet.pool import Member, Pool
 from troupe.cluster.fleet.reward_pools import RewardFleet
 from troupe.cluster.observe.rollouts import sample_rows
 from troupe.cluster.run.dynamic_sampling import fill_batch, needs_more
-from troupe.cluster.run.evaluation import batch_stats, evaluate
+from troupe.cluster.run.evaluation import batch_stats, env_stats, evaluate
 from troupe.cluster.run.learn import learn_dpo, learn_policy_gradient
 from troupe.cluster.run.pipeline import RolloutPipeline
 from troupe.cluster.run.scoring import ErrorPolicy, ObjectiveFailed, ScoredBatch, dropped_groups, score_batch
@@ -355,6 +355,7 @@ def _metrics(iteration, version, scored: list[ScoredRollout], learn_stats, sync_
         "samples": len(scored),
         "behaviour_version/min": min(s.rollout.weight_version for s in scored),
         **(batch_stats(kept) if kept else {}),
+        **env_stats([s.rollout for s in scored]),
     }
     record.update(learn_stats)
     record.update({f"sync/{k}": v for k, v in sync_stats.items()})

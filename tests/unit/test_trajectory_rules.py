@@ -1,0 +1,58 @@
+"""Trajectory objectives (actors/reward/trajectory_rules.py) and env/* metrics (cluster/run/evaluation.py)."""
+
+import pytest
+import torch
+
+from troupe.actors.protocol import Prompt, Rollout
+from troupe.actors.reward.aggregation import split_tokens
+from troupe.actors.reward.rules import RULES
+from troupe.cluster.run.evaluation import env_stats
+
+
+def _trajectory(turn_ends=(2, 6), turn_rewards=(0.5, 1.0), **counts):
+    n = 8
+    mask = tuple(0 if 3 <= i <= 4 else 1 for i in range(n))
+    return Rollout(
+        Prompt("p", (1,), "q"), 0, tuple(range(10, 10 + n)), "a", torch.zeros(n), 0, "stop", 1.0,
+        loss_mask=mask, turn_ends=turn_ends, turn_rewards=turn_rewards,
+        env_counts=tuple(sorted({"turns": len(turn_ends), **counts}.items())),
+    )  # fmt: skip
+
+
+def test_env_reward_sums_turn_rewards_and_places_them_on_turn_ends():
+    plain = Rollout(Prompt("p", (1,), "q"), 1, (5, 6), "a", torch.zeros(2), 0, "stop", 1.0)
+    rollouts = [_trajectory(), plain]
+    env = RULES["env"]()
+    assert env.score(rollouts).tolist() == [1.5, 0.0]
+    first, second = split_tokens(env.score_tokens(rollouts), rollouts)
+    assert first.tolist() == [0, 0, 0.5, 0, 0, 0, 1.0, 0] and second.tolist() == [0, 0]
+    assert float(first.sum()) == float(env.score(rollouts)[0])  # the token channel sums to the value
+
+
+@pytest.mark.parametrize(
+    "counts, value",
+    [({}, 1.0), ({"tool_calls": 4}, 1.0), ({"tool_calls": 4, "tool_errors": 1}, 0.75),
+     ({"tool_errors": 1, "malformed": 1}, 0.0), ({"tool_calls": 1, "tool_errors": 1, "malformed": 1}, 0.5)],
+)  # fmt: skip
+def test_tool_validity_is_the_share_of_calls_that_ran(counts, value):
+    assert RULES["tool_validity"]().score([_trajectory(**counts)]).tolist() == [value]
+    assert RULES["tool_validity"](no_call=0.0).score([_trajectory()]).tolist() == [0.0]
+
+
+def test_turns_favour_fewer_round_trips():
+    one, two = _trajectory(turn_ends=(6,), turn_rewards=(0.0,)), _trajectory()
+    assert RULES["turns"](max_turns=3).score([one, two]).tolist() == [1.0, 0.5]
+
+
+def test_env_stats_over_every_trajectory():
+    rollouts = [
+        _trajectory(tool_calls=2, tool_errors=1, **{"ended/done": 1}),
+        _trajectory(**{"ended/timeout": 1}),
+    ]
+    stats = env_stats(rollouts)
+    assert stats == {
+        "env/turns": 2.0, "env/tool_calls": 1.0, "env/tool_call_rate": 0.5, "env/tool_errors": 0.5,
+        "env/ended/done": 0.5, "env/ended/timeout": 0.5,
+    }  # fmt: skip
+    plain = Rollout(Prompt("p", (1,), "q"), 1, (5, 6), "a", torch.zeros(2), 0, "stop", 1.0)
+    assert env_stats([plain]) == {}
