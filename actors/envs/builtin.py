@@ -20,14 +20,20 @@ from troupe.actors.plugins import load_object
 
 TOOL_SYSTEM_PROMPT = (
     "You can call tools. To call one, write on its own line:\n"
-    '<tool_call>\n{{"name": <tool name>, "arguments": {{<arguments>}}}}\n</tool_call>\n'
+    '<tool_call>\n{"name": <tool name>, "arguments": {<arguments>}}\n</tool_call>\n'
     "and stop; the result comes back in the next message. When you know the answer, reply without a tool call.\n"
     "Tools:\n{schemas}"
 )
 
 
 class ToolEnv:
-    def __init__(self, tools=None, parser=None, system_prompt: str | None = TOOL_SYSTEM_PROMPT):
+    def __init__(
+        self,
+        tools=None,
+        parser=None,
+        system_prompt: str | None = TOOL_SYSTEM_PROMPT,
+        keep_system: bool = True,
+    ):
         # tools: Tool objects or import paths of factories returning one (default: the calculator)
         self.tools: list[Tool] = [
             load_object(t, "env.kwargs.tools")() if isinstance(t, str) else t
@@ -35,7 +41,8 @@ class ToolEnv:
         ]
         self.by_name = {t.name: t for t in self.tools}
         self.parse = load_object(parser, "env.kwargs.parser") if parser else parse_hermes
-        self.system_prompt = system_prompt
+        self.system_prompt = system_prompt  # "{schemas}" in it becomes the tools' JSON schemas
+        self.keep_system = keep_system  # False: it replaces the prompt's own system turn
 
     def reset(self, prompt) -> list[dict]:
         """The prompt's chat, with the tools described in the system turn (for templates that ignore `tools=`)."""
@@ -43,7 +50,9 @@ class ToolEnv:
         if not self.system_prompt:
             return messages
         schemas = "\n".join(json.dumps(t.schema()["function"]) for t in self.tools)
-        described = self.system_prompt.format(schemas=schemas)
+        described = self.system_prompt.replace("{schemas}", schemas)
+        if messages[0]["role"] == "system" and not self.keep_system:
+            messages = messages[1:]
         if messages[0]["role"] == "system":
             return [{"role": "system", "content": messages[0]["content"] + "\n\n" + described}, *messages[1:]]
         return [{"role": "system", "content": described}, *messages]

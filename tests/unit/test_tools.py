@@ -165,3 +165,14 @@ def test_follow_up_env_on_mt_bench_questions():
 def test_a_bad_step_result_is_refused_naming_the_field(value, message):
     with pytest.raises(EnvError, match=message):
         check_step(value)
+
+
+def test_the_tool_env_can_replace_the_prompts_system_turn():
+    prompt = Prompt("p", (1,), "q", messages=(("system", "Answer directly."), ("user", "2 * 3?")))
+    kept = ToolEnv(system_prompt='Call {"name": ...} like this. Tools: {schemas}').reset(prompt)
+    assert kept[0]["content"].startswith('Answer directly.\n\nCall {"name": ...} like this. Tools: {')
+    replaced = ToolEnv(system_prompt="Use tools: {schemas}", keep_system=False).reset(prompt)
+    assert (
+        replaced[0]["content"].startswith("Use tools: {") and "Answer directly" not in replaced[0]["content"]
+    )
+    assert replaced[1:] == [{"role": "user", "content": "2 * 3?"}]
