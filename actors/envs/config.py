@@ -23,6 +23,9 @@ class EnvConfig:
     # drop: a trajectory that ended on an environment error or timeout carries no loss (accounted, dropped:
     # env_error); score: it is scored as it stands
     on_error: str = one_of("drop", "score")
+    # Weights pushed while trajectories are generated (run.mode=async) load between engine steps: turns in flight
+    # keep their tokens and log-probs (old version) and continue on the new weights. False: they finish first.
+    partial_rollouts: bool = True
 
     def limits(self, max_turn_tokens: int, max_context: int) -> Limits:
         return Limits(self.max_turns, self.max_tokens, max_turn_tokens, max_context, self.concurrent)

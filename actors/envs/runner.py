@@ -53,6 +53,17 @@ class TurnEngine(Protocol):
 
     def busy(self) -> bool: ...
 
+    def abort(self) -> list[int]: ...  # stop every turn in flight; the trajectories whose turns stopped
+
+
+class WeightSync(Protocol):
+    """New weights that may arrive mid-run (partial rollouts): `due` when some wait, `apply` loads them between
+    two engine steps and returns the new version."""
+
+    def due(self) -> bool: ...
+
+    def apply(self) -> int: ...
+
 
 @dataclass
 class _Live:
@@ -63,6 +74,7 @@ class _Live:
     turn_logprobs: list[float] | None = None
     turn_text: str = ""
     turn_room: int = 0  # the turn's token budget; cut there with the trajectory's budget spent: max_tokens
+    turn_kept: int = 0  # tokens of this turn already in the trajectory (sampled before a weight sync)
 
 
 def run_trajectories(
@@ -75,14 +87,19 @@ def run_trajectories(
     limits: Limits,
     calls: EnvCalls,
     seed_of: Callable[[Trajectory], int] | None = None,  # a turn's sampling seed (deterministic runs)
+    sync: WeightSync | None = None,
 ) -> tuple[list[Trajectory], Counter]:
-    """`samples` trajectories per prompt, in (prompt, sample) order; and the env/* counts of the run."""
+    """`samples` trajectories per prompt, in (prompt, sample) order; and the env/* counts of the run. With
+    `sync`, weights that arrive mid-run are loaded between engine steps: turns in flight keep what they sampled
+    (with its version) and continue on the new weights (a partial rollout)."""
     counts: Counter = Counter()
     waiting = [(p, s) for p in prompts for s in range(samples)]
     finished: dict[int, Trajectory] = {}
     live: dict[int, _Live] = {}
     next_key = 0
     while waiting or live:
+        if sync is not None and sync.due():
+            version = _sync_weights(engine, live, sync, version, counts)
         while waiting and len(live) < limits.concurrent:  # start trajectories as room frees up
             prompt, sample = waiting.pop(0)
             key, next_key = next_key, next_key + 1
@@ -118,7 +135,8 @@ def run_trajectories(
                 state.turn_text += out.text
                 if not out.finished:
                     continue
-                state.traj.add_turn(state.turn_ids, state.turn_logprobs, version, state.turn_text)
+                state.traj.add_tokens(state.turn_ids, state.turn_logprobs, version)
+                state.traj.end_turn(state.turn_text)
                 if out.finish_reason == "length" and state.turn_room < limits.max_turn_tokens:
                     finished[out.key] = _ended(state.traj, "max_tokens")
                     del live[out.key]
@@ -173,6 +191,23 @@ def _after_env(state: _Live, value, error, encoder: TurnEncoder, limits: Limits,
         return "error"
 
 
+def _sync_weights(engine: TurnEngine, live: dict[int, _Live], sync: WeightSync, version: int, counts) -> int:
+    """Stop the turns in flight, keep what they sampled (old version), load the new weights, continue them."""
+    stopped = engine.abort()
+    for key in stopped:
+        state = live[key]
+        state.traj.add_tokens(state.turn_ids, state.turn_logprobs, version)
+        state.turn_kept += len(state.turn_ids)
+        state.turn_ids, state.turn_logprobs = [], []
+    version = sync.apply()
+    counts["weight_syncs"] += 1
+    counts["partial_turns"] += len(stopped)
+    for key in stopped:
+        state = live[key]
+        engine.submit(key, state.traj.context(), max(state.turn_room - state.turn_kept, 1), None)
+    return version
+
+
 def _submit_turn(engine: TurnEngine, key: int, state: _Live, limits: Limits, seed_of) -> None:
     traj = state.traj
     room = min(
@@ -180,7 +215,13 @@ def _submit_turn(engine: TurnEngine, key: int, state: _Live, limits: Limits, see
         limits.max_tokens - len(traj.ids),
         limits.max_context - len(traj.prompt_ids) - len(traj.ids),
     )
-    state.turn_ids, state.turn_logprobs, state.turn_text, state.turn_room = [], [], "", room
+    state.turn_ids, state.turn_logprobs, state.turn_text, state.turn_room, state.turn_kept = (
+        [],
+        [],
+        "",
+        room,
+        0,
+    )
     engine.submit(key, traj.context(), room, None if seed_of is None else seed_of(traj))
 
 

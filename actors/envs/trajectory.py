@@ -74,17 +74,25 @@ class Trajectory:
     def turns(self) -> int:
         return len(self.turn_ends)
 
-    def add_turn(self, ids: list[int], logprobs: list[float], version: int, text: str) -> None:
-        """One assistant turn as sampled (a resumed partial turn adds its continuation with the new version)."""
+    def add_tokens(self, ids: list[int], logprobs: list[float], version: int) -> None:
+        """Sampled tokens of the current turn: all of it, or the part sampled before a weight sync (a partial
+        rollout; the rest follows with the new version)."""
         if len(ids) != len(logprobs):
-            raise ValueError(f"turn of {len(ids)} tokens with {len(logprobs)} log-probs")
+            raise ValueError(f"{len(ids)} sampled tokens with {len(logprobs)} log-probs")
         self.ids += ids
         self.loss_mask += [1] * len(ids)
         self.logprobs += [float(x) for x in logprobs]
         self.versions += [version] * len(ids)
+
+    def end_turn(self, text: str) -> None:
         self.messages.append({"role": "assistant", "content": text})
         self.turn_ends.append(len(self.ids) - 1)
         self.turn_rewards.append(0.0)
+
+    def add_turn(self, ids: list[int], logprobs: list[float], version: int, text: str) -> None:
+        """One whole assistant turn, sampled with one weight version."""
+        self.add_tokens(ids, logprobs, version)
+        self.end_turn(text)
 
     def add_observation(self, messages: list[dict], ids: list[int], reward: float) -> None:
         self.turn_rewards[-1] += reward  # the env's reward for the turn just taken

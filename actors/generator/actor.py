@@ -16,6 +16,7 @@ from troupe.actors import weight_buckets
 from troupe.actors.envs.config import EnvConfig
 from troupe.actors.generator.config import GeneratorConfig
 from troupe.actors.generator.sampling import Sampling, prompt_seed
+from troupe.actors.generator.weight_handoff import WeightHandoff
 from troupe.actors.hardware import node_id, placement_group_id, resolve_dtype
 from troupe.actors.protocol import Prompt, Rollout, WeightBundle
 from troupe.actors.weight_buckets import BucketedWeights
@@ -66,6 +67,7 @@ class Generator:
         else:
             raise ValueError(f"generator.backend must be 'vllm' or 'hf', got {config.backend!r}")
         self._env_calls = None  # built on the first multi-turn call
+        self._handoff = WeightHandoff()
         log.info("generator %d ready (%s, %s)", replica, config.backend, model_path)
 
     def ready(self) -> dict:
@@ -81,6 +83,10 @@ class Generator:
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
         """n samples per prompt; with an environment (env.target), n multi-turn trajectories per prompt."""
+        with self._handoff.engine:  # weights offered meanwhile wait, or load between steps (partial rollouts)
+            return self._generate(prompts, sampling)
+
+    def _generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
         if self.env is not None:
             from troupe.actors.envs.trajectory import to_rollout
 
@@ -147,6 +153,7 @@ class Generator:
             env.limits(sampling.max_new_tokens, self.spec.max_model_len),
             self._env_calls,
             seed_of=None if sampling.seed is None else lambda t: prompt_seed(sampling.seed, turn_stream(t)),
+            sync=_MidRunWeights(self) if env.partial_rollouts else None,
         )
         self.stats["generate_s"] += time.perf_counter() - start
         self.stats["samples"] += len(trajectories)
@@ -155,10 +162,15 @@ class Generator:
     def update_weights(self, bundle: WeightBundle | BucketedWeights, rollback: bool = False) -> dict:
         """Load newer weights; `rollback` (after a learner rebuild from a checkpoint) may go back to older ones.
 
-        Bucketed weights are fetched and every bucket's checksum checked before anything is loaded. Calls on this
-        actor run one at a time, so a generate call in flight finishes on the old weights first. Returns the
-        version now held and the transfer's checksum, which the driver compares with what it sent.
+        Bucketed weights are fetched and every bucket's checksum checked before anything is loaded. Returns the
+        version now held and the transfer's checksum, which the driver compares with what it sent. A generate
+        call in flight finishes on the old weights first, unless it runs multi-turn trajectories on an actor that
+        takes weights on a second thread (env.partial_rollouts): then they load between two engine steps and the
+        turns in flight continue on them.
         """
+        return self._handoff.offer(lambda: self._update(bundle, rollback))
+
+    def _update(self, bundle: WeightBundle | BucketedWeights, rollback: bool) -> dict:
         self._check_newer(bundle.version, rollback)
         start = time.perf_counter()
         digest = ""
@@ -222,6 +234,20 @@ class Generator:
 
     def get_stats(self) -> dict:
         return dict(self.stats, version=self.version, replica=self.replica)
+
+
+class _MidRunWeights:
+    """The runner's view of weights offered during a multi-turn run (actors/envs/runner.py, WeightSync)."""
+
+    def __init__(self, generator: Generator):
+        self.generator = generator
+
+    def due(self) -> bool:
+        return self.generator._handoff.due()
+
+    def apply(self) -> int:
+        self.generator._handoff.apply()
+        return self.generator.version
 
 
 def turn_stream(traj) -> str:

@@ -357,6 +357,11 @@ def _check_env(cfg: TroupeConfig) -> None:
             f"env.max_tokens={e.max_tokens} leaves no room for the prompt in generator.max_model_len="
             f"{cfg.generator.max_model_len}"
         )
+    if e.partial_rollouts and cfg.run.mode == "async" and cfg.run.deterministic:
+        raise ConfigError(
+            "env.partial_rollouts with run.mode=async and run.deterministic: a turn continued after a weight sync "
+            "depends on when the sync arrived; set env.partial_rollouts=false for a deterministic run"
+        )
     try:
         e.factory()
     except PluginError as err:

@@ -74,6 +74,7 @@ class Pool:
         self.replacements = 0
         self.redone_chunks = 0  # chunks redone on another member after theirs died, hung or was retired
         self.objects_lost = 0  # finished chunks whose results were lost (their node's object store went)
+        self.weights_group: str | None = None  # generators: the concurrency group that takes weights, if any
 
     def spawn(self, count: int) -> list[Member]:
         new: list[Member] = []

@@ -43,6 +43,7 @@ from troupe.cluster.run.runtime import check_capacity, generator_env, learner_en
 from troupe.cluster.run.scoring import ErrorPolicy
 from troupe.cluster.run.shaping import OverlongShaping
 from troupe.cluster.sync.nccl import NcclSync, nccl_enabled
+from troupe.cluster.sync.object_store import WEIGHTS_GROUP
 
 log = logging.getLogger("troupe.driver")
 register()
@@ -164,6 +165,9 @@ def _generator_pool(cfg: TroupeConfig, model_path: str, budget: RetryBudget, ran
         options = pool_options("generator", p.generator, demand, p.wait_s, cfg.ray.address is not None)
         where = lambda _slot: options  # noqa: E731
     remote = ray.remote(Generator)
+    env = cfg.env if cfg.env.target else None
+    # partial rollouts: weights are taken on a second thread while a multi-turn generate runs
+    threads = {"concurrency_groups": {WEIGHTS_GROUP: 1}} if env and env.partial_rollouts else {}
 
     def make(index: int, slot: int):
         return remote.options(
@@ -171,17 +175,13 @@ def _generator_pool(cfg: TroupeConfig, model_path: str, budget: RetryBudget, ran
             num_gpus=g.num_gpus,
             runtime_env={"env_vars": generator_env(g)},
             max_restarts=0,
+            **threads,
             **where(slot),
-        ).remote(
-            g,
-            model_path,
-            index,
-            cfg.run.seed,
-            cfg.model.trust_remote_code,
-            cfg.env if cfg.env.target else None,
-        )
+        ).remote(g, model_path, index, cfg.run.seed, cfg.model.trust_remote_code, env)
 
-    return Pool("generator", make, cfg.ray.actor_timeout_s, budget)
+    pool = Pool("generator", make, cfg.ray.actor_timeout_s, budget)
+    pool.weights_group = WEIGHTS_GROUP if threads else None
+    return pool
 
 
 def run(cfg: TroupeConfig) -> dict:

@@ -22,6 +22,15 @@ from troupe.cluster.fleet.pool import Health, Member, Pool
 log = logging.getLogger("troupe.sync")
 
 
+WEIGHTS_GROUP = "weights"  # a generator's second thread for weights (partial rollouts, cluster/run/driver.py)
+
+
+def _update(generators: Pool, member: Member):
+    """The member's update_weights, on its weights thread when it has one (it may be generating meanwhile)."""
+    method = member.handle.update_weights
+    return method.options(concurrency_group=generators.weights_group) if generators.weights_group else method
+
+
 def push_weights(
     generators: Pool,
     bundle: BucketedWeights,
@@ -31,7 +40,7 @@ def push_weights(
     """`rollback`: after a rebuild from a checkpoint the version may be older than what generators hold."""
     members = generators.live()
     # A stale member may hold weights a rollback undid (newer than these): it takes these whatever it holds.
-    refs = [m.handle.update_weights.remote(bundle, rollback or m.health is Health.STALE) for m in members]
+    refs = [_update(generators, m).remote(bundle, rollback or m.health is Health.STALE) for m in members]
     loaded, stale, replaced, load_s, fetch_s = 0, 0, 0, 0.0, 0.0
     for m, ref in zip(members, refs, strict=True):
         try:

@@ -118,3 +118,38 @@ def test_an_env_that_hangs_or_raises_ends_only_its_trajectories(generator, tmp_p
     assert by_uid["q1"].end == "error" and "service is down" in by_uid["q1"].error and by_uid["q1"].ids == []
     assert by_uid["q0"].end == "done" and by_uid["q0"].turns == 1 and by_uid["q0"].turn_rewards == [1.0]
     assert counts["errors"] == 2 and counts["ended/error"] == 2
+
+
+def test_weights_pushed_mid_run_continue_the_turns_in_flight(ray_session, tiny_model_path):
+    """Partial rollouts: a generator that takes weights on its own thread loads them between engine steps while
+    a multi-turn generate runs; the turns in flight keep their tokens (version 0) and finish on version 1."""
+    from transformers import AutoModelForCausalLM
+
+    from troupe.actors.protocol import WeightBundle
+
+    env = EnvConfig(target="troupe.actors.envs.builtin:FollowUpEnv", max_turns=3, max_tokens=400)
+    remote = ray.remote(Generator).options(
+        num_cpus=0,
+        concurrency_groups={"weights": 1},
+        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}},
+    )
+    gen = remote.remote(GeneratorConfig(max_model_len=512), tiny_model_path, 3, 0, False, env)
+    try:
+        ray.get(gen.ready.remote(), timeout=300)
+        weights = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).state_dict()
+        bundle = WeightBundle(1, {k: v.clone() for k, v in weights.items()})
+        running = gen.generate.remote(_prompts(4), Sampling(n=2, temperature=1.0, max_new_tokens=120))
+        time.sleep(1.0)
+        report = ray.get(gen.update_weights.options(concurrency_group="weights").remote(bundle), timeout=120)
+        rollouts = ray.get(running, timeout=300)
+        assert report["version"] == 1
+        spans = [
+            [v for v, m in zip(r.versions, r.loss_mask, strict=True) if m] for r in rollouts
+        ]  # the versions of the tokens the policy wrote, in order
+        assert any(0 in s and 1 in s for s in spans), spans  # some turn straddled the sync
+        assert all(s == sorted(s) for s in spans)  # old tokens first, then new ones
+        assert all(r.weight_version == min(s) for r, s in zip(rollouts, spans, strict=True))
+        later = ray.get(gen.generate.remote(_prompts(1), Sampling(n=1, max_new_tokens=8)), timeout=120)
+        assert {v for v in later[0].versions if v >= 0} == {1}
+    finally:
+        ray.kill(gen)

@@ -20,22 +20,26 @@ def encoder():
 
 
 class ScriptedEngine:
-    """Each turn writes `turn_tokens` tokens (ending with EOS unless the budget cuts it), two per step."""
+    """Each turn writes `turn_tokens` tokens (ending with EOS unless the budget cuts it), two per step. A turn
+    stopped by abort() and submitted again continues where it stopped, as a model would."""
 
     def __init__(self, eos, turn_tokens=5):
         self.eos, self.turn_tokens, self.live, self.seen = eos, turn_tokens, {}, []
+        self.delivered = {}  # tokens of each trajectory's current turn delivered so far
 
     def submit(self, key, ids, max_tokens, seed):
         self.seen.append((key, list(ids), max_tokens))
-        n = min(self.turn_tokens, max_tokens)
-        tokens = [100 + key] * (n - 1) + ([self.eos] if n == self.turn_tokens else [101 + key])
-        self.live[key] = (tokens, "length" if n < self.turn_tokens else "stop")
+        left = self.turn_tokens - self.delivered.get(key, 0)
+        n = min(left, max_tokens)
+        tokens = [100 + key] * (n - 1) + ([self.eos] if n == left else [101 + key])
+        self.live[key] = (tokens, "stop" if n == left else "length")
 
     def step(self):
         out = []
         for key, (tokens, reason) in list(self.live.items()):
             head, rest = tokens[:2], tokens[2:]
             finished = not rest
+            self.delivered[key] = 0 if finished else self.delivered.get(key, 0) + len(head)
             out.append(TurnOutput(key, head, [-1.0] * len(head), "ab", finished, reason))
             if finished:
                 del self.live[key]
@@ -45,6 +49,11 @@ class ScriptedEngine:
 
     def busy(self):
         return bool(self.live)
+
+    def abort(self):  # what vLLM does: tokens not yet delivered are gone
+        stopped = list(self.live)
+        self.live.clear()
+        return stopped
 
 
 class Chat:
@@ -201,3 +210,55 @@ def test_a_rollout_refuses_a_mask_or_turns_that_do_not_fit():
     with pytest.raises(ValueError, match="turn_ends"):
         Rollout(*args, turn_ends=(2,))
     assert Rollout(*args, loss_mask=(1, 0, 1)).trained_tokens == 2 and Rollout(*args).trained_tokens == 3
+
+
+class SyncAfter:
+    """New weights (version 9) become due after `steps` engine steps."""
+
+    def __init__(self, engine, steps):
+        self.engine, self.steps, self.applied = engine, steps, 0
+        real_step = engine.step
+
+        def counted():
+            self.steps -= 1
+            return real_step()
+
+        engine.step = counted
+
+    def due(self):
+        return self.steps <= 0 and not self.applied
+
+    def apply(self):
+        self.applied += 1
+        return 9
+
+
+def test_weights_that_arrive_mid_turn_continue_the_turn_with_per_token_versions(encoder):
+    engine = ScriptedEngine(encoder.eos, turn_tokens=6)
+    sync = SyncAfter(engine, steps=1)  # after the first step: 2 of the first turn's 6 tokens sampled
+    calls = EnvCalls(4, 5.0)
+    try:
+        prompts = [Prompt("p0", (), "Question 0")]
+        trajectories, counts = run_trajectories(
+            engine, encoder, lambda: Chat(turns=2), prompts, 1, 3, Limits(max_turns=3, max_tokens=400), calls,
+            sync=sync,
+        )  # fmt: skip
+    finally:
+        calls.close()
+    assert sync.applied == 1 and counts["weight_syncs"] == 1 and counts["partial_turns"] == 1
+    for t in trajectories:
+        assert t.end == "done" and t.turns == 2
+        first_turn = t.versions[: t.turn_ends[0] + 1]
+        assert first_turn == [3, 3, 9, 9, 9, 9]  # the span before the sync keeps its version
+        assert t.ids[t.turn_ends[0]] == encoder.eos and t.turn_ends[0] == 5  # the turn still has its 6 tokens
+        after = slice(t.turn_ends[0] + 1, None)
+        second = [v for v, m in zip(t.versions[after], t.loss_mask[after], strict=True) if m]
+        assert set(second) == {9}
+        rollout = to_rollout(t, 1.0, "drop")
+        assert rollout.weight_version == 3  # the oldest span: staleness is measured by it
+    # the continuation was sampled from the whole context, partial tokens included, with what was left of the turn
+    continued = [(key, ids, room) for key, ids, room in engine.seen if room == 126]
+    assert len(continued) == 1
+    for key, ids, _ in continued:
+        t = trajectories[key]
+        assert ids == t.prompt_ids + t.ids[:2]
