@@ -77,9 +77,11 @@ def batch_stats(scored: list[ScoredRollout]) -> dict:
     return out
 
 
-def env_stats(rollouts) -> dict:
+def env_stats(rollouts, version: int | None = None) -> dict:
     """Multi-turn trajectories over every rollout (failed ones too): turns, tool calls and errors per trajectory,
-    the share that called a tool, and why they ended (env/ended/<reason>). Empty for single-turn rollouts."""
+    the share that called a tool, and why they ended (env/ended/<reason>); with the learner's `version`, the
+    staleness of each generated token's span (env/token_lag: versions behind, on average) and the share of
+    trajectories sampled with more than one version (partial rollouts). Empty for single-turn rollouts."""
     counts = [dict(r.env_counts) for r in rollouts if r.env_counts]
     if not counts:
         return {}
@@ -92,6 +94,11 @@ def env_stats(rollouts) -> dict:
     }
     ends = sorted({k for c in counts for k in c if k.startswith("ended/")})
     out.update({f"env/{k}": sum(c.get(k, 0) for c in counts) / n for k in ends})
+    spans = [[v for v, m in zip(r.versions, r.loss_mask, strict=True) if m] for r in rollouts if r.versions]
+    tokens = [v for s in spans for v in s]
+    if version is not None and tokens:
+        out["env/token_lag"] = sum(version - v for v in tokens) / len(tokens)
+        out["env/partial_frac"] = sum(len(set(s)) > 1 for s in spans) / len(spans)
     return out
 
 

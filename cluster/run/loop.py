@@ -355,7 +355,7 @@ def _metrics(iteration, version, scored: list[ScoredRollout], learn_stats, sync_
         "samples": len(scored),
         "behaviour_version/min": min(s.rollout.weight_version for s in scored),
         **(batch_stats(kept) if kept else {}),
-        **env_stats([s.rollout for s in scored]),
+        **env_stats([s.rollout for s in scored], version),
     }
     record.update(learn_stats)
     record.update({f"sync/{k}": v for k, v in sync_stats.items()})

@@ -56,3 +56,14 @@ def test_env_stats_over_every_trajectory():
     }  # fmt: skip
     plain = Rollout(Prompt("p", (1,), "q"), 1, (5, 6), "a", torch.zeros(2), 0, "stop", 1.0)
     assert env_stats([plain]) == {}
+
+
+def test_env_stats_measure_the_staleness_of_each_span():
+    from dataclasses import replace
+
+    partial = replace(_trajectory(), versions=(2, 2, 3, -1, -1, 3, 3, 3))  # one turn straddled a sync
+    whole = replace(_trajectory(), versions=(3, 3, 3, -1, -1, 3, 3, 3))
+    stats = env_stats([partial, whole], version=4)
+    assert stats["env/token_lag"] == pytest.approx((2 + 2 + 1 * 4 + 1 * 6) / 12)
+    assert stats["env/partial_frac"] == 0.5
+    assert "env/token_lag" not in env_stats([partial, whole])
