@@ -219,6 +219,16 @@ def check_hierarchy(out: Path, _) -> None:
     printed(stdout, "| reward | accuracy |", "before -> after")
 
 
+def check_trajectories(out: Path, _) -> None:
+    stdout = smoke("trajectories", out)
+    r = json.loads((out / "results.json").read_text())
+    has(r["results"], "1x2 continuous", "1x2 lockstep", "2x1 continuous")
+    for layout in r["results"].values():
+        has(layout, "trajectories", "tokens", "traj_s", "tok_s", "wall_s")
+        assert layout["trajectories"] == 8 and layout["tokens"] > 0, r  # 4 prompts x 2, every one finished
+    printed(stdout, "traj/s", "vs 1x2 continuous", "environment latency")
+
+
 CHECKS = {
     "async": check_async,
     "hierarchy": check_hierarchy,
@@ -231,6 +241,7 @@ CHECKS = {
     "recovery": check_recovery,
     "reward_models": check_reward_models,
     "scale": check_scale,
+    "trajectories": check_trajectories,
     "vs_trl": check_vs_trl,
 }
 
