@@ -13,7 +13,7 @@ pass `max_tokens` or a turn is cut at what is left of it (`max_tokens`), or on a
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -93,7 +93,7 @@ def run_trajectories(
     `sync`, weights that arrive mid-run are loaded between engine steps: turns in flight keep what they sampled
     (with its version) and continue on the new weights (a partial rollout)."""
     counts: Counter = Counter()
-    waiting = [(p, s) for p in prompts for s in range(samples)]
+    waiting = deque((p, s) for p in prompts for s in range(samples))
     finished: dict[int, Trajectory] = {}
     live: dict[int, _Live] = {}
     next_key = 0
@@ -101,7 +101,7 @@ def run_trajectories(
         if sync is not None and sync.due():
             version = _sync_weights(engine, live, sync, version, counts)
         while waiting and len(live) < limits.concurrent:  # start trajectories as room frees up
-            prompt, sample = waiting.pop(0)
+            prompt, sample = waiting.popleft()
             key, next_key = next_key, next_key + 1
             try:
                 env = make_env()
