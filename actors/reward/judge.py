@@ -146,8 +146,13 @@ class JudgeSpec:
 
 
 def question_of(r: Rollout) -> str:
+    """What the response answers: the last user turn; for a multi-turn trajectory, the conversation before its
+    last reply (user turns, earlier replies, tool results), as a transcript."""
     users = [t["content"] for t in r.prompt.chat() if t["role"] == "user"]
-    return users[-1] if users else r.prompt.text
+    if not r.conversation:
+        return users[-1] if users else r.prompt.text
+    turns = [("user", u) for u in users] + list(r.conversation[:-1])
+    return "\n\n".join(f"{role.capitalize()}: {content}" for role, content in turns)
 
 
 def reference_of(r: Rollout) -> str:

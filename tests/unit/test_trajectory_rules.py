@@ -67,3 +67,21 @@ def test_env_stats_measure_the_staleness_of_each_span():
     assert stats["env/token_lag"] == pytest.approx((2 + 2 + 1 * 4 + 1 * 6) / 12)
     assert stats["env/partial_frac"] == 0.5
     assert "env/token_lag" not in env_stats([partial, whole])
+
+
+def test_a_judge_sees_the_whole_conversation_before_the_last_reply():
+    from dataclasses import replace
+
+    from troupe.actors.reward.judge import question_of
+
+    single = Rollout(Prompt("p", (1,), "Write a poem."), 0, (5,), "a", torch.zeros(1), 0, "stop", 1.0)
+    assert question_of(single) == "Write a poem."
+    conversation = (
+        ("assistant", "Roses are red."),
+        ("user", "Now make it rhyme."),
+        ("assistant", "Red, said."),
+    )
+    multi = replace(single, conversation=conversation)
+    assert (
+        question_of(multi) == "User: Write a poem.\n\nAssistant: Roses are red.\n\nUser: Now make it rhyme."
+    )
