@@ -45,7 +45,8 @@ class ToolEnv:
         self.keep_system = keep_system  # False: it replaces the prompt's own system turn
 
     def reset(self, prompt) -> list[dict]:
-        """The prompt's chat, with the tools described in the system turn (for templates that ignore `tools=`)."""
+        """The prompt's chat, with the tools described in the system turn (for templates that ignore `tools=`;
+        with one that renders them, set system_prompt to null: the schemas reach the template anyway)."""
         messages = prompt.chat()
         if not self.system_prompt:
             return messages

@@ -12,6 +12,7 @@ pass `max_tokens` or a turn is cut at what is left of it (`max_tokens`), or on a
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from troupe.actors.envs.calls import EnvCalls, EnvTimeout, PendingCall
 from troupe.actors.envs.protocol import EnvError, check_messages, check_step
 from troupe.actors.envs.trajectory import Trajectory, TurnEncoder
 
+log = logging.getLogger("troupe.envs")
 ENDS = ("done", "max_turns", "max_tokens", "error", "timeout")
 
 
@@ -164,7 +166,8 @@ def _after_env(state: _Live, value, error, encoder: TurnEncoder, limits: Limits,
         if not traj.prompt_ids:  # the reset
             messages = check_messages(value, "env.reset")
             traj.messages = messages
-            traj.prompt_ids = encoder.first(messages)
+            tools = [t.schema() for t in getattr(state.env, "tools", None) or []]
+            traj.prompt_ids = encoder.first(messages, tools)
             if len(traj.prompt_ids) + 1 > limits.max_context:
                 raise EnvError(f"env.reset: {len(traj.prompt_ids)} prompt tokens, over {limits.max_context}")
             return ""
@@ -227,4 +230,6 @@ def _submit_turn(engine: TurnEngine, key: int, state: _Live, limits: Limits, see
 
 def _ended(traj: Trajectory, end: str, error: str = "") -> Trajectory:
     traj.end, traj.error = end, error
+    if error:
+        log.warning("trajectory %s#%d ended on %s: %s", traj.prompt.uid, traj.sample_index, end, error)
     return traj

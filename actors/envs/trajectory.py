@@ -29,18 +29,22 @@ class TurnEncoder:
             raise EnvError(
                 "the chat template does not end an assistant turn with the EOS token; multi-turn needs it"
             )
-        self.cut = (
-            ends[-1] + 1
-        )  # the base's assistant turn ends here; what follows belongs to the next messages
+        # the base's assistant turn ends here; what follows belongs to the next messages
+        self.cut = ends[-1] + 1
 
-    def _ids(self, messages: list[dict], generation_prompt: bool) -> list[int]:
+    def _ids(
+        self, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None
+    ) -> list[int]:
+        extra = {"tools": tools} if tools else {}
         text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
+            messages, tokenize=False, add_generation_prompt=generation_prompt, **extra
         )
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def first(self, messages: list[dict]) -> list[int]:
-        return self._ids(messages, generation_prompt=True)
+    def first(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The first messages, templated with the environment's tool schemas (`tools=`: templates that render
+        them, Qwen's or Llama 3.1's, put them where the model was trained to read them; others ignore them)."""
+        return self._ids(messages, generation_prompt=True, tools=tools)
 
     def observation(self, messages: list[dict], last_token: int) -> list[int]:
         """The ids that continue a conversation after an assistant turn whose last sampled token is `last_token`:

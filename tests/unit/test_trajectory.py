@@ -62,3 +62,24 @@ def test_a_turn_stopped_on_another_token_gets_the_end_token_as_an_observation(to
     assert after_other == [tokenizer.eos_token_id, *after_eos]
     assert tokenizer.decode(after_eos).startswith("\n<|im_start|>user\nAnd now?")
     assert tokenizer.decode(after_eos).endswith("<|im_start|>assistant\n")
+
+
+def test_tool_schemas_reach_a_template_that_renders_them(tokenizer):
+    schema = {"type": "function", "function": {"name": "calculator", "description": "d", "parameters": {}}}
+    renders = (
+        "{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    original = tokenizer.chat_template
+    try:
+        tokenizer.chat_template = renders
+        encoder = TurnEncoder(tokenizer)
+        with_tools = tokenizer.decode(encoder.first([{"role": "user", "content": "2*3?"}], [schema]))
+        assert with_tools.startswith('<tools>[{"type": "function"') and '"name": "calculator"' in with_tools
+        assert "<tools>" not in tokenizer.decode(encoder.first([{"role": "user", "content": "2*3?"}]))
+    finally:
+        tokenizer.chat_template = original
+    ignores = TurnEncoder(tokenizer)  # SmolLM2's template ignores tools: the same ids either way
+    message = [{"role": "user", "content": "2*3?"}]
+    assert ignores.first(message, [schema]) == ignores.first(message)
