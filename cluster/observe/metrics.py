@@ -22,15 +22,19 @@ TABLE_COLUMNS = (
 SHORT_NAMES = {"correctness": "acc", "repetition": "rep", "instructions": "instr"}
 
 
-def rl_columns(objectives: list[str], hierarchy: bool, eval_mode: str | None) -> tuple:
+def rl_columns(objectives: list[str], hierarchy: bool, eval_mode: str | None, env: bool = False) -> tuple:
     """The RL table for this run's reward model: reward, each objective, the ALaRM branch rate (share of samples
-    whose aspects counted), length, KL, eval accuracy, and the phase times."""
+    whose aspects counted), [multi-turn: the tool-call rate, tool errors and turns per trajectory], length, KL,
+    eval accuracy, and the phase times."""
     cols = [("iter", "iteration", "{:>4d}"), ("reward", "reward/mean", "{:>7.3f}")]
     for name in objectives:
         label = SHORT_NAMES.get(name, name)[:7]
         cols.append((label, f"objective/{name}", "{:>" + str(max(6, len(label))) + ".2f}"))
     if hierarchy:
         cols.append(("aspects%", "branch/holistic+aspects", "{:>8.2f}"))
+    if env:
+        cols += [("calls%", "env/tool_call_rate", "{:>6.2f}"), ("tool err", "env/tool_errors", "{:>8.2f}")]
+        cols.append(("turns", "env/turns", "{:>5.2f}"))
     cols += [("len", "response_tokens/mean", "{:>5.0f}"), ("kl", "train/kl", "{:>7.4f}")]
     if eval_mode:
         cols += [

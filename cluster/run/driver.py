@@ -276,7 +276,7 @@ def _table_columns(cfg: TroupeConfig) -> tuple:
     r = cfg.reward
     objectives = [read_info(e.bundle).name for e in r.experts.values()] + list(r.objectives)
     eval_mode = ("greedy" if cfg.eval.greedy else "sampled") if cfg.data.eval else None
-    return rl_columns(objectives, r.aggregation == "hierarchy", eval_mode)
+    return rl_columns(objectives, r.aggregation == "hierarchy", eval_mode, env=cfg.env.target is not None)
 
 
 def _count(n: int, what: str) -> str:

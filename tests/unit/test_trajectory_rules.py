@@ -85,3 +85,11 @@ def test_a_judge_sees_the_whole_conversation_before_the_last_reply():
     assert (
         question_of(multi) == "User: Write a poem.\n\nAssistant: Roses are red.\n\nUser: Now make it rhyme."
     )
+
+
+def test_the_table_shows_tool_calls_errors_and_turns_for_multi_turn_runs():
+    from troupe.cluster.observe.metrics import rl_columns
+
+    keys = [key for _, key, _ in rl_columns(["correctness"], True, "sampled", env=True)]
+    assert {"env/tool_call_rate", "env/tool_errors", "env/turns"} <= set(keys)
+    assert not any(k.startswith("env/") for _, k, _ in rl_columns(["correctness"], True, "sampled"))
