@@ -2,10 +2,11 @@
 against its deadline between engine steps (SkyRL #1173 deadlocked for 29 hours on environment tasks that failed
 silently without a timeout).
 
-A synchronous call runs on one of `max_workers` threads; a coroutine runs on one event-loop thread and is
-cancelled at its deadline. A thread that is still stuck in user code after its deadline cannot be killed: it keeps
-its slot, and once every slot is held by a stuck call, new calls fail at once ("no free environment worker")
-instead of queueing behind them. Every outcome is one of: a value, an error (the exception), a timeout.
+A synchronous call runs on one of `max_workers` threads; more calls wait their turn, and a call's deadline starts
+when it starts. A coroutine runs on one event-loop thread and is cancelled at its deadline. A thread that is
+still stuck in user code after its deadline cannot be killed: it keeps its slot, and once every slot is held by a
+stuck call, waiting calls fail at once ("no free environment worker") instead of waiting behind them for ever
+(`exhausted`: the generator then starts a fresh pool). Every outcome is one of: a value, an error, a timeout.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import inspect
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any
 
 
@@ -24,18 +24,37 @@ class EnvTimeout(TimeoutError):
     pass
 
 
-@dataclass
 class PendingCall:
-    future: Future
-    deadline: float
-    what: str  # "reset" or "step", for the error message
+    def __init__(self, pool: EnvCalls, what: str):
+        self.pool, self.what = pool, what
+        self.future: Future = Future()
+        self.started: float | None = None  # monotonic time the call started running
+        self.running = False  # on a thread right now
+        self.stuck = False  # still on its thread past its deadline
 
     def poll(self, now: float | None = None) -> tuple[bool, Any, BaseException | None]:
         """(finished, value, error): not finished yet -> (False, None, None); past its deadline -> EnvTimeout."""
         if self.future.done():
+            if self.future.cancelled():
+                return True, None, CancelledError(f"environment {self.what} was cancelled")
             error = self.future.exception()
             return True, None if error else self.future.result(), error
-        if (time.monotonic() if now is None else now) >= self.deadline:
+        now = time.monotonic() if now is None else now
+        if self.started is None:  # waiting for a thread
+            if self.pool.exhausted:
+                self.future.cancel()
+                n = self.pool.max_workers
+                return (
+                    True,
+                    None,
+                    RuntimeError(f"no free environment worker ({n} calls stuck past their deadline)"),
+                )
+            return False, None, None
+        if now >= self.started + self.pool.timeout_s:
+            with self.pool.lock:
+                if self.running and not self.stuck:
+                    self.stuck = True
+                    self.pool.stuck += 1
             self.future.cancel()  # a coroutine is cancelled; a thread keeps running and keeps its slot
             return True, None, EnvTimeout(f"environment {self.what} timed out")
         return False, None, None
@@ -45,45 +64,45 @@ class EnvCalls:
     def __init__(self, max_workers: int, timeout_s: float):
         self.timeout_s = timeout_s
         self.max_workers = max_workers
+        self.lock = threading.Lock()
+        self.stuck = 0  # threads still in user code past their call's deadline
         self._threads = ThreadPoolExecutor(max_workers, thread_name_prefix="troupe-env")
-        self._busy = 0  # thread slots held (running or stuck)
-        self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def exhausted(self) -> bool:
+        return self.stuck >= self.max_workers
+
     def submit(self, fn: Callable[..., Any], *args, what: str = "step") -> PendingCall:
-        """Start `fn(*args)` (a coroutine function's result is awaited on the loop thread)."""
-        deadline = time.monotonic() + self.timeout_s
-        with self._lock:
-            if self._busy >= self.max_workers:
-                failed: Future = Future()
-                failed.set_exception(
-                    RuntimeError(f"no free environment worker ({self._busy} calls still running)")
-                )
-                return PendingCall(failed, deadline, what)
-            self._busy += 1
-        outer: Future = Future()
+        """Start `fn(*args)` when a thread is free (a coroutine function's result is awaited on the loop thread)."""
+        call = PendingCall(self, what)
 
         def run():
+            with self.lock:
+                if call.future.cancelled():
+                    return
+                call.started, call.running = time.monotonic(), True
             try:
                 result = fn(*args)
-                if inspect.isawaitable(result):
+                if inspect.isawaitable(result):  # waits on the loop, not on a thread slot
                     inner = asyncio.run_coroutine_threadsafe(_awaited(result), self._event_loop())
-                    with self._lock:  # a coroutine waits on the loop, not on a thread slot
-                        self._busy -= 1
-                    inner.add_done_callback(lambda f: _copy(f, outer))
-                    outer.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
-                    return
-                _settle(outer, result)
+                    inner.add_done_callback(lambda f: _copy(f, call.future))
+                    call.future.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
+                else:
+                    _settle(call.future, result)
             except BaseException as e:  # noqa: BLE001 - user code: every error is the call's outcome
-                _settle(outer, error=e)
-            with self._lock:
-                self._busy -= 1
+                _settle(call.future, error=e)
+            finally:
+                with self.lock:
+                    call.running = False
+                    if call.stuck:
+                        self.stuck -= 1
 
         self._threads.submit(run)
-        return PendingCall(outer, deadline, what)
+        return call
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
+        with self.lock:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
                 threading.Thread(target=self._loop.run_forever, name="troupe-env-loop", daemon=True).start()

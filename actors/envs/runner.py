@@ -70,7 +70,7 @@ class WeightSync(Protocol):
 @dataclass
 class _Live:
     traj: Trajectory
-    env: object
+    env: object = None  # built on the call pool
     call: PendingCall | None = None  # the environment call in flight, if any
     turn_ids: list[int] | None = None  # the assistant turn being sampled
     turn_logprobs: list[float] | None = None
@@ -105,16 +105,8 @@ def run_trajectories(
         while waiting and len(live) < limits.concurrent:  # start trajectories as room frees up
             prompt, sample = waiting.popleft()
             key, next_key = next_key, next_key + 1
-            try:
-                env = make_env()
-            except Exception as e:  # noqa: BLE001 - user code: counted, the trajectory ends
-                counts["errors"] += 1
-                finished[key] = _ended(
-                    Trajectory(prompt, sample, [], []), "error", f"env could not start: {e}"
-                )
-                continue
-            state = _Live(Trajectory(prompt, sample, [], []), env)
-            state.call = calls.submit(env.reset, prompt, what="reset")
+            state = _Live(Trajectory(prompt, sample, [], []))
+            state.call = calls.submit(make_env, what="start")  # a constructor may hang too
             live[key] = state
         for key, state in list(live.items()):  # environment calls that finished or ran out of time
             if state.call is None:
@@ -123,6 +115,10 @@ def run_trajectories(
             if not done:
                 continue
             state.call = None
+            if state.env is None and error is None:  # built: now its reset
+                state.env = value
+                state.call = calls.submit(value.reset, state.traj.prompt, what="reset")
+                continue
             end = _after_env(state, value, error, encoder, limits, counts)
             if end:
                 finished[key] = _ended(state.traj, end, state.traj.error)
@@ -138,6 +134,9 @@ def run_trajectories(
                 if not out.finished:
                     continue
                 state.traj.add_tokens(state.turn_ids, state.turn_logprobs, version)
+                if state.turn_kept:  # continued after a weight sync: one decode of the whole turn's ids
+                    turn = state.traj.ids[len(state.traj.ids) - state.turn_kept - len(state.turn_ids) :]
+                    state.turn_text = encoder.tokenizer.decode(turn, skip_special_tokens=True)
                 state.traj.end_turn(state.turn_text)
                 if out.finish_reason == "length" and state.turn_room < limits.max_turn_tokens:
                     finished[out.key] = _ended(state.traj, "max_tokens")

@@ -2,8 +2,10 @@
 
 The first messages are chat-templated once. After that, each assistant turn appends the ids the engine sampled
 (never re-tokenised text), and each observation appends the template's rendering of the new messages alone,
-sliced from a fixed two-turn base conversation (what a template adds after an assistant turn's end token, then the
-new messages, then the next generation prompt). So the ids the learner trains on are the ids the engine sampled
+sliced from a fixed base conversation (what a template adds after a turn's end token, then the new messages, then
+the next generation prompt). The base is a single user turn, as SkyRL does: templates that re-render earlier
+assistant turns (Qwen3 drops their <think> blocks) see none; a template whose user turns do not end with the EOS
+token (Llama 2, Mistral: [INST] ... [/INST]) gets a user turn and an assistant turn instead. So the ids the learner trains on are the ids the engine sampled
 and conditioned on, with no drift from detokenising and re-tokenising (the mismatch TRL, verl and SkyRL each
 worked around). Observation tokens carry no loss (loss_mask 0), no log-prob and no weight version (-1).
 """
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 
 from troupe.actors.envs.protocol import EnvError
 
-BASE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+USER_BASE = [{"role": "user", "content": "x"}]
+TWO_TURN_BASE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
 OBSERVATION = -1  # the version of a token the model did not write
 
 
@@ -23,14 +26,16 @@ class TurnEncoder:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token_id
-        self.base = self._ids(BASE, generation_prompt=False)
-        ends = [i for i, t in enumerate(self.base) if t == self.eos]
-        if not ends:
+        for base in (USER_BASE, TWO_TURN_BASE):
+            self.base_messages, self.base = base, self._ids(base, generation_prompt=False)
+            ends = [i for i, t in enumerate(self.base) if t == self.eos]
+            if ends:
+                break
+        else:
             raise EnvError(
                 "the chat template does not end an assistant turn with the EOS token; multi-turn needs it"
             )
-        # the base's assistant turn ends here; what follows belongs to the next messages
-        self.cut = ends[-1] + 1
+        self.cut = ends[-1] + 1  # the base's last turn ends here; what follows belongs to the next messages
 
     def _ids(
         self, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None
@@ -50,7 +55,7 @@ class TurnEncoder:
         """The ids that continue a conversation after an assistant turn whose last sampled token is `last_token`:
         the turn's end token when the engine stopped on another one, the new messages, then the generation
         prompt of the next assistant turn."""
-        full = self._ids(BASE + messages, generation_prompt=True)
+        full = self._ids(self.base_messages + messages, generation_prompt=True)
         if full[: self.cut] != self.base[: self.cut]:
             raise EnvError(
                 "the chat template changes earlier turns when messages are added; cannot continue it"

@@ -129,14 +129,20 @@ class Generator:
         if self.spec.backend != "vllm":
             raise ValueError("multi-turn environments need generator.backend=vllm")
         calls = self._env_calls
-        if calls is None or (calls.max_workers, calls.timeout_s) != (env.workers, env.step_timeout_s):
+        if (
+            calls is None
+            or calls.exhausted
+            or (calls.max_workers, calls.timeout_s) != (env.workers, env.step_timeout_s)
+        ):
             from transformers import AutoTokenizer
 
             from troupe.actors.envs.calls import EnvCalls
             from troupe.actors.envs.trajectory import TurnEncoder
 
             if calls is not None:
-                calls.close()  # calls still stuck in user code finish on their own threads
+                calls.close()  # calls stuck in user code finish on their own threads; new ones get fresh ones
+                if calls.exhausted:
+                    log.warning("every environment worker was stuck past its deadline: starting a fresh pool")
             self._env_calls = EnvCalls(env.workers, env.step_timeout_s)
             self._encoder = TurnEncoder(AutoTokenizer.from_pretrained(self.model_path))
         from troupe.actors.generator.vllm_turns import VLLMTurns

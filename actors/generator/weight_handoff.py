@@ -15,6 +15,7 @@ from collections.abc import Callable
 class _Pending:
     def __init__(self, load: Callable[[], dict]):
         self.load, self.done = load, threading.Event()
+        self.started = False  # taken by the engine's thread (set under the handoff's lock)
         self.result: dict | None = None
         self.error: BaseException | None = None
 
@@ -48,13 +49,15 @@ class WeightHandoff:
                     with self._lock:
                         if self._pending is p:
                             self._pending = None
-                    if not p.done.is_set():
+                        run_here = not p.started
+                        p.started = True
+                    if run_here:
                         p.run()
                 finally:
                     self.engine.release()
                 return p.value()
             with self._lock:
-                if self._pending is None and not p.done.is_set():
+                if self._pending is None and not p.started:  # offered once: a load in progress is not redone
                     self._pending = p
             if p.done.wait(poll_s):
                 return p.value()
@@ -66,6 +69,8 @@ class WeightHandoff:
         """On the thread holding `engine`: load the offered weights, if any. True when it loaded some."""
         with self._lock:
             p, self._pending = self._pending, None
+            if p is not None:
+                p.started = True
         if p is None:
             return False
         p.run()

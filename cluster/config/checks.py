@@ -357,6 +357,11 @@ def _check_env(cfg: TroupeConfig) -> None:
             f"env.max_tokens={e.max_tokens} leaves no room for the prompt in generator.max_model_len="
             f"{cfg.generator.max_model_len}"
         )
+    if cfg.reward.overlong.buffer_tokens > 0:
+        raise ConfigError(
+            "reward.overlong measures a reply against generator.max_new_tokens; a multi-turn trajectory (env.target) "
+            "holds several turns and observations: set reward.overlong.buffer_tokens=0 (env.max_tokens bounds it)"
+        )
     if e.partial_rollouts and cfg.run.mode == "async" and cfg.run.deterministic:
         raise ConfigError(
             "env.partial_rollouts with run.mode=async and run.deterministic: a turn continued after a weight sync "

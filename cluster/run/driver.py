@@ -164,10 +164,12 @@ def _generator_pool(cfg: TroupeConfig, model_path: str, budget: RetryBudget, ran
         demand = {"CPU": g.num_cpus, "GPU": g.num_gpus}
         options = pool_options("generator", p.generator, demand, p.wait_s, cfg.ray.address is not None)
         where = lambda _slot: options  # noqa: E731
-    remote = ray.remote(Generator)
     env = cfg.env if cfg.env.target else None
-    # partial rollouts: weights are taken on a second thread while a multi-turn generate runs
-    threads = {"concurrency_groups": {WEIGHTS_GROUP: 1}} if env and env.partial_rollouts else {}
+    # partial rollouts (async mode): weights are taken on a second thread while a multi-turn generate runs
+    partial = env is not None and env.partial_rollouts and cfg.run.mode == "async"
+    remote = (
+        ray.remote(concurrency_groups={WEIGHTS_GROUP: 1})(Generator) if partial else ray.remote(Generator)
+    )
 
     def make(index: int, slot: int):
         return remote.options(
@@ -175,12 +177,11 @@ def _generator_pool(cfg: TroupeConfig, model_path: str, budget: RetryBudget, ran
             num_gpus=g.num_gpus,
             runtime_env={"env_vars": generator_env(g)},
             max_restarts=0,
-            **threads,
             **where(slot),
         ).remote(g, model_path, index, cfg.run.seed, cfg.model.trust_remote_code, env)
 
     pool = Pool("generator", make, cfg.ray.actor_timeout_s, budget)
-    pool.weights_group = WEIGHTS_GROUP if threads else None
+    pool.weights_group = WEIGHTS_GROUP if partial else None
     return pool
 
 

@@ -60,7 +60,8 @@ def batch_stats(scored: list[ScoredRollout]) -> dict:
     """Reward, objectives, branch rates, length and the reward-length correlation of one scored batch."""
     n = len(scored)
     rewards = torch.tensor([s.reward.scalar for s in scored], dtype=torch.float64)
-    lengths = torch.tensor([len(s.rollout.response_ids) for s in scored], dtype=torch.float64)
+    # the tokens the policy wrote (a multi-turn trajectory's observations are not its reply's length)
+    lengths = torch.tensor([s.rollout.trained_tokens for s in scored], dtype=torch.float64)
     out = {
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if n > 1 else 0.0,

@@ -128,9 +128,8 @@ def test_weights_pushed_mid_run_continue_the_turns_in_flight(ray_session, tiny_m
     from troupe.actors.protocol import WeightBundle
 
     env = EnvConfig(target="troupe.actors.envs.builtin:FollowUpEnv", max_turns=3, max_tokens=400)
-    remote = ray.remote(Generator).options(
+    remote = ray.remote(concurrency_groups={"weights": 1})(Generator).options(
         num_cpus=0,
-        concurrency_groups={"weights": 1},
         runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}},
     )
     gen = remote.remote(GeneratorConfig(max_model_len=512), tiny_model_path, 3, 0, False, env)
@@ -140,6 +139,8 @@ def test_weights_pushed_mid_run_continue_the_turns_in_flight(ray_session, tiny_m
         bundle = WeightBundle(1, {k: v.clone() for k, v in weights.items()})
         running = gen.generate.remote(_prompts(4), Sampling(n=2, temperature=1.0, max_new_tokens=120))
         time.sleep(1.0)
+        ready, _ = ray.wait([running], timeout=0)
+        assert not ready, "generation finished before the push: the test needs it in flight"
         report = ray.get(gen.update_weights.options(concurrency_group="weights").remote(bundle), timeout=120)
         rollouts = ray.get(running, timeout=300)
         assert report["version"] == 1

@@ -42,14 +42,13 @@ def test_a_call_that_hangs_times_out_and_holds_its_slot_until_it_returns(calls):
     assert _wait(calls.submit(lambda: "ok")) == ("ok", None)  # one slot left
     second = threading.Event()
     assert isinstance(_wait(calls.submit(second.wait))[1], EnvTimeout)
-    value, error = _wait(calls.submit(lambda: "ok"))  # both slots stuck: refused at once, not queued
-    assert isinstance(error, RuntimeError) and "no free environment worker (2 calls still running)" in str(
-        error
-    )
+    assert calls.exhausted
+    value, error = _wait(calls.submit(lambda: "ok"))  # both slots stuck: refused at once, not queued for ever
+    assert isinstance(error, RuntimeError) and "no free environment worker (2 calls stuck" in str(error)
     release.set()
     second.set()
     deadline = time.monotonic() + 5
-    while calls._busy and time.monotonic() < deadline:
+    while calls.stuck and time.monotonic() < deadline:
         time.sleep(0.01)
     assert _wait(calls.submit(lambda: "ok")) == ("ok", None)  # the slots came back
 
@@ -77,3 +76,22 @@ def test_async_calls_return_raise_and_are_cancelled_at_the_deadline(calls):
         assert isinstance(_wait(calls.submit(hangs))[1], EnvTimeout)
     assert cancelled.wait(5)
     assert _wait(calls.submit(add, 2)) == (3, None)
+
+
+def test_a_burst_of_calls_waits_its_turn_and_deadlines_start_when_a_call_starts():
+    pool = EnvCalls(max_workers=4, timeout_s=0.3)
+    try:
+        quick = [pool.submit(lambda i: i, i) for i in range(32)]
+        assert [_wait(c) for c in quick] == [(i, None) for i in range(32)]
+        slow = [pool.submit(lambda: time.sleep(0.2) or "done") for _ in range(8)]  # 2 rounds of 0.2 s > 0.3 s
+        assert [_wait(c) for c in slow] == [("done", None)] * 8
+    finally:
+        pool.close()
+
+
+def test_a_cancelled_coroutine_is_an_error_not_a_crash(calls):
+    async def cancels_itself():
+        raise asyncio.CancelledError()
+
+    value, error = _wait(calls.submit(cancels_itself))
+    assert value is None and error is not None and "cancelled" in str(error)

@@ -250,6 +250,7 @@ def test_weights_that_arrive_mid_turn_continue_the_turn_with_per_token_versions(
         assert t.end == "done" and t.turns == 2
         first_turn = t.versions[: t.turn_ends[0] + 1]
         assert first_turn == [3, 3, 9, 9, 9, 9]  # the span before the sync keeps its version
+        assert t.messages[1]["content"] == encoder.tokenizer.decode(t.ids[:6], skip_special_tokens=True)
         assert t.ids[t.turn_ends[0]] == encoder.eos and t.turn_ends[0] == 5  # the turn still has its 6 tokens
         after = slice(t.turn_ends[0] + 1, None)
         second = [v for v, m in zip(t.versions[after], t.loss_mask[after], strict=True) if m]

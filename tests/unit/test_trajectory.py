@@ -4,7 +4,7 @@ rendering of the whole conversation, observations are masked out of the loss and
 import pytest
 from transformers import AutoTokenizer
 
-from troupe.actors.envs.trajectory import OBSERVATION, Trajectory, TurnEncoder
+from troupe.actors.envs.trajectory import OBSERVATION, TWO_TURN_BASE, Trajectory, TurnEncoder
 from troupe.actors.models import resolve_model
 from troupe.actors.protocol import Prompt
 
@@ -83,3 +83,43 @@ def test_tool_schemas_reach_a_template_that_renders_them(tokenizer):
     ignores = TurnEncoder(tokenizer)  # SmolLM2's template ignores tools: the same ids either way
     message = [{"role": "user", "content": "2*3?"}]
     assert ignores.first(message, [schema]) == ignores.first(message)
+
+
+QWEN3_LIKE = (  # re-renders an earlier assistant turn without its <think> block, as Qwen3's template does
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'].split('</think>')[-1] }}"
+    "{% elif m['role'] == 'assistant' %}<think>\n\n</think>\n\n{{ m['content'] }}"
+    "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAMA2_LIKE = (  # user turns carry no EOS; only an assistant turn ends with it
+    "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("template", [QWEN3_LIKE, LLAMA2_LIKE])
+def test_observations_continue_templates_that_rerender_turns_or_end_only_replies(tokenizer, template):
+    original = tokenizer.chat_template
+    try:
+        tokenizer.chat_template = template
+        encoder = TurnEncoder(tokenizer)
+        first = [{"role": "user", "content": "127 * 48?"}]
+        traj = Trajectory(Prompt("p", (), "q"), 0, encoder.first(first), list(first))
+        ids = _sampled(tokenizer, "Let me compute.")
+        traj.add_turn(ids, [0.0] * len(ids), 1, "Let me compute.")
+        obs = [{"role": "user", "content": "Go on."}]
+        traj.add_observation(obs, encoder.observation(obs, ids[-1]), 0.0)
+        rendered = tokenizer.apply_chat_template(traj.messages, tokenize=False, add_generation_prompt=True)
+        expected = tokenizer(rendered, add_special_tokens=False).input_ids
+        if template is QWEN3_LIKE:
+            # the observation is exactly the new turn; a base with an assistant turn could not be continued
+            # (the template renders that turn differently once it is not the last)
+            after = tokenizer.decode(traj.ids[len(ids) :])
+            assert after == "\n<|im_start|>user\nGo on.<|im_end|>\n<|im_start|>assistant\n"
+            two = tokenizer.apply_chat_template(TWO_TURN_BASE, tokenize=False)
+            assert not tokenizer.apply_chat_template([*TWO_TURN_BASE, *obs], tokenize=False).startswith(two)
+        else:
+            assert traj.context() == expected
+    finally:
+        tokenizer.chat_template = original

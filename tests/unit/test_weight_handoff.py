@@ -55,3 +55,29 @@ def test_weights_offered_as_the_run_ends_are_not_lost():
     handoff.engine.release()
     offering.join(5)
     assert result == {"version": 4} and not handoff.due()
+
+
+def test_a_load_slower_than_the_poll_runs_once():
+    handoff = WeightHandoff()
+    runs, stop = [], threading.Event()
+
+    def generating():
+        with handoff.engine:
+            while not stop.is_set():
+                handoff.apply()
+                time.sleep(0.005)
+
+    def slow_load():
+        runs.append(1)
+        time.sleep(0.3)  # six polls of the offering thread
+        return {"version": 5}
+
+    worker = threading.Thread(target=generating)
+    worker.start()
+    try:
+        assert handoff.offer(slow_load, poll_s=0.05) == {"version": 5}
+        time.sleep(0.1)
+        assert runs == [1] and not handoff.due()
+    finally:
+        stop.set()
+        worker.join()
