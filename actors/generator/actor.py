@@ -90,7 +90,7 @@ class Generator:
         if self.env is not None:
             from troupe.actors.envs.trajectory import to_rollout
 
-            trajectories, _ = self.run_trajectories(prompts, sampling, self.env)
+            trajectories, _ = self._run_trajectories(prompts, sampling, self.env)
             rollouts = [to_rollout(t, sampling.temperature, self.env.on_error) for t in trajectories]
             self.stats["prompts"] += len(prompts)
             self.stats["tokens"] += sum(r.trained_tokens for r in rollouts)
@@ -124,6 +124,12 @@ class Generator:
         self, prompts: Sequence[Prompt], sampling: Sampling, env: EnvConfig
     ) -> tuple[list, dict]:
         """Multi-turn trajectories (sampling.n per prompt) against `env`; and the run's env/* counts."""
+        with self._handoff.engine:  # weights offered meanwhile load between engine steps (partial rollouts)
+            return self._run_trajectories(prompts, sampling, env)
+
+    def _run_trajectories(
+        self, prompts: Sequence[Prompt], sampling: Sampling, env: EnvConfig
+    ) -> tuple[list, dict]:
         from troupe.actors.envs.runner import run_trajectories
 
         if self.spec.backend != "vllm":

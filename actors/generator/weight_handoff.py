@@ -35,7 +35,7 @@ class _Pending:
 
 class WeightHandoff:
     def __init__(self):
-        self.engine = threading.Lock()  # held by whichever thread uses the engine
+        self.engine = threading.RLock()  # held by whichever thread uses the engine (re-entered by generate)
         self._lock = threading.Lock()
         self._pending: _Pending | None = None
 

@@ -47,7 +47,8 @@ class Raises:
 
 @pytest.fixture(scope="module")
 def generator(ray_session, tiny_model_path):
-    remote = ray.remote(Generator).options(
+    """One tiny vLLM generator for the module, taking weights on its own thread (as in async runs)."""
+    remote = ray.remote(concurrency_groups={"weights": 1})(Generator).options(
         num_cpus=0,
         runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}},
     )
@@ -120,37 +121,31 @@ def test_an_env_that_hangs_or_raises_ends_only_its_trajectories(generator, tmp_p
     assert counts["errors"] == 2 and counts["ended/error"] == 2
 
 
-def test_weights_pushed_mid_run_continue_the_turns_in_flight(ray_session, tiny_model_path):
+def test_weights_pushed_mid_run_continue_the_turns_in_flight(generator, tiny_model_path):
     """Partial rollouts: a generator that takes weights on its own thread loads them between engine steps while
-    a multi-turn generate runs; the turns in flight keep their tokens (version 0) and finish on version 1."""
+    a multi-turn generate runs; the turns in flight keep their tokens (old version) and finish on the new one."""
     from transformers import AutoModelForCausalLM
 
     from troupe.actors.protocol import WeightBundle
 
     env = EnvConfig(target="troupe.actors.envs.builtin:FollowUpEnv", max_turns=3, max_tokens=400)
-    remote = ray.remote(concurrency_groups={"weights": 1})(Generator).options(
-        num_cpus=0,
-        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}},
+    before = ray.get(generator.ready.remote(), timeout=300)["version"]
+    weights = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).state_dict()
+    bundle = WeightBundle(before + 1, {k: v.clone() for k, v in weights.items()})
+    prompts = _prompts(4)
+    running = generator.run_trajectories.remote(
+        prompts, Sampling(n=2, temperature=1.0, max_new_tokens=120), env
     )
-    gen = remote.remote(GeneratorConfig(max_model_len=512), tiny_model_path, 3, 0, False, env)
-    try:
-        ray.get(gen.ready.remote(), timeout=300)
-        weights = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).state_dict()
-        bundle = WeightBundle(1, {k: v.clone() for k, v in weights.items()})
-        running = gen.generate.remote(_prompts(4), Sampling(n=2, temperature=1.0, max_new_tokens=120))
-        time.sleep(1.0)
-        ready, _ = ray.wait([running], timeout=0)
-        assert not ready, "generation finished before the push: the test needs it in flight"
-        report = ray.get(gen.update_weights.options(concurrency_group="weights").remote(bundle), timeout=120)
-        rollouts = ray.get(running, timeout=300)
-        assert report["version"] == 1
-        spans = [
-            [v for v, m in zip(r.versions, r.loss_mask, strict=True) if m] for r in rollouts
-        ]  # the versions of the tokens the policy wrote, in order
-        assert any(0 in s and 1 in s for s in spans), spans  # some turn straddled the sync
-        assert all(s == sorted(s) for s in spans)  # old tokens first, then new ones
-        assert all(r.weight_version == min(s) for r, s in zip(rollouts, spans, strict=True))
-        later = ray.get(gen.generate.remote(_prompts(1), Sampling(n=1, max_new_tokens=8)), timeout=120)
-        assert {v for v in later[0].versions if v >= 0} == {1}
-    finally:
-        ray.kill(gen)
+    time.sleep(1.0)
+    ready, _ = ray.wait([running], timeout=0)
+    assert not ready, "generation finished before the push: the test needs it in flight"
+    report = ray.get(
+        generator.update_weights.options(concurrency_group="weights").remote(bundle), timeout=120
+    )
+    trajectories, counts = ray.get(running, timeout=300)
+    assert report["version"] == before + 1 and counts["weight_syncs"] == 1 and counts["partial_turns"] >= 1
+    spans = [[v for v, m in zip(t.versions, t.loss_mask, strict=True) if m] for t in trajectories]
+    assert any(before in s and before + 1 in s for s in spans), spans  # some turn straddled the sync
+    assert all(s == sorted(s) for s in spans)  # old tokens first, then new ones
+    later, _ = ray.get(generator.run_trajectories.remote(prompts[:1], Sampling(n=1, max_new_tokens=8), env))
+    assert {v for v in later[0].versions if v >= 0} == {before + 1}
