@@ -76,7 +76,7 @@ def test_follow_up_conversations_record_what_the_engine_sampled(generator, tiny_
     assert [(t.prompt.uid, t.sample_index) for t in trajectories] == [
         (f"q{i}", s) for i in range(3) for s in (0, 1)
     ]
-    assert counts["ended/done"] + counts["ended/max_tokens"] == 6
+    assert counts.get("ended/done", 0) + counts.get("ended/max_tokens", 0) == 6
     for t in trajectories:
         assert len(t.ids) == len(t.loss_mask) == len(t.logprobs) == len(t.versions)
         assert all((v == OBSERVATION) == (m == 0) for v, m in zip(t.versions, t.loss_mask, strict=True))
