@@ -58,11 +58,14 @@ def sample_rows(
                 "reward": _number(reward.scalar),
                 "advantage": _number(advantages[i]) if advantages is not None else None,
                 "behaviour_version": r.weight_version,
-                "length": len(r.response_ids),
+                "length": r.trained_tokens,
                 "finish_reason": r.finish_reason,
                 "dropped": reward.dropped,
             }
         )
+        if r.conversation:  # a multi-turn trajectory: its turns, observations and environment counts
+            rows[-1]["conversation"] = [{"role": role, "content": text} for role, text in r.conversation]
+            rows[-1]["env"] = dict(r.env_counts)
     return rows
 
 

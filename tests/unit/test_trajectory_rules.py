@@ -93,3 +93,25 @@ def test_the_table_shows_tool_calls_errors_and_turns_for_multi_turn_runs():
     keys = [key for _, key, _ in rl_columns(["correctness"], True, "sampled", env=True)]
     assert {"env/tool_call_rate", "env/tool_errors", "env/turns"} <= set(keys)
     assert not any(k.startswith("env/") for _, k, _ in rl_columns(["correctness"], True, "sampled"))
+
+
+def test_rollouts_jsonl_keeps_a_trajectorys_conversation_and_counts():
+    from dataclasses import replace
+
+    from troupe.actors.protocol import RewardBreakdown, ScoredRollout
+    from troupe.cluster.observe.rollouts import sample_rows
+
+    t = replace(
+        _trajectory(tool_calls=1),
+        conversation=(("assistant", "<tool_call>"), ("tool", "6"), ("assistant", "6")),
+    )
+    plain = Rollout(Prompt("q", (1,), "q"), 0, (5, 6), "a", torch.zeros(2), 0, "stop", 1.0)
+    rows = sample_rows(
+        0,
+        [ScoredRollout(t, RewardBreakdown(1.0, {})), ScoredRollout(plain, RewardBreakdown(0.0, {}))],
+        None,
+        1.0,
+    )
+    assert rows[0]["conversation"][1] == {"role": "tool", "content": "6"}
+    assert rows[0]["env"] == {"turns": 2, "tool_calls": 1} and rows[0]["length"] == 6  # the tokens it wrote
+    assert "conversation" not in rows[1] and rows[1]["length"] == 2
