@@ -63,6 +63,8 @@ ELSEWHERE = {
     r"^(ray up|kubectl apply|sbatch)( |$)": "tests/unit/test_deploy.py checks the recipes against their schemas",
     r"^\.venv/bin/troupe$": "`troupe` in the checkout's environment, which these tests run",
     r"^docker (build|push|run) ": "no Docker engine here; tests/unit/test_docker.py lints the Dockerfiles",
+    r"^troupe train --config-name agent_demo$": "tests/integration/test_agent_run.py runs a multi-turn run end to "
+    "end (async, partial rollouts, a generator killed); test_config_domains validates the recipe (suite time)",
 }
 
 
