@@ -33,20 +33,14 @@ class EnvConfig:
     def factory(self) -> Callable[[], Any]:
         """What builds one environment per trajectory: `target` (an import path, `dir/file.py:Name`, or from
         Python the class itself) called with `kwargs`. Errors name env.target."""
-        import sys
-        from pathlib import Path
-
-        from troupe.actors.plugins import PluginError, load_object
-        from troupe.actors.reward.objective import resolve_target
+        from troupe.actors.plugins import PluginError
+        from troupe.actors.reward.objective import load_target
 
         if self.target is None:
             raise PluginError(
                 "env.target: not set (name an environment class, e.g. troupe.actors.envs.builtin:ToolEnv)"
             )
-        target, file = resolve_target(self.target, "env.target")
-        if file is not None and str(Path(file).parent) not in sys.path:
-            sys.path.insert(0, str(Path(file).parent))  # Ray ships the file on clusters (py_modules)
-        found = load_object(target, "env.target")
+        found = load_target(self.target, "env.target")
         if not callable(found):
             raise PluginError(
                 f"env.target: {self.target} is a {type(found).__name__}, not a class or factory"

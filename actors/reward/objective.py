@@ -98,14 +98,19 @@ def resolve_target(target: Any, key: str) -> tuple[Any, str | None]:
     return target, None
 
 
-def load_plugin(name: str, params: dict) -> Callable[[list[Sample]], Any]:
-    """The callable an objective entry names, with its keyword arguments bound (a class is built once)."""
-    key = f"reward.objectives.{name}.target"
-    target, file = resolve_target(params["target"], key)
+def load_target(target: Any, key: str) -> Any:
+    """The object a `target` names: an import path, `dir/file.py:name` or, from Python, the object itself."""
+    target, file = resolve_target(target, key)
     if file is not None and str(Path(file).parent) not in sys.path:
         # Ray ships the file and puts it on the path (py_modules); in-process (tests, rm eval) add its folder
         sys.path.insert(0, str(Path(file).parent))
-    found = load_object(target, key)
+    return load_object(target, key)
+
+
+def load_plugin(name: str, params: dict) -> Callable[[list[Sample]], Any]:
+    """The callable an objective entry names, with its keyword arguments bound (a class is built once)."""
+    key = f"reward.objectives.{name}.target"
+    found = load_target(params["target"], key)
     kwargs = plugin_kwargs(params)
     if inspect.isclass(found):
         try:
