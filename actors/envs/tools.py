@@ -9,7 +9,9 @@ by a parser, by default the Hermes / Qwen format:
     </tool_call>
 
 A parser is any callable `text -> list[ToolCall]` that raises ToolCallError on a malformed call; name your own
-with `env.tool_parser: mypkg.parsers:parse_my_format`. A malformed call, an unknown tool, arguments that do not
+with `env.kwargs.parser: mypkg.parsers:parse_my_format`. `parse_calc_annotations` reads GSM8K-style calculator
+annotations (`<<57*25>>`, `<<57*25=1425>>`); `parse_equations` reads every equation the model writes in prose
+(`57 x 25 = 1115` calls 57*25), the form a small model writes unprompted, so the calculator checks its arithmetic. A malformed call, an unknown tool, arguments that do not
 match the schema, or a tool that raises all become an error observation the model sees, and are counted.
 """
 
@@ -109,6 +111,44 @@ def parse_hermes(text: str) -> list[ToolCall]:
     if len(calls) > MAX_CALLS_PER_TURN:
         raise ToolCallError(f"{len(calls)} tool calls in one turn (at most {MAX_CALLS_PER_TURN})")
     return calls
+
+
+CALC_ANNOTATION = re.compile(r"<<([^<>]*?)(?:>>|$)", re.DOTALL)
+MAX_EXPRESSION_CHARS = 200
+
+
+def parse_calc_annotations(text: str) -> list[ToolCall]:
+    """Every `<<expression>>` in `text` as a calculator call; a result the model wrote itself after `=` is
+    ignored (`<<57*25=1425>>` calls 57*25), and an unclosed last one is read to the end of the text."""
+    calls = []
+    for body in CALC_ANNOTATION.findall(text):
+        expression = body.split("=", 1)[0].strip()
+        if not expression:
+            raise ToolCallError("empty calculation: write it as <<12*34>>")
+        if len(expression) > MAX_EXPRESSION_CHARS:
+            raise ToolCallError(
+                f"calculation of {len(expression)} characters (at most {MAX_EXPRESSION_CHARS})"
+            )
+        calls.append(ToolCall("calculator", {"expression": expression}))
+    if len(calls) > MAX_CALLS_PER_TURN:
+        raise ToolCallError(f"{len(calls)} tool calls in one turn (at most {MAX_CALLS_PER_TURN})")
+    return calls
+
+
+NUMBER = r"\d[\d,]*(?:\.\d+)?"
+EQUATION = re.compile(rf"\(?{NUMBER}\)?(?:\s*[-+*/x×÷]\s*\(?{NUMBER}\)?)+(?=\s*=)")
+PROSE_OPERATORS = str.maketrans({"x": "*", "×": "*", "÷": "/", ",": None})
+
+
+def parse_equations(text: str) -> list[ToolCall]:
+    """Each distinct `<number> <op> <number> ... =` in `text`, in order, as a calculator call (x, × and ÷ read as
+    * and /, thousands separators dropped); the model's own result after `=` is ignored."""
+    expressions = dict.fromkeys(
+        m.group(0).translate(PROSE_OPERATORS).strip() for m in EQUATION.finditer(text)
+    )
+    if len(expressions) > MAX_CALLS_PER_TURN:
+        raise ToolCallError(f"{len(expressions)} tool calls in one turn (at most {MAX_CALLS_PER_TURN})")
+    return [ToolCall("calculator", {"expression": e}) for e in expressions]
 
 
 def calculator_tool(calculator=None) -> Tool:

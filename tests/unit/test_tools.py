@@ -9,7 +9,15 @@ import pytest
 from tests.conftest import SHARED_DATA
 from troupe.actors.envs.builtin import FollowUpEnv, ToolEnv
 from troupe.actors.envs.protocol import EnvError, StepResult, check_step
-from troupe.actors.envs.tools import MAX_RESULT_CHARS, Tool, ToolCall, ToolCallError, parse_hermes
+from troupe.actors.envs.tools import (
+    MAX_RESULT_CHARS,
+    Tool,
+    ToolCall,
+    ToolCallError,
+    parse_calc_annotations,
+    parse_equations,
+    parse_hermes,
+)
 from troupe.actors.protocol import Prompt
 
 MT_BENCH = SHARED_DATA / "FastChat/fastchat/llm_judge/data/mt_bench/question.jsonl"
@@ -53,6 +61,50 @@ def test_hermes_calls_are_read_in_order():
 def test_malformed_calls_are_refused_naming_why(text, message):
     with pytest.raises(ToolCallError, match=message):
         parse_hermes(text)
+
+
+def test_calculator_annotations_are_read_as_calls():
+    text = "She pays 57 * 25 = <<57*25=1400>>1400, then <<1400 + 3>> and at last <<(2+3)*4"
+    assert parse_calc_annotations(text) == [
+        ToolCall("calculator", {"expression": "57*25"}),
+        ToolCall("calculator", {"expression": "1400 + 3"}),
+        ToolCall("calculator", {"expression": "(2+3)*4"}),
+    ]
+    assert parse_calc_annotations("57 * 25 = 1425. Answer: 1425") == []
+    for bad, message in [
+        ("<<>>", "empty calculation"),
+        ("<< =5>>", "empty calculation"),
+        ("<<" + "1+" * 150 + "1>>", "at most 200"),
+        ("<<1>>" * 9, "9 tool calls"),
+    ]:
+        with pytest.raises(ToolCallError, match=message):
+            parse_calc_annotations(bad)
+
+
+def test_equations_in_prose_are_read_as_calls():
+    text = (
+        "57 * 25 = 1250 apples, and 1,200 - 300 = 900. Again 57 * 25 = 1425. (2 + 3) × 4 = 20, 3.5 ÷ 7 = 0.5"
+    )
+    assert [c.arguments["expression"] for c in parse_equations(text)] == [
+        "57 * 25",
+        "1200 - 300",
+        "(2 + 3) * 4",
+        "3.5 / 7",
+    ]
+    assert {c.name for c in parse_equations(text)} == {"calculator"}
+    # a lone number, a variable or a word before "=" is no calculation
+    assert parse_equations("The answer is 12. In 2023 = a year, x = 5, 57 bags x 25 = 1115.") == []
+    assert parse_equations("12 x 3 x 2 = 72")[0].arguments == {"expression": "12 * 3 * 2"}
+    with pytest.raises(ToolCallError, match="9 tool calls"):
+        parse_equations(" ".join(f"{i} + 1 = {i + 1}." for i in range(9)))
+
+
+def test_the_tool_env_runs_annotated_calculations_with_the_sandboxed_calculator():
+    env = ToolEnv(parser="troupe.actors.envs.tools:parse_calc_annotations", system_prompt=None)
+    result = env.step({"role": "assistant", "content": "57 * 25 = <<57*25=1400>>"})
+    assert [m["content"] for m in result.observations] == ["1425"]
+    assert result.counts == {"tool_calls": 1, "tool_errors": 0} and not result.done
+    assert env.step({"role": "assistant", "content": "Answer: 1425"}).done
 
 
 def _prompt(text="What is 127 * 48?", **meta):
