@@ -17,7 +17,9 @@ default); the chat part runs when --bundle names a bundle (the smoke bundle of `
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import random
 import re
 import statistics
@@ -48,18 +50,33 @@ def solution_ops(answer: str) -> set[str]:
     return {"*" if c in "x×" else c for c in ops}
 
 
-def subset_rule(max_steps: int | None, ops: str | None):
+def one_operation(row: dict) -> bool:
+    """Whether the reference answer is one operation (+, -, *, /) on two numbers written in the question: a
+    problem that needs one calculation, whatever its reference solution's steps."""
+    numbers = [float(n.replace(",", "")) for n in re.findall(r"\d[\d,]*(?:\.\d+)?", row["question"])]
+    answer = float(row["answer"].split("####")[-1].strip().replace(",", ""))
+    results = ((a + b, a - b, a * b, a / b if b else math.nan) for a, b in itertools.permutations(numbers, 2))
+    return any(math.isclose(r, answer, abs_tol=1e-9) for rs in results for r in rs)
+
+
+def subset_rule(max_steps: int | None, ops: str | None, one_op: bool = False):
     """The documented GSM8K subset: solutions of at most `max_steps` steps that compute with only the operators in
-    `ops` and carry calculator annotations (None: no bound). Returns the row filter and the subset's name ("" for
-    all of it)."""
+    `ops` and carry calculator annotations (None: no bound), and with `one_op` only answers one operation away
+    from the question's numbers. Returns the row filter and the subset's name ("" for all of it)."""
 
     def keeps(row: dict) -> bool:
         answer = row["answer"]
         if max_steps is not None and solution_steps(answer) > max_steps:
             return False
+        if one_op and not one_operation(row):
+            return False
         return ops is None or ("<<" in answer and solution_ops(answer) <= set(ops))
 
-    name = (f"-max{max_steps}steps" if max_steps is not None else "") + (f"-ops{ops}" if ops else "")
+    name = (
+        (f"-max{max_steps}steps" if max_steps is not None else "")
+        + (f"-ops{ops}" if ops else "")
+        + ("-oneop" if one_op else "")
+    )
     return keeps, name
 
 
@@ -152,7 +169,7 @@ def run_part(part: str, args, out: Path, results: dict) -> None:
 
 
 def _subset(part: str, args):
-    return subset_rule(args.max_steps, args.ops) if part == "gsm8k" else (None, "")
+    return subset_rule(args.max_steps, args.ops, args.one_op) if part == "gsm8k" else (None, "")
 
 
 def result_key(part: str, args) -> str:
@@ -210,6 +227,11 @@ def main() -> int:
     )
     parser.add_argument(
         "--ops", help="gsm8k: only problems whose annotated calculations use only these operators, e.g. '+-'"
+    )
+    parser.add_argument(
+        "--one-op",
+        action="store_true",
+        help="gsm8k: only problems whose answer is one operation on two numbers of the question",
     )
     parser.add_argument("--dev", type=int, default=128, help="held-out prompts carved from the source")
     parser.add_argument(

@@ -2,7 +2,7 @@
 
 import json
 
-from bench.real_data import carve, solution_ops, solution_steps, subset_rule
+from bench.real_data import carve, one_operation, solution_ops, solution_steps, subset_rule
 
 TWO_STEPS = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
 
@@ -60,3 +60,20 @@ def test_the_operator_rule_reads_the_calculator_annotations():
     assert not keeps({"answer": "a <<1+1=2>>2\nb <<2+1=3>>3\nc <<3+1=4>>4\n#### 4"})  # 3 steps
     assert not keeps({"answer": "no annotation\nat all\n#### 4"})  # nothing to check the operators by
     assert subset_rule(None, None)[1] == ""
+
+
+def test_the_one_operation_rule_finds_answers_one_calculation_from_the_question():
+    natalia = {
+        "question": "Natalia sold clips to 48 of her friends in April, and half as many in May.",
+        "answer": TWO_STEPS,
+    }
+    assert not one_operation(natalia)  # 72 = 48 + 48 / 2: two calculations
+    assert one_operation({"question": "Tom has 1,200 apples and eats 300.", "answer": "...\n#### 900"})
+    assert one_operation({"question": "7 boxes of 12 eggs", "answer": "x\ny\n#### 84"})
+    assert one_operation({"question": "Share 2.5 pies among 5 people.", "answer": "#### 0.5"})
+    assert not one_operation({"question": "Share 5 pies among 0 people.", "answer": "#### 3"})  # 5 / 0 is no error
+    keeps, name = subset_rule(None, None, one_op=True)
+    assert name == "-oneop" and keeps({"question": "7 boxes of 12 eggs", "answer": "#### 84"})
+    assert not subset_rule(2, None, one_op=True)[0](
+        {"question": "7 boxes of 12 eggs", "answer": "a\nb\nc\n#### 84"}
+    )
