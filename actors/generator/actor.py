@@ -156,7 +156,7 @@ class Generator:
         factory = env.factory()
         start = time.perf_counter()
         trajectories, counts = run_trajectories(
-            VLLMTurns(self.backend.llm, sampling),
+            VLLMTurns(self.backend.llm, sampling, deltas=env.partial_rollouts),
             self._encoder,
             factory,
             prompts,

@@ -71,7 +71,9 @@ def test_the_one_operation_rule_finds_answers_one_calculation_from_the_question(
     assert one_operation({"question": "Tom has 1,200 apples and eats 300.", "answer": "...\n#### 900"})
     assert one_operation({"question": "7 boxes of 12 eggs", "answer": "x\ny\n#### 84"})
     assert one_operation({"question": "Share 2.5 pies among 5 people.", "answer": "#### 0.5"})
-    assert not one_operation({"question": "Share 5 pies among 0 people.", "answer": "#### 3"})  # 5 / 0 is no error
+    assert not one_operation(
+        {"question": "Share 5 pies among 0 people.", "answer": "#### 3"}
+    )  # 5 / 0 is no error
     keeps, name = subset_rule(None, None, one_op=True)
     assert name == "-oneop" and keeps({"question": "7 boxes of 12 eggs", "answer": "#### 84"})
     assert not subset_rule(2, None, one_op=True)[0](
