@@ -33,6 +33,7 @@ class ToolEnv:
         parser=None,
         system_prompt: str | None = TOOL_SYSTEM_PROMPT,
         keep_system: bool = True,
+        repeats_end: bool = False,
     ):
         # tools: Tool objects or import paths of factories returning one (default: the calculator)
         self.tools: list[Tool] = [
@@ -43,6 +44,10 @@ class ToolEnv:
         self.parse = load_object(parser, "env.kwargs.parser") if parser else parse_hermes
         self.system_prompt = system_prompt  # "{schemas}" in it becomes the tools' JSON schemas
         self.keep_system = keep_system  # False: it replaces the prompt's own system turn
+        # True: a turn whose every call repeats one made earlier in the trajectory is final (with parse_equations,
+        # an answer that restates its checked equation); otherwise repeats run again
+        self.repeats_end = repeats_end
+        self.made: set[str] = set()
 
     def reset(self, prompt) -> list[dict]:
         """The prompt's chat, with the tools described in the system turn (for templates that ignore `tools=`;
@@ -65,8 +70,10 @@ class ToolEnv:
             return StepResult(
                 [_tool_message("error", f"error: {e}")], counts={"tool_errors": 1, "malformed": 1}
             )
-        if not calls:
+        keys = [json.dumps([c.name, c.arguments], sort_keys=True, default=str) for c in calls]
+        if not calls or (self.repeats_end and self.made.issuperset(keys)):
             return StepResult(done=True)
+        self.made.update(keys)
         results, errors = [], 0
         for call in calls:
             tool = self.by_name.get(call.name)

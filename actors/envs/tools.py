@@ -8,11 +8,12 @@ by a parser, by default the Hermes / Qwen format:
     {"name": "calculator", "arguments": {"expression": "127 * 48"}}
     </tool_call>
 
-A parser is any callable `text -> list[ToolCall]` that raises ToolCallError on a malformed call; name your own
-with `env.kwargs.parser: mypkg.parsers:parse_my_format`. `parse_calc_annotations` reads GSM8K-style calculator
+A parser is any callable `text -> list[ToolCall]` that raises ToolCallError on a malformed call; name your own with
+`env.kwargs.parser: mypkg.parsers:parse_my_format`. `parse_calc_annotations` reads GSM8K-style calculator
 annotations (`<<57*25>>`, `<<57*25=1425>>`); `parse_equations` reads every equation the model writes in prose
-(`57 x 25 = 1115` calls 57*25), the form a small model writes unprompted, so the calculator checks its arithmetic. A malformed call, an unknown tool, arguments that do not
-match the schema, or a tool that raises all become an error observation the model sees, and are counted.
+(`57 x 25 = 1115` calls 57*25), the form a small model writes unprompted, so the calculator checks its arithmetic. A
+malformed call, an unknown tool, arguments that do not match the schema, or a tool that raises all become an error
+observation the model sees, and are counted.
 """
 
 from __future__ import annotations
@@ -135,17 +136,38 @@ def parse_calc_annotations(text: str) -> list[ToolCall]:
     return calls
 
 
-NUMBER = r"\d[\d,]*(?:\.\d+)?"
-EQUATION = re.compile(rf"\(?{NUMBER}\)?(?:\s*[-+*/x×÷]\s*\(?{NUMBER}\)?)+(?=\s*=)")
+# Linear-time by construction: possessive quantifiers, a match starts only at a whole number (not inside "7:50",
+# "12.5.3", "1e5", "2x"), and the `=` after a chain is checked separately rather than by a lookahead.
+NUMBER = r"\d[\d,]*+(?:\.\d+)?+"
+OPERATOR = r"(?:\s*[-+*/×÷]\s*|\s+x\s+)"  # a prose "x" only between spaces: "2x + 3" is algebra, "0x10" hex
+CHAIN = re.compile(rf"(?<![\w.,:/)-])-?\(?{NUMBER}\)?(?:{OPERATOR}\(?{NUMBER}\)?)++")
+EQUALS = re.compile(r"\s*=(?!=)")
+DATE = re.compile(r"\d+([-/])\d+\1\d+")  # 2023-12-01, 12/25/2023: not a calculation
 PROSE_OPERATORS = str.maketrans({"x": "*", "×": "*", "÷": "/", ",": None})
+
+
+def _balanced(expression: str) -> str:
+    """Without the unmatched parentheses prose wraps around an equation, as in "(57 * 25 = 1425)"."""
+    while expression.startswith("(") and expression.count("(") > expression.count(")"):
+        expression = expression[1:]
+    while expression.endswith(")") and expression.count(")") > expression.count("("):
+        expression = expression[:-1]
+    return expression
 
 
 def parse_equations(text: str) -> list[ToolCall]:
     """Each distinct `<number> <op> <number> ... =` in `text`, in order, as a calculator call (x, × and ÷ read as
     * and /, thousands separators dropped); the model's own result after `=` is ignored."""
-    expressions = dict.fromkeys(
-        m.group(0).translate(PROSE_OPERATORS).strip() for m in EQUATION.finditer(text)
-    )
+    expressions = {}
+    for m in CHAIN.finditer(text):
+        if not EQUALS.match(text, m.end()) or DATE.fullmatch(m.group(0)):
+            continue
+        expression = _balanced(m.group(0).translate(PROSE_OPERATORS).strip())
+        if len(expression) > MAX_EXPRESSION_CHARS:
+            raise ToolCallError(
+                f"calculation of {len(expression)} characters (at most {MAX_EXPRESSION_CHARS})"
+            )
+        expressions[expression] = None
     if len(expressions) > MAX_CALLS_PER_TURN:
         raise ToolCallError(f"{len(expressions)} tool calls in one turn (at most {MAX_CALLS_PER_TURN})")
     return [ToolCall("calculator", {"expression": e}) for e in expressions]

@@ -19,7 +19,7 @@ REQUEST_IDS = itertools.count()  # unique per process: an aborted request's id i
 
 
 class VLLMTurns:
-    def __init__(self, llm, sampling: Sampling, deltas: bool = False):
+    def __init__(self, llm, sampling: Sampling, deltas: bool = True):
         self.engine = llm.llm_engine
         self.sampling = sampling
         self.deltas = deltas  # needed by abort(): a turn stopped early keeps only the tokens delivered so far

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -167,6 +168,8 @@ def _generator_pool(cfg: TroupeConfig, model_path: str, budget: RetryBudget, ran
     env = cfg.env if cfg.env.target else None
     # partial rollouts (async mode): weights are taken on a second thread while a multi-turn generate runs
     partial = env is not None and env.partial_rollouts and cfg.run.mode == "async"
+    if env is not None:  # the generator's effective setting: sync runs need no mid-turn weight loads
+        env = dataclasses.replace(env, partial_rollouts=partial)
     remote = (
         ray.remote(concurrency_groups={WEIGHTS_GROUP: 1})(Generator) if partial else ray.remote(Generator)
     )

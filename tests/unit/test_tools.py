@@ -92,11 +92,28 @@ def test_equations_in_prose_are_read_as_calls():
         "3.5 / 7",
     ]
     assert {c.name for c in parse_equations(text)} == {"calculator"}
-    # a lone number, a variable or a word before "=" is no calculation
-    assert parse_equations("The answer is 12. In 2023 = a year, x = 5, 57 bags x 25 = 1115.") == []
-    assert parse_equations("12 x 3 x 2 = 72")[0].arguments == {"expression": "12 * 3 * 2"}
+    # a lone number, a variable, a word, a time, a date, a version or hex before "=" is no calculation
+    prose = (
+        "It is 12. In 2023 = a year, x = 5, 57 bags x 25 = 1115, 2x + 3 = 7, 7:50 + 10 = 8:00, 2023-12-01 = "
+    )
+    assert (
+        parse_equations(prose + "today, 12.5.3 + 1 = 2, 1e5 + 2 = 3, 0x10 + 1 = 17, 5 + 3 <= 9, 3, 4 = 7.")
+        == []
+    )
+    for text, expression in [
+        ("12 x 3 x 2 = 72", "12 * 3 * 2"),
+        ("(57 * 25 = 1425)", "57 * 25"),  # prose parentheses around the equation are not the calculation's
+        ("4 + 5) = 9", "4 + 5"),
+        ("-5 + 3 = -2", "-5 + 3"),
+        ("so 1/2 + 1/4 = 3/4", "1/2 + 1/4"),
+    ]:
+        assert parse_equations(text) == [ToolCall("calculator", {"expression": expression})], text
     with pytest.raises(ToolCallError, match="9 tool calls"):
         parse_equations(" ".join(f"{i} + 1 = {i + 1}." for i in range(9)))
+    # degenerate generations: no call, or one too long; linear-time matching answers these at once
+    assert parse_equations("1" * 20_000) == parse_equations("1+" * 10_000) == []
+    with pytest.raises(ToolCallError, match="at most 200"):
+        parse_equations("1 + " * 5_000 + "1 = 2")
 
 
 def test_the_tool_env_runs_annotated_calculations_with_the_sandboxed_calculator():
@@ -105,6 +122,19 @@ def test_the_tool_env_runs_annotated_calculations_with_the_sandboxed_calculator(
     assert [m["content"] for m in result.observations] == ["1425"]
     assert result.counts == {"tool_calls": 1, "tool_errors": 0} and not result.done
     assert env.step({"role": "assistant", "content": "Answer: 1425"}).done
+
+
+@pytest.mark.parametrize("repeats_end", [True, False])
+def test_a_turn_that_only_restates_its_checked_equations_can_end_the_trajectory(repeats_end):
+    env = ToolEnv(
+        parser="troupe.actors.envs.tools:parse_equations", system_prompt=None, repeats_end=repeats_end
+    )
+    assert not env.step({"role": "assistant", "content": "57 * 25 = 1250"}).done
+    restated = env.step({"role": "assistant", "content": "So 57 * 25 = 1425. Answer: 1425"})
+    assert restated.done is repeats_end
+    # a new calculation next to a repeated one is a call either way
+    more = env.step({"role": "assistant", "content": "57 * 25 = 1425 and 1425 + 1 = 1426"})
+    assert not more.done and more.counts["tool_calls"] == 2
 
 
 def _prompt(text="What is 127 * 48?", **meta):
