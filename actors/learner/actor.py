@@ -22,7 +22,6 @@ from troupe.actors.learner.engine import (
     build_engine,
     current_lr,
     frozen_reference,
-    init_process_group,
     load_causal_lm,
 )
 from troupe.actors.learner.pg_update import policy_gradient_update
@@ -41,7 +40,7 @@ class Learner(DeepSpeedRank):
     def setup(self, master_addr: str, master_port: int) -> dict:
         spec = self.spec
         start = time.perf_counter()
-        on_gpu = init_process_group(spec, self.rank, master_addr, master_port)
+        on_gpu = self.join_group(master_addr, master_port)
         model = load_causal_lm(spec)
         if spec.train.lora.enabled:
             model = lora.wrap(model, spec.train.lora)

@@ -1,7 +1,7 @@
 """DeepSpeed plumbing shared by every trained role (policy, critic, reward model): process group, config,
 optimizer and learning-rate schedule.
 
-Each rank is one Ray actor; they rendezvous through MASTER_ADDR/PORT chosen by rank 0.
+Each rank is one Ray actor; they rendezvous at a TCP store that rank 0 opens on a port the OS picks.
 """
 
 from __future__ import annotations
@@ -55,8 +55,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(setup: RankSetup, rank: int, master_addr: str, master_port: int) -> bool:
-    """Join the group of this role's ranks; returns whether a GPU is used."""
+def open_store(host: str, setup: RankSetup):
+    """Rank 0's rendezvous store, bound at once to a port the OS picks and held for the group's life. Probing
+    for a free port and binding it later races with every other process on the node (CI saw EADDRINUSE)."""
+    return torch.distributed.TCPStore(
+        host,
+        0,
+        setup.train.world_size,
+        is_master=True,
+        timeout=datetime.timedelta(seconds=setup.collective_timeout_s),
+        wait_for_workers=False,
+    )
+
+
+def init_process_group(setup: RankSetup, rank: int, master_addr: str, master_port: int, store=None) -> bool:
+    """Join the group of this role's ranks at rank 0's store (`store` on rank 0, a client of it elsewhere);
+    returns whether a GPU is used."""
     import deepspeed
 
     on_gpu = torch.cuda.is_available()
@@ -72,10 +86,17 @@ def init_process_group(setup: RankSetup, rank: int, master_addr: str, master_por
         torch.set_num_threads(int(threads))
     if on_gpu:
         torch.cuda.set_device(0)  # Ray gives each rank its own GPU through CUDA_VISIBLE_DEVICES
-    deepspeed.init_distributed(
-        dist_backend="nccl" if on_gpu else "gloo",
-        timeout=datetime.timedelta(seconds=setup.collective_timeout_s),
+    timeout = datetime.timedelta(seconds=setup.collective_timeout_s)
+    world_size = setup.train.world_size
+    if store is None:
+        store = torch.distributed.TCPStore(
+            master_addr, master_port, world_size, is_master=False, timeout=timeout
+        )
+    backend = "nccl" if on_gpu else "gloo"
+    torch.distributed.init_process_group(
+        backend, store=store, rank=rank, world_size=world_size, timeout=timeout
     )
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the group above
     if setup.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(setup.seed)

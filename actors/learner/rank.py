@@ -13,7 +13,7 @@ import torch
 from troupe.actors.hardware import node_id, resolve_dtype
 from troupe.actors.learner.batch import RolloutBatch
 from troupe.actors.learner.config import RankSetup
-from troupe.actors.learner.engine import free_port
+from troupe.actors.learner.engine import free_port, init_process_group, open_store
 from troupe.actors.learner.logprobs import response_logprobs
 from troupe.actors.learner.step import (
     StepNorm,
@@ -42,9 +42,22 @@ class DeepSpeedRank:
         self.export_dtype = resolve_dtype(spec.export_dtype)
         self.pad_id = 0
         self._shuffle = torch.Generator().manual_seed(spec.seed + rank)
+        self._store = None
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0 opens the process group's store; returns its reachable IP and bound port."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        self._store = open_store(host, self.spec)
+        return host, self._store.port
+
+    def join_group(self, master_addr: str, master_port: int) -> bool:
+        """Join this role's process group at rank 0's store; returns whether a GPU is used."""
+        return init_process_group(self.spec, self.rank, master_addr, master_port, self._store)
 
     def address(self) -> tuple[str, int]:
-        """Rank 0's reachable IP and a free port for the process-group rendezvous."""
+        """Rank 0's reachable IP and a free port for the NCCL weight-update group's rendezvous."""
         import ray
 
         return ray.util.get_node_ip_address(), free_port()

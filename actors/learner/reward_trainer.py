@@ -14,7 +14,6 @@ from troupe.actors.learner.engine import (
     build_engine,
     current_lr,
     frozen_reference,
-    init_process_group,
     load_causal_lm,
 )
 from troupe.actors.learner.rank import DeepSpeedRank
@@ -35,7 +34,7 @@ class RewardTrainer(DeepSpeedRank):
     def setup(self, master_addr: str, master_port: int) -> dict:
         spec = self.spec
         start = time.perf_counter()
-        on_gpu = init_process_group(spec, self.rank, master_addr, master_port)
+        on_gpu = self.join_group(master_addr, master_port)
         lm = load_causal_lm(spec)
         self.engine = build_engine(RewardLM(lm), spec, self.dtype, on_gpu)
         self.reference = (

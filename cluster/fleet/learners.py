@@ -65,7 +65,7 @@ class LearnerGroup:
             ).remote(self.spec, rank)
             for rank in range(t.world_size)
         ]
-        addr, port = gather([self.ranks[0].address.remote()], self.timeout_s, self.name)[0]
+        addr, port = gather([self.ranks[0].rendezvous.remote()], self.timeout_s, self.name)[0]
         # Not awaited here: the DeepSpeed setup runs while the caller starts other actors (see wait_ready).
         self._setup_refs = [r.setup.remote(addr, port) for r in self.ranks]
 

@@ -1,9 +1,13 @@
-"""DeepSpeed options and the learning-rate schedule, built from the spec (no engine started)."""
+"""DeepSpeed options, the learning-rate schedule and the rendezvous store, built from the spec (no engine
+started)."""
+
+import errno
+import socket
 
 import pytest
 
-from troupe.actors.learner.config import LearnerConfig
-from troupe.actors.learner.engine import ds_config, lr_factor
+from troupe.actors.learner.config import LearnerConfig, RankSetup
+from troupe.actors.learner.engine import ds_config, lr_factor, open_store
 
 
 def spec(**kw):
@@ -53,3 +57,16 @@ def test_dropout_is_switched_off_in_the_loaded_config(tmp_path):
     cfg = config_without_dropout(str(tmp_path))
     assert cfg.resid_pdrop == cfg.embd_pdrop == cfg.attn_pdrop == 0.0
     assert cfg.n_embd == 8  # the rest untouched
+
+
+def test_rendezvous_port_is_held_from_the_moment_it_is_chosen():
+    """CI once lost a race: rank 0 probed a free port, released it, and another process bound it before the
+    process group's store did (EADDRINUSE). The store now binds first and reports the port it holds."""
+    setup = RankSetup(model_path="unused", train=LearnerConfig(world_size=2), collective_timeout_s=5)
+    store = open_store("127.0.0.1", setup)
+    assert store.port > 0
+    with socket.socket() as other, pytest.raises(OSError) as taken:
+        other.bind(("", store.port))
+    assert taken.value.errno == errno.EADDRINUSE
+    store.set("key", "value")  # a usable store, not just a bound socket
+    assert store.get("key") == b"value"
