@@ -87,6 +87,12 @@ class Tool:
 HERMES_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 
 
+def _bounded(calls: list[ToolCall]) -> list[ToolCall]:
+    if len(calls) > MAX_CALLS_PER_TURN:
+        raise ToolCallError(f"{len(calls)} tool calls in one turn (at most {MAX_CALLS_PER_TURN})")
+    return calls
+
+
 def parse_hermes(text: str) -> list[ToolCall]:
     """Every `<tool_call>{json}</tool_call>` in `text` (an unclosed last one is read to the end of the text, as a
     generation stopped at the closing tag leaves it). ToolCallError on the first malformed call."""
@@ -109,31 +115,30 @@ def parse_hermes(text: str) -> list[ToolCall]:
                 f"{obj['name']}: arguments must be a JSON object, got {type(arguments).__name__}"
             )
         calls.append(ToolCall(obj["name"], arguments))
-    if len(calls) > MAX_CALLS_PER_TURN:
-        raise ToolCallError(f"{len(calls)} tool calls in one turn (at most {MAX_CALLS_PER_TURN})")
-    return calls
+    return _bounded(calls)
 
 
 CALC_ANNOTATION = re.compile(r"<<([^<>]*?)(?:>>|$)", re.DOTALL)
 MAX_EXPRESSION_CHARS = 200
 
 
-def parse_calc_annotations(text: str) -> list[ToolCall]:
-    """Every `<<expression>>` in `text` as a calculator call; a result the model wrote itself after `=` is
-    ignored (`<<57*25=1425>>` calls 57*25), and an unclosed last one is read to the end of the text."""
-    calls = []
-    for body in CALC_ANNOTATION.findall(text):
-        expression = body.split("=", 1)[0].strip()
-        if not expression:
-            raise ToolCallError("empty calculation: write it as <<12*34>>")
+def _calculator_calls(expressions) -> list[ToolCall]:
+    """Calculator calls for `expressions`, each and their number bounded."""
+    for expression in expressions:
         if len(expression) > MAX_EXPRESSION_CHARS:
             raise ToolCallError(
                 f"calculation of {len(expression)} characters (at most {MAX_EXPRESSION_CHARS})"
             )
-        calls.append(ToolCall("calculator", {"expression": expression}))
-    if len(calls) > MAX_CALLS_PER_TURN:
-        raise ToolCallError(f"{len(calls)} tool calls in one turn (at most {MAX_CALLS_PER_TURN})")
-    return calls
+    return _bounded([ToolCall("calculator", {"expression": e}) for e in expressions])
+
+
+def parse_calc_annotations(text: str) -> list[ToolCall]:
+    """Every `<<expression>>` in `text` as a calculator call; a result the model wrote itself after `=` is
+    ignored (`<<57*25=1425>>` calls 57*25), and an unclosed last one is read to the end of the text."""
+    expressions = [body.split("=", 1)[0].strip() for body in CALC_ANNOTATION.findall(text)]
+    if "" in expressions:
+        raise ToolCallError("empty calculation: write it as <<12*34>>")
+    return _calculator_calls(expressions)
 
 
 # Linear-time by construction: possessive quantifiers, a match starts only at a whole number (not inside "7:50",
@@ -162,15 +167,8 @@ def parse_equations(text: str) -> list[ToolCall]:
     for m in CHAIN.finditer(text):
         if not EQUALS.match(text, m.end()) or DATE.fullmatch(m.group(0)):
             continue
-        expression = _balanced(m.group(0).translate(PROSE_OPERATORS).strip())
-        if len(expression) > MAX_EXPRESSION_CHARS:
-            raise ToolCallError(
-                f"calculation of {len(expression)} characters (at most {MAX_EXPRESSION_CHARS})"
-            )
-        expressions[expression] = None
-    if len(expressions) > MAX_CALLS_PER_TURN:
-        raise ToolCallError(f"{len(expressions)} tool calls in one turn (at most {MAX_CALLS_PER_TURN})")
-    return [ToolCall("calculator", {"expression": e}) for e in expressions]
+        expressions[_balanced(m.group(0).translate(PROSE_OPERATORS).strip())] = None
+    return _calculator_calls(list(expressions))
 
 
 def calculator_tool(calculator=None) -> Tool:
