@@ -1,21 +1,22 @@
 """The learn phase alone, on the real learner group, for each rank layout: where the policy update's time goes and
 how close it comes to this machine's matmul roofline.
 
-For each layout RANKS x THREADS (e.g. 2x1: two DeepSpeed ranks of one OMP thread each; 1x2: one rank with two), a
+For each layout RANKS x THREADS (e.g. 2x1: two DeepSpeed ranks of one OMP thread each; 1x2: one rank with two;
+1x2+compile: the same with learner.compile=true, each decoder layer under torch.compile), a
 LearnerGroup is built from conf/demo.yaml exactly as the driver builds it, and trained on the same batch: the
 arithmetic task's real prompts (token ids from its PromptSource), GROUP responses per prompt sampled from the
 model itself, rewards +1 and -1 in every group so each one teaches, one micro-batch per rank (the CPU recipes'
 choice). Each timed step is one `LearnerGroup.train` call (on-policy: the batch's weight version follows the
 learner's, so no old-policy forward), the first of each group a warm-up; with --rounds N the layouts take turns N
 times (the machine's speed drifts) and each layout's median is over all its rounds. It prints, per layout, the median seconds per
-step, the achieved TFLOP/s — counted as the work actually done (with shared-prompt packing a group's prompt is
+step and its speed against the first layout's, the achieved TFLOP/s — counted as the work actually done (with shared-prompt packing a group's prompt is
 computed once; the LM head only at response tokens) and as vs_trl.py counts it (every row's prompt, the head at
 every token) — and each against the matmul roofline of the learner's dtype (vs_trl_report.matmul_peak, 2 threads),
 and whether the learner packed the prompt groups (its one-time packing check can turn packing off).
 
-Run: .venv/bin/python -m bench.learn_phase [--layouts 2x1,1x2] [--steps 5] [--rounds 2] [--override KEY=VALUE ...]
+Run: .venv/bin/python -m bench.learn_phase [--layouts 1x2,2x1,1x2+compile] [--steps 5] [--rounds 2] [--override KEY=VALUE ...]
      [--out outputs/bench/learn_phase.json]
-Smoke: .venv/bin/python -m bench.learn_phase --smoke [--out FOLDER]: the tiny model, 2 steps, both layouts.
+Smoke: .venv/bin/python -m bench.learn_phase --smoke [--out FOLDER]: the tiny model, 2 steps, every layout.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def time_layout(layout: str, args, model_path: str, batch, shape: dict) -> dict:
     from troupe.cluster.fleet.learners import LearnerGroup, policy_setup
     from troupe.cluster.run.runtime import learner_env
 
-    ranks, threads = (int(x) for x in layout.split("x"))
+    shape_part, *flags = layout.split("+")
+    ranks, threads = (int(x) for x in shape_part.split("x"))
     overrides = [
         f"model.policy={args.model}",
         f"learner.world_size={ranks}",
@@ -128,6 +130,7 @@ def time_layout(layout: str, args, model_path: str, batch, shape: dict) -> dict:
         *VS_TRL,
         f"run.iterations={args.steps}",
         *args.override,
+        *(f"learner.{flag}=true" for flag in flags),  # e.g. 1x2+compile: learner.compile=true
     ]
     cfg = compose_troupe(overrides)
     spec = policy_setup(cfg, model_path)
@@ -170,7 +173,11 @@ def time_layout(layout: str, args, model_path: str, batch, shape: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layouts", default="2x1,1x2", help="comma-separated RANKSxTHREADS")
+    p.add_argument(
+        "--layouts",
+        default="1x2,2x1,1x2+compile",
+        help="comma-separated RANKSxTHREADS[+FLAG], FLAG a boolean learner option set to true (e.g. compile)",
+    )
     p.add_argument("--steps", type=int, default=5, help="train calls per layout, the first a warm-up")
     p.add_argument("--rounds", type=int, default=2, help="times the layouts take turns")
     p.add_argument("--model", default="builtin:smollm2-135m-instruct")
@@ -233,18 +240,15 @@ def main() -> None:
         f"\nlearn phase of {PROMPTS} prompts x {GROUP} on {args.model} ({dtype}); roofline {peak:.3f} TFLOP/s"
     )
     print(
-        f"{'layout':>8} {'median s':>9} {'packed':>7} {'TFLOP/s done':>13} {'of roofline':>12} {'vs_trl count':>13} "
-        f"{'of roofline':>12}"
+        f"{'layout':>12} {'median s':>9} {'packed':>7} {'TFLOP/s done':>13} {'of roofline':>12} {'vs_trl count':>13} "
+        f"{'of roofline':>12} {'speed vs ' + results[0]['layout']:>16}"
     )
     for r in results:
         t, f = r["tflops"], r["roofline_fraction"]
         print(
-            f"{r['layout']:>8} {r['median_s']:9.2f} {'yes' if r['packed'] else 'no':>7} {t['done']:13.3f} {f['done']:11.0%} "
-            f"{t['vs_trl_count']:13.3f} {f['vs_trl_count']:11.0%}"
+            f"{r['layout']:>12} {r['median_s']:9.2f} {'yes' if r['packed'] else 'no':>7} {t['done']:13.3f} {f['done']:11.0%} "
+            f"{t['vs_trl_count']:13.3f} {f['vs_trl_count']:11.0%} {results[0]['median_s'] / r['median_s']:16.2f}"
         )
-    if len(results) == 2:
-        a, b = results
-        print(f"{a['layout']} / {b['layout']} time: {a['median_s'] / b['median_s']:.2f}")
     print(f"results: {out}")
 
 

@@ -52,6 +52,9 @@ class LearnerConfig:
     mini_batches: int = bounded(1, ge=1)  # optimizer steps per epoch over the iteration's samples
     epochs: int = bounded(1, ge=1)
     gradient_checkpointing: bool = False
+    # torch.compile each decoder layer (dynamic shapes: one graph for every batch length). On CPU it fuses the
+    # elementwise work between matmuls (bench/learn_phase.py); the first step pays the compile (~30 s on 2 cores).
+    compile: bool = False
     lr_schedule: str = one_of("constant", "linear", "cosine")  # (after warmup_steps of linear warm-up)
     warmup_steps: int = bounded(0, ge=0)
     min_lr_ratio: float = bounded(0.1, ge=0, le=1)  # floor of the linear/cosine decay, as a fraction of lr

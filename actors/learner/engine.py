@@ -155,6 +155,26 @@ def make_optimizer(params, spec: LearnerConfig, on_gpu: bool) -> torch.optim.Opt
     )
 
 
+def decoder_layers(model: torch.nn.Module, count: int) -> torch.nn.ModuleList:
+    """The model's stack of `count` decoder layers, wherever a wrapper (value head, reward head, LoRA) put it."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError(f"{type(model).__name__} has no list of {count} decoder layers to compile")
+
+
+def compile_layers(model: torch.nn.Module, on_gpu: bool) -> int:
+    """torch.compile each decoder layer in place, with dynamic shapes; returns how many."""
+    if not on_gpu:
+        import torch._inductor.config
+
+        torch._inductor.config.compile_threads = 1  # compile workers would fight the rank's own threads
+    layers = decoder_layers(model, model.config.num_hidden_layers)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def build_engine(model: torch.nn.Module, setup: RankSetup, dtype: str, on_gpu: bool):
     """Wrap `model` in a DeepSpeed engine with the optimizer and schedule of `setup.train`."""
     import deepspeed
@@ -162,6 +182,7 @@ def build_engine(model: torch.nn.Module, setup: RankSetup, dtype: str, on_gpu: b
     spec = setup.train
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compiled = compile_layers(model, on_gpu) if spec.compile else 0
     optimizer = make_optimizer(model.parameters(), spec, on_gpu)
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -171,6 +192,7 @@ def build_engine(model: torch.nn.Module, setup: RankSetup, dtype: str, on_gpu: b
         ),
         config=ds_config(spec, dtype, on_gpu),
     )
+    engine.compiled_layers = compiled  # reported in each rank's setup info
     return engine
 
 

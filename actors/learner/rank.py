@@ -94,6 +94,7 @@ class DeepSpeedRank:
 
     def _info(self, setup_s: float, **extra) -> dict:
         info = {"rank": self.rank, "pid": os.getpid(), "node": node_id(), "dtype": self.dtype}
+        info["compiled_layers"] = self.engine.compiled_layers
         return {**info, "setup_s": setup_s, **extra}
 
     def optimize(

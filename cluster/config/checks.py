@@ -120,6 +120,10 @@ def validate(cfg: TroupeConfig) -> None:
     _validate_algo(cfg)
     if lr.offload_params and lr.zero_stage != 3:
         raise ConfigError("learner.offload_params needs learner.zero_stage=3")
+    if lr.compile and lr.zero_stage == 3:
+        raise ConfigError(
+            "learner.compile supports learner.zero_stage 0-2 (ZeRO-3 gathers weights inside each layer)"
+        )
     if lr.lora.enabled and lr.zero_stage == 3:
         raise ConfigError(
             "learner.lora.enabled supports learner.zero_stage 0-2 (adapters are merged on rank 0)"

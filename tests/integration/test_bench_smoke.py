@@ -116,14 +116,15 @@ def check_learn_phase(out: Path, _) -> None:
     stdout = smoke("learn_phase", out)
     r = json.loads((out / "learn_phase.json").read_text())
     has(r, "model", "dtype", "peak_tflops_2_threads", "layouts")
-    assert [row["layout"] for row in r["layouts"]] == ["2x1", "1x2"], r["layouts"]
+    assert [row["layout"] for row in r["layouts"]] == ["1x2", "2x1", "1x2+compile"], r["layouts"]
+    assert "learner.compile=true" in r["layouts"][2]["overrides"]
     for row in r["layouts"]:
         has(row, "ranks", "threads", "steps", "median_s", "tflops", "roofline_fraction", "shape")
         has(row["tflops"], "done", "vs_trl_count")
         assert len(row["steps"]) == 2 and row["median_s"] > 0 and sum(row["shape"]["response_tokens"]) > 0, (
             row
         )
-    printed(stdout, "TFLOP/s done", "2x1 / 1x2 time:")
+    printed(stdout, "TFLOP/s done", "speed vs 1x2")
 
 
 RM_MODELS = (
