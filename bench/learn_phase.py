@@ -148,6 +148,7 @@ def time_layout(layout: str, args, model_path: str, batch, shape: dict) -> dict:
                     "rank_train_s": metrics["train_s"],
                     "prompts_packed": metrics["prompts_packed"],
                     "old_logprobs_forward": metrics["old_logprobs_forward"],
+                    "compiled_graphs": metrics.get("compile/graphs", 0),
                 }
             )
             print(f"bench/learn_phase: {layout} step {step + 1}: {steps[-1]['wall_s']:.2f}s", flush=True)

@@ -20,6 +20,7 @@ from troupe.actors.learner.dpo import PreferencePair
 from troupe.actors.learner.dpo_update import dpo_update
 from troupe.actors.learner.engine import (
     build_engine,
+    compiled_graphs,
     current_lr,
     frozen_reference,
     load_causal_lm,
@@ -76,6 +77,8 @@ class Learner(DeepSpeedRank):
         metrics.update(
             optimizer_steps=self.steps, lr=current_lr(self.engine), train_s=time.perf_counter() - start
         )
+        if self.spec.train.compile:
+            metrics["compile/graphs"] = compiled_graphs()
         return metrics, rows
 
     def train_dpo(self, pairs: Sequence[PreferencePair]) -> dict:

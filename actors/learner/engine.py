@@ -158,21 +158,32 @@ def make_optimizer(params, spec: LearnerConfig, on_gpu: bool) -> torch.optim.Opt
 def decoder_layers(model: torch.nn.Module, count: int) -> torch.nn.ModuleList:
     """The model's stack of `count` decoder layers, wherever a wrapper (value head, reward head, LoRA) put it."""
     for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+        if (
+            isinstance(module, torch.nn.ModuleList)
+            and len(module) == count
+            and type(module[0]).__name__.endswith(("Layer", "Block"))
+        ):
             return module
     raise ValueError(f"{type(model).__name__} has no list of {count} decoder layers to compile")
 
 
 def compile_layers(model: torch.nn.Module, on_gpu: bool) -> int:
     """torch.compile each decoder layer in place, with dynamic shapes; returns how many."""
-    if not on_gpu:
-        import torch._inductor.config
+    from torch._inductor import config as inductor_config
 
-        torch._inductor.config.compile_threads = 1  # compile workers would fight the rank's own threads
+    if not on_gpu:
+        inductor_config.compile_threads = 1  # compile workers would fight the rank's own threads
     layers = decoder_layers(model, model.config.num_hidden_layers)
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (0: every compiled call fell back to eager)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def build_engine(model: torch.nn.Module, setup: RankSetup, dtype: str, on_gpu: bool):
@@ -182,6 +193,10 @@ def build_engine(model: torch.nn.Module, setup: RankSetup, dtype: str, on_gpu: b
     spec = setup.train
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.compile and spec.zero_stage == 3:
+        raise ValueError(
+            "learner.compile supports ZeRO stages 0-2 (ZeRO-3 gathers weights inside each layer)"
+        )
     compiled = compile_layers(model, on_gpu) if spec.compile else 0
     optimizer = make_optimizer(model.parameters(), spec, on_gpu)
     engine, *_ = deepspeed.initialize(

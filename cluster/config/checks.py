@@ -115,15 +115,19 @@ def validate(cfg: TroupeConfig) -> None:
     if cfg.job == "rm_serve":
         _check_reward_fleet(cfg)
     _check_resume(cfg)
+    for key, stage in (
+        ("learner", lr.zero_stage),
+        ("critic", cfg.critic.zero_stage if cfg.algo.critic else 0),
+    ):
+        if lr.compile and stage == 3:
+            raise ConfigError(
+                f"learner.compile supports {key}.zero_stage 0-2 (ZeRO-3 gathers weights inside each layer)"
+            )
     if cfg.job != "rl":
         return
     _validate_algo(cfg)
     if lr.offload_params and lr.zero_stage != 3:
         raise ConfigError("learner.offload_params needs learner.zero_stage=3")
-    if lr.compile and lr.zero_stage == 3:
-        raise ConfigError(
-            "learner.compile supports learner.zero_stage 0-2 (ZeRO-3 gathers weights inside each layer)"
-        )
     if lr.lora.enabled and lr.zero_stage == 3:
         raise ConfigError(
             "learner.lora.enabled supports learner.zero_stage 0-2 (adapters are merged on rank 0)"

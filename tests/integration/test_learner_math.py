@@ -119,6 +119,9 @@ def test_compiled_layers_give_the_eager_update_bf16_and_fp32(ray_session, tiny_m
     )
     assert eager["compiled_layers"] == 0
     assert compiled["compiled_layers"] == AutoConfig.from_pretrained(tiny_model_path).num_hidden_layers
+    assert (
+        compiled["compile/graphs"] >= 1 and "compile/graphs" not in eager
+    )  # compiled, not an eager fallback
     assert compiled["prompts_packed"] == 1.0 and math.isfinite(compiled["grad_norm"])
     if dtype == "float32":
         assert compiled["grad_norm"] == pytest.approx(eager["grad_norm"], rel=1e-4)
