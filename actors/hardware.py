@@ -1,5 +1,6 @@
-"""Picks a compute dtype the local hardware runs fast: `auto` -> bfloat16 on CUDA or on CPUs with native bf16
-(AMX / AVX512-BF16), float32 elsewhere. Measured here: on an AMD EPYC without AVX512, vLLM-CPU decodes
+"""Picks a compute dtype the local hardware runs fast: `auto` -> bfloat16 on CUDA devices of compute capability 8.0
+or later (Ampere on) or on CPUs with native bf16 (AMX / AVX512-BF16), float32 elsewhere (V100, T4: bf16 only
+emulated, and troupe's DeepSpeed config has no fp16 loss scaling). Measured here: on an AMD EPYC without AVX512, vLLM-CPU decodes
 SmolLM2-135M at ~57 tok/s in bf16 and ~195 tok/s in fp32. Ray is imported only inside `node_id`.
 """
 
@@ -20,12 +21,18 @@ def cpu_has_native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def cuda_has_native_bf16() -> bool:
+    """Every visible GPU computes bf16 natively (torch.cuda.is_bf16_supported also counts emulation)."""
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return all(torch.cuda.get_device_capability(i) >= (8, 0) for i in range(torch.cuda.device_count()))
+
+
 def resolve_dtype(name: str) -> str:
     if name != "auto":
         return name
-    if torch.cuda.is_available() or cpu_has_native_bf16():
-        return "bfloat16"
-    return "float32"
+    native = cuda_has_native_bf16() if torch.cuda.is_available() else cpu_has_native_bf16()
+    return "bfloat16" if native else "float32"
 
 
 def node_id() -> str | None:
