@@ -93,8 +93,10 @@ def init_process_group(setup: RankSetup, rank: int, master_addr: str, master_por
             master_addr, master_port, world_size, is_master=False, timeout=timeout
         )
     backend = "nccl" if on_gpu else "gloo"
+    # a bound device makes NCCL connect eagerly, as DeepSpeed's own init does for world_size > 1
+    device = {"device_id": torch.device("cuda", 0)} if on_gpu and world_size > 1 else {}
     torch.distributed.init_process_group(
-        backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+        backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **device
     )
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the group above
     if setup.deterministic:
