@@ -24,9 +24,11 @@ from troupe.actors.learner.engine import (
     current_lr,
     frozen_reference,
     load_causal_lm,
+    load_partitioned,
+    local_fraction,
 )
 from troupe.actors.learner.pg_update import policy_gradient_update
-from troupe.actors.learner.rank import DeepSpeedRank
+from troupe.actors.learner.rank import DeepSpeedRank, peak_rss_mb
 from troupe.actors.learner.weights import full_state_dict, iter_full_state
 from troupe.actors.weight_buckets import BucketedWeights
 
@@ -42,17 +44,23 @@ class Learner(DeepSpeedRank):
         spec = self.spec
         start = time.perf_counter()
         on_gpu = self.join_group(master_addr, master_port)
-        model = load_causal_lm(spec)
+        model = load_partitioned(spec.train, self.dtype, on_gpu, lambda: load_causal_lm(spec))
+        loaded_peak = peak_rss_mb()  # the policy loaded, before DeepSpeed's optimizer state and the reference
         if spec.train.lora.enabled:
             model = lora.wrap(model, spec.train.lora)
             if spec.train.gradient_checkpointing:
                 model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
         self.engine = build_engine(model, spec, self.dtype, on_gpu)
         if spec.algo.needs_reference() and not spec.train.lora.enabled:  # LoRA: the base, adapters off
-            self.reference = frozen_reference(spec, self.dtype, self.engine.device)
+            self.reference = frozen_reference(spec, self.dtype, self.engine.device, on_gpu)
         pad = self.engine.module.config.pad_token_id
         self.pad_id = pad if pad is not None else 0
-        return self._info(time.perf_counter() - start, trainable=lora.trainable_fraction(self.engine.module))
+        return self._info(
+            time.perf_counter() - start,
+            trainable=lora.trainable_fraction(self.engine.module),
+            load_peak_rss_mb=loaded_peak,
+            reference_held=local_fraction(self.reference) if self.reference is not None else None,
+        )
 
     def has_reference(self) -> bool:
         return self.reference is not None or (

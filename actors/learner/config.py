@@ -60,6 +60,10 @@ class LearnerConfig:
     min_lr_ratio: float = bounded(0.1, ge=0, le=1)  # floor of the linear/cosine decay, as a fraction of lr
     offload_optimizer: bool = False  # ZeRO-Offload (DeepSpeedCPUAdam; JIT-built once, ~40 s)
     offload_params: bool = False  # ZeRO-3 only
+    # ZeRO-3: build each weight already partitioned (deepspeed.zero.Init) and shard the frozen reference too, so no
+    # rank holds a full copy; false: every rank loads the whole model first and keeps a whole reference (for models
+    # whose own init code zero.Init cannot run)
+    zero_init: bool = True
     # response tokens per chunk of the LM head + log-softmax (bounds logits memory)
     logprob_chunk: int = bounded(1024, ge=1)
     # Pack each prompt group into one sequence (the prompt once, then its responses, each attending to the prompt

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from troupe.actors.learner.batch import RolloutBatch
-from troupe.actors.learner.engine import build_engine, config_without_dropout, current_lr
+from troupe.actors.learner.engine import build_engine, config_without_dropout, current_lr, load_partitioned
 from troupe.actors.learner.ppo import explained_variance, value_loss
 from troupe.actors.learner.rank import DeepSpeedRank
 from troupe.actors.learner.step import micro_batches
@@ -54,7 +54,12 @@ class Critic(DeepSpeedRank):
     def setup(self, master_addr: str, master_port: int) -> dict:
         start = time.perf_counter()
         on_gpu = self.join_group(master_addr, master_port)
-        model = ValueModel.from_pretrained(self.spec.model_path, self.spec.trust_remote_code)
+        model = load_partitioned(  # the value head, made after the body, is partitioned by DeepSpeed
+            self.spec.train,
+            self.dtype,
+            on_gpu,
+            lambda: ValueModel.from_pretrained(self.spec.model_path, self.spec.trust_remote_code),
+        )
         self.engine = build_engine(model, self.spec, self.dtype, on_gpu)
         pad = model.config.pad_token_id
         self.pad_id = pad if pad is not None else 0

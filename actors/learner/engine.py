@@ -10,12 +10,15 @@ import datetime
 import math
 import os
 import socket
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from troupe.actors.learner.config import LearnerConfig, RankSetup
 
 SCHEDULES = ("constant", "linear", "cosine")
+T = TypeVar("T")
 
 
 def config_without_dropout(path: str, trust_remote_code: bool = False):
@@ -44,9 +47,83 @@ def load_causal_lm(setup: RankSetup, dtype: str = "float32"):
     return model
 
 
-def frozen_reference(setup: RankSetup, dtype: str, device) -> torch.nn.Module:
-    """A frozen copy of the start model (KL / DPO / HaF reference) in the rank's compute dtype."""
-    return load_causal_lm(setup, dtype).to(device).eval().requires_grad_(False)
+def sharded_at_load(spec: LearnerConfig) -> bool:
+    return spec.zero_stage == 3 and spec.zero_init
+
+
+def load_partitioned(spec: LearnerConfig, dtype: str, on_gpu: bool, load: Callable[[], T]) -> T:
+    """`load()`'s model. With ZeRO-3 (and learner.zero_init), transformers' from_pretrained inside it creates each
+    weight already partitioned over the ranks (deepspeed.zero.Init) and loads the checkpoint into the shards, so no
+    rank ever holds the full model. transformers finds the config through a module-level weak reference, held here.
+    zero.Init also turns the floating buffers made in __init__ into the training dtype (rotary `inv_freq` in bf16:
+    phases off by up to ~0.5 rad at position 2048); DeepSpeed keeps buffers in fp32 for a model it partitions itself,
+    so they are restored to fp32 here (`fp32_buffers`)."""
+    if not sharded_at_load(spec):
+        return load()
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    handle = HfDeepSpeedConfig(ds_config(spec, dtype, on_gpu))  # noqa: F841 (held: transformers keeps a weak ref)
+    try:
+        model = load()
+    finally:
+        unset_hf_deepspeed_config()
+    fp32_buffers(model)
+    return model
+
+
+def fp32_buffers(model: torch.nn.Module) -> int:
+    """Turn every floating buffer of `model` into fp32 and let its transformers model recompute those it knows
+    (rotary frequencies, in fp32 from the config), as an unpartitioned load would have made them. Returns how many
+    buffers changed."""
+    from transformers import PreTrainedModel
+
+    owners = {id(m): m for m in model.modules() if isinstance(m, PreTrainedModel)}
+    changed = 0
+    for module in model.modules():
+        stale = [
+            n
+            for n, b in module.named_buffers(recurse=False)
+            if b.is_floating_point() and b.dtype != torch.float32
+        ]
+        if not stale:
+            continue
+        for name in stale:
+            module._buffers[name] = module._buffers[name].float()  # a new tensor: no "initialised" flag on it
+        changed += len(stale)
+        owner = next((o for o in owners.values() if any(m is module for m in o.modules())), None)
+        if owner is not None and not list(module.parameters(recurse=False)):  # never re-draws a weight
+            owner._init_weights(module)
+    return changed
+
+
+def frozen_reference(setup: RankSetup, dtype: str, device, on_gpu: bool = False) -> torch.nn.Module:
+    """A frozen copy of the start model (KL / DPO / HaF reference) in the rank's compute dtype. Under ZeRO-3 with
+    learner.zero_init it stays partitioned: a DeepSpeed ZeRO-3 engine without an optimizer gathers each layer's
+    weights for its forward (all ranks call it together, as the policy's own forwards)."""
+    spec = setup.train
+    if not sharded_at_load(spec):
+        return load_causal_lm(setup, dtype).to(device).eval().requires_grad_(False)
+    import deepspeed
+
+    model = load_partitioned(spec, dtype, on_gpu, lambda: load_causal_lm(setup, dtype)).requires_grad_(False)
+    config = ds_config(spec, dtype, on_gpu)
+    config["zero_optimization"].pop("offload_optimizer", None)  # no optimizer
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()  # DeepSpeedEngine.eval returns None
+    return engine
+
+
+def local_fraction(model: torch.nn.Module) -> float:
+    """Share of `model`'s parameter elements this rank holds (1.0 unpartitioned; about 1/world under ZeRO-3)."""
+    held = total = 0
+    for p in model.parameters():
+        full = getattr(
+            p, "ds_numel", p.numel()
+        )  # ZeRO-3: ds_numel is the full size, ds_tensor this rank's shard
+        held += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        total += full
+    return held / max(total, 1)
 
 
 def free_port() -> int:
@@ -200,6 +277,12 @@ def build_engine(model: torch.nn.Module, setup: RankSetup, dtype: str, on_gpu: b
             "learner.compile supports ZeRO stages 0-2 (ZeRO-3 gathers weights inside each layer)"
         )
     compiled = compile_layers(model, on_gpu) if spec.compile else 0
+    if spec.zero_stage == 3:
+        # Parameters made after a partitioned load (a value or reward head, LoRA adapters) are partitioned by the
+        # engine in the dtype they have, and ZeRO-3 needs one dtype for all: give them the training dtype.
+        for p in model.parameters():
+            if not hasattr(p, "ds_id"):
+                p.data = p.data.to(getattr(torch, dtype))
     optimizer = make_optimizer(model.parameters(), spec, on_gpu)
     engine, *_ = deepspeed.initialize(
         model=model,

@@ -61,5 +61,7 @@ def merged_state_dict(module: torch.nn.Module, dtype: torch.dtype) -> dict[str, 
 
 
 def trainable_fraction(module: torch.nn.Module) -> float:
-    total = sum(p.numel() for p in module.parameters())
-    return sum(p.numel() for p in module.parameters() if p.requires_grad) / max(total, 1)
+    sizes = [
+        (getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in module.parameters()
+    ]  # ZeRO-3: full
+    return sum(n for n, trained in sizes if trained) / max(sum(n for n, _ in sizes), 1)

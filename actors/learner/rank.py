@@ -6,6 +6,7 @@ training all run. A step whose loss or gradients are inf/NaN is not applied, and
 from __future__ import annotations
 
 import os
+import resource
 from collections.abc import Callable
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from troupe.actors.hardware import node_id, resolve_dtype
 from troupe.actors.learner.batch import RolloutBatch
 from troupe.actors.learner.config import RankSetup
-from troupe.actors.learner.engine import free_port, init_process_group, open_store
+from troupe.actors.learner.engine import free_port, init_process_group, local_fraction, open_store
 from troupe.actors.learner.logprobs import response_logprobs
 from troupe.actors.learner.step import (
     StepNorm,
@@ -27,6 +28,11 @@ from troupe.actors.learner.step import (
 
 # micro_loss(rows, norm) -> (loss to backpropagate, {metric: this micro-batch's share of the step's value})
 MicroLoss = Callable[[torch.Tensor, StepNorm], tuple[torch.Tensor, dict[str, torch.Tensor | float]]]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 class DeepSpeedRank:
@@ -95,6 +101,8 @@ class DeepSpeedRank:
     def _info(self, setup_s: float, **extra) -> dict:
         info = {"rank": self.rank, "pid": os.getpid(), "node": node_id(), "dtype": self.dtype}
         info["compiled_layers"] = self.engine.compiled_layers
+        info["held"] = local_fraction(self.engine.module)  # share of the model's weights on this rank
+        info["peak_rss_mb"] = peak_rss_mb()
         return {**info, "setup_s": setup_s, **extra}
 
     def optimize(

@@ -15,6 +15,7 @@ from troupe.actors.learner.engine import (
     current_lr,
     frozen_reference,
     load_causal_lm,
+    load_partitioned,
 )
 from troupe.actors.learner.rank import DeepSpeedRank
 from troupe.actors.learner.weights import full_state_dict
@@ -35,10 +36,10 @@ class RewardTrainer(DeepSpeedRank):
         spec = self.spec
         start = time.perf_counter()
         on_gpu = self.join_group(master_addr, master_port)
-        lm = load_causal_lm(spec)
+        lm = load_partitioned(spec.train, self.dtype, on_gpu, lambda: load_causal_lm(spec))
         self.engine = build_engine(RewardLM(lm), spec, self.dtype, on_gpu)
         self.reference = (
-            frozen_reference(spec, self.dtype, self.engine.device) if spec.haf_alpha > 0 else None
+            frozen_reference(spec, self.dtype, self.engine.device, on_gpu) if spec.haf_alpha > 0 else None
         )
         pad = lm.config.pad_token_id
         self.pad_id = pad if pad is not None else 0

@@ -234,6 +234,22 @@ def check_trajectories(out: Path, _) -> None:
     printed(stdout, "traj/s", "vs 1x2 continuous", "environment latency")
 
 
+def check_zero3_memory(out: Path, _) -> None:
+    stdout = smoke("zero3_memory", out)
+    r = json.loads((out / "results.json").read_text())
+    has(r, "params", "dtype", "world_size", "variants")
+    before, after = r["variants"]["before (zero_init=false)"], r["variants"]["after (zero_init=true)"]
+    for variant in (before, after):
+        assert len(variant["ranks"]) == 2 and all(
+            0 < rank["load_peak_rss_mb"] <= rank["peak_rss_mb"] for rank in variant["ranks"]
+        ), variant
+        assert all(0.4 < rank["held"] < 0.6 for rank in variant["ranks"]), variant  # ZeRO-3 either way
+    # the reference: whole on every rank before, half of it on each rank after
+    assert [rank["reference_held"] for rank in before["ranks"]] == [1.0, 1.0]
+    assert all(0.4 < rank["reference_held"] < 0.6 for rank in after["ranks"]), after
+    printed(stdout, "peak MiB, loaded", "after / before peak per rank")
+
+
 CHECKS = {
     "async": check_async,
     "hierarchy": check_hierarchy,
@@ -248,6 +264,7 @@ CHECKS = {
     "scale": check_scale,
     "trajectories": check_trajectories,
     "vs_trl": check_vs_trl,
+    "zero3_memory": check_zero3_memory,
 }
 
 

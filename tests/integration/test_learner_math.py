@@ -133,6 +133,90 @@ def test_compiled_layers_give_the_eager_update_bf16_and_fp32(ray_session, tiny_m
         assert abs(compiled["grad_norm"] - exact) <= 2 * eager_off + 0.05 * exact
 
 
+def _kl_after_one_update(model_path, dtype, world, zero, extra=()):
+    """(each rank's setup info, the metrics of a second on-policy update, whose KL to the reference is > 0)."""
+    cfg = tiny_config(
+        *extra,
+        f"learner.dtype={dtype}",
+        f"learner.world_size={world}",
+        f"learner.zero_stage={zero}",
+        "learner.micro_batch_size=2",
+        "learner.num_cpus=0.5",
+        "learner.lr=1e-3",
+        "learner.grad_clip=1000.0",
+        "algo.kl_coef=0.1",
+        "algo.loss_agg=token_mean",
+        f"generator.dtype={dtype}",
+    )
+    group = _group(cfg, model_path)
+    try:
+        group.train(_batch(), kl_coef=0.1)
+        second, _ = group.train(
+            replace(_batch(), weight_version=torch.ones(8, dtype=torch.long)), kl_coef=0.1
+        )
+        return group.info, second
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_zero3_shards_policy_and_reference_from_the_start_bf16_and_fp32(ray_session, tiny_model_path, dtype):
+    """ZeRO-3 (learner.zero_init, the default): each of 2 ranks holds about half of the policy's and of the frozen
+    reference's weights, and the KL to that sharded reference after one update is the KL to a whole one (ZeRO-2, one
+    rank). learner.zero_init=false keeps the old layout: a whole reference on every rank."""
+    whole_info, whole = _kl_after_one_update(tiny_model_path, dtype, world=1, zero=2)
+    sharded_info, sharded = _kl_after_one_update(tiny_model_path, dtype, world=2, zero=3)
+    legacy_info, legacy = _kl_after_one_update(
+        tiny_model_path, dtype, world=2, zero=3, extra=("learner.zero_init=false",)
+    )
+    assert whole_info[0]["held"] == 1.0 and whole_info[0]["reference_held"] == 1.0
+    for rank in sharded_info:
+        assert 0.4 < rank["held"] < 0.6 and 0.4 < rank["reference_held"] < 0.6, rank
+    for rank in legacy_info:
+        assert 0.4 < rank["held"] < 0.6 and rank["reference_held"] == 1.0, rank
+    assert whole["kl"] > 1e-4, "no KL after an update: the comparison would say nothing"
+    tol = 2e-2 if dtype == "bfloat16" else 1e-3  # bf16 before the buffers fix: 0.56 vs 0.85
+    assert sharded["kl"] == pytest.approx(whole["kl"], rel=tol)
+    assert legacy["kl"] == pytest.approx(whole["kl"], rel=tol)
+
+
+def _critic_losses(model_path, dtype, world, zero):
+    cfg = tiny_config(
+        f"learner.dtype={dtype}",
+        "learner.micro_batch_size=2",
+        "learner.num_cpus=0.5",
+        "algo=ppo",
+        "critic.lr=1e-3",
+        f"critic.world_size={world}",
+        f"critic.zero_stage={zero}",
+    )
+    critic = _group(cfg, model_path, role_critic=True)
+    try:
+        batch = _batch()
+        returns = batch.action_mask * batch.rewards[:, None]
+        losses = []
+        for _ in range(2):
+            values = batch.place(critic.values(batch))
+            losses.append(
+                critic.train_critic(batch.with_columns(values=values, returns=returns))["value_loss"]
+            )
+        return critic.info, losses
+    finally:
+        critic.shutdown()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_zero3_critic_is_built_partitioned_bf16_and_fp32(ray_session, tiny_model_path, dtype):
+    """The critic's body is loaded under zero.Init and its value head (made after it) partitioned by DeepSpeed:
+    each of 2 ranks holds about half, and two updates give the value losses of one whole ZeRO-2 rank."""
+    whole_info, whole = _critic_losses(tiny_model_path, dtype, world=1, zero=2)
+    sharded_info, sharded = _critic_losses(tiny_model_path, dtype, world=2, zero=3)
+    assert whole_info[0]["held"] == 1.0 and all(0.4 < r["held"] < 0.6 for r in sharded_info), sharded_info
+    assert whole[1] != whole[0], "the first update must change the values for the second loss to say anything"
+    tol = 2e-2 if dtype == "bfloat16" else 1e-4
+    assert sharded == pytest.approx(whole, rel=tol)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_stale_rows_are_weighted_by_the_truncated_importance_ratio_bf16_and_fp32(
     ray_session, tiny_model_path, dtype

@@ -70,3 +70,45 @@ def test_rendezvous_port_is_held_from_the_moment_it_is_chosen():
     assert taken.value.errno == errno.EADDRINUSE
     store.set("key", "value")  # a usable store, not just a bound socket
     assert store.get("key") == b"value"
+
+
+def _tiny_llama(**shape):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        vocab_size=64,
+        **shape,
+    )
+    return LlamaForCausalLM(config)
+
+
+def test_fp32_buffers_recomputes_what_zero_init_made_in_bf16():
+    """zero.Init casts the rotary frequencies to bf16 as they are made; fp32_buffers brings back the values an
+    unpartitioned model computes in fp32, inside a wrapper too, and never touches a weight."""
+    import torch
+    from torch import nn
+
+    from troupe.actors.learner.engine import fp32_buffers
+
+    exact = _tiny_llama(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    rotary = exact.model.rotary_emb
+    wrapper = nn.ModuleDict(
+        {"lm": _tiny_llama(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})}
+    )
+    wrapper["lm"].load_state_dict(exact.state_dict())
+    wrapper["lm"].bfloat16()  # what zero.Init leaves: weights and buffers in the training dtype
+    weights = {n: p.clone() for n, p in wrapper.named_parameters()}
+    shadow = wrapper["lm"].model.rotary_emb
+    assert not torch.equal(shadow.inv_freq.float(), rotary.inv_freq), "bf16 rounding must show to be undone"
+
+    assert fp32_buffers(wrapper) == 2  # inv_freq and original_inv_freq
+    assert shadow.inv_freq.dtype == shadow.original_inv_freq.dtype == torch.float32
+    assert torch.equal(shadow.inv_freq, rotary.inv_freq) and torch.equal(
+        shadow.original_inv_freq, rotary.inv_freq
+    )
+    assert all(torch.equal(p, weights[n]) for n, p in wrapper.named_parameters())
+    assert fp32_buffers(wrapper) == 0  # nothing left to change
