@@ -42,3 +42,15 @@ def ray_must_not_start(monkeypatch):
         raise AssertionError("Ray was started")
 
     monkeypatch.setattr(runtime, "start_ray", refused)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where CUDA is (`pytest -m gpu` on a GPU machine); elsewhere they are skipped, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: run `pytest -m gpu` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -14,7 +14,7 @@ import torch
 
 from troupe.actors import weight_buckets
 from troupe.actors.envs.config import EnvConfig
-from troupe.actors.generator.config import GeneratorConfig
+from troupe.actors.generator.config import GeneratorConfig, placed
 from troupe.actors.generator.sampling import Sampling, prompt_seed
 from troupe.actors.generator.weight_handoff import WeightHandoff
 from troupe.actors.hardware import node_id, placement_group_id, resolve_dtype
@@ -35,7 +35,9 @@ class Generator:
         seed: int = 0,
         trust_remote_code: bool = False,
         env: EnvConfig | None = None,
+        colocated: bool = False,
     ) -> None:
+        config = placed(config, colocated)  # engine settings left unset, by placement
         self.spec = config
         self.env = env  # multi-turn: every generate() runs trajectories against it
         self.model_path = model_path
@@ -59,6 +61,7 @@ class Generator:
                 config.gpu_memory_utilization,
                 config.tensor_parallel_size,
                 trust_remote_code,
+                config.sleep_level,
             )
         elif config.backend == "hf":
             from troupe.actors.generator.hf_backend import HFBackend
@@ -154,6 +157,7 @@ class Generator:
         from troupe.actors.generator.vllm_turns import VLLMTurns
 
         factory = env.factory()
+        self.backend.require_awake()
         start = time.perf_counter()
         trajectories, counts = run_trajectories(
             VLLMTurns(self.backend.llm, sampling, deltas=env.partial_rollouts),
@@ -218,6 +222,18 @@ class Generator:
             "verify_s": verify_s,
             "load_s": load_s,
         }
+
+    def sleep(self) -> dict:
+        """Free the engine's GPU memory while the learners train (generator.sleep_level, colocated GPUs)."""
+        free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
+        start = time.perf_counter()
+        self.backend.sleep()
+        freed = (torch.cuda.mem_get_info()[0] - free) / 2**30 if torch.cuda.is_available() else 0.0
+        return {"sleep_s": time.perf_counter() - start, "freed_gib": freed}
+
+    def wake(self) -> bool:
+        """Wake without new weights; False when sleep freed them (level 2): the caller refits this generator."""
+        return self.backend.wake()
 
     # GPU weight transfer over NCCL (actors/nccl_weights.py): generator i is rank 1 + i of the weight-update group.
     def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> bool:

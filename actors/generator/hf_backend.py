@@ -35,6 +35,9 @@ class HFBackend:
         self.eos_ids = _eos_ids(self.model.generation_config, self.tokenizer)
         self.model.generation_config = GenerationConfig()  # generate() fills unset values from it: none here
 
+    def require_awake(self) -> None:
+        """No sleep mode here (generator.sleep_level needs the vLLM backend)."""
+
     @torch.no_grad()
     def generate(
         self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling, seeds: Sequence[int] | None = None

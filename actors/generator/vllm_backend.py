@@ -27,20 +27,31 @@ class VLLMBackend:
         gpu_memory_utilization: float,
         tensor_parallel_size: int,
         trust_remote_code: bool,
+        sleep_level: int = 0,
     ) -> None:
         from vllm import LLM
 
         on_cpu = not torch.cuda.is_available()
-        in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
+        # The model runs in this process: one device, and vLLM's multiprocessing off (runtime.generator_env).
+        in_process = (
+            os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0" and tensor_parallel_size == 1
+        )
         kwargs = {}
-        if in_process and tensor_parallel_size == 1:
+        if in_process:
             kwargs["distributed_executor_backend"] = "uni"  # only honoured with multiprocessing off
+        elif tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "mp"  # one worker process per GPU of this actor
         if not on_cpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if sleep_level:
+            kwargs["enable_sleep_mode"] = True  # CUDA/ROCm only: config checks refuse it elsewhere
         if not in_process:
             # Weights then cross a process boundary: the worker extension receives them as safetensors bytes.
             kwargs["worker_extension_cls"] = "troupe.actors.generator.vllm_weight_sync.WeightSyncExtension"
         self._in_process = in_process
+        self.sleep_level = sleep_level
+        self.asleep = False
+        self.weights_lost = False  # level 2 frees the weights: only a full load brings them back
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -63,6 +74,8 @@ class VLLMBackend:
     ) -> list[list[Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+
+        self.require_awake()
 
         def params(seed: int | None) -> SamplingParams:
             return SamplingParams(
@@ -95,13 +108,53 @@ class VLLMBackend:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self.require_awake()
         ids = list(prompt_ids) + list(completion_ids)
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
         out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
         steps = out.prompt_logprobs[len(prompt_ids) :]
         return [float(step[tok].logprob) for tok, step in zip(completion_ids, steps, strict=True)]
 
+    def sleep(self) -> None:
+        """Free the engine's GPU memory for the learn phase (vLLM sleep mode, `sleep_level`)."""
+        if self.asleep:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self.asleep, self.weights_lost = True, self.sleep_level == 2
+
+    def wake(self) -> bool:
+        """Wake with the weights held before sleeping; False (still asleep) when level 2 freed them: a full
+        weight load must come first (waking on freed weights samples garbage: TRL #5313)."""
+        if not self.asleep:
+            return True
+        if self.weights_lost:
+            return False
+        self.llm.wake_up()
+        self.asleep = False
+        self._reset_prefix_cache()  # its blocks lived in the freed KV cache
+        return True
+
+    def require_awake(self) -> None:
+        if self.asleep and not self.wake():
+            raise RuntimeError("generator asleep at sleep_level=2 with its weights freed: load weights first")
+
     def load_weights(self, items: list[tuple[str, torch.Tensor]]) -> None:
+        """A full set of weights; on a sleeping engine the weights' memory wakes first (vLLM crashes on a load
+        into sleeping memory, vLLM #57853), then the KV cache once the weights are in."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        self._load(items)
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = self.weights_lost = False
+        # Cached prefix KV (e.g. a shared system prompt) was computed with the old weights.
+        self._reset_prefix_cache()
+
+    def _reset_prefix_cache(self) -> None:
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight load or wake-up")
+
+    def _load(self, items: list[tuple[str, torch.Tensor]]) -> None:
         # On CPU, vLLM repacks Linear weights into oneDNN handles, so model.load_weights on the live model
         # fails; the worker's reload_weights re-materialises, loads and re-processes layer by layer.
         if self._in_process:
@@ -111,6 +164,3 @@ class VLLMBackend:
 
             blob = save({k: v.contiguous() for k, v in items})
             self.llm.collective_rpc("update_weights_from_bytes", args=(blob,))
-        # Cached prefix KV (e.g. a shared system prompt) was computed with the old weights.
-        if not self.llm.reset_prefix_cache():
-            raise RuntimeError("vLLM refused to reset its prefix cache after a weight load")

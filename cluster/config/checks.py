@@ -50,6 +50,7 @@ def validate(cfg: TroupeConfig) -> None:
         raise ConfigError(
             f"run.mode=async needs run.max_staleness >= 1 (got {cfg.run.max_staleness}); 0 is run.mode=sync"
         )
+    _check_gpu_engine(cfg)
     _check_autoscale(cfg)
     _check_env(cfg)
     t = cfg.task
@@ -149,6 +150,29 @@ def validate(cfg: TroupeConfig) -> None:
         raise ConfigError(
             f"data.prompts_per_iteration ({d.prompts_per_iteration}) must divide by learner.world_size "
             f"({lr.world_size}): each rank gets whole prompt groups"
+        )
+
+
+def _check_gpu_engine(cfg: TroupeConfig) -> None:
+    """vLLM's sleep mode and tensor parallelism, which only GPUs have."""
+    g, layout = cfg.generator, cfg.placement.layout
+    if g.sleep_level:
+        needs = [
+            ("generator.backend=vllm", g.backend == "vllm"),
+            ("generator.num_gpus > 0 (vLLM's sleep mode is CUDA/ROCm only)", g.num_gpus > 0),
+            (
+                "placement.layout=colocated (the memory it frees is for the learner on the same GPU)",
+                layout == "colocated",
+            ),
+            ("run.mode=sync (async generators sample through the learn phase)", cfg.run.mode == "sync"),
+        ]
+        missing = [what for what, ok in needs if not ok]
+        if missing:
+            raise ConfigError(f"generator.sleep_level={g.sleep_level} needs " + ", ".join(missing))
+    if g.tensor_parallel_size > 1 and (g.num_gpus != g.tensor_parallel_size or layout != "split"):
+        raise ConfigError(
+            f"generator.tensor_parallel_size={g.tensor_parallel_size}: each generator holds its GPUs, so "
+            f"generator.num_gpus must equal it (got {g.num_gpus}) and placement.layout must be split (got {layout})"
         )
 
 

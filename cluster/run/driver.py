@@ -121,6 +121,7 @@ def build_fleet(cfg: TroupeConfig, model_path: str, resume: tuple[Path, dict] | 
         # sync is depth 0, and every rollout then comes from the learners' current weights
         pipeline=RolloutPipeline(*(2 * [cfg.run.max_staleness if cfg.run.mode == "async" else 0])),
         sync_bucket_mb=cfg.sync.bucket_mb,
+        sleep_level=g.sleep_level,
         nccl=NcclSync(cfg.sync.bucket_mb, faults.sync_s)
         if nccl_enabled(
             cfg.sync.transport, g.num_gpus, lc.num_gpus, g.tensor_parallel_size, cfg.placement.layout
@@ -181,7 +182,9 @@ def _generator_pool(cfg: TroupeConfig, model_path: str, budget: RetryBudget, ran
             runtime_env={"env_vars": generator_env(g)},
             max_restarts=0,
             **where(slot),
-        ).remote(g, model_path, index, cfg.run.seed, cfg.model.trust_remote_code, env)
+        ).remote(
+            g, model_path, index, cfg.run.seed, cfg.model.trust_remote_code, env, p.layout == "colocated"
+        )
 
     pool = Pool("generator", make, cfg.ray.actor_timeout_s, budget)
     pool.weights_group = WEIGHTS_GROUP if partial else None

@@ -42,6 +42,7 @@ from troupe.cluster.run.scoring import ErrorPolicy, ObjectiveFailed, ScoredBatch
 from troupe.cluster.run.shaping import OverlongShaping
 from troupe.cluster.sync.nccl import NcclSync
 from troupe.cluster.sync.object_store import push_weights, refit
+from troupe.cluster.sync.sleep import sleep_all, wake_all
 
 log = logging.getLogger("troupe.loop")
 
@@ -89,6 +90,7 @@ class RunState:
         False  # dynamic sampling's variance test sees the shaped reward (data.dynamic_sampling_on)
     )
     learning: bool = False  # the learners were called this iteration: they no longer hold the state before it
+    sleep_level: int = 0  # generator.sleep_level: generators sleep through the learn phase (colocated GPUs)
 
     def __post_init__(self) -> None:
         # a new or replacement generator serves only with the current weights
@@ -96,7 +98,8 @@ class RunState:
 
     def refit(self, member: Member, deadline_s: float | None = None) -> None:
         stale = self.last_bundle is None or self.last_bundle.version != self.version
-        if self.version > 0 and stale:
+        lost = member.info.pop("weights_lost", False)  # a level-2 sleep freed them: even version 0 is sent
+        if (self.version > 0 or lost) and stale:
             # the latest version went over NCCL: a newcomer takes it through the object store
             self.last_bundle = self.learners.export_weights(self.version, self.sync_bucket_mb)
         refit(member, self.last_bundle, deadline_s or self.faults.sync_s)
@@ -217,8 +220,11 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     #    Dropped prompt groups ride along with no loss; a batch with nothing kept trains nothing.
     learn_stats: dict = {}
     advantages = None
+    sleep_stats: dict = {}
     with timed(timings, "learn"):
         learn = learn_dpo if run.algo.update == "dpo" else learn_policy_gradient
+        if kept and run.sleep_level:  # colocated GPUs: the engines' memory goes to the learners meanwhile
+            sleep_stats = sleep_all(run.generators, run.faults.sync_s)
         if kept:  # groups with an inf/NaN advantage come back dropped
             run.learning = True
             learn_stats, advantages, scored = learn(run, scored)
@@ -237,6 +243,9 @@ def run_iteration(run: RunState, iteration: int) -> dict:
             if sync_stats is None:
                 run.last_bundle = run.learners.export_weights(run.version, run.sync_bucket_mb)
                 sync_stats = push_weights(run.generators, run.last_bundle, deadline_s=wait_s)
+        # generators the sync did not reach wake on their weights, or refit if sleep freed them
+        if sleep_stats:
+            sleep_stats.update(wake_all(run.generators, run.faults.sync_s))
 
     # 5. Evaluate the new weights on held-out prompts every eval.every iterations and after the last one.
     eval_stats: dict = {}
@@ -250,6 +259,7 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     record.update(result.metrics())
     record.update(run.overlong.metrics(scored))
     record.update(refill_stats)
+    record.update(sleep_stats)
     record.update(getattr(run.aggregation, "metrics", dict)())  # e.g. ALaRM's aspect selection
     record.update(staleness)
     record.update(fleet_stats)

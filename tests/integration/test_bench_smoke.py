@@ -234,6 +234,19 @@ def check_trajectories(out: Path, _) -> None:
     printed(stdout, "traj/s", "vs 1x2 continuous", "environment latency")
 
 
+def check_gpu_check(out: Path, _) -> None:
+    stdout = smoke("gpu_check", out)
+    r = json.loads((out / "results.json").read_text())
+    has(r, "device", "peak_tflops", "split", "colocated", "standalone")
+    for placement in ("split", "colocated"):
+        run = r[placement]
+        has(run, "gen_tok_s", "sync_s", "learn_s", "mfu", "iteration_s", "sleep_freed_gib")
+        assert run["iterations"] == 2 and run["gen_tok_s"] > 0 and run["sync_s"] > 0 and run["mfu"] > 0, run
+    assert "placement.layout=colocated" in r["colocated"]["overrides"], r["colocated"]
+    assert r["standalone"]["gen_tok_s"] > 0 and r["standalone"]["reload_s"] > 0, r["standalone"]
+    printed(stdout, "vs vLLM", "vs reload", "MFU", "colocated / split")
+
+
 def check_zero3_memory(out: Path, _) -> None:
     stdout = smoke("zero3_memory", out)
     r = json.loads((out / "results.json").read_text())
@@ -256,6 +269,7 @@ CHECKS = {
     "judge": check_judge,
     "rm_serve": check_rm_serve,
     "generator_dtype": check_generator_dtype,
+    "gpu_check": check_gpu_check,
     "learn_phase": check_learn_phase,
     "learning_check": check_learning_check,
     "real_data": check_real_data,
