@@ -36,6 +36,7 @@ class Generator:
         trust_remote_code: bool = False,
         env: EnvConfig | None = None,
         colocated: bool = False,
+        nccl: bool = False,
     ) -> None:
         config = placed(config, colocated)  # engine settings left unset, by placement
         self.spec = config
@@ -62,6 +63,7 @@ class Generator:
                 config.tensor_parallel_size,
                 trust_remote_code,
                 config.sleep_level,
+                nccl,
             )
         elif config.backend == "hf":
             from troupe.actors.generator.hf_backend import HFBackend
@@ -235,27 +237,33 @@ class Generator:
         """Wake without new weights; False when sleep freed them (level 2): the caller refits this generator."""
         return self.backend.wake()
 
-    # GPU weight transfer over NCCL (actors/nccl_weights.py): generator i is rank 1 + i of the weight-update group.
-    def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> bool:
-        from troupe.actors.nccl_weights import WeightGroup
-
-        self.weight_group = WeightGroup(
-            host, port, rank, world_size, torch.device("cuda", torch.cuda.current_device())
-        )
+    # GPU weight sync (actors/weight_transfer.py): this engine's workers join learner rank 0's weight-update group.
+    def join_weight_transfer(self, unique_id: str, rank_offset: int, world_size: int) -> bool:
+        self.backend.join_weight_transfer(unique_id, rank_offset, world_size)
         return True
 
-    def receive_weights(self, manifest, rollback: bool = False) -> dict:
-        """Take a broadcast of `manifest`'s buckets; loads only after every bucket's checksum matches rank 0's."""
+    def receive_weights(self, version: int, info: dict, rollback: bool = False) -> dict:
+        """Take a broadcast of the weights `info` lays out; every tensor is checked against rank 0's checksum
+        before the report (version and digest) goes back to the driver."""
+        from troupe.actors.weight_transfer import transfer_digest
+
         start = time.perf_counter()
         # receive first, whatever the version: every member of the group waits on every other's receive
-        items, digest = self.weight_group.receive(manifest)
-        self._check_newer(manifest.version, rollback)
-        return self._load(items, manifest.version, digest, fetch_s=time.perf_counter() - start, verify_s=0.0)
+        sums = self.backend.receive_weights(info)
+        self._check_newer(version, rollback)
+        self.version = version
+        self.stats["weight_loads"] += 1
+        load_s = time.perf_counter() - start
+        return {
+            "version": version,
+            "checksum": transfer_digest(version, sums),
+            "fetch_s": 0.0,
+            "verify_s": 0.0,
+            "load_s": load_s,
+        }
 
-    def leave_weight_group(self) -> None:
-        if getattr(self, "weight_group", None) is not None:
-            self.weight_group.close()
-        self.weight_group = None
+    def leave_weight_transfer(self) -> None:
+        self.backend.leave_weight_transfer()
 
     def sequence_logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         return self.backend.sequence_logprobs(prompt_ids, completion_ids)

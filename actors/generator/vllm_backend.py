@@ -28,8 +28,11 @@ class VLLMBackend:
         tensor_parallel_size: int,
         trust_remote_code: bool,
         sleep_level: int = 0,
+        nccl: bool = False,
     ) -> None:
         from vllm import LLM
+
+        from troupe.actors.generator import vllm_weight_sync  # registers troupe's NCCL receive engine here
 
         on_cpu = not torch.cuda.is_available()
         # The model runs in this process: one device, and vLLM's multiprocessing off (runtime.generator_env).
@@ -45,8 +48,13 @@ class VLLMBackend:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if sleep_level:
             kwargs["enable_sleep_mode"] = True  # CUDA/ROCm only: config checks refuse it elsewhere
-        if not in_process:
-            # Weights then cross a process boundary: the worker extension receives them as safetensors bytes.
+        if nccl:  # weights arrive by NCCL broadcast from learner rank 0 (sync.transport=auto|nccl on GPUs)
+            from vllm.config import WeightTransferConfig
+
+            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=vllm_weight_sync.TROUPE_BACKEND)
+        if not in_process or nccl:
+            # Weights then cross a process boundary: the worker extension receives them as safetensors bytes (and
+            # reports what an NCCL transfer received).
             kwargs["worker_extension_cls"] = "troupe.actors.generator.vllm_weight_sync.WeightSyncExtension"
         self._in_process = in_process
         self.sleep_level = sleep_level
@@ -149,6 +157,39 @@ class VLLMBackend:
             self.asleep = self.weights_lost = False
         # Cached prefix KV (e.g. a shared system prompt) was computed with the old weights.
         self._reset_prefix_cache()
+
+    def join_weight_transfer(self, unique_id: str, rank_offset: int, world_size: int) -> None:
+        """Join learner rank 0's weight-update group (every worker of this engine, from `rank_offset`); blocks until
+        every member has joined."""
+        from troupe.actors.weight_transfer import PACKED
+
+        info = {
+            "nccl_unique_id_b64": unique_id,
+            "rank_offset": rank_offset,
+            "world_size": world_size,
+            **PACKED,
+        }
+        self.llm.init_weight_transfer_engine({"init_info": info})
+
+    def receive_weights(self, info: dict) -> list[int]:
+        """Take one broadcast of the weights `info` lays out (while rank 0 sends them); every tensor's checksum is
+        checked against rank 0's before this returns them (an error leaves the engine to a refit)."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        self.llm.start_weight_update()
+        self.llm.update_weights({"update_info": info})  # raises on a checksum mismatch (and ends the update)
+        self.llm.finish_weight_update()
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = self.weights_lost = False
+        self._reset_prefix_cache()
+        sums = self.llm.collective_rpc("troupe_received_sums")  # one list per worker (tensor parallel)
+        if any(s != sums[0] for s in sums):
+            raise RuntimeError("the tensor-parallel workers of one engine received different weights")
+        return sums[0]
+
+    def leave_weight_transfer(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
 
     def _reset_prefix_cache(self) -> None:
         if not self.llm.reset_prefix_cache():

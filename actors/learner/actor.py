@@ -128,31 +128,38 @@ class Learner(DeepSpeedRank):
         specs, refs = weight_buckets.pack(tensors, bucket_bytes, put=ray.put)
         return BucketedWeights(weight_buckets.WeightManifest(version, tuple(specs)), tuple(refs))
 
-    # GPU weight transfer over NCCL (actors/nccl_weights.py): rank 0 is rank 0 of the weight-update group.
-    def weight_layout(self, bucket_bytes: int) -> list | None:
-        """The buckets' layout of the exported weights (rank 0; every rank takes part in ZeRO-3's gathers)."""
-        from troupe.actors import nccl_weights
+    # GPU weight sync (actors/weight_transfer.py): rank 0 is rank 0 of the weight-update group.
+    def weight_layout(self) -> dict | None:
+        """vLLM's update info (names, dtypes, shapes) of the exported weights: rank 0; every rank takes part in
+        ZeRO-3's gathers."""
+        from troupe.actors.weight_transfer import update_info
 
         tensors = self._exported()
-        return None if tensors is None else nccl_weights.layout(tensors, bucket_bytes)
+        return None if tensors is None else update_info(tensors)
 
-    def join_weight_group(self, host: str, port: int, world_size: int) -> bool:
+    def open_weight_transfer(self) -> str | None:
+        """Rank 0: a fresh NCCL unique id for the group, which the driver hands to every member."""
+        from troupe.actors.weight_transfer import new_unique_id
+
+        return new_unique_id() if self.rank == 0 else None
+
+    def join_weight_transfer(self, unique_id: str, world_size: int) -> bool:
         if self.rank != 0:
             return False
-        from troupe.actors.nccl_weights import WeightGroup
+        from troupe.actors.weight_transfer import WeightSender
 
-        self.weight_group = WeightGroup(host, port, 0, world_size, self.engine.device)
+        self.weight_sender = WeightSender(unique_id, world_size, self.engine.device)
         return True
 
-    def broadcast_weights(self, version: int, specs: list) -> str | None:
+    def send_weights(self, version: int, info: dict) -> str | None:
         """Rank 0 broadcasts the current weights over the weight-update group; returns the transfer's digest."""
         tensors = self._exported()
-        return None if tensors is None else self.weight_group.send(tensors, specs, version)
+        return None if tensors is None else self.weight_sender.send(tensors, info, version)
 
-    def leave_weight_group(self) -> None:
-        if getattr(self, "weight_group", None) is not None:
-            self.weight_group.close()
-        self.weight_group = None
+    def leave_weight_transfer(self) -> None:
+        if getattr(self, "weight_sender", None) is not None:
+            self.weight_sender.close()
+        self.weight_sender = None
 
     def save_hf(self, path: str, tokenizer_path: str) -> str | None:
         """Write an HF-format checkpoint (safetensors + tokenizer) from rank 0; all ranks must call it.

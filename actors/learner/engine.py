@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import socket
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -124,12 +123,6 @@ def local_fraction(model: torch.nn.Module) -> float:
         held += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
         total += full
     return held / max(total, 1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def open_store(host: str, setup: RankSetup):

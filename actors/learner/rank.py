@@ -14,7 +14,7 @@ import torch
 from troupe.actors.hardware import node_id, resolve_dtype
 from troupe.actors.learner.batch import RolloutBatch
 from troupe.actors.learner.config import RankSetup
-from troupe.actors.learner.engine import free_port, init_process_group, local_fraction, open_store
+from troupe.actors.learner.engine import init_process_group, local_fraction, open_store
 from troupe.actors.learner.logprobs import response_logprobs
 from troupe.actors.learner.step import (
     StepNorm,
@@ -61,12 +61,6 @@ class DeepSpeedRank:
     def join_group(self, master_addr: str, master_port: int) -> bool:
         """Join this role's process group at rank 0's store; returns whether a GPU is used."""
         return init_process_group(self.spec, self.rank, master_addr, master_port, self._store)
-
-    def address(self) -> tuple[str, int]:
-        """Rank 0's reachable IP and a free port for the NCCL weight-update group's rendezvous."""
-        import ray
-
-        return ray.util.get_node_ip_address(), free_port()
 
     def save_state(self, folder: str) -> None:
         """DeepSpeed's checkpoint of this rank (weights, optimizer, LR schedule) under `folder`, plus this rank's

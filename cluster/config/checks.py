@@ -28,12 +28,10 @@ def validate(cfg: TroupeConfig) -> None:
     a = cfg.algo
     pl = cfg.placement
     gpus = cfg.generator.num_gpus >= 1 and cfg.learner.num_gpus >= 1  # one NCCL rank per GPU
-    if cfg.sync.transport == "nccl" and not (
-        gpus and cfg.generator.tensor_parallel_size == 1 and pl.layout == "split"
-    ):
+    if cfg.sync.transport == "nccl" and not (gpus and pl.layout == "split"):
         raise ConfigError(
-            "sync.transport=nccl needs whole GPUs (generator.num_gpus >= 1, learner.num_gpus >= 1), "
-            "generator.tensor_parallel_size=1 and placement.layout=split"
+            "sync.transport=nccl needs whole GPUs (generator.num_gpus >= 1, learner.num_gpus >= 1) and "
+            "placement.layout=split"
         )
     for role in ("generator", "reward"):
         _one_of(f"placement.{role}.strategy", getattr(pl, role).strategy, ("DEFAULT", "SPREAD"))

@@ -58,10 +58,10 @@ class RunConfig:
 class SyncConfig:
     """Weight transfer learner -> generators (cluster/sync/object_store.py)."""
 
-    # Flat buffers of at most this size, each checksummed; the generator checks all of them before loading any.
+    # Object store: flat buffers of at most this size, each checksummed; the generator checks all before loading any.
     bucket_mb: float = bounded(256, gt=0)
-    # auto: NCCL broadcast from learner rank 0 when generators and learners are on GPUs (cluster/sync/nccl.py),
-    # else the object store | object_store | nccl
+    # auto: NCCL broadcast from learner rank 0 on vLLM's weight-transfer engine when generators and learners have
+    # whole GPUs and the layout is split (cluster/sync/nccl.py), else the object store | object_store | nccl
     transport: str = one_of("auto", "object_store", "nccl")
 
 

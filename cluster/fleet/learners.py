@@ -141,21 +141,21 @@ class LearnerGroup:
         collectively); the driver passes the small manifest-and-refs object on to the generators."""
         return self._each("export_buckets", version, int(bucket_mb * 2**20))[0]
 
-    # GPU weight sync over NCCL (cluster/sync/nccl.py): rank 0 joins the weight-update group as its rank 0.
-    def weight_layout(self, bucket_bytes: int) -> list:
-        return self._each("weight_layout", bucket_bytes)[0]
+    # GPU weight sync (cluster/sync/nccl.py): rank 0 is rank 0 of the weight-update group.
+    def weight_layout(self) -> dict:
+        return self._each("weight_layout")[0]
 
-    def weight_group_address(self) -> tuple[str, int]:
-        return gather([self.ranks[0].address.remote()], self.deadline_s, self.name)[0]
+    def open_weight_transfer(self) -> str:
+        return self._each("open_weight_transfer")[0]
 
-    def join_weight_group(self, host: str, port: int, world_size: int) -> None:
-        self._each("join_weight_group", host, port, world_size)
+    def join_weight_transfer(self, unique_id: str, world_size: int) -> None:
+        self._each("join_weight_transfer", unique_id, world_size)
 
-    def broadcast_weights(self, version: int, specs: list) -> str:
-        return self._each("broadcast_weights", version, specs)[0]
+    def send_weights(self, version: int, info: dict) -> str:
+        return self._each("send_weights", version, info)[0]
 
-    def leave_weight_group(self) -> None:
-        self._each("leave_weight_group")
+    def leave_weight_transfer(self) -> None:
+        self._each("leave_weight_transfer")
 
     def save_hf(self, path: str, tokenizer_path: str) -> str:
         return self._each("save_hf", path, tokenizer_path)[0]

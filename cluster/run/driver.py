@@ -122,11 +122,7 @@ def build_fleet(cfg: TroupeConfig, model_path: str, resume: tuple[Path, dict] | 
         pipeline=RolloutPipeline(*(2 * [cfg.run.max_staleness if cfg.run.mode == "async" else 0])),
         sync_bucket_mb=cfg.sync.bucket_mb,
         sleep_level=g.sleep_level,
-        nccl=NcclSync(cfg.sync.bucket_mb, faults.sync_s)
-        if nccl_enabled(
-            cfg.sync.transport, g.num_gpus, lc.num_gpus, g.tensor_parallel_size, cfg.placement.layout
-        )
-        else None,
+        nccl=NcclSync(faults.sync_s, g.tensor_parallel_size) if uses_nccl(cfg) else None,
         fleet=FleetControl(
             Path(cfg.run.output_dir).resolve(),
             cfg.autoscale,
@@ -157,6 +153,12 @@ def _rank_placement(cfg: TroupeConfig) -> RankPlacement:
     )
 
 
+def uses_nccl(cfg: TroupeConfig) -> bool:
+    return nccl_enabled(
+        cfg.sync.transport, cfg.generator.num_gpus, cfg.learner.num_gpus, cfg.placement.layout
+    )
+
+
 def _generator_pool(cfg: TroupeConfig, model_path: str, budget: RetryBudget, ranks: RankPlacement) -> Pool:
     """Generators placed by placement.generator (split), or generator i in learner rank i's bundle (colocated)."""
     g, p = cfg.generator, cfg.placement
@@ -175,6 +177,8 @@ def _generator_pool(cfg: TroupeConfig, model_path: str, budget: RetryBudget, ran
         ray.remote(concurrency_groups={WEIGHTS_GROUP: 1})(Generator) if partial else ray.remote(Generator)
     )
 
+    nccl = uses_nccl(cfg)  # the engines then take weights by NCCL broadcast from learner rank 0
+
     def make(index: int, slot: int):
         return remote.options(
             num_cpus=g.num_cpus,
@@ -183,7 +187,14 @@ def _generator_pool(cfg: TroupeConfig, model_path: str, budget: RetryBudget, ran
             max_restarts=0,
             **where(slot),
         ).remote(
-            g, model_path, index, cfg.run.seed, cfg.model.trust_remote_code, env, p.layout == "colocated"
+            g,
+            model_path,
+            index,
+            cfg.run.seed,
+            cfg.model.trust_remote_code,
+            env,
+            p.layout == "colocated",
+            nccl,
         )
 
     pool = Pool("generator", make, cfg.ray.actor_timeout_s, budget)

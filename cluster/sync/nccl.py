@@ -1,16 +1,19 @@
-"""The driver's side of GPU weight sync over NCCL (actors/nccl_weights.py).
+"""The driver's side of GPU weight sync on vLLM's weight-transfer engine (actors/weight_transfer.py).
 
-The weight-update group is learner rank 0 plus every live generator; it is formed on the first sync and again
-whenever the generator set changes (a replacement, a resize), since an NCCL group has a fixed size. Each sync sends
-the generators the layout (once per group) with the version, starts the broadcast on the learner ranks, and checks
-that every generator reports rank 0's digest. Any failure tears the group down and the sync falls back to the
-object store (`push_weights`); the next sync forms a new group. New members are refitted through the object store
-before they join (Pool.on_join), so a group only ever holds current generators.
+The weight-update group is learner rank 0 plus every vLLM worker of every live generator (one rank per
+tensor-parallel GPU); it is formed on the first sync and again whenever the generator set changes (a replacement, a
+resize), since an NCCL group has a fixed size. Rank 0 mints the group's NCCL unique id and every member joins with
+it at once (no port is probed). Each sync sends the generators the layout (once per group) with the version, starts
+the broadcast on the learner ranks, and checks that every generator reports rank 0's digest (each tensor checked on
+arrival). Any failure tears the group down and the sync falls back to the object store (`push_weights`); the next
+sync forms a new group. New members are refitted through the object store before they join (Pool.on_join), so a
+group only ever holds current generators.
 
 Limits: NCCL has no timeout of its own, so a generator that dies in the middle of a broadcast stalls learner rank 0
-until `faults.learn_s`, which the loop treats as a lost rank (rebuild from the newest checkpoint). Each generator
-holds a second copy of the weights on its GPU while a version arrives (all buckets are checked before any loads).
-Whole GPUs only: two group members on one GPU cannot share an NCCL communicator.
+until `faults.learn_s`, which the loop treats as a lost rank (rebuild from the newest checkpoint). vLLM loads each
+tensor as it arrives (in place, layer by layer): a generator whose transfer fails holds a mix of versions, and is
+STALE until the object store refits it. Whole GPUs only: two group members on one GPU cannot share an NCCL
+communicator.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from troupe.actors.weight_buckets import WeightManifest
+from troupe.actors.weight_transfer import rank_offsets
 from troupe.cluster.durability.faults import RankLost
 from troupe.cluster.fleet.learners import LearnerGroup
 from troupe.cluster.fleet.pool import Health, Pool
@@ -31,10 +34,10 @@ log = logging.getLogger("troupe.nccl_sync")
 
 @dataclass
 class NcclSync:
-    bucket_mb: float = 256
     deadline_s: float = 600.0
+    tensor_parallel: int = 1  # vLLM workers per generator: each is a rank of the group
     members: tuple = ()  # the generator members (by index) the current group was formed with
-    specs: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # the weights' layout (vLLM's update info), fixed for a model
     failures: int = 0
 
     def push(
@@ -47,9 +50,10 @@ class NcclSync:
         try:
             if tuple(m.index for m in live) != self.members:
                 self._form(live, learners, wait_s or self.deadline_s)
-            manifest = WeightManifest(version, tuple(self.specs))
-            refs = [m.handle.receive_weights.remote(manifest, m.health is Health.STALE) for m in live]
-            sent = learners.broadcast_weights(version, self.specs)
+            refs = [
+                m.handle.receive_weights.remote(version, self.info, m.health is Health.STALE) for m in live
+            ]
+            sent = learners.send_weights(version, self.info)
             got = ray.get(refs, timeout=wait_s or self.deadline_s)
         except (RayActorError, RayTaskError, GetTimeoutError, RankLost) as e:
             self.failures += 1
@@ -65,24 +69,28 @@ class NcclSync:
         return {
             "generators_synced": len(live) - stale,
             "generators_stale": stale,
-            "bytes": sum(s.nbytes for s in self.specs),
-            "buckets": len(self.specs),
+            "tensors": len(self.info["names"]),
             "transport_nccl": 1,
             "generator_load_s": max((r["load_s"] for r in got), default=0.0),
-            "generator_fetch_s": max((r["fetch_s"] for r in got), default=0.0),
         }
 
     def _form(self, live, learners: LearnerGroup, wait_s: float) -> None:
         self.close_group(live, learners)
-        if not self.specs:
-            self.specs = learners.weight_layout(int(self.bucket_mb * 2**20))
-        host, port = learners.weight_group_address()
-        world = 1 + len(live)
-        refs = [m.handle.join_weight_group.remote(host, port, 1 + i, world) for i, m in enumerate(live)]
-        learners.join_weight_group(host, port, world)
+        if not self.info:
+            self.info = learners.weight_layout()
+        offsets, world = rank_offsets([self.tensor_parallel] * len(live))
+        unique_id = learners.open_weight_transfer()
+        # every member enters NCCL's init at once (a unique-id group has no store to wait at)
+        refs = [
+            m.handle.join_weight_transfer.remote(unique_id, at, world)
+            for m, at in zip(live, offsets, strict=True)
+        ]
+        learners.join_weight_transfer(unique_id, world)
         ray.get(refs, timeout=wait_s)
         self.members = tuple(m.index for m in live)
-        log.info("NCCL weight-update group formed: learner rank 0 + %d generators", len(live))
+        log.info(
+            "NCCL weight-update group formed: learner rank 0 + %d generators (%d ranks)", len(live), world
+        )
 
     def close(self, generators: Pool, learners: LearnerGroup) -> None:
         self.close_group(generators.live(), learners)
@@ -92,21 +100,19 @@ class NcclSync:
             return
         for m in live:  # a member stuck in a broadcast gets this after it (limits: see the module docstring)
             try:
-                m.handle.leave_weight_group.remote()
+                m.handle.leave_weight_transfer.remote()
             except Exception:
                 pass
         try:
-            learners.leave_weight_group()
+            learners.leave_weight_transfer()
         except Exception:  # a lost rank is the learner group's business
             pass
         self.members = ()
 
 
-def nccl_enabled(
-    transport: str, generator_gpus: float, learner_gpus: float, tensor_parallel: int, layout: str
-) -> bool:
-    """sync.transport=auto: NCCL when both sides are on GPUs, the engine runs in the generator's process (TP 1)
-    and the layout is split (colocated generators share the learner's GPU: the object store serves them).
+def nccl_enabled(transport: str, generator_gpus: float, learner_gpus: float, layout: str) -> bool:
+    """sync.transport=auto: NCCL when both sides have whole GPUs and the layout is split (colocated generators
+    share the learner's GPU, and one GPU cannot hold two members of an NCCL group: the object store serves them).
     `validate` refuses sync.transport=nccl where this is false."""
-    gpu = generator_gpus >= 1 and learner_gpus >= 1 and tensor_parallel == 1 and layout == "split"
+    gpu = generator_gpus >= 1 and learner_gpus >= 1 and layout == "split"
     return transport != "object_store" and gpu

@@ -1,7 +1,9 @@
 """The GPU paths (`pytest -m gpu` on a GPU machine; skipped without CUDA): vLLM sleep mode around a weight load,
-ZeRO-3 partitioned loading on CUDA, and a colocated run that sleeps its generator through the learn phase.
+ZeRO-3 partitioned loading on CUDA, a colocated run that sleeps its generator through the learn phase, and the
+NCCL weight sync on vLLM's weight-transfer engine.
 
-One GPU is enough: actors share it by fractions (Ray), and every engine is given its share of the memory."""
+One GPU is enough for all but the NCCL test (2 GPUs): actors share it by fractions (Ray), and every engine is given
+its share of the memory."""
 
 import json
 
@@ -116,3 +118,30 @@ def test_colocated_run_sleeps_its_generator_through_the_learn_phase(ray_session,
     assert len(train_rows) == 2 and all(r["sleep/freed_gib"] > 0 for r in train_rows), train_rows
     assert all(r["sleep/woke_without_weights"] == 0 for r in train_rows)
     assert train_rows[-1]["accounting/lost"] == 0
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+    reason="NCCL needs the learner and the generator on different GPUs: 2 GPUs",
+)
+def test_weights_cross_by_nccl_on_vllms_engine_every_tensor_checked(ray_session, tmp_path):
+    import troupe
+
+    out = tmp_path / "run"
+    troupe.train(
+        *TINY_OVERRIDES,
+        f"run.output_dir={out}",
+        "run.iterations=2",
+        "learner.world_size=1",
+        "generator.replicas=1",
+        "generator.num_gpus=1",
+        "learner.num_gpus=1",
+        "generator.gpu_memory_utilization=0.3",
+        "sync.transport=nccl",
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["iteration"] >= 0]
+    assert all(r["sync/transport_nccl"] == 1 and r["sync/generators_synced"] == 1 for r in train_rows), (
+        train_rows
+    )
+    assert all(r["sync/generators_stale"] == 0 for r in train_rows)
