@@ -1,4 +1,7 @@
-"""GPU weight sync on vLLM's weight-transfer engine (`vllm.distributed.weight_transfer`, NCCL backend).
+"""GPU weight sync on vLLM's weight-transfer engines (`vllm.distributed.weight_transfer`): NCCL between GPUs, CUDA
+IPC on a shared GPU.
+
+NCCL (`placement.layout=split`):
 
 Learner rank 0 is rank 0 of a weight-update group; generator i's vLLM workers join it at `rank_offsets(...)[i]` (one
 rank per tensor-parallel worker). The group forms from an NCCL unique id that rank 0 mints and the driver hands to
@@ -8,6 +11,11 @@ a subclass (`actors/generator/vllm_weight_sync.py`, backend `TROUPE_BACKEND`) th
 arrives, before loading it, and then compares the list with the one rank 0 broadcasts last. A mismatch fails the
 sync on that generator: it is STALE and refits through the object store. The layout (names, dtypes, shapes) is
 fixed for a model and sent once through Ray (`update_info`).
+
+CUDA IPC (`placement.layout=colocated`): learner rank i packs its weights, chunk by chunk, into one buffer it shares
+by a CUDA IPC handle with generator i, which sits on the same GPU (`IpcExport`), with every tensor's checksum; the
+generator's vLLM engine copies each chunk out, checks it against those checksums and loads it
+(`ChecksummedIPCEngine`).
 
 CPU builds of vLLM import all of this but cannot run it (no NCCL); CPU runs use the object store.
 """
@@ -20,10 +28,12 @@ import torch
 
 from troupe.actors.weight_buckets import WeightTransferError, digest
 
-TROUPE_BACKEND = "troupe_nccl"  # the checksumming worker engine's name in vLLM's registry
-_CHUNK = 1 << 24  # words per checksum step: bounds the index tensor's memory
+TROUPE_BACKEND = "troupe_nccl"  # the checksumming worker engines' names in vLLM's registry
+TROUPE_IPC_BACKEND = "troupe_ipc"
+_CHUNK = 1 << 22  # words per checksum step: bounds its int64 temporaries (~100 MiB) inside a full GPU
 # vLLM's packed broadcast: both sides must use the same buffer geometry (it rides the init info)
 PACKED = {"packed": True, "packed_buffer_size_bytes": 1 << 28, "packed_num_buffers": 2}
+IPC_BUFFER_BYTES = 1 << 28  # the IPC buffer a learner rank shares with its generator (or its largest tensor)
 
 
 def rank_offsets(tensor_parallel: Sequence[int]) -> tuple[list[int], int]:
@@ -50,6 +60,8 @@ def tensor_checksum(t: torch.Tensor) -> torch.Tensor:
     """A position-weighted sum (wrapping int64) of the tensor's bytes as 32-bit words (bytes when its size is not
     a multiple of 4), on the tensor's device, without a host sync: a changed or moved word changes it."""
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if raw.numel() % 4 == 0 and raw.storage_offset() % 4:  # a view 2 bytes into a packed buffer or a flat
+        raw = raw.clone()  # ZeRO buffer: the same bytes, aligned (either side may see either alignment)
     words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
     total = torch.zeros((), dtype=torch.int64, device=t.device)
     for start in range(0, words.numel(), _CHUNK):
@@ -60,12 +72,12 @@ def tensor_checksum(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_sums(received: Sequence[int], expected: Sequence[int], names: Sequence[str]) -> None:
-    """Raise naming the first tensor whose checksum differs from rank 0's (or a count that differs)."""
+    """Raise naming the first tensor whose checksum differs from its learner rank's (or a count that differs)."""
     if len(received) != len(expected):
-        raise WeightTransferError(f"received {len(received)} tensors over NCCL, rank 0 sent {len(expected)}")
+        raise WeightTransferError(f"received {len(received)} tensors, the learner rank sent {len(expected)}")
     for name, got, want in zip(names, received, expected, strict=True):
         if got != want:
-            raise WeightTransferError(f"{name}: checksum {got} over NCCL, rank 0 sent {want}")
+            raise WeightTransferError(f"{name}: checksum {got} received, the learner rank sent {want}")
 
 
 def transfer_digest(version: int, sums: Sequence[int]) -> str:
@@ -141,3 +153,48 @@ class WeightSender:
 
     def close(self) -> None:
         self.comm.destroy()
+
+
+class IpcExport:
+    """This rank's weights for the generator on its GPU, in chunks through one IPC-shared buffer of
+    `IPC_BUFFER_BYTES` (vLLM's packed IPC producer: a single `reduce_tensor` per export, and the buffer freed after),
+    each chunk as vLLM's update info plus every tensor's checksum. The driver asks for the next chunk only once the
+    generator has read the last (`next_chunk`)."""
+
+    def __init__(
+        self, tensors: Iterable[tuple[str, torch.Tensor]], device: torch.device, largest: int
+    ) -> None:
+        """`largest`: the size in bytes of the largest tensor, which one chunk must hold."""
+        from vllm.distributed.weight_transfer.packed_tensor import packed_ipc_producer
+
+        self.sums: dict[
+            str, torch.Tensor
+        ] = {}  # a chunk's first tensor is read before the chunk before it ships
+
+        def on_device(item: tuple[str, torch.Tensor]) -> torch.Tensor:
+            t = item[1].to(device)
+            self.sums[item[0]] = tensor_checksum(t)
+            return t
+
+        gpu = str(torch.cuda.get_device_properties(device).uuid)
+        self.device = device
+        self.chunks = packed_ipc_producer(iter(tensors), gpu, on_device, max(IPC_BUFFER_BYTES, largest))
+
+    def next_chunk(self) -> dict | None:
+        with torch.cuda.device(self.device):  # the producer allocates its buffer on the current device
+            chunk = next(self.chunks, None)
+        if chunk is None:
+            return None
+        sums = torch.stack([self.sums.pop(n) for n in chunk.names]).tolist()
+        return {
+            "names": chunk.names,
+            "dtype_names": chunk.dtype_names,
+            "shapes": chunk.shapes,
+            "tensor_sizes": chunk.tensor_sizes,
+            "ipc_handles": chunk.ipc_handle,
+            "checksums": sums,
+        }
+
+    def close(self) -> None:
+        self.chunks.close()  # frees the shared buffer
+        torch.cuda.ipc_collect()

@@ -9,8 +9,9 @@ its own embedded Ray, then one standalone engine; it prints:
 - learner MFU: (6 + 2 x the forwards without gradient) x matmul parameters x trained tokens / learn seconds, over
   the GPU's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s; another GPU: a measured square bf16 matmul), or on CPU
   (smoke) over the matmul roofline of the model's own layer shapes (bench/vs_trl_report.py);
-- colocated placement (generator i in learner rank i's bundle, vLLM sleep mode level 1 through the learn phase)
-  against split placement (each on its own share of the GPU): seconds per iteration and memory freed by sleep.
+- colocated placement (generator i in learner rank i's bundle, vLLM sleep mode level 1 through the learn phase,
+  weights by CUDA IPC) against split placement (each on its own share of the GPU, weights through the object store:
+  NCCL needs a GPU each): seconds per iteration, memory freed by sleep, and the transport each sync took.
 The first iteration of each run (CUDA graphs, warm-up) is left out of every median.
 
 Run: .venv/bin/python -m bench.gpu_check [--iterations 4] [--out outputs/bench/gpu_check.json]
@@ -75,6 +76,9 @@ def summarise(rows: list[dict], params: int, prompt_tokens: int, peak_tflops: fl
         "gen_tok_s": median(lambda r: generated(r) / r["time/generate"]),
         "mfu": median(lambda r: forwards(r) * params * trained(r) / r["time/learn"] / 1e12 / peak_tflops),
         "sleep_freed_gib": median(lambda r: r.get("sleep/freed_gib", 0.0)),
+        "transport": next(
+            (t for t in ("nccl", "ipc") if window[-1].get(f"sync/transport_{t}")), "object_store"
+        ),
     }
 
 
@@ -256,6 +260,7 @@ def report(r: dict) -> None:
             f"{s['sleep_freed_gib']:.2f}",
         )
         print(f"{name:>11}" + "".join(f"{c:>11}" for c in cells))
+    print("weights by: " + ", ".join(f"{name} {r[name]['transport']}" for name in ("split", "colocated")))
     print(
         f"standalone vLLM: {alone['gen_tok_s']:.0f} tok/s; in-process reload of the same weights: {alone['reload_s']:.2f} s"
     )

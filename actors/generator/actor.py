@@ -36,7 +36,7 @@ class Generator:
         trust_remote_code: bool = False,
         env: EnvConfig | None = None,
         colocated: bool = False,
-        nccl: bool = False,
+        transfer: str = "object_store",
     ) -> None:
         config = placed(config, colocated)  # engine settings left unset, by placement
         self.spec = config
@@ -63,7 +63,7 @@ class Generator:
                 config.tensor_parallel_size,
                 trust_remote_code,
                 config.sleep_level,
-                nccl,
+                transfer,
             )
         elif config.backend == "hf":
             from troupe.actors.generator.hf_backend import HFBackend
@@ -237,14 +237,15 @@ class Generator:
         """Wake without new weights; False when sleep freed them (level 2): the caller refits this generator."""
         return self.backend.wake()
 
-    # GPU weight sync (actors/weight_transfer.py): this engine's workers join learner rank 0's weight-update group.
+    # GPU weight sync (actors/weight_transfer.py): NCCL (this engine's workers join learner rank 0's weight-update
+    # group) or CUDA IPC (handles from the learner rank on this GPU); both end in receive_weights.
     def join_weight_transfer(self, unique_id: str, rank_offset: int, world_size: int) -> bool:
         self.backend.join_weight_transfer(unique_id, rank_offset, world_size)
         return True
 
     def receive_weights(self, version: int, info: dict, rollback: bool = False) -> dict:
-        """Take a broadcast of the weights `info` lays out; every tensor is checked against rank 0's checksum
-        before the report (version and digest) goes back to the driver."""
+        """Take the weights `info` lays out (a broadcast, or IPC handles); every tensor is checked against its learner
+        rank's checksum before the report (version and digest) goes back to the driver."""
         from troupe.actors.weight_transfer import transfer_digest
 
         start = time.perf_counter()
@@ -261,6 +262,24 @@ class Generator:
             "verify_s": 0.0,
             "load_s": load_s,
         }
+
+    def begin_weights(self) -> None:
+        """IPC (colocated GPUs): open an update that `receive_chunk` fills and `finish_weights` closes."""
+        self._receiving = time.perf_counter()
+        self.backend.begin_update()
+
+    def receive_chunk(self, info: dict) -> None:
+        self.backend.update(info)
+
+    def finish_weights(self, version: int, rollback: bool = False) -> dict:
+        from troupe.actors.weight_transfer import transfer_digest
+
+        sums = self.backend.finish_update()
+        self._check_newer(version, rollback)
+        self.version = version
+        self.stats["weight_loads"] += 1
+        load_s = time.perf_counter() - self._receiving
+        return {"version": version, "checksum": transfer_digest(version, sums), "load_s": load_s}
 
     def leave_weight_transfer(self) -> None:
         self.backend.leave_weight_transfer()

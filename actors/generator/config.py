@@ -23,7 +23,7 @@ class GeneratorConfig:
     # None: chosen by placement (`placed`): on GPUs, CUDA graphs with GPUs of its own, eager when colocated (the
     # graphs' memory stays allocated through sleep and the learn phase); always eager on CPU
     enforce_eager: bool | None = None
-    # None: chosen by placement (`placed`): 0.9 with GPUs of its own, 0.4 colocated (0.5 with sleep_level > 0)
+    # None: chosen by placement (`placed`): 0.9 of its GPUs (of its fraction of one), 0.4 colocated (0.5 asleep)
     gpu_memory_utilization: float | None = bounded(None, gt=0, le=1)
     # vLLM tensor parallelism: the generator actor holds tensor_parallel_size GPUs on one node
     tensor_parallel_size: int = bounded(1, ge=1)
@@ -47,5 +47,6 @@ def placed(config: GeneratorConfig, colocated: bool) -> GeneratorConfig:
         eager = not on_gpu or colocated
     share = config.gpu_memory_utilization
     if share is None:
-        share = (0.5 if config.sleep_level else 0.4) if colocated else 0.9
+        # a fractional GPU of its own is shared with other actors: its share of the memory, no more
+        share = (0.5 if config.sleep_level else 0.4) if colocated else 0.9 * min(1.0, config.num_gpus or 1.0)
     return dataclasses.replace(config, enforce_eager=eager, gpu_memory_utilization=share)

@@ -28,7 +28,7 @@ class VLLMBackend:
         tensor_parallel_size: int,
         trust_remote_code: bool,
         sleep_level: int = 0,
-        nccl: bool = False,
+        transfer: str = "object_store",
     ) -> None:
         from vllm import LLM
 
@@ -48,11 +48,12 @@ class VLLMBackend:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if sleep_level:
             kwargs["enable_sleep_mode"] = True  # CUDA/ROCm only: config checks refuse it elsewhere
-        if nccl:  # weights arrive by NCCL broadcast from learner rank 0 (sync.transport=auto|nccl on GPUs)
+        engines = {"nccl": vllm_weight_sync.TROUPE_BACKEND, "ipc": vllm_weight_sync.TROUPE_IPC_BACKEND}
+        if transfer in engines:  # weights by NCCL broadcast or CUDA IPC from a learner rank (cluster/sync/)
             from vllm.config import WeightTransferConfig
 
-            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=vllm_weight_sync.TROUPE_BACKEND)
-        if not in_process or nccl:
+            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=engines[transfer])
+        if not in_process or transfer in engines:
             # Weights then cross a process boundary: the worker extension receives them as safetensors bytes (and
             # reports what an NCCL transfer received).
             kwargs["worker_extension_cls"] = "troupe.actors.generator.vllm_weight_sync.WeightSyncExtension"
@@ -60,6 +61,7 @@ class VLLMBackend:
         self.sleep_level = sleep_level
         self.asleep = False
         self.weights_lost = False  # level 2 frees the weights: only a full load brings them back
+        self.in_group = False  # in an NCCL weight-update group (sync.transport=nccl)
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -76,6 +78,8 @@ class VLLMBackend:
             logprobs_mode="processed_logprobs",
             **kwargs,
         )
+        if transfer == "ipc":  # no rendezvous: chunks of one shared buffer (packed)
+            self.llm.init_weight_transfer_engine({"init_info": {"packed": True}})
 
     def generate(
         self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling, seeds: Sequence[int] | None = None
@@ -169,15 +173,35 @@ class VLLMBackend:
             "world_size": world_size,
             **PACKED,
         }
+        if self.in_group:  # a group whose rank 0 was lost: its communicator goes first
+            self.leave_weight_transfer()
         self.llm.init_weight_transfer_engine({"init_info": info})
+        self.in_group = True
 
     def receive_weights(self, info: dict) -> list[int]:
-        """Take one broadcast of the weights `info` lays out (while rank 0 sends them); every tensor's checksum is
-        checked against rank 0's before this returns them (an error leaves the engine to a refit)."""
+        """Take one NCCL broadcast of the weights `info` lays out (while rank 0 sends them); see `finish_update`."""
+        self.begin_update()
+        self.update(info)
+        return self.finish_update()
+
+    def begin_update(self) -> None:
+        """Open a weight update on vLLM's transfer engine (the weights' memory wakes first if asleep)."""
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
-        self.llm.start_weight_update()
-        self.llm.update_weights({"update_info": info})  # raises on a checksum mismatch (and ends the update)
+        try:
+            self.llm.start_weight_update()
+        except RuntimeError:  # an earlier update that failed in finish_weight_update is still open: close it
+            self.llm.finish_weight_update()
+            self.llm.start_weight_update()
+
+    def update(self, info: dict) -> None:
+        """One chunk (IPC) or the whole broadcast (NCCL); raises on a checksum mismatch, which ends the update (the
+        engine is then left to a refit)."""
+        self.llm.update_weights({"update_info": info})
+
+    def finish_update(self) -> list[int]:
+        """Close the update, wake the KV cache, drop the prefix cache; the checksums of every tensor received, each
+        checked against its learner rank's."""
         self.llm.finish_weight_update()
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
@@ -190,6 +214,7 @@ class VLLMBackend:
 
     def leave_weight_transfer(self) -> None:
         self.llm.shutdown_weight_transfer_engine()
+        self.in_group = False
 
     def _reset_prefix_cache(self) -> None:
         if not self.llm.reset_prefix_cache():

@@ -156,6 +156,29 @@ class Learner(DeepSpeedRank):
         tensors = self._exported()
         return None if tensors is None else self.weight_sender.send(tensors, info, version)
 
+    # Colocated GPUs (cluster/sync/ipc.py): every rank shares its weights with the generator on its GPU.
+    def ipc_begin(self) -> None:
+        """Start an export of this rank's full weights, chunk by chunk (every rank: ZeRO-3 gathers collectively,
+        and each chunk's gathers happen in `ipc_next`, on every rank together)."""
+        from troupe.actors.weight_transfer import IpcExport
+
+        dtype = getattr(torch, self.export_dtype)
+        largest = (
+            max(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters()) * dtype.itemsize
+        )
+        tensors = iter_full_state(self.engine, self.spec.train.zero_stage, dtype, keep=True)
+        self.ipc_export = IpcExport(tensors, self.engine.device, largest)
+
+    def ipc_next(self) -> dict | None:
+        """The next chunk's update info (vLLM's, with `checksums`), None after the last; the previous chunk must
+        have been read by the generator (the buffer is reused)."""
+        return self.ipc_export.next_chunk()
+
+    def ipc_end(self) -> None:
+        if getattr(self, "ipc_export", None) is not None:
+            self.ipc_export.close()
+        self.ipc_export = None
+
     def leave_weight_transfer(self) -> None:
         if getattr(self, "weight_sender", None) is not None:
             self.weight_sender.close()

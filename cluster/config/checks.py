@@ -13,6 +13,7 @@ from troupe.actors.plugins import PluginError
 from troupe.actors.tasks.arithmetic import ArithmeticTask
 from troupe.cluster.config.reward_checks import check_rewards, check_serve
 from troupe.cluster.config.schema import TroupeConfig
+from troupe.cluster.sync.transport import weight_transport
 
 
 class ConfigError(ValueError):
@@ -27,11 +28,18 @@ def validate(cfg: TroupeConfig) -> None:
     g, lr, d = cfg.generator, cfg.learner, cfg.data
     a = cfg.algo
     pl = cfg.placement
-    gpus = cfg.generator.num_gpus >= 1 and cfg.learner.num_gpus >= 1  # one NCCL rank per GPU
-    if cfg.sync.transport == "nccl" and not (gpus and pl.layout == "split"):
+    named = cfg.sync.transport
+    if (
+        named in ("nccl", "ipc")
+        and weight_transport(named, g.backend, g.num_gpus, lr.num_gpus, pl.layout) != named
+    ):
         raise ConfigError(
-            "sync.transport=nccl needs whole GPUs (generator.num_gpus >= 1, learner.num_gpus >= 1) and "
-            "placement.layout=split"
+            {
+                "nccl": "sync.transport=nccl needs whole GPUs (generator.num_gpus >= 1, learner.num_gpus >= 1), "
+                "placement.layout=split and generator.backend=vllm",
+                "ipc": "sync.transport=ipc needs placement.layout=colocated on one GPU (generator.num_gpus > 0, "
+                "learner.num_gpus > 0, adding up to 1 at most) and generator.backend=vllm",
+            }[named]
         )
     for role in ("generator", "reward"):
         _one_of(f"placement.{role}.strategy", getattr(pl, role).strategy, ("DEFAULT", "SPREAD"))

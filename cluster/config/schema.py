@@ -60,9 +60,10 @@ class SyncConfig:
 
     # Object store: flat buffers of at most this size, each checksummed; the generator checks all before loading any.
     bucket_mb: float = bounded(256, gt=0)
-    # auto: NCCL broadcast from learner rank 0 on vLLM's weight-transfer engine when generators and learners have
-    # whole GPUs and the layout is split (cluster/sync/nccl.py), else the object store | object_store | nccl
-    transport: str = one_of("auto", "object_store", "nccl")
+    # auto: on vLLM's weight-transfer engines, NCCL broadcast from learner rank 0 when generators and learners have
+    # whole GPUs and the layout is split (cluster/sync/nccl.py), CUDA IPC when colocated on GPUs
+    # (cluster/sync/ipc.py), else the object store | object_store | nccl | ipc
+    transport: str = one_of("auto", "object_store", "nccl", "ipc")
 
 
 @dataclass

@@ -160,8 +160,10 @@ class RunCheckpoints:
         for group in (run.learners, run.critic):
             if group is not None:
                 group.rebuild()
-        if run.nccl is not None:  # a new rank 0: the weight-update group is formed again at the next sync
-            run.nccl.members = ()
+        if (
+            run.gpu_sync is not None
+        ):  # a new rank 0: an NCCL weight-update group is formed again at the next sync
+            run.gpu_sync.reset()
         if self.last is not None:
             state = verify(self.last)
             self.load_ranks(run, self.last)

@@ -157,6 +157,17 @@ class LearnerGroup:
     def leave_weight_transfer(self) -> None:
         self._each("leave_weight_transfer")
 
+    def ipc_begin(self) -> None:
+        """Colocated GPUs (cluster/sync/ipc.py): every rank starts a chunked export of its weights."""
+        self._each("ipc_begin")
+
+    def ipc_next(self) -> list[dict | None]:
+        """Each rank's next chunk (None after the last), in rank order."""
+        return self._each("ipc_next")
+
+    def ipc_end(self) -> None:
+        self._each("ipc_end")
+
     def save_hf(self, path: str, tokenizer_path: str) -> str:
         return self._each("save_hf", path, tokenizer_path)[0]
 

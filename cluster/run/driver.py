@@ -43,8 +43,10 @@ from troupe.cluster.run.pipeline import RolloutPipeline
 from troupe.cluster.run.runtime import check_capacity, generator_env, learner_env
 from troupe.cluster.run.scoring import ErrorPolicy
 from troupe.cluster.run.shaping import OverlongShaping
-from troupe.cluster.sync.nccl import NcclSync, nccl_enabled
+from troupe.cluster.sync.ipc import IpcSync
+from troupe.cluster.sync.nccl import NcclSync
 from troupe.cluster.sync.object_store import WEIGHTS_GROUP
+from troupe.cluster.sync.transport import weight_transport
 
 log = logging.getLogger("troupe.driver")
 register()
@@ -122,7 +124,9 @@ def build_fleet(cfg: TroupeConfig, model_path: str, resume: tuple[Path, dict] | 
         pipeline=RolloutPipeline(*(2 * [cfg.run.max_staleness if cfg.run.mode == "async" else 0])),
         sync_bucket_mb=cfg.sync.bucket_mb,
         sleep_level=g.sleep_level,
-        nccl=NcclSync(faults.sync_s, g.tensor_parallel_size) if uses_nccl(cfg) else None,
+        gpu_sync={"nccl": NcclSync(faults.sync_s, g.tensor_parallel_size), "ipc": IpcSync(faults.sync_s)}.get(
+            transport_of(cfg)
+        ),
         fleet=FleetControl(
             Path(cfg.run.output_dir).resolve(),
             cfg.autoscale,
@@ -153,9 +157,10 @@ def _rank_placement(cfg: TroupeConfig) -> RankPlacement:
     )
 
 
-def uses_nccl(cfg: TroupeConfig) -> bool:
-    return nccl_enabled(
-        cfg.sync.transport, cfg.generator.num_gpus, cfg.learner.num_gpus, cfg.placement.layout
+def transport_of(cfg: TroupeConfig) -> str:
+    g = cfg.generator
+    return weight_transport(
+        cfg.sync.transport, g.backend, g.num_gpus, cfg.learner.num_gpus, cfg.placement.layout
     )
 
 
@@ -177,7 +182,7 @@ def _generator_pool(cfg: TroupeConfig, model_path: str, budget: RetryBudget, ran
         ray.remote(concurrency_groups={WEIGHTS_GROUP: 1})(Generator) if partial else ray.remote(Generator)
     )
 
-    nccl = uses_nccl(cfg)  # the engines then take weights by NCCL broadcast from learner rank 0
+    transfer = transport_of(cfg)  # nccl / ipc: the engines take weights from the learners on vLLM's engines
 
     def make(index: int, slot: int):
         return remote.options(
@@ -194,7 +199,7 @@ def _generator_pool(cfg: TroupeConfig, model_path: str, budget: RetryBudget, ran
             cfg.model.trust_remote_code,
             env,
             p.layout == "colocated",
-            nccl,
+            transfer,
         )
 
     pool = Pool("generator", make, cfg.ray.actor_timeout_s, budget)

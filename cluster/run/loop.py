@@ -40,6 +40,7 @@ from troupe.cluster.run.learn import learn_dpo, learn_policy_gradient
 from troupe.cluster.run.pipeline import RolloutPipeline
 from troupe.cluster.run.scoring import ErrorPolicy, ObjectiveFailed, ScoredBatch, dropped_groups, score_batch
 from troupe.cluster.run.shaping import OverlongShaping
+from troupe.cluster.sync.ipc import IpcSync
 from troupe.cluster.sync.nccl import NcclSync
 from troupe.cluster.sync.object_store import push_weights, refit
 from troupe.cluster.sync.sleep import sleep_all, wake_all
@@ -70,7 +71,7 @@ class RunState:
     last_bundle: BucketedWeights | None = None  # the latest exported weights (None: the initial ones)
     pipeline: RolloutPipeline = field(default_factory=RolloutPipeline)  # sync: depth 0
     sync_bucket_mb: float = 256
-    nccl: NcclSync | None = None  # GPU weight sync over NCCL; None: through the object store
+    gpu_sync: NcclSync | IpcSync | None = None  # GPU weight sync on vLLM's engines; None: the object store
     fleet: FleetControl | None = None  # resize requests and the autoscaler; None: fixed sizes
     last_record: dict | None = None  # the previous iteration's row (the autoscaler reads its timings)
     last_samples: list[dict] = field(default_factory=list)  # the previous iteration's rollouts.jsonl rows
@@ -234,11 +235,11 @@ def run_iteration(run: RunState, iteration: int) -> dict:
     with timed(timings, "sync"):
         if kept and learn_stats.get("pairs/built", 1):
             run.version += 1
-            # GPUs: a broadcast over the NCCL weight-update group; None (or CPU): the object store
+            # GPUs: NCCL broadcast or CUDA IPC on vLLM's engines; None (or CPU): the object store
             # async: the generators finish the batches in flight before loading, so the wait covers them too
             wait_s = run.faults.sync_s + run.faults.generate_s * len(run.pipeline.queue)
             sync_stats = (
-                run.nccl.push(run.generators, run.learners, run.version, wait_s) if run.nccl else None
+                run.gpu_sync.push(run.generators, run.learners, run.version, wait_s) if run.gpu_sync else None
             )
             if sync_stats is None:
                 run.last_bundle = run.learners.export_weights(run.version, run.sync_bucket_mb)

@@ -10,7 +10,9 @@ sync forms a new group. New members are refitted through the object store before
 group only ever holds current generators.
 
 Limits: NCCL has no timeout of its own, so a generator that dies in the middle of a broadcast stalls learner rank 0
-until `faults.learn_s`, which the loop treats as a lost rank (rebuild from the newest checkpoint). vLLM loads each
+until `faults.learn_s`, which the loop treats as a lost rank (rebuild from the newest checkpoint); so does a
+failure on rank 0 in the middle of a broadcast (the generators wait in theirs), and one of a generator before it
+enters the broadcast or the group's init (a unique-id group has no barrier to time out at). vLLM loads each
 tensor as it arrives (in place, layer by layer): a generator whose transfer fails holds a mix of versions, and is
 STALE until the object store refits it. Whole GPUs only: two group members on one GPU cannot share an NCCL
 communicator.
@@ -92,6 +94,10 @@ class NcclSync:
             "NCCL weight-update group formed: learner rank 0 + %d generators (%d ranks)", len(live), world
         )
 
+    def reset(self) -> None:
+        """Learner rank 0 was rebuilt: the next sync forms a new group (generators leave their old one on joining)."""
+        self.members = ()
+
     def close(self, generators: Pool, learners: LearnerGroup) -> None:
         self.close_group(generators.live(), learners)
 
@@ -108,11 +114,3 @@ class NcclSync:
         except Exception:  # a lost rank is the learner group's business
             pass
         self.members = ()
-
-
-def nccl_enabled(transport: str, generator_gpus: float, learner_gpus: float, layout: str) -> bool:
-    """sync.transport=auto: NCCL when both sides have whole GPUs and the layout is split (colocated generators
-    share the learner's GPU, and one GPU cannot hold two members of an NCCL group: the object store serves them).
-    `validate` refuses sync.transport=nccl where this is false."""
-    gpu = generator_gpus >= 1 and learner_gpus >= 1 and layout == "split"
-    return transport != "object_store" and gpu

@@ -244,7 +244,10 @@ def check_gpu_check(out: Path, _) -> None:
         assert run["iterations"] == 2 and run["gen_tok_s"] > 0 and run["sync_s"] > 0 and run["mfu"] > 0, run
     assert "placement.layout=colocated" in r["colocated"]["overrides"], r["colocated"]
     assert r["standalone"]["gen_tok_s"] > 0 and r["standalone"]["reload_s"] > 0, r["standalone"]
-    printed(stdout, "vs vLLM", "vs reload", "MFU", "colocated / split")
+    assert r["split"]["transport"] == r["colocated"]["transport"] == "object_store", (
+        r
+    )  # CPU: no GPU transport
+    printed(stdout, "vs vLLM", "vs reload", "MFU", "colocated / split", "weights by:")
 
 
 def check_zero3_memory(out: Path, _) -> None:

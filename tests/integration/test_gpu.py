@@ -1,6 +1,6 @@
 """The GPU paths (`pytest -m gpu` on a GPU machine; skipped without CUDA): vLLM sleep mode around a weight load,
-ZeRO-3 partitioned loading on CUDA, a colocated run that sleeps its generator through the learn phase, and the
-NCCL weight sync on vLLM's weight-transfer engine.
+ZeRO-3 partitioned loading on CUDA, a colocated run that sleeps its generator through the learn phase and takes its
+weights by CUDA IPC, and the NCCL weight sync on vLLM's weight-transfer engine.
 
 One GPU is enough for all but the NCCL test (2 GPUs): actors share it by fractions (Ray), and every engine is given
 its share of the memory."""
@@ -117,6 +117,10 @@ def test_colocated_run_sleeps_its_generator_through_the_learn_phase(ray_session,
     train_rows = [r for r in rows if r["iteration"] >= 0]
     assert len(train_rows) == 2 and all(r["sleep/freed_gib"] > 0 for r in train_rows), train_rows
     assert all(r["sleep/woke_without_weights"] == 0 for r in train_rows)
+    # colocated on a GPU: the weights go by CUDA IPC from the learner rank on the same GPU, every tensor checked
+    assert all(r["sync/transport_ipc"] == 1 and r["sync/generators_stale"] == 0 for r in train_rows), (
+        train_rows
+    )
     assert train_rows[-1]["accounting/lost"] == 0
 
 

