@@ -6,6 +6,7 @@ import socket
 
 import pytest
 
+from tests.unit.tiny_models import tiny_lm
 from troupe.actors.learner.config import LearnerConfig, RankSetup
 from troupe.actors.learner.engine import ds_config, lr_factor, open_store
 
@@ -72,20 +73,6 @@ def test_rendezvous_port_is_held_from_the_moment_it_is_chosen():
     assert store.get("key") == b"value"
 
 
-def _tiny_llama(**shape):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        vocab_size=64,
-        **shape,
-    )
-    return LlamaForCausalLM(config)
-
-
 def test_fp32_buffers_recomputes_what_zero_init_made_in_bf16():
     """zero.Init casts the rotary frequencies to bf16 as they are made; fp32_buffers brings back the values an
     unpartitioned model computes in fp32, inside a wrapper too, and never touches a weight."""
@@ -94,11 +81,9 @@ def test_fp32_buffers_recomputes_what_zero_init_made_in_bf16():
 
     from troupe.actors.learner.engine import fp32_buffers
 
-    exact = _tiny_llama(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    exact = tiny_lm()
     rotary = exact.model.rotary_emb
-    wrapper = nn.ModuleDict(
-        {"lm": _tiny_llama(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})}
-    )
+    wrapper = nn.ModuleDict({"lm": tiny_lm(seed=1)})
     wrapper["lm"].load_state_dict(exact.state_dict())
     wrapper["lm"].bfloat16()  # what zero.Init leaves: weights and buffers in the training dtype
     weights = {n: p.clone() for n, p in wrapper.named_parameters()}
