@@ -32,7 +32,7 @@ class VLLMBackend:
     ) -> None:
         from vllm import LLM
 
-        from troupe.actors.generator import vllm_weight_sync  # registers troupe's NCCL receive engine here
+        from troupe.actors.generator import vllm_weight_sync  # registers troupe's receive engines here
 
         on_cpu = not torch.cuda.is_available()
         # The model runs in this process: one device, and vLLM's multiprocessing off (runtime.generator_env).

@@ -160,9 +160,8 @@ class RunCheckpoints:
         for group in (run.learners, run.critic):
             if group is not None:
                 group.rebuild()
-        if (
-            run.gpu_sync is not None
-        ):  # a new rank 0: an NCCL weight-update group is formed again at the next sync
+        # a new rank 0: an NCCL weight-update group is formed again at the next sync
+        if run.gpu_sync is not None:
             run.gpu_sync.reset()
         if self.last is not None:
             state = verify(self.last)
