@@ -108,17 +108,21 @@ def standalone(spec: dict) -> dict:
     """A vLLM engine in this process sampling the first batch's prompts, then reloading its own weights."""
     import os
 
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process, as troupe's generators run
     from safetensors.torch import load_file
 
     from bench.vs_trl import compose_troupe
     from troupe.actors.generator.config import placed
     from troupe.actors.generator.sampling import Sampling
-    from troupe.actors.generator.vllm_backend import VLLMBackend
     from troupe.actors.hardware import resolve_dtype
+    from troupe.cluster.run.runtime import generator_env
 
     cfg = compose_troupe(spec["overrides"])
     g = placed(cfg.generator, colocated=False)
+    # the generator actors' environment: vLLM in-process, its threads, and vLLM-CPU's KV cache size (without it,
+    # vLLM-CPU reserves 92% of the machine's memory)
+    os.environ.update(generator_env(g))
+    from troupe.actors.generator.vllm_backend import VLLMBackend
+
     backend = VLLMBackend(
         spec["model_path"],
         resolve_dtype(g.dtype),
