@@ -244,24 +244,11 @@ class Generator:
         return True
 
     def receive_weights(self, version: int, info: dict, rollback: bool = False) -> dict:
-        """Take the weights `info` lays out (a broadcast, or IPC handles); every tensor is checked against its learner
-        rank's checksum before the report (version and digest) goes back to the driver."""
-        from troupe.actors.weight_transfer import transfer_digest
-
+        """NCCL: take the broadcast of the weights `info` lays out; every tensor is checked against rank 0's
+        checksum before the report (version and digest) goes back to the driver."""
         start = time.perf_counter()
         # receive first, whatever the version: every member of the group waits on every other's receive
-        sums = self.backend.receive_weights(info)
-        self._check_newer(version, rollback)
-        self.version = version
-        self.stats["weight_loads"] += 1
-        load_s = time.perf_counter() - start
-        return {
-            "version": version,
-            "checksum": transfer_digest(version, sums),
-            "fetch_s": 0.0,
-            "verify_s": 0.0,
-            "load_s": load_s,
-        }
+        return self._took(version, rollback, self.backend.receive_weights(info), start)
 
     def begin_weights(self) -> None:
         """IPC (colocated GPUs): open an update that `receive_chunk` fills and `finish_weights` closes."""
@@ -272,13 +259,16 @@ class Generator:
         self.backend.update(info)
 
     def finish_weights(self, version: int, rollback: bool = False) -> dict:
+        return self._took(version, rollback, self.backend.finish_update(), self._receiving)
+
+    def _took(self, version: int, rollback: bool, sums: list[int], start: float) -> dict:
+        """A transfer on vLLM's engine loaded: the report the driver compares with the learner's checksums."""
         from troupe.actors.weight_transfer import transfer_digest
 
-        sums = self.backend.finish_update()
         self._check_newer(version, rollback)
         self.version = version
         self.stats["weight_loads"] += 1
-        load_s = time.perf_counter() - self._receiving
+        load_s = time.perf_counter() - start
         return {"version": version, "checksum": transfer_digest(version, sums), "load_s": load_s}
 
     def leave_weight_transfer(self) -> None:

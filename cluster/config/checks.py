@@ -11,9 +11,9 @@ from troupe.actors.learner.advantages import lookup
 from troupe.actors.learner.config import MASKING
 from troupe.actors.plugins import PluginError
 from troupe.actors.tasks.arithmetic import ArithmeticTask
+from troupe.cluster.config.gpu_checks import check_gpu
 from troupe.cluster.config.reward_checks import check_rewards, check_serve
 from troupe.cluster.config.schema import TroupeConfig
-from troupe.cluster.sync.transport import weight_transport
 
 
 class ConfigError(ValueError):
@@ -28,19 +28,7 @@ def validate(cfg: TroupeConfig) -> None:
     g, lr, d = cfg.generator, cfg.learner, cfg.data
     a = cfg.algo
     pl = cfg.placement
-    named = cfg.sync.transport
-    if (
-        named in ("nccl", "ipc")
-        and weight_transport(named, g.backend, g.num_gpus, lr.num_gpus, pl.layout) != named
-    ):
-        raise ConfigError(
-            {
-                "nccl": "sync.transport=nccl needs whole GPUs (generator.num_gpus >= 1, learner.num_gpus >= 1), "
-                "placement.layout=split and generator.backend=vllm",
-                "ipc": "sync.transport=ipc needs placement.layout=colocated on one GPU (generator.num_gpus > 0, "
-                "learner.num_gpus > 0, adding up to 1 at most) and generator.backend=vllm",
-            }[named]
-        )
+    check_gpu(cfg, ConfigError)
     for role in ("generator", "reward"):
         _one_of(f"placement.{role}.strategy", getattr(pl, role).strategy, ("DEFAULT", "SPREAD"))
     _one_of(
@@ -56,7 +44,6 @@ def validate(cfg: TroupeConfig) -> None:
         raise ConfigError(
             f"run.mode=async needs run.max_staleness >= 1 (got {cfg.run.max_staleness}); 0 is run.mode=sync"
         )
-    _check_gpu_engine(cfg)
     _check_autoscale(cfg)
     _check_env(cfg)
     t = cfg.task
@@ -156,29 +143,6 @@ def validate(cfg: TroupeConfig) -> None:
         raise ConfigError(
             f"data.prompts_per_iteration ({d.prompts_per_iteration}) must divide by learner.world_size "
             f"({lr.world_size}): each rank gets whole prompt groups"
-        )
-
-
-def _check_gpu_engine(cfg: TroupeConfig) -> None:
-    """vLLM's sleep mode and tensor parallelism, which only GPUs have."""
-    g, layout = cfg.generator, cfg.placement.layout
-    if g.sleep_level:
-        needs = [
-            ("generator.backend=vllm", g.backend == "vllm"),
-            ("generator.num_gpus > 0 (vLLM's sleep mode is CUDA/ROCm only)", g.num_gpus > 0),
-            (
-                "placement.layout=colocated (the memory it frees is for the learner on the same GPU)",
-                layout == "colocated",
-            ),
-            ("run.mode=sync (async generators sample through the learn phase)", cfg.run.mode == "sync"),
-        ]
-        missing = [what for what, ok in needs if not ok]
-        if missing:
-            raise ConfigError(f"generator.sleep_level={g.sleep_level} needs " + ", ".join(missing))
-    if g.tensor_parallel_size > 1 and (g.num_gpus != g.tensor_parallel_size or layout != "split"):
-        raise ConfigError(
-            f"generator.tensor_parallel_size={g.tensor_parallel_size}: each generator holds its GPUs, so "
-            f"generator.num_gpus must equal it (got {g.num_gpus}) and placement.layout must be split (got {layout})"
         )
 
 
