@@ -1,7 +1,8 @@
 """Real-data benchmark: RL on public prompts with SmolLM2-135M-Instruct, before and after a fixed budget of generated
 samples, over several seeds (mean, standard deviation and each seed's value).
 
-- gsm8k: GRPO on GSM8K train (`conf/gsm8k.yaml`), greedy accuracy on a dev split carved from it.
+- gsm8k: GRPO on GSM8K train (`conf/gsm8k.yaml`; with --tools `conf/gsm8k_tools.yaml`, the calculator environment),
+  greedy accuracy on a dev split carved from it (and sampled accuracy with --eval-samples).
 - chat: arena-hard prompts (`conf/chat_armo.yaml`) scored by the ArmoRM bundle that `make bench-rm` writes
   (outputs/bench-rm/stage2) through the ALaRM hierarchy: reward, each ArmoRM objective and the reward-length
   correlation on held-out prompts before and after.
@@ -26,6 +27,7 @@ import statistics
 from pathlib import Path
 
 from bench.rm_data import DATA
+from bench.solvable import pass_counts, solvable_rule
 from bench.troupe_run import SMOKE_OVERRIDES, run_troupe, smoke_out
 
 GSM8K = DATA / "grade-school-math" / "grade_school_math" / "data" / "train.jsonl"
@@ -80,14 +82,16 @@ def subset_rule(max_steps: int | None, ops: str | None, one_op: bool = False):
     return keeps, name
 
 
+def source_rows(source: Path) -> list[dict]:
+    """The source's JSONL rows, each with its line number (`source_line`)."""
+    lines = enumerate(source.read_text().splitlines(), 1)
+    return [{**json.loads(line), "source_line": i} for i, line in lines if line.strip()]
+
+
 def carve(source: Path, dev: int, out: Path, seed: int = 0, keeps=None) -> tuple[Path, Path]:
     """A fixed dev split of `dev` rows drawn with `seed`; train is the rest. Rows keep their source line number.
     `keeps`: a row filter applied first (a subset rule: both splits come from it)."""
-    rows = [
-        {**json.loads(line), "source_line": i}
-        for i, line in enumerate(source.read_text().splitlines(), 1)
-        if line.strip()
-    ]
+    rows = source_rows(source)
     if keeps is not None:
         rows = [r for r in rows if keeps(r)]
     order = list(range(len(rows)))
@@ -100,15 +104,19 @@ def carve(source: Path, dev: int, out: Path, seed: int = 0, keeps=None) -> tuple
     return paths
 
 
-def before_after(rows: list[dict]) -> tuple[dict, dict]:
-    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+def before_after(rows: list[dict], mode: str = "greedy") -> tuple[dict, dict]:
+    """The `mode` evaluation (greedy or sampled) before the first and after the last iteration."""
+    prefix = f"eval/{mode}/"
+    evals = [r for r in rows if any(k.startswith(prefix) for k in r)]
     if len(evals) < 2 or evals[0]["iteration"] != -1:
-        raise RuntimeError("metrics.jsonl lacks the evaluation before the first and after the last iteration")
-    return _greedy(evals[0]), _greedy(evals[-1])
-
-
-def _greedy(row: dict) -> dict:
-    return {k.removeprefix("eval/greedy/"): v for k, v in row.items() if k.startswith("eval/greedy/")}
+        raise RuntimeError(
+            f"metrics.jsonl lacks the {mode} evaluation before the first and after the last iteration"
+        )
+    first, last = (
+        {k.removeprefix(prefix): v for k, v in r.items() if k.startswith(prefix)}
+        for r in (evals[0], evals[-1])
+    )
+    return first, last
 
 
 def defined(value: float | None) -> bool:
@@ -129,7 +137,20 @@ def spread(values: list[float | None]) -> str:
 
 def run_part(part: str, args, out: Path, results: dict) -> None:
     config, source = PARTS[part]
+    if part == "gsm8k" and args.tools:
+        config = "gsm8k_tools"
     keeps, name = _subset(part, args)
+    if part == "gsm8k" and args.solvable:  # the pass-rate rule, on the pool the other rules leave
+        pool = [r for r in source_rows(source) if keeps is None or keeps(r)]
+        print(
+            f"{part}: sampling {args.solvable} answers of the base policy to {len(pool)} problems", flush=True
+        )
+        passes = pass_counts(
+            pool, config, args.overrides, args.solvable, out / part / f"data{name}" / "passes.json"
+        )
+        solvable = solvable_rule(passes)
+        keeps = solvable if keeps is None else (lambda row, rule=keeps: rule(row) and solvable(row))
+        print(f"{part}: {sum(map(keeps, pool))} of {len(pool)} solved at least once", flush=True)
     train_file, dev_file = carve(source, args.dev, out / part / f"data{name}", keeps=keeps)
     per_iteration = args.prompts_per_iteration * args.samples_per_prompt
     iterations = max(1, args.samples // per_iteration)
@@ -142,6 +163,8 @@ def run_part(part: str, args, out: Path, results: dict) -> None:
         f"generator.samples_per_prompt={args.samples_per_prompt}",
         f"run.iterations={iterations}",
     ]
+    if args.eval_samples:
+        overrides.append(f"eval.samples={args.eval_samples}")
     if part == "chat":
         overrides.append(f"reward.experts.armo.bundle={args.bundle}")
     key = result_key(part, args)
@@ -152,7 +175,7 @@ def run_part(part: str, args, out: Path, results: dict) -> None:
         if str(seed) in runs["seeds"]:
             continue
         print(f"{part}: seed {seed}, {iterations} iterations x {per_iteration} samples", flush=True)
-        rows, wall = run_troupe(config, [*overrides, f"run.seed={seed}"], out / part / f"seed{seed}")
+        rows, wall = run_troupe(config, [*overrides, f"run.seed={seed}"], out / part / f"seed{seed}{name}")
         before, after = before_after(rows)
         train_rows = [r for r in rows if r["iteration"] >= 0]
         runs["seeds"][str(seed)] = {
@@ -162,6 +185,9 @@ def run_part(part: str, args, out: Path, results: dict) -> None:
             "skipped": {k: v for k, v in train_rows[-1].items() if k.startswith("data/skipped/")},
             "wall_s": round(wall, 1),
         }
+        if args.eval_samples:
+            sampled = before_after(rows, "sampled")
+            runs["seeds"][str(seed)]["sampled"] = dict(zip(("before", "after"), sampled, strict=True))
         (out / "results.json").write_text(json.dumps(results, indent=2))  # a finished seed is never lost
         print(
             f"  before {_headline(part, before)}  after {_headline(part, after)}  ({wall:.0f} s)", flush=True
@@ -169,11 +195,15 @@ def run_part(part: str, args, out: Path, results: dict) -> None:
 
 
 def _subset(part: str, args):
-    return subset_rule(args.max_steps, args.ops, args.one_op) if part == "gsm8k" else (None, "")
+    if part != "gsm8k":
+        return None, ""
+    keeps, name = subset_rule(args.max_steps, args.ops, args.one_op)
+    solvable = f"-solvable{args.solvable}" if args.solvable else ""
+    return keeps, name + ("-tools" if args.tools else "") + solvable
 
 
 def result_key(part: str, args) -> str:
-    """The part's entry in results.json: a GSM8K subset is its own entry."""
+    """The part's entry in results.json: a GSM8K subset (or the calculator recipe) is its own entry."""
     return part + _subset(part, args)[1]
 
 
@@ -182,20 +212,22 @@ def _headline(part: str, row: dict) -> str:
     return f"{key} {row[key]:.3f}" if defined(row.get(key)) else f"{key} n/a"
 
 
-def table(part: str, runs: dict, title: str) -> str:
-    """The before/after table of one results.json entry (`title`: its key)."""
+def table(part: str, runs: dict, title: str, mode: str = "greedy") -> str:
+    """The before/after table of one results.json entry (`title`: its key), of its greedy or sampled evaluation."""
     seeds = runs["seeds"]
-    befores = [s["before"] for s in seeds.values()]
-    afters = [s["after"] for s in seeds.values()]
+    evals = [s if mode == "greedy" else s[mode] for s in seeds.values()]
+    befores = [e["before"] for e in evals]
+    afters = [e["after"] for e in evals]
     keys = [HEADLINE[part]]
     keys += sorted(
         k
         for k in afters[0]
         if k.startswith("objective/") and k != HEADLINE[part] and not k.startswith("objective/gate/")
     )
-    keys += ["reward/mean", "reward/length_corr", "response_tokens/mean", "truncated/frac"]
+    more = ["reward/mean", "reward/length_corr", "response_tokens/mean", "truncated/frac"]
+    keys += [k for k in (*more, "env/tool_call_rate", "env/turns") if k in afters[0]]
     lines = [
-        f"| {title} (greedy, held-out) | before | after | after - before | per seed (after) |",
+        f"| {title} ({mode}, held-out) | before | after | after - before | per seed (after) |",
         "|---|---|---|---|---|",
     ]
     for key in keys:
@@ -233,7 +265,20 @@ def main() -> int:
         action="store_true",
         help="gsm8k: only problems whose answer is one operation on two numbers of the question",
     )
+    parser.add_argument(
+        "--tools", action="store_true", help="gsm8k: the calculator environment (conf/gsm8k_tools.yaml)"
+    )
+    parser.add_argument(
+        "--solvable",
+        type=int,
+        default=0,
+        metavar="K",
+        help="gsm8k: only problems the base policy answers right at least once in K samples (bench/solvable.py)",
+    )
     parser.add_argument("--dev", type=int, default=128, help="held-out prompts carved from the source")
+    parser.add_argument(
+        "--eval-samples", type=int, default=0, help="also this many sampled answers per held-out prompt"
+    )
     parser.add_argument(
         "--bundle", default="outputs/bench-rm/stage2", help="the ArmoRM bundle (make bench-rm)"
     )
@@ -262,6 +307,8 @@ def main() -> int:
     for part in args.part:
         key = result_key(part, args)
         print("\n" + table(part, results[key], key))
+        if args.eval_samples:
+            print("\n" + table(part, results[key], key, "sampled"))
     print(f"results: {results_file}")
     return 0
 

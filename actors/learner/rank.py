@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import resource
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,13 @@ MicroLoss = Callable[[torch.Tensor, StepNorm], tuple[torch.Tensor, dict[str, tor
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def memory_gib() -> dict[str, float]:
+    """This process's resident memory now and at its peak, in GiB (train metrics: a learner's memory is mostly
+    activations, and on CPU the heap keeps what the largest batch took, CPU_MALLOC)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])  # Linux; resident pages
+    return {"rss_gib": pages * os.sysconf("SC_PAGE_SIZE") / 2**30, "peak_rss_gib": peak_rss_mb() / 1024}
 
 
 class DeepSpeedRank:

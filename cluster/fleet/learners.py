@@ -206,15 +206,16 @@ def critic_group(spec: RankSetup, env, timeout_s, placement=None, deadline_s=Non
 
 
 def _merge(per_rank: list[dict]) -> dict:
-    """Means over equally sized shares; counters from rank 0; per-sample lists concatenated in rank order."""
+    """Means over equally sized shares; counters from rank 0; time and memory of the slowest and largest rank."""
     merged: dict = {}
     for key in per_rank[0]:
         merged[key] = sum(m[key] for m in per_rank) / len(per_rank)
     for key in ("optimizer_steps", "lr"):
         if key in per_rank[0]:
             merged[key] = per_rank[0][key]
-    if "train_s" in per_rank[0]:
-        merged["train_s"] = max(m["train_s"] for m in per_rank)
+    for key in ("train_s", "rss_gib", "peak_rss_gib"):  # the slowest rank, the largest one
+        if key in per_rank[0]:
+            merged[key] = max(m[key] for m in per_rank)
     return merged
 
 

@@ -157,6 +157,7 @@ def _inputs(recipe: str, option: str, bundle: str) -> list[str]:
     """The inputs a recipe or group option leaves empty on purpose (validate names them)."""
     needs = {
         "gsm8k": ["data.train=train.jsonl"],
+        "gsm8k_tools": ["data.train=train.jsonl"],
         "chat_armo": ["data.train=q.jsonl", f"reward.experts.armo.bundle={bundle}"],
         "demo_hierarchical": [f"reward.experts.armo.bundle={bundle}"],
         "algo=dpo_offline": ["dataset.path=pairs.jsonl"],

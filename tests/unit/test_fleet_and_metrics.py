@@ -23,3 +23,26 @@ def test_metrics_jsonl_and_table_show_unmeasured_values_as_missing(tmp_path):
     assert len(row.split()) == len(TABLE_COLUMNS)
     assert len(row) == len(table_header())  # columns line up under the header
     assert "0.500" in row
+
+
+def test_rank_metrics_merge_as_means_but_time_and_memory_of_the_worst_rank():
+    from troupe.actors.learner.rank import memory_gib
+    from troupe.cluster.fleet.learners import _merge
+
+    ranks = [
+        {"loss": 1.0, "optimizer_steps": 4, "train_s": 2.0, "rss_gib": 3.0, "peak_rss_gib": 5.0},
+        {"loss": 3.0, "optimizer_steps": 4, "train_s": 5.0, "rss_gib": 4.0, "peak_rss_gib": 4.5},
+    ]
+    assert _merge(ranks) == {
+        "loss": 2.0,
+        "optimizer_steps": 4,
+        "train_s": 5.0,
+        "rss_gib": 4.0,
+        "peak_rss_gib": 5.0,
+    }
+    before = memory_gib()["rss_gib"]
+    held = bytearray(256 << 20)  # zero-filled: every page touched
+    memory = memory_gib()
+    assert memory["rss_gib"] - before > 0.2
+    assert memory["rss_gib"] <= memory["peak_rss_gib"] + 0.05  # the kernel's high-water mark
+    del held

@@ -1,8 +1,18 @@
-"""bench/real_data.py's splits: a fixed dev split, and the documented GSM8K subset rule (solution steps)."""
+"""bench/real_data.py: a fixed dev split, the documented GSM8K subset rules, and reading each evaluation mode."""
 
 import json
 
-from bench.real_data import carve, one_operation, solution_ops, solution_steps, subset_rule
+import pytest
+
+from bench.real_data import (
+    before_after,
+    carve,
+    one_operation,
+    solution_ops,
+    solution_steps,
+    subset_rule,
+    table,
+)
 
 TWO_STEPS = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
 
@@ -79,3 +89,41 @@ def test_the_one_operation_rule_finds_answers_one_calculation_from_the_question(
     assert not subset_rule(2, None, one_op=True)[0](
         {"question": "7 boxes of 12 eggs", "answer": "a\nb\nc\n#### 84"}
     )
+
+
+def test_before_after_reads_the_greedy_and_the_sampled_evaluation_apart():
+    rows = [
+        {"iteration": -1, "eval/greedy/accuracy": 0.1, "eval/sampled/accuracy": 0.2},
+        {"iteration": 0, "reward/mean": 0.5},
+        {
+            "iteration": 1,
+            "eval/greedy/accuracy": 0.3,
+            "eval/sampled/accuracy": 0.5,
+            "eval/sampled/env/turns": 2.0,
+        },
+    ]
+    assert before_after(rows) == ({"accuracy": 0.1}, {"accuracy": 0.3})
+    assert before_after(rows, "sampled") == (
+        {"accuracy": 0.2},
+        {"accuracy": 0.5, "env/turns": 2.0},
+    )
+    with pytest.raises(RuntimeError, match="sampled evaluation before the first"):
+        before_after([rows[0] | {"iteration": 0}, rows[2]], "sampled")
+    seeds = {
+        str(seed): {
+            "before": {"accuracy": 0.1},
+            "after": {"accuracy": 0.3},
+            "sampled": {
+                "before": {"accuracy": 0.2, "env/turns": 1.5},
+                "after": {"accuracy": a, "env/turns": 2.0},
+            },
+            "samples": 32,
+            "wall_s": 10.0,
+        }
+        for seed, a in ((0, 0.4), (1, 0.6))
+    }
+    sampled = table("gsm8k", {"seeds": seeds}, "gsm8k-tools", "sampled")
+    assert "| gsm8k-tools (sampled, held-out)" in sampled
+    assert "| accuracy | 0.200 ± 0.000 | 0.500 ± 0.141 | 0.300 ± 0.141 | 0.400, 0.600 |" in sampled
+    assert "| env/turns |" in sampled
+    assert "| accuracy | 0.100 ± 0.000 | 0.300 ± 0.000 |" in table("gsm8k", {"seeds": seeds}, "gsm8k")
