@@ -288,6 +288,10 @@ def main() -> int:
     )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
+    if args.solvable and (args.tools or args.smoke):
+        parser.error(
+            "--solvable samples one reply per problem (not --tools) from the whole pool (not --smoke)"
+        )
     if not DATA.is_dir():
         print(f"skipped: {DATA} is absent (the public data this benchmark reads)")
         return 0

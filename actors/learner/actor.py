@@ -28,7 +28,7 @@ from troupe.actors.learner.engine import (
     local_fraction,
 )
 from troupe.actors.learner.pg_update import policy_gradient_update
-from troupe.actors.learner.rank import DeepSpeedRank, memory_gib, peak_rss_mb
+from troupe.actors.learner.rank import DeepSpeedRank, peak_rss_mb
 from troupe.actors.learner.weights import full_state_dict, iter_full_state
 from troupe.actors.weight_buckets import BucketedWeights
 
@@ -85,7 +85,6 @@ class Learner(DeepSpeedRank):
         metrics.update(
             optimizer_steps=self.steps, lr=current_lr(self.engine), train_s=time.perf_counter() - start
         )
-        metrics.update(memory_gib())
         if self.spec.train.compile:
             metrics["compile/graphs"] = compiled_graphs()
         return metrics, rows

@@ -5,6 +5,7 @@ training all run. A step whose loss or gradients are inf/NaN is not applied, and
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 from collections.abc import Callable
@@ -36,9 +37,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def release_free_heap() -> None:
+    """Return the heap's free pages to the system (glibc's malloc_trim; elsewhere nothing). CPU learners keep every
+    allocation on the heap within a step (runtime.CPU_MALLOC: no fresh, zeroed mmap per activation, 1.7x faster
+    learn phases here), and without this the heap also kept each step's peak and the holes that batches of other
+    shapes left: +1.3 GiB per iteration on GSM8K replies, until the node ran out of memory."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def memory_gib() -> dict[str, float]:
-    """This process's resident memory now and at its peak, in GiB (train metrics: a learner's memory is mostly
-    activations, and on CPU the heap keeps what the largest batch took, CPU_MALLOC)."""
+    """This process's resident memory in GiB, now and at its peak (host memory: activations on CPU learners, little
+    on GPU ones)."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])  # Linux; resident pages
     return {"rss_gib": pages * os.sysconf("SC_PAGE_SIZE") / 2**30, "peak_rss_gib": peak_rss_mb() / 1024}
 
@@ -162,6 +176,9 @@ class DeepSpeedRank:
         )  # optimizer steps not applied: an inf/NaN loss or gradient
         if steps:
             self.version += 1
+        if self.spec.train.num_gpus == 0:
+            release_free_heap()
+        metrics.update(memory_gib())
         return metrics
 
     def _step(self, finite: bool) -> bool:

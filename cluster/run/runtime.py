@@ -117,8 +117,8 @@ def learner_env(cfg: LearnerConfig, deterministic: bool = False) -> dict[str, st
     if cfg.num_gpus == 0:
         env["DS_ACCELERATOR"] = "cpu"
         # glibc serves every allocation over 32 MiB (activations, logits) with a fresh mmap, whose pages the kernel
-        # zeroes on first touch, and unmaps it on free: measured here, 20-25% of a CPU learn phase. Heap only, and
-        # kept (peak RSS +17% on bench/learn_phase). The user's own setting wins.
+        # zeroes on first touch, and unmaps it on free: measured here, 20-25% of a CPU learn phase. Heap only within
+        # a step; each rank returns the free pages after it (rank.release_free_heap). The user's own setting wins.
         for key, value in CPU_MALLOC.items():
             env[key] = os.environ.get(key, value)
     elif deterministic:

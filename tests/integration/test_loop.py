@@ -34,6 +34,8 @@ def test_iteration_generates_scores_learns_and_syncs(fleet):
     )  # rollouts came from the weights before the update
     assert record["train/optimizer_steps"] >= 1
     assert record["train/grad_norm"] > 0
+    # the learner's host memory after the step, and the high-water mark (two ranks: the larger one)
+    assert 0.1 < record["train/rss_gib"] <= record["train/peak_rss_gib"] + 0.05
     assert record["sync/generators_synced"] == 1
     assert fleet.version == version_before + 1
     assert ray.get(gen.get_stats.remote(), timeout=60)["version"] == fleet.version

@@ -26,6 +26,7 @@ def test_ppo_runs_three_iterations_with_critic_and_adaptive_kl(ppo_fleet):
     for r in records:
         assert r["algo"] == "ppo"
         assert math.isfinite(r["critic/value_loss"]) and r["critic/value_loss"] > 0
+        assert r["critic/rss_gib"] > 0.1  # the critic's ranks report their memory too
         assert math.isfinite(r["train/returns/mean"])
         assert r["train/entropy"] > 0
         assert "advantage/abs_mean" not in r  # advantages are per token, made by the learner

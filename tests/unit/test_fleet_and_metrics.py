@@ -46,3 +46,30 @@ def test_rank_metrics_merge_as_means_but_time_and_memory_of_the_worst_rank():
     assert memory["rss_gib"] - before > 0.2
     assert memory["rss_gib"] <= memory["peak_rss_gib"] + 0.05  # the kernel's high-water mark
     del held
+
+
+RELEASE_CHILD = """
+import torch
+from troupe.actors.learner.rank import memory_gib, release_free_heap
+held = [torch.ones(n) for n in range(1 << 20, 1 << 26, 1 << 22)]  # about 2 GiB in blocks of 4-244 MiB
+keep = torch.ones(10)  # allocated last: the top of the heap stays in use, so the default trim cannot help
+del held
+freed = memory_gib()["rss_gib"]
+release_free_heap()
+print(freed, memory_gib()["rss_gib"])
+"""
+
+
+def test_a_heap_only_learner_returns_its_free_memory_after_a_step():
+    import os
+    import subprocess
+    import sys
+
+    from troupe.cluster.run.runtime import CPU_MALLOC
+
+    env = {**os.environ, **CPU_MALLOC}  # a CPU learner's allocator: no mmap, trimming only past 16 GiB
+    out = subprocess.run(
+        [sys.executable, "-c", RELEASE_CHILD], env=env, capture_output=True, text=True, check=True
+    )
+    freed, released = map(float, out.stdout.split())
+    assert freed - released > 0.3, (freed, released)  # the freed tensors' pages went back to the system
