@@ -39,7 +39,7 @@ def peak_rss_mb() -> float:
 
 def release_free_heap() -> None:
     """Return the heap's free pages to the system (glibc's malloc_trim; elsewhere nothing). CPU learners keep every
-    allocation on the heap within a step (runtime.CPU_MALLOC: no fresh, zeroed mmap per activation, 1.7x faster
+    allocation on the heap within a step (runtime.CPU_MALLOC: no fresh, zeroed mmap per activation: 1.3-1.5x faster
     learn phases here), and without this the heap also kept each step's peak and the holes that batches of other
     shapes left: +1.3 GiB per iteration on GSM8K replies, until the node ran out of memory."""
     try:
