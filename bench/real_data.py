@@ -135,23 +135,32 @@ def spread(values: list[float | None]) -> str:
     return f"{mean:.3f} ± {sd:.3f}" + (f" ({len(values)}/{seeds} seeds)" if len(values) < seeds else "")
 
 
+def gsm8k_rules(args, source: Path, data: Path):
+    """The GSM8K recipe and row filter that the flags choose: the calculator recipe with --tools; the subset rules
+    (steps, operators, one operation), then with --solvable the pass-rate rule on the pool those leave (its pass
+    counts cached in `data`/passes.json). Returns (config, the row filter)."""
+    keeps, _ = subset_rule(args.max_steps, args.ops, args.one_op)
+    config = "gsm8k_tools" if args.tools else "gsm8k"
+    if not args.solvable:
+        return config, keeps
+    pool = [r for r in source_rows(source) if keeps(r)]
+    print(f"gsm8k: sampling {args.solvable} answers of the base policy to {len(pool)} problems", flush=True)
+    solvable = solvable_rule(pass_counts(pool, config, args.overrides, args.solvable, data / "passes.json"))
+
+    def both(row: dict) -> bool:
+        return keeps(row) and solvable(row)
+
+    print(f"gsm8k: {sum(map(both, pool))} of {len(pool)} solved at least once", flush=True)
+    return config, both
+
+
 def run_part(part: str, args, out: Path, results: dict) -> None:
     config, source = PARTS[part]
-    if part == "gsm8k" and args.tools:
-        config = "gsm8k_tools"
-    keeps, name = _subset(part, args)
-    if part == "gsm8k" and args.solvable:  # the pass-rate rule, on the pool the other rules leave
-        pool = [r for r in source_rows(source) if keeps is None or keeps(r)]
-        print(
-            f"{part}: sampling {args.solvable} answers of the base policy to {len(pool)} problems", flush=True
-        )
-        passes = pass_counts(
-            pool, config, args.overrides, args.solvable, out / part / f"data{name}" / "passes.json"
-        )
-        solvable = solvable_rule(passes)
-        keeps = solvable if keeps is None else (lambda row, rule=keeps: rule(row) and solvable(row))
-        print(f"{part}: {sum(map(keeps, pool))} of {len(pool)} solved at least once", flush=True)
-    train_file, dev_file = carve(source, args.dev, out / part / f"data{name}", keeps=keeps)
+    data = out / part / f"data{_subset(part, args)}"
+    keeps = None
+    if part == "gsm8k":
+        config, keeps = gsm8k_rules(args, source, data)
+    train_file, dev_file = carve(source, args.dev, data, keeps=keeps)
     per_iteration = args.prompts_per_iteration * args.samples_per_prompt
     iterations = max(1, args.samples // per_iteration)
     overrides = [
@@ -175,7 +184,9 @@ def run_part(part: str, args, out: Path, results: dict) -> None:
         if str(seed) in runs["seeds"]:
             continue
         print(f"{part}: seed {seed}, {iterations} iterations x {per_iteration} samples", flush=True)
-        rows, wall = run_troupe(config, [*overrides, f"run.seed={seed}"], out / part / f"seed{seed}{name}")
+        rows, wall = run_troupe(
+            config, [*overrides, f"run.seed={seed}"], out / part / f"seed{seed}{_subset(part, args)}"
+        )
         before, after = before_after(rows)
         train_rows = [r for r in rows if r["iteration"] >= 0]
         runs["seeds"][str(seed)] = {
@@ -194,17 +205,18 @@ def run_part(part: str, args, out: Path, results: dict) -> None:
         )
 
 
-def _subset(part: str, args):
+def _subset(part: str, args) -> str:
+    """The GSM8K subset's name ("" for all of it and for other parts): its folders and its results.json entry."""
     if part != "gsm8k":
-        return None, ""
-    keeps, name = subset_rule(args.max_steps, args.ops, args.one_op)
+        return ""
+    _, name = subset_rule(args.max_steps, args.ops, args.one_op)
     solvable = f"-solvable{args.solvable}" if args.solvable else ""
-    return keeps, name + ("-tools" if args.tools else "") + solvable
+    return name + ("-tools" if args.tools else "") + solvable
 
 
 def result_key(part: str, args) -> str:
     """The part's entry in results.json: a GSM8K subset (or the calculator recipe) is its own entry."""
-    return part + _subset(part, args)[1]
+    return part + _subset(part, args)
 
 
 def _headline(part: str, row: dict) -> str:

@@ -37,17 +37,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
+    except OSError:  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
 def release_free_heap() -> None:
     """Return the heap's free pages to the system (glibc's malloc_trim; elsewhere nothing). CPU learners keep every
     allocation on the heap within a step (runtime.CPU_MALLOC: no fresh, zeroed mmap per activation: 1.3-1.5x faster
     learn phases here), and without this the heap also kept each step's peak and the holes that batches of other
     shapes left: +1.3 GiB per iteration on GSM8K replies, until the node ran out of memory."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def memory_gib() -> dict[str, float]:

@@ -1,5 +1,6 @@
 """bench/real_data.py: a fixed dev split, the documented GSM8K subset rules, and reading each evaluation mode."""
 
+import argparse
 import json
 
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from bench.real_data import (
     before_after,
     carve,
+    gsm8k_rules,
     one_operation,
     solution_ops,
     solution_steps,
@@ -127,3 +129,40 @@ def test_before_after_reads_the_greedy_and_the_sampled_evaluation_apart():
     assert "| accuracy | 0.200 ± 0.000 | 0.500 ± 0.141 | 0.300 ± 0.141 | 0.400, 0.600 |" in sampled
     assert "| env/turns |" in sampled
     assert "| accuracy | 0.100 ± 0.000 | 0.300 ± 0.000 |" in table("gsm8k", {"seeds": seeds}, "gsm8k")
+
+
+def _flags(**given):
+    flags = dict(max_steps=None, ops=None, one_op=False, tools=False, solvable=0, overrides=[])
+    return argparse.Namespace(**{**flags, **given})
+
+
+def test_gsm8k_rules_combine_the_step_bound_with_the_pass_rate_rule(tmp_path, monkeypatch):
+    source = _source(tmp_path, [1, 3, 2, 2, 1])  # source lines 1-5
+    sampled = {}
+
+    def pass_counts(pool, config, overrides, k, cache):  # stands in for vLLM sampling of the base policy
+        sampled.update(pool=[r["source_line"] for r in pool], config=config, k=k, cache=cache)
+        return {1: 0, 2: 3, 3: 2, 4: 0, 5: 1}  # line 2 (3 steps): as from a cache of a wider pool
+
+    monkeypatch.setattr("bench.real_data.pass_counts", pass_counts)
+    config, keeps = gsm8k_rules(_flags(max_steps=2, solvable=4), source, tmp_path / "data")
+    rows = [
+        {**json.loads(line), "source_line": i} for i, line in enumerate(source.read_text().splitlines(), 1)
+    ]
+    assert config == "gsm8k"
+    assert sampled == {
+        "pool": [1, 3, 4, 5],
+        "config": "gsm8k",
+        "k": 4,
+        "cache": tmp_path / "data" / "passes.json",
+    }
+    assert [r["source_line"] for r in rows if keeps(r)] == [3, 5]  # at most 2 steps and solved at least once
+
+
+def test_gsm8k_rules_without_sampling(tmp_path, monkeypatch):
+    monkeypatch.setattr("bench.real_data.pass_counts", lambda *a: pytest.fail("sampled without --solvable"))
+    source = _source(tmp_path, [1, 3])
+    config, keeps = gsm8k_rules(_flags(tools=True), source, tmp_path / "data")
+    assert config == "gsm8k_tools" and all(map(keeps, _read(source)))
+    config, keeps = gsm8k_rules(_flags(max_steps=2), source, tmp_path / "data")
+    assert config == "gsm8k" and [keeps(r) for r in _read(source)] == [True, False]
