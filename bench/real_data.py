@@ -24,6 +24,7 @@ import math
 import random
 import re
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.rm_data import DATA
@@ -135,7 +136,7 @@ def spread(values: list[float | None]) -> str:
     return f"{mean:.3f} ± {sd:.3f}" + (f" ({len(values)}/{seeds} seeds)" if len(values) < seeds else "")
 
 
-def gsm8k_rules(args, source: Path, data: Path):
+def gsm8k_rules(args, source: Path, data: Path) -> tuple[str, Callable[[dict], bool]]:
     """The GSM8K recipe and row filter that the flags choose: the calculator recipe with --tools; the subset rules
     (steps, operators, one operation), then with --solvable the pass-rate rule on the pool those leave (its pass
     counts cached in `data`/passes.json). Returns (config, the row filter)."""
