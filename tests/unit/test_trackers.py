@@ -5,6 +5,7 @@ folder) continues the same tracker run, whose id is kept in <run dir>/trackers.j
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -152,6 +153,12 @@ def _offline_runs(cfg) -> list:
     return sorted((Path(cfg.run.output_dir) / "wandb").glob("offline-run-*"))
 
 
+def _run_ids(folders: list) -> list[str]:
+    """The run id in each offline folder's name: offline-run-<date>_<time>-<id>, plus "-<n>" when wandb started a
+    second folder of that run within the same second."""
+    return [re.fullmatch(r"offline-run-\d{8}_\d{6}-([^-]+)(?:-\d+)?", f.name)[1] for f in folders]
+
+
 def test_wandb_gets_the_config_and_resume_continues_the_run(tmp_path, wandb_env):
     import wandb
 
@@ -168,7 +175,7 @@ def test_wandb_gets_the_config_and_resume_continues_the_run(tmp_path, wandb_env)
         run_id = run.id
     assert _ids(cfg)["wandb"] == {"id": run_id, "project": "troupe-test"}
     (first,) = _offline_runs(cfg)
-    assert first.name.endswith(run_id)
+    assert _run_ids([first]) == [run_id]
     # what `wandb sync` sends later: the offline transaction log holds the config (complete once the service stops)
     wandb.teardown()
     assert b"builtin:tiny-llama" in (first / f"run-{run_id}.wandb").read_bytes()
@@ -181,7 +188,7 @@ def test_wandb_gets_the_config_and_resume_continues_the_run(tmp_path, wandb_env)
         job.rewind(0)
         job.record({"iteration": 1, "reward/mean": 0.7})
     assert _ids(resumed)["wandb"]["id"] == run_id
-    assert [p.name.endswith(run_id) for p in _offline_runs(resumed)] == [True, True]
+    assert _run_ids(_offline_runs(resumed)) == [run_id, run_id]
 
     other = _cfg(tmp_path, "other", *tracked)
     with Job(other) as job:
