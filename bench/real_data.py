@@ -157,7 +157,8 @@ def gsm8k_rules(args, source: Path, data: Path) -> tuple[str, Callable[[dict], b
 
 def run_part(part: str, args, out: Path, results: dict) -> None:
     config, source = PARTS[part]
-    data = out / part / f"data{_subset(part, args)}"
+    name = _subset(part, args)
+    data = out / part / f"data{name}"
     keeps = None
     if part == "gsm8k":
         config, keeps = gsm8k_rules(args, source, data)
@@ -185,9 +186,7 @@ def run_part(part: str, args, out: Path, results: dict) -> None:
         if str(seed) in runs["seeds"]:
             continue
         print(f"{part}: seed {seed}, {iterations} iterations x {per_iteration} samples", flush=True)
-        rows, wall = run_troupe(
-            config, [*overrides, f"run.seed={seed}"], out / part / f"seed{seed}{_subset(part, args)}"
-        )
+        rows, wall = run_troupe(config, [*overrides, f"run.seed={seed}"], out / part / f"seed{seed}{name}")
         before, after = before_after(rows)
         train_rows = [r for r in rows if r["iteration"] >= 0]
         runs["seeds"][str(seed)] = {

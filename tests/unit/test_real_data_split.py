@@ -12,6 +12,7 @@ from bench.real_data import (
     one_operation,
     solution_ops,
     solution_steps,
+    source_rows,
     subset_rule,
     table,
 )
@@ -146,9 +147,7 @@ def test_gsm8k_rules_combine_the_step_bound_with_the_pass_rate_rule(tmp_path, mo
 
     monkeypatch.setattr("bench.real_data.pass_counts", pass_counts)
     config, keeps = gsm8k_rules(_flags(max_steps=2, solvable=4), source, tmp_path / "data")
-    rows = [
-        {**json.loads(line), "source_line": i} for i, line in enumerate(source.read_text().splitlines(), 1)
-    ]
+    rows = source_rows(source)
     assert config == "gsm8k"
     assert sampled == {
         "pool": [1, 3, 4, 5],
